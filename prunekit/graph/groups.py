@@ -1,0 +1,160 @@
+"""Channel groups: sets of (tensor, dim, indices) that must be pruned together.
+
+A *unit* is one channel as the whole model sees it: every index of every coupled tensor
+dimension that must go when it goes (both sides of a residual add, the BatchNorm that
+follows a conv, the ``H*W`` input columns of a linear layer after a flatten, ...).
+A *group* is a set of coupled tensor dimensions with their units; pruning a group means
+removing some of its units from every member at once.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from prunekit.graph.trace import trace
+    >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+    >>> groups = build_groups(trace(m, torch.randn(1, 3, 8, 8)))
+    >>> [g.n_units for g in groups if g.prunable]
+    [8]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from prunekit.graph.labels import connected_components
+from prunekit.graph.trace import Tracer
+
+__all__ = ["ChannelGroup", "Member", "build_groups"]
+
+
+@dataclass
+class Member:
+    """One coupled tensor dimension of a group.
+
+    Attributes:
+        name: Qualified tensor name (``"layer1.0.conv1.weight"``).
+        dim: The pruned dimension of that tensor.
+        size: Its length before pruning.
+        unit: For every index along ``dim``, the group unit it belongs to.
+    """
+
+    name: str
+    dim: int
+    size: int
+    unit: torch.Tensor
+
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[0] if "." in self.name else ""
+
+
+@dataclass
+class ChannelGroup:
+    """Coupled dims and their units. ``fixed[u]`` marks units that must stay."""
+
+    id: int
+    members: list[Member]
+    fixed: torch.Tensor
+    reasons: list[str] = field(default_factory=list)
+    norm: bool = False  # a LayerNorm/GroupNorm normalises over these channels
+
+    @property
+    def n_units(self) -> int:
+        return int(self.fixed.numel())
+
+    @property
+    def n_prunable(self) -> int:
+        return int((~self.fixed).sum())
+
+    @property
+    def prunable(self) -> bool:
+        return self.n_prunable > 0 and self.n_units > 1
+
+    def select(self, ratio: float, scores: torch.Tensor, round_to: int = 1) -> torch.Tensor:
+        """Units to remove: the ``floor(ratio * n_units)`` lowest-scored prunable ones.
+
+        At least one index of every member always stays.
+        """
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {ratio!r}; 0.5 removes half the channels")
+        k = min(int(math.floor(ratio * self.n_units + 1e-9)), self.n_prunable, self.n_units - 1)
+        if round_to > 1:  # keep a multiple of round_to (never below round_to)
+            keep = max(round_to, int(math.ceil((self.n_units - k) / round_to)) * round_to)
+            k = max(0, min(k, self.n_units - keep))
+        if k <= 0:
+            return torch.empty(0, dtype=torch.long)
+        s = scores.clone().double()
+        s[self.fixed] = math.inf
+        order = torch.argsort(s, stable=True)
+        chosen = order[:k]
+        for m in self.members:  # at least one channel of every member survives
+            gone = torch.isin(m.unit, chosen)
+            if bool(gone.all()):
+                mine = chosen[torch.isin(chosen, m.unit)]
+                keep = mine[torch.argmax(s[mine])]
+                chosen = chosen[chosen != keep]
+        return chosen.sort().values
+
+    def pruned_indices(self, units: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+        """Per member, the tensor indices removed when ``units`` go."""
+        out = {}
+        for m in self.members:
+            idx = torch.nonzero(torch.isin(m.unit, units)).flatten()
+            if idx.numel():
+                out[(m.name, m.dim)] = idx
+        return out
+
+    def describe(self, units: torch.Tensor | None = None, limit: int = 12) -> str:
+        head = (f"Group {self.id}: {self.n_units} channels, {self.n_prunable} prunable"
+                + ("" if self.prunable else " (not prunable)"))
+        lines = [head]
+        for m in self.members[:limit]:
+            role = {0: "out", 1: "in"}.get(m.dim, f"dim{m.dim}") if m.name.endswith("weight") else f"dim{m.dim}"
+            line = f"  {m.name:<48} [{role}] {m.size}"
+            if units is not None:
+                idx = torch.nonzero(torch.isin(m.unit, units)).flatten().tolist()
+                shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
+                line += f"  -> {m.size - len(idx)}  loses [{shown}]"
+            lines.append(line)
+        if len(self.members) > limit:
+            lines.append(f"  ... and {len(self.members) - limit} more coupled tensors")
+        for r in self.reasons[:3]:
+            lines.append(f"  kept: {r}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+def build_groups(tr: Tracer) -> list[ChannelGroup]:
+    """Turn the tracer's recorded couplings into channel groups (sorted by first use)."""
+    book = tr.book
+    spaces = list(book.spaces.values())
+    if not spaces:
+        return []
+    roots = book.roots()
+    fixed = book.fixed_roots()
+    ns = len(spaces)
+    space_of = torch.cat([torch.full((s.size,), i) for i, s in enumerate(spaces)])
+    # bipartite graph: space i -- root r ; its components are the groups
+    comp = connected_components(ns + book.n, space_of, roots + ns)[:ns]
+    fixed_ids = torch.tensor(sorted(fixed), dtype=torch.long)
+    norm_names = tr.norm_weights
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(comp.tolist()):
+        groups.setdefault(c, []).append(i)
+    out = []
+    for gid, idxs in enumerate(groups.values()):
+        rs = [roots[spaces[i].offset: spaces[i].offset + spaces[i].size] for i in idxs]
+        units = torch.cat(rs).unique()
+        members = [Member(spaces[i].name, spaces[i].dim, spaces[i].size, torch.searchsorted(units, r))
+                   for i, r in zip(idxs, rs)]
+        is_fixed = torch.isin(units, fixed_ids)
+        reasons = []
+        for u in units[is_fixed][:50].tolist():
+            if fixed[u] not in reasons:
+                reasons.append(fixed[u])
+        norm = any(m.name in norm_names for m in members)
+        out.append(ChannelGroup(gid, members, is_fixed, reasons, norm))
+    return out

@@ -1,0 +1,444 @@
+"""Channel rules for parameter-free torch ops: elementwise, layout, reductions, pooling.
+
+Each rule reads the labels of an op's inputs from the :class:`~prunekit.graph.trace.Tracer`,
+records couplings or fixed channels, and sets the labels of the op's outputs. Layout ops
+(view, permute, cat, pixel_shuffle, ...) are not described by hand: the op itself is run
+on a tensor of channel ids, and the result says where every channel went.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from prunekit.graph.trace import Labels, Tracer, register_rule
+
+# f(0) == 0: a pruned channel held at zero stays zero.
+ZERO_UNARY = (
+    "relu", "relu6", "gelu", "silu", "tanh", "hardswish", "hardtanh", "leaky_relu", "elu",
+    "selu", "celu", "mish", "neg", "abs", "sin", "erf", "sqrt", "square", "dropout",
+    "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    "clone", "contiguous", "detach", "to", "float", "double", "half", "bfloat16", "type",
+    "type_as", "requires_grad_", "tril", "triu", "nan_to_num", "threshold", "softshrink",
+    "hardshrink", "tanhshrink", "sign", "trunc", "round", "floor", "ceil", "cpu", "cuda",
+    "zeros_like", "positive", "asinh", "atan", "sinh", "tan", "expm1", "log1p", "rrelu",
+)
+OTHER_UNARY = (
+    "sigmoid", "hardsigmoid", "exp", "log", "rsqrt", "reciprocal", "cos", "softplus",
+    "softsign", "logsigmoid", "logical_not", "bitwise_not", "ones_like", "empty_like",
+    "full_like", "rand_like", "randn_like", "isnan", "isinf", "isfinite", "log2", "log10",
+    "exp2", "sigmoid_", "cosh", "acos", "asin", "erfc", "lgamma", "digamma", "frac",
+    "bernoulli", "normal_", "uniform_", "fill_", "zero_", "exponential_",
+)
+ADD_LIKE = ("add", "sub", "rsub", "where", "lerp", "maximum", "minimum", "fmax", "fmin",
+            "addcmul", "addcdiv", "copy_", "hypot", "logaddexp")
+MUL_LIKE = ("mul", "multiply", "masked_fill", "logical_and", "bitwise_and", "and")
+DIV_LIKE = ("div", "true_divide", "divide", "floor_divide", "fmod", "remainder")
+OTHER_BINARY = ("pow", "eq", "ne", "lt", "gt", "le", "ge", "clamp", "clip", "clamp_min",
+                "clamp_max", "atan2", "copysign", "logical_or", "logical_xor", "bitwise_or",
+                "bitwise_xor", "or", "xor", "float_power", "greater", "less", "equal_",
+                "not_equal", "greater_equal", "less_equal", "isclose", "heaviside")
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+def _has_number(args) -> bool:
+    return any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args[1:])
+
+
+def elementwise(tr: Tracer, name: str, operands: list[torch.Tensor], outs, zero: str) -> None:
+    """Broadcasting elementwise op: operands aligned from the right couple per channel."""
+    outs = [o for o in outs if isinstance(o, torch.Tensor)]
+    if not outs:
+        return
+    o = outs[0]
+    labs = [tr.get(t) for t in operands]
+    if not any(labs):
+        for x in outs:
+            tr.set(x, {})
+        return
+    result: Labels = {}
+    for d in range(o.ndim):
+        size = o.shape[d]
+        vecs, flags, full_unlabeled, broadcast_unlabeled = [], [], False, False
+        for t, lab in zip(operands, labs):
+            td = d - (o.ndim - t.ndim)
+            if td < 0:
+                continue
+            ent = lab.get(td)
+            if ent is not None:
+                if t.shape[td] == size:
+                    vecs.append(ent[0])
+                    flags.append(ent[1])
+                else:
+                    tr.fix(ent[0], f"'{name}' broadcasts a single channel")
+            elif t.shape[td] == size and size > 1:
+                full_unlabeled = True
+            else:
+                broadcast_unlabeled = True
+        if not vecs:
+            continue
+        if full_unlabeled:
+            for v in vecs:
+                tr.fix(v, f"'{name}' combines channels with a tensor whose channels are not prunable")
+            continue
+        for v in vecs[1:]:
+            tr.union(vecs[0], v)
+        if zero == "unary0":
+            flag = flags[0]
+        elif zero == "add":
+            flag = all(flags) and not broadcast_unlabeled and len(vecs) == len(
+                [t for t in operands if d - (o.ndim - t.ndim) >= 0])
+        elif zero == "mul":
+            flag = any(flags)
+        elif zero == "div":
+            flag = bool(labs[0].get(d - (o.ndim - operands[0].ndim))) and flags[0]
+        else:
+            flag = False
+        result[d] = (vecs[0], flag)
+    for x in outs:
+        if x.shape == o.shape:
+            tr.set(x, result)
+
+
+@register_rule(*ZERO_UNARY)
+def _unary_zero(tr, name, func, args, kwargs, out):
+    if args and isinstance(args[0], torch.Tensor):
+        elementwise(tr, name, [args[0]], tree_flatten(out)[0], "unary0")
+
+
+@register_rule(*OTHER_UNARY)
+def _unary(tr, name, func, args, kwargs, out):
+    if args and isinstance(args[0], torch.Tensor):
+        elementwise(tr, name, [args[0]], tree_flatten(out)[0], "none")
+
+
+def _binary(zero: str):
+    def rule(tr, name, func, args, kwargs, out):
+        ops = _tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))
+        if zero == "add" and _has_number(args):
+            z = "none"
+        else:
+            z = zero
+        elementwise(tr, name, ops, tree_flatten(out)[0], z)
+
+    return rule
+
+
+register_rule(*ADD_LIKE)(_binary("add"))
+register_rule(*MUL_LIKE)(_binary("mul"))
+register_rule(*DIV_LIKE)(_binary("div"))
+register_rule(*OTHER_BINARY)(_binary("none"))
+
+
+# ----- layout ops: run the op on the channel ids themselves ---------------------------
+INDEX_OPS = ("__getitem__", "index_select", "gather", "narrow", "select", "take",
+             "take_along_dim", "masked_select", "roll", "flip", "fliplr", "flipud",
+             "index", "diagonal", "unfold", "as_strided")
+LAYOUT_OPS = ("view", "reshape", "permute", "transpose", "swapaxes", "swapdims", "flatten",
+              "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "view_as",
+              "reshape_as", "repeat", "tile", "movedim", "moveaxis", "t", "T", "mT", "data",
+              "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack",
+              "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
+              "pad", "chunk", "tensor_split", "split", "unbind", "split_with_sizes",
+              "repeat_interleave", "atleast_1d", "atleast_2d", "atleast_3d", "ravel",
+              "broadcast_to", "unsafe_chunk", "unsafe_split", "hsplit", "vsplit")
+
+
+def _varying(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Narrow ``t`` to one index along every dim it is constant along; list varying dims."""
+    vary = []
+    for k in range(t.ndim):
+        if t.shape[k] <= 1:
+            continue
+        if t.stride(k) == 0:
+            t = t.narrow(k, 0, 1)
+            continue
+        first = t.narrow(k, 0, 1)
+        if torch.equal(t, first.expand_as(t)):
+            t = first
+        else:
+            vary.append(k)
+    return t, vary
+
+
+def _canon(tr: Tracer, name: str, t: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    """Reduce a tensor of channel ids to ``(dim, ids)``; tie dims when ids vary along several."""
+    c, vary = _varying(t)
+    if not vary:
+        v = c.reshape(-1)[:1].long()
+        return None if v.numel() == 0 or int(v[0]) < 0 else (-1, v)
+    if len(vary) == 1:
+        return vary[0], c.reshape(-1).long()
+    # ids vary along several dims (a channel dim split in two, pixel shuffle, cat along a
+    # non-channel dim): keep the innermost dim whose slices hold disjoint ids prunable and
+    # couple positions along the others, so the pruned layout stays a valid product.
+    choice = None
+    for k in reversed(vary):
+        rows = c.movedim(k, 0).reshape(c.shape[k], -1).long()
+        pos = torch.arange(rows.shape[0]).unsqueeze(1).expand_as(rows)
+        ok = rows >= 0
+        pairs = torch.stack([rows[ok], pos[ok]], 1).unique(dim=0)
+        if pairs.shape[0] == pairs[:, 0].unique().numel():
+            choice = k
+            break
+    if choice is None:
+        tr.fix(c.long().unique(), f"'{name}' scatters channels in a way that cannot be pruned")
+        return None
+    moved = c.movedim(choice, -1).long()
+    ref = moved.reshape(-1, moved.shape[-1])
+    tr.union(ref, ref[:1].expand_as(ref))
+    return choice, ref[0]
+
+
+def _layout(tr: Tracer, name: str, func, args, kwargs, out) -> None:
+    data = args[0] if args else next(iter(kwargs.values()), None)
+    many = isinstance(data, (list, tuple))
+    inputs = list(data) if many else [data]
+    inputs = [t for t in inputs if isinstance(t, torch.Tensor)]
+    labs = [tr.get(t) for t in inputs]
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    if not any(labs):
+        for o in outs:
+            tr.set(o, {})
+        return
+    results: list[Labels] = [{} for _ in outs]
+    dims = sorted({d for lab in labs for d in lab})
+    for d in dims:
+        subs = []
+        for t, lab in zip(inputs, labs):
+            ent = lab.get(d) if d < t.ndim else None
+            if ent is None:
+                subs.append(torch.tensor(-1.0, dtype=torch.float64).expand(t.shape))
+            else:
+                shape = [1] * t.ndim
+                shape[d] = -1
+                subs.append(ent[0].to(torch.float64).view(shape).expand(t.shape))
+        zero = all(lab[d][1] for lab in labs if d in lab)
+        in_ids = torch.cat([lab[d][0] for lab in labs if d in lab])
+        new_args = ((subs if many else subs[0]),) + tuple(args[1:])
+        kw = dict(kwargs)
+        if name == "pad":
+            if len(new_args) > 3:
+                new_args = new_args[:3] + (-1.0,) + new_args[4:]
+            else:
+                kw["value"] = -1.0
+        if name in ("expand_as", "view_as", "reshape_as") and len(new_args) > 1:
+            pass  # the second argument only donates its shape
+        with tr.paused():
+            res = func(*new_args, **kw)
+        res_t = [t for t in tree_flatten(res)[0] if isinstance(t, torch.Tensor)]
+        found = []
+        for i, r in enumerate(res_t):
+            got = _canon(tr, name, r)
+            if got is None:
+                continue
+            od, ids = got
+            if od < 0:
+                found.append(ids)
+                tr.fix(in_ids, f"'{name}' selects a single channel")
+                continue
+            found.append(ids)
+            prev = results[i].get(od)
+            if prev is not None:
+                tr.fix(torch.cat([prev[0], ids]), f"'{name}' merges two channel dims")
+                results[i].pop(od)
+                continue
+            results[i][od] = (ids, zero)
+        kept = torch.cat(found).unique() if found else torch.empty(0, dtype=torch.long)
+        want = in_ids[in_ids >= 0].unique()
+        if kept.numel() != want.numel() or (kept.numel() and not torch.equal(kept[kept >= 0], want)):
+            tr.fix(want, f"'{name}' keeps only part of the channels (fixed indices)")
+            for r in results:
+                for k in [k for k, v in r.items() if torch.isin(v[0], want).any()]:
+                    r.pop(k)
+        if name in INDEX_OPS:
+            for r in results:
+                for k, (ids, _) in list(r.items()):
+                    src = labs[0].get(d)
+                    if src is None or ids.shape != src[0].shape or not torch.equal(ids, src[0]):
+                        tr.fix(torch.cat([ids, want]), f"'{name}' reorders or indexes channels")
+                        r.pop(k)
+    for o, r in zip(outs, results):
+        tr.set(o, r)
+
+
+def _split_like(tr: Tracer, name: str, func, args, kwargs, out) -> None:
+    """chunk/split/unbind: pieces along a channel dim must lose the same positions."""
+    x = args[0]
+    lab = tr.get(x)
+    if name in ("unbind",):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    else:
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    dim = dim % x.ndim if isinstance(dim, int) else dim
+    ent = lab.get(dim) if isinstance(dim, int) else None
+    if ent is not None:
+        n = len(out) if isinstance(out, (tuple, list)) else 1
+        sizes = {o.shape[dim] for o in out} if isinstance(out, (tuple, list)) and name != "unbind" else set()
+        dynamic = name in ("chunk", "tensor_split", "unsafe_chunk") and not (
+            len(args) > 1 and isinstance(args[1], (list, tuple)))
+        if name == "unbind" or not dynamic or len(sizes) != 1 or n * next(iter(sizes)) != x.shape[dim]:
+            tr.fix(ent[0], f"'{name}' cuts the channels at fixed sizes")
+        else:
+            rows = ent[0].view(n, -1)
+            tr.union(rows, rows[:1].expand_as(rows))
+    _layout(tr, name, func, args, kwargs, out)
+
+
+@register_rule(*LAYOUT_OPS, *INDEX_OPS)
+def _layout_rule(tr, name, func, args, kwargs, out):
+    if name in ("chunk", "split", "unbind", "tensor_split", "split_with_sizes",
+                "unsafe_chunk", "unsafe_split", "hsplit", "vsplit"):
+        _split_like(tr, name, func, args, kwargs, out)
+    else:
+        _layout(tr, name, func, args, kwargs, out)
+
+
+@register_rule("__setitem__", "index_put_", "index_put", "scatter", "scatter_", "scatter_add",
+               "scatter_add_", "index_add", "index_add_", "masked_scatter", "index_copy",
+               "index_fill", "index_fill_", "masked_fill_")
+def _write_into(tr, name, func, args, kwargs, out):
+    if name in ("masked_fill_", "index_fill", "index_fill_"):
+        lab = tr.get(args[0])
+        if name == "masked_fill_":
+            elementwise(tr, name, _tensors(args), [args[0]], "mul")
+            return
+        dim = args[1]
+        if lab.get(dim % args[0].ndim) is not None:
+            tr.fix(lab[dim % args[0].ndim][0], f"'{name}' writes into fixed channels")
+        tr.set(out, lab)
+        return
+    for t in _tensors((args, kwargs)):
+        lab = tr.get(t)
+        if lab:
+            tr.fix_labels(lab, f"'{name}' writes into part of a tensor")
+            tr.warn(f"'{name}' writes into a tensor that carries channels; they stay unpruned")
+    if isinstance(out, torch.Tensor) and out is not args[0]:
+        tr.set(out, {})
+
+
+# ----- reductions and ops that mix along one dim --------------------------------------
+REDUCE = ("sum", "mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp",
+          "prod", "all", "any", "argmax", "argmin", "nansum", "nanmean", "median",
+          "nanmedian", "mode", "count_nonzero", "std_mean", "var_mean", "aminmax")
+
+
+def _dims_arg(args, kwargs, pos: int):
+    if "dim" in kwargs:
+        return kwargs["dim"]
+    if "axis" in kwargs:
+        return kwargs["axis"]
+    if len(args) > pos and not isinstance(args[pos], torch.Tensor):
+        return args[pos]
+    return None
+
+
+@register_rule(*REDUCE)
+def _reduce(tr, name, func, args, kwargs, out):
+    x = args[0]
+    if name in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        return _binary("add")(tr, name, func, args, kwargs, out)
+    lab = tr.get(x)
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    if not lab:
+        for o in outs:
+            tr.set(o, {})
+        return
+    pos = 2 if name == "norm" else 1
+    dims = _dims_arg(args, kwargs, pos)
+    if name == "norm" and isinstance(dims, str):
+        dims = None
+    keep = kwargs.get("keepdim", args[pos + 1] if len(args) > pos + 1 and isinstance(args[pos + 1], bool) else False)
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        red = set(range(x.ndim))
+    else:
+        red = {d % x.ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    res: Labels = {}
+    for d, (ids, z) in lab.items():
+        if d in red:
+            tr.fix(ids, f"'{name}' reduces over channels")
+            continue
+        nd = d if keep else d - sum(1 for r in red if r < d)
+        res[nd] = (ids, z and name in ("sum", "mean", "amax", "amin", "max", "min", "nansum",
+                                        "nanmean", "logsumexp") and name != "logsumexp")
+    for o in outs:
+        if o.is_floating_point():
+            tr.set(o, res)
+        else:
+            tr.set(o, {})
+
+
+MIX = {"softmax": (1, None), "log_softmax": (1, None), "softmin": (1, None), "_softmax": (1, None),
+       "cumsum": (1, None), "cumprod": (1, None), "cummax": (1, None), "cummin": (1, None),
+       "logcumsumexp": (1, None), "normalize": (2, 1), "sort": (1, -1), "argsort": (1, -1),
+       "topk": (2, -1), "kthvalue": (2, -1), "local_response_norm": (None, 1), "glu": (1, -1),
+       "renorm": (2, None), "cross": (2, None)}
+
+
+@register_rule(*MIX)
+def _mix(tr, name, func, args, kwargs, out):
+    x = args[0]
+    lab = tr.get(x)
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    pos, default = MIX[name]
+    dim = kwargs.get("dim", args[pos] if pos is not None and len(args) > pos else default)
+    if not isinstance(dim, int):
+        dim = default if default is not None else -1
+    dim %= x.ndim
+    res = dict(lab)
+    if dim in res:
+        tr.fix(res.pop(dim)[0], f"'{name}' mixes values across channels")
+    for o in outs:
+        tr.set(o, {d: (i, z and name == "normalize") for d, (i, z) in res.items()}
+               if o.ndim == x.ndim else {})
+
+
+SPATIAL = ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+           "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+           "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d",
+           "lp_pool2d", "lp_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+           "max_pool3d_with_indices", "adaptive_max_pool2d_with_indices", "interpolate",
+           "upsample", "upsample_nearest", "upsample_bilinear", "fractional_max_pool2d",
+           "grid_sample", "affine_grid", "_adaptive_avg_pool2d", "max_unpool2d",
+           "adaptive_max_pool1d_with_indices")
+
+
+@register_rule(*SPATIAL)
+def _spatial(tr, name, func, args, kwargs, out):
+    x = args[0]
+    lab = tr.get(x)
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    if name in ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "grid_sample"):
+        nsp = x.ndim - 2
+    else:
+        nsp = int(name.split("pool")[1][0]) if "pool" in name and name.split("pool")[1][:1].isdigit() else x.ndim - 2
+    res: Labels = {}
+    for d, (ids, z) in lab.items():
+        if d >= x.ndim - nsp:
+            tr.fix(ids, f"'{name}' pools over channels")
+        else:
+            res[d] = (ids, z and "lp_pool" not in name)
+    for t in _tensors(args[1:]):
+        tr.fix_labels(tr.get(t), f"'{name}' uses channels as coordinates")
+    for o in outs:
+        tr.set(o, res if o.ndim == x.ndim else {})
+
+
+@register_rule("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zeros", "ones",
+               "empty", "full", "arange", "randn", "rand", "tensor", "as_tensor", "eye",
+               "linspace", "randint", "size", "dim", "numel", "item", "tolist", "stride",
+               "is_contiguous", "data_ptr", "element_size", "is_floating_point", "__len__",
+               "__bool__", "__hash__", "__format__", "__repr__", "__int__", "__float__",
+               "__index__", "storage_offset", "get_device", "nelement", "is_complex",
+               "numpy", "__array__", "untyped_storage", "_is_view", "is_set_to", "dim_order",
+               "__reduce_ex__", "__deepcopy__", "register_hook", "retain_grad", "backward",
+               "argwhere", "nonzero", "meshgrid", "bincount", "histc", "unique", "one_hot",
+               "searchsorted", "bucketize", "cdist", "_has_compatible_shallow_copy_type",
+               "__contains__", "__iter__", "__dlpack__", "equal", "allclose", "broadcast_tensors",
+               "result_type", "can_cast", "promote_types", "is_nonzero", "__nonzero__")
+def _no_channels(tr, name, func, args, kwargs, out):
+    for o in _tensors(out):
+        tr.set(o, {})

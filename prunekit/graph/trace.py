@@ -1,0 +1,321 @@
+"""Trace a model on example inputs and record how channels flow between tensors.
+
+The tracer is a :class:`~torch.overrides.TorchFunctionMode`: the model runs for real
+(Python control flow, modules called twice, ``torch.no_grad()`` callers all work), and
+every torch function call is handed to a *rule* (see :mod:`prunekit.graph.rules` and
+:mod:`prunekit.graph.layers`) that reads the channel labels of its inputs and writes
+those of its outputs.
+
+A tensor's labels are a dict ``{dim: (ids, zero)}``: along ``dim``, index ``i`` belongs
+to channel id ``ids[i]`` (``-1``: no prunable channel); ``zero`` says whether the sparse
+model holds pruned channels at exactly zero there. Other dims carry no channels.
+Parameters and floating-point buffers get a space per dimension on first use.
+
+Example:
+    >>> import torch.nn as nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> tr = trace(model, torch.randn(1, 3, 8, 8))
+    >>> roots = tr.book.roots()
+    >>> a = tr.book.spaces[("0.weight", 0)].ids
+    >>> b = tr.book.spaces[("2.weight", 1)].ids
+    >>> bool((roots[a] == roots[b]).all())
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from prunekit.graph.labels import LabelBook
+
+__all__ = ["Tracer", "trace", "call_model", "register_module_handler", "Labels"]
+
+Labels = dict[int, tuple[torch.Tensor, bool]]
+RuleFn = Callable[["Tracer", str, Callable, tuple, dict, Any], None]
+
+#: name -> rule; filled by :mod:`prunekit.graph.rules` and :mod:`prunekit.graph.layers`.
+RULES: dict[str, RuleFn] = {}
+#: function object -> rule; for user functions with torch-function support.
+FUNC_RULES: dict[Callable, RuleFn] = {}
+#: module class -> handler(tracer, module, args, kwargs, output)
+MODULE_HANDLERS: dict[type, Callable] = {}
+
+_SILENT_PROPS = {"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "grad",
+                 "layout", "names", "is_leaf", "grad_fn", "itemsize", "nbytes", "is_sparse",
+                 "is_quantized", "is_meta", "output_nr", "_version", "is_nested", "real", "imag"}
+
+
+def register_rule(*names: str) -> Callable[[RuleFn], RuleFn]:
+    """Register a channel rule for torch functions/methods with the given ``__name__``."""
+
+    def deco(fn: RuleFn) -> RuleFn:
+        for n in names:
+            RULES[n] = fn
+        return fn
+
+    return deco
+
+
+def register_module_handler(cls: type, handler: Callable | None = None):
+    """Register how channels flow through a custom layer type.
+
+    The layer's ``forward`` then runs untraced, and ``handler(tracer, module, args, kwargs,
+    output)`` sets the labels of ``output`` using :meth:`Tracer.get`, :meth:`Tracer.dim_ids`,
+    :meth:`Tracer.union`, :meth:`Tracer.fix` and :meth:`Tracer.set`.
+
+    Example:
+        >>> class Scale(nn.Module):
+        ...     def __init__(self, c):
+        ...         super().__init__()
+        ...         self.w = nn.Parameter(torch.ones(c))
+        ...     def forward(self, x):
+        ...         return x * self.w[:, None, None]
+        >>> @register_module_handler(Scale)
+        ... def _scale(tr, mod, args, kwargs, out):
+        ...     ids, zero = tr.get(args[0])[1]
+        ...     tr.union(ids, tr.dim_ids(mod.w, 0))
+        ...     tr.set(out, {1: (ids, zero)})
+    """
+
+    def deco(fn: Callable) -> Callable:
+        MODULE_HANDLERS[cls] = fn
+        return fn
+
+    return deco(handler) if handler is not None else deco
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` with example inputs: a tensor, a tuple/list of args, or a dict of kwargs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+class Tracer(TorchFunctionMode):
+    """Records channel coupling while the model runs. Use :func:`trace`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.book = LabelBook()
+        self.labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.names: dict[int, str] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.names.setdefault(id(p), name)
+            self.tensors.setdefault(name, p)
+        for name, b in model.named_buffers(remove_duplicate=False):
+            if b is not None and b.is_floating_point():
+                self.names.setdefault(id(b), name)
+                self.tensors.setdefault(name, b)
+        self.module_names = {}
+        for name, m in model.named_modules(remove_duplicate=False):
+            self.module_names.setdefault(id(m), name or "<root>")
+        self.module_stack: list[str] = []
+        self.warnings: list[str] = []
+        self.norm_weights: set[str] = set()  # LayerNorm/GroupNorm weights needing masked stats
+        self.ops = 0
+        self._paused = 0
+
+    # ----- label access -------------------------------------------------------------
+    def name_of(self, t: torch.Tensor) -> str | None:
+        """Qualified name if ``t`` is a parameter or floating buffer of the model."""
+        return self.names.get(id(t))
+
+    def get(self, t: Any) -> Labels:
+        """Labels of ``t`` (empty dict when it carries no prunable channels)."""
+        if not isinstance(t, torch.Tensor):
+            return {}
+        lab = self.labels.get(t)
+        if lab is not None:
+            return lab
+        name = self.names.get(id(t))
+        if name is None:
+            return {}
+        return {d: (self.book.space(name, d, s), True) for d, s in enumerate(t.shape) if s > 1}
+
+    def dim_ids(self, t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+        """Channel ids of ``t`` along ``dim`` (allocating a space for a named tensor)."""
+        if t is None:
+            return None
+        lab = self.labels.get(t)
+        if lab is not None:
+            ent = lab.get(dim)
+            return None if ent is None else ent[0]
+        name = self.names.get(id(t))
+        if name is None or t.shape[dim] <= 1:
+            return None
+        return self.book.space(name, dim, t.shape[dim])
+
+    def zero(self, t: torch.Tensor | None, dim: int) -> bool:
+        """Whether ``t`` is exactly zero at pruned channels along ``dim``."""
+        if t is None:
+            return True
+        lab = self.labels.get(t)
+        if lab is not None:
+            ent = lab.get(dim)
+            return bool(ent[1]) if ent is not None else False
+        return id(t) in self.names
+
+    def set(self, t: Any, labels: Labels) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        if labels:
+            self.labels[t] = labels
+        elif t in self.labels:
+            del self.labels[t]
+
+    def union(self, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        if a is not None and b is not None:
+            self.book.union(a, b)
+
+    def fix(self, ids: torch.Tensor | None, reason: str) -> None:
+        if ids is not None:
+            self.book.fix(ids, f"{reason} (in {self.where()})")
+
+    def fix_labels(self, labels: Labels, reason: str) -> None:
+        for ids, _ in labels.values():
+            self.fix(ids, reason)
+
+    def where(self) -> str:
+        return self.module_stack[-1] if self.module_stack else "<root>"
+
+    def warn(self, msg: str) -> None:
+        full = f"{msg} (in module '{self.where()}')"
+        if full not in self.warnings:
+            self.warnings.append(full)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run torch calls untraced (used when rules evaluate ops on label tensors)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    # ----- the mode -----------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._paused:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", None) or str(func)
+        if name == "__get__":
+            prop = getattr(getattr(func, "__self__", None), "__name__", "")
+            if prop in _SILENT_PROPS:
+                return out
+            name = prop
+        self.ops += 1
+        rule = FUNC_RULES.get(func) or RULES.get(name)
+        if rule is None:
+            base = name.strip("_")
+            if base.startswith("i") and f"__{base}__" == name and base[1:] in RULES:
+                base = base[1:]  # __iadd__ -> add
+            elif base.startswith("r") and base[1:] in RULES and name.startswith("__"):
+                base = base[1:]  # __radd__ -> add
+            rule = RULES.get(base)
+        try:
+            if rule is None:
+                _unknown(self, name, args, kwargs, out)
+            else:
+                rule(self, name, func, args, kwargs, out)
+        except Exception as exc:  # a rule that fails must never yield a wrong model
+            self._fix_everything(name, args, kwargs, out, f"rule for '{name}' failed: {exc}")
+        return out
+
+    def _fix_everything(self, name, args, kwargs, out, reason):
+        flat, _ = tree_flatten((args, kwargs))
+        hit = False
+        for t in flat:
+            lab = self.get(t)
+            if lab:
+                hit = True
+                self.fix_labels(lab, reason)
+        for t in tree_flatten(out)[0]:
+            self.set(t, {})
+        if hit:
+            self.warn(reason)
+
+
+def _unknown(tr: Tracer, name, args, kwargs, out) -> None:
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    if not outs:
+        return
+    tr._fix_everything(name, args, kwargs, out,
+                       f"op '{name}' has no channel rule; its channels are left unpruned")
+
+
+def _module_hooks(tr: Tracer):
+    def pre(mod, args):
+        tr.module_stack.append(tr.module_names.get(id(mod), type(mod).__name__))
+
+    def post(mod, args, out):
+        if tr.module_stack:
+            tr.module_stack.pop()
+
+    return pre, post
+
+
+@contextlib.contextmanager
+def _custom_handlers(tr: Tracer, model: nn.Module) -> Iterator[None]:
+    """Replace ``forward`` of layers with a registered handler by an untraced call."""
+    patched = []
+    for mod in model.modules():
+        handler = next((h for c, h in MODULE_HANDLERS.items() if isinstance(mod, c)), None)
+        if handler is None:
+            continue
+        orig = mod.forward
+
+        def fwd(*a, __orig=orig, __h=handler, __m=mod, **kw):
+            with tr.paused():
+                out = __orig(*a, **kw)
+            __h(tr, __m, a, kw, out)
+            return out
+
+        mod.forward = fwd
+        patched.append(mod)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
+def trace(model: nn.Module, example_inputs: Any) -> Tracer:
+    """Run ``model`` on ``example_inputs`` in eval mode and record its channel coupling.
+
+    Model outputs keep all their channels. The model's train/eval mode is restored.
+    """
+    from prunekit.graph import layers, rules  # noqa: F401  (fill the registries)
+
+    tr = Tracer(model)
+    was_training = {m: m.training for m in model.modules()}
+    pre, post = _module_hooks(tr)
+    h1 = nn.modules.module.register_module_forward_pre_hook(pre)
+    h2 = nn.modules.module.register_module_forward_hook(post)
+    try:
+        model.eval()
+        with torch.no_grad(), _custom_handlers(tr, model), tr:
+            out = call_model(model, example_inputs)
+        for t in tree_flatten(out)[0]:
+            lab = tr.get(t)
+            for ids, _ in lab.values():
+                tr.book.fix(ids, "model output channels are kept")
+    finally:
+        h1.remove()
+        h2.remove()
+        for m, flag in was_training.items():
+            m.training = flag
+    tr.output = out
+    return tr

@@ -1,0 +1,298 @@
+"""The engine's front door: trace a model, list its channel groups, prune them.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+    ...                       nn.Conv2d(16, 8, 3))
+    >>> x = torch.randn(1, 3, 16, 16)
+    >>> pruner = Pruner(model, x)
+    >>> _ = pruner.prune(0.5)            # sparse: shapes kept, half the channels at zero
+    >>> slim = pruner.transform()        # slim: channels removed
+    >>> slim[0].out_channels
+    8
+    >>> bool(torch.allclose(slim(x), model(x), atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from prunekit import sparse, slim
+from prunekit.criteria import CRITERIA, group_scores
+from prunekit.graph.groups import ChannelGroup, build_groups
+from prunekit.graph.trace import Tracer, call_model, trace
+from prunekit.plan import PruningPlan
+
+__all__ = ["Pruner", "max_error", "ABS_TOL", "REL_TOL"]
+
+#: Slim == sparse tolerance: |slim - sparse| <= ABS_TOL + REL_TOL * max|sparse| (float32).
+ABS_TOL = 1e-4
+REL_TOL = 1e-4
+
+
+def max_error(a: Any, b: Any) -> float:
+    """Largest ``|a - b| / (1 + max|a|)`` over all tensors of two output structures."""
+    fa, fb = tree_flatten(a)[0], tree_flatten(b)[0]
+    ta = [t for t in fa if isinstance(t, torch.Tensor)]
+    tb = [t for t in fb if isinstance(t, torch.Tensor)]
+    if len(ta) != len(tb):
+        return math.inf
+    worst = 0.0
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape:
+            return math.inf
+        if not x.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(x, y) else math.inf)
+            continue
+        x, y = x.double(), y.double()
+        scale = 1.0 + float(x.abs().max()) if x.numel() else 1.0
+        worst = max(worst, float((x - y).abs().max()) / scale if x.numel() else 0.0)
+    return worst
+
+
+def _check_inputs(model: nn.Module, example_inputs: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
+        raise TypeError("example_inputs must be a tensor, a tuple/list of positional arguments or "
+                        f"a dict of keyword arguments, got {type(example_inputs).__name__}")
+
+
+class Pruner:
+    """Channel groups of ``model`` and the verbs to prune them.
+
+    Args:
+        model: Any ``nn.Module`` that runs forward on ``example_inputs``.
+        example_inputs: A tensor, a tuple of positional args, or a dict of keyword args.
+        ignore: Module names (or modules) whose tensors must keep every channel.
+        criterion: Default importance criterion (see :data:`prunekit.criteria.CRITERIA`).
+
+    Attributes:
+        groups: All channel groups; ``[g for g in groups if g.prunable]`` can be pruned.
+        warnings: Ops without a channel rule (their channels stay), with the module.
+        build_seconds: Wall time of tracing plus group building.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, *, ignore: Iterable[str | nn.Module] = (),
+                 criterion: str = "l2") -> None:
+        _check_inputs(model, example_inputs)
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
+        self.model = model
+        self.example_inputs = example_inputs
+        self.criterion = criterion
+        self.grads: dict[str, torch.Tensor] = {}
+        ignore_names = self._resolve_ignore(ignore)
+        t0 = time.perf_counter()
+        try:
+            self.tracer: Tracer = trace(model, example_inputs)
+        except Exception as exc:
+            shapes = [tuple(t.shape) for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
+            raise ValueError(
+                f"the model does not run on the example inputs (tensor shapes {shapes}): "
+                f"{type(exc).__name__}: {exc}. Pass the inputs a forward call takes: a tensor, a "
+                "tuple of positional arguments, or a dict of keyword arguments.") from exc
+        for name in ignore_names:
+            for (tname, _), sp in self.tracer.book.spaces.items():
+                if tname == name or tname.startswith(name + "."):
+                    self.tracer.book.fix(sp.ids, f"module '{name}' is ignored by the user")
+        self.groups: list[ChannelGroup] = build_groups(self.tracer)
+        self.build_seconds = time.perf_counter() - t0
+        self.warnings = list(self.tracer.warnings)
+
+    def _resolve_ignore(self, ignore) -> list[str]:
+        names = {n for n, _ in self.model.named_modules()}
+        by_id = {id(m): n for n, m in self.model.named_modules()}
+        out = []
+        for item in ignore:
+            if isinstance(item, nn.Module):
+                if id(item) not in by_id:
+                    raise ValueError(f"ignored module {type(item).__name__} is not part of the model")
+                out.append(by_id[id(item)])
+            elif isinstance(item, str):
+                if item not in names:
+                    close = difflib.get_close_matches(item, names, n=3)
+                    hint = f"; did you mean {close}?" if close else "; see model.named_modules()"
+                    raise ValueError(f"ignored module {item!r} does not exist in the model{hint}")
+                out.append(item)
+            else:
+                raise TypeError(f"ignore takes module names or modules, got {type(item).__name__}")
+        return out
+
+    # ----- information -----------------------------------------------------------------
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def summary(self) -> str:
+        pr = self.prunable_groups
+        lines = [f"{len(self.groups)} channel groups, {len(pr)} prunable, "
+                 f"built in {self.build_seconds:.2f} s"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return self.tracer.tensors
+
+    def scores(self, group: ChannelGroup, criterion: str | None = None) -> torch.Tensor:
+        """Importance of each unit of ``group`` (lower is pruned first)."""
+        return group_scores(group, self._tensors(), criterion or self.criterion, self.grads)
+
+    def accumulate_gradients(self, batches: Iterable[Any], loss_fn: Callable[[Any, Any], torch.Tensor]) -> None:
+        """Sum gradients over a few batches for the ``taylor`` criterion.
+
+        Args:
+            batches: Iterable of ``(inputs, target)``.
+            loss_fn: ``loss_fn(model_output, target) -> scalar``.
+        """
+        named = dict(self.model.named_parameters())
+        self.grads = {n: torch.zeros_like(p) for n, p in named.items()}
+        was = self.model.training
+        self.model.eval()
+        try:
+            for inputs, target in batches:
+                self.model.zero_grad(set_to_none=True)
+                loss = loss_fn(call_model(self.model, inputs), target)
+                loss.backward()
+                for n, p in named.items():
+                    if p.grad is not None:
+                        self.grads[n] += p.grad.detach()
+        finally:
+            self.model.train(was)
+            self.model.zero_grad(set_to_none=True)
+
+    # ----- planning and pruning --------------------------------------------------------
+    def plan(self, ratio: float | dict[int, float], *, criterion: str | None = None, round_to: int = 1,
+             groups: Iterable[ChannelGroup] | None = None) -> PruningPlan:
+        """Choose the channels to remove.
+
+        Args:
+            ratio: Fraction of each prunable group's channels to remove, in ``[0, 1)``; or
+                ``{group_id: ratio}``.
+            criterion: Importance criterion (default: the pruner's).
+            round_to: Keep channel counts a multiple of this (hardware-friendly widths).
+            groups: Restrict to these groups.
+        """
+        ratios = ratio if isinstance(ratio, dict) else None
+        if ratios is None:
+            _check_ratio(ratio)
+        else:
+            valid = {g.id for g in self.groups}
+            for gid, r in ratios.items():
+                if gid not in valid:
+                    raise ValueError(f"no channel group with id {gid}; valid ids are 0..{len(self.groups) - 1}")
+                _check_ratio(r)
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+        pruned: dict[str, dict[int, list[int]]] = {}
+        chosen = {}
+        for g in groups if groups is not None else self.groups:
+            r = ratios.get(g.id, 0.0) if ratios is not None else ratio
+            if not g.prunable or r <= 0:
+                continue
+            units = g.select(r, self.scores(g, criterion), round_to)
+            if units.numel() == 0:
+                continue
+            chosen[g.id] = units.tolist()
+            for (name, dim), idx in g.pruned_indices(units).items():
+                pruned.setdefault(name, {})[dim] = idx.tolist()
+        shapes = {n: list(self._tensors()[n].shape) for n in pruned}
+        meta = {"criterion": criterion or self.criterion, "groups": chosen,
+                "norm_weights": sorted(self.tracer.norm_weights)}
+        return PruningPlan(pruned, shapes, meta)
+
+    def prune(self, ratio: float | dict[int, float] | PruningPlan, *, mode: str = "sparse",
+              criterion: str | None = None, round_to: int = 1) -> nn.Module:
+        """Prune the model in place (``mode='sparse'``) or return a slim copy (``'slim'``)."""
+        if mode not in ("sparse", "slim"):
+            raise ValueError(f"mode must be 'sparse' or 'slim', got {mode!r}")
+        plan = ratio if isinstance(ratio, PruningPlan) else self.plan(ratio, criterion=criterion, round_to=round_to)
+        sparse.apply_plan(self.model, plan)
+        if mode == "slim":
+            return self.transform()
+        return self.model
+
+    def transform(self, check: bool = True) -> nn.Module:
+        """The slim model of the (sparse) model; checks slim == sparse on the example inputs."""
+        slim_model = slim.to_slim(self.model)
+        if check:
+            err = self.equivalence_error(slim_model)
+            if not err <= ABS_TOL + REL_TOL:
+                raise RuntimeError(
+                    f"the slim model differs from the sparse model (relative error {err:.3g}); "
+                    "run Pruner.validate() to find and freeze the groups responsible")
+        return slim_model
+
+    def equivalence_error(self, slim_model: nn.Module) -> float:
+        """Relative max difference between sparse and slim outputs on the example inputs."""
+        with torch.no_grad():
+            was = self.model.training
+            self.model.eval()
+            slim_model.eval()
+            try:
+                a = call_model(self.model, self.example_inputs)
+                b = call_model(slim_model, self.example_inputs)
+            finally:
+                self.model.train(was)
+        return max_error(a, b)
+
+    def validate(self, ratio: float = 0.5, tol: float = ABS_TOL + REL_TOL) -> list[ChannelGroup]:
+        """Prune copies and freeze every group whose slim model does not match its sparse model.
+
+        Catches what tracing cannot see, such as a width stored in a plain attribute
+        (``x.reshape(n, self.hidden_dim, -1)``) that no updater knows. Returns the frozen groups.
+        """
+        def ok(subset: list[ChannelGroup]) -> tuple[bool, str]:
+            plan = self.plan(ratio, groups=subset)
+            if not plan.pruned:
+                return True, ""
+            with slim._without_masks(self.model):
+                model = copy.deepcopy(self.model)
+            sparse.apply_plan(model, plan)
+            try:
+                with torch.no_grad():
+                    model.eval()
+                    a = call_model(model, self.example_inputs)
+                    slim_model = slim.to_slim(model, inplace=True)
+                    b = call_model(slim_model, self.example_inputs)
+                err = max_error(a, b)
+                return err <= tol, f"slim and sparse outputs differ by {err:.3g}"
+            except Exception as exc:
+                return False, f"the slim model fails: {type(exc).__name__}: {str(exc)[:200]}"
+
+        bad: list[tuple[ChannelGroup, str]] = []
+
+        def search(subset: list[ChannelGroup]) -> None:
+            good, why = ok(subset)
+            if good:
+                return
+            if len(subset) == 1:
+                bad.append((subset[0], why))
+                return
+            mid = len(subset) // 2
+            search(subset[:mid])
+            search(subset[mid:])
+
+        cands = self.prunable_groups
+        if cands:
+            search(cands)
+        for g, why in bad:
+            g.fixed[:] = True
+            g.reasons.insert(0, f"validation: {why}")
+        return [g for g, _ in bad]
+
+
+def _check_ratio(r: float) -> None:
+    if not isinstance(r, (int, float)) or not 0.0 <= float(r) < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {r!r}: it is the fraction of channels to "
+                         "remove (0.5 removes half); at least one channel always stays")
