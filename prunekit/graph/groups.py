@@ -88,12 +88,20 @@ class ChannelGroup:
         s[self.fixed] = math.inf
         order = torch.argsort(s, stable=True)
         chosen = order[:k]
+        spare = order[k:][torch.isfinite(s[order[k:]])].tolist()
         for m in self.members:  # at least one channel of every member survives
             gone = torch.isin(m.unit, chosen)
             if bool(gone.all()):
                 mine = chosen[torch.isin(chosen, m.unit)]
                 keep = mine[torch.argmax(s[mine])]
                 chosen = chosen[chosen != keep]
+                while spare:  # remove the next-lowest unit instead, so the count (round_to) holds
+                    u = spare.pop(0)
+                    trial = torch.cat([chosen, torch.tensor([u])])
+                    hit = [o for o in self.members if bool((o.unit == u).any())]
+                    if all(not bool(torch.isin(o.unit, trial).all()) for o in hit):
+                        chosen = trial
+                        break
         return chosen.sort().values
 
     def pruned_indices(self, units: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
@@ -139,7 +147,7 @@ def build_groups(tr: Tracer) -> list[ChannelGroup]:
     space_of = torch.cat([torch.full((s.size,), i) for i, s in enumerate(spaces)])
     # bipartite graph: space i -- root r ; its components are the groups
     comp = connected_components(ns + book.n, space_of, roots + ns)[:ns]
-    fixed_ids = torch.tensor(sorted(fixed), dtype=torch.long)
+    reason_of, reason_text = fixed
     norm_names = tr.norm_weights
     groups: dict[int, list[int]] = {}
     for i, c in enumerate(comp.tolist()):
@@ -150,11 +158,9 @@ def build_groups(tr: Tracer) -> list[ChannelGroup]:
         units = torch.cat(rs).unique()
         members = [Member(spaces[i].name, spaces[i].dim, spaces[i].size, torch.searchsorted(units, r))
                    for i, r in zip(idxs, rs)]
-        is_fixed = torch.isin(units, fixed_ids)
-        reasons = []
-        for u in units[is_fixed][:50].tolist():
-            if fixed[u] not in reasons:
-                reasons.append(fixed[u])
+        why = reason_of[units]
+        is_fixed = why >= 0
+        reasons = [reason_text[k] for k in why[is_fixed].unique().tolist()]
         norm = any(m.name in norm_names for m in members)
         out.append(ChannelGroup(gid, members, is_fixed, reasons, norm))
     return out

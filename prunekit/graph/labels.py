@@ -119,11 +119,19 @@ class LabelBook:
             self._roots = connected_components(self.n, a, b)
         return self._roots
 
-    def fixed_roots(self) -> dict[int, str]:
-        """Root id → first reason it was fixed."""
+    def fixed_roots(self) -> tuple[torch.Tensor, list[str]]:
+        """``(reason_index, reasons)``: per root id, the index of the first reason it was
+        fixed for, or -1 where it is free."""
         roots = self.roots()
-        out: dict[int, str] = {}
+        reason_of = torch.full((self.n,), -1, dtype=torch.long)
+        reasons: list[str] = []
+        index: dict[str, int] = {}
         for ids, reason in self._fixed:
-            for r in roots[ids].unique().tolist():
-                out.setdefault(r, reason)
-        return out
+            r = roots[ids]
+            free = reason_of[r] < 0
+            if bool(free.any()):
+                k = index.setdefault(reason, len(reasons))
+                if k == len(reasons):
+                    reasons.append(reason)
+                reason_of[r[free]] = k
+        return reason_of, reasons

@@ -9,6 +9,7 @@ on a tensor of channel ids, and the result says where every channel went.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten
 
 from prunekit.graph.trace import Labels, Tracer, register_rule
@@ -164,33 +165,64 @@ def _varying(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return t, vary
 
 
-def _canon(tr: Tracer, name: str, t: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+def _canon(tr: Tracer, name: str, t: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
     """Reduce a tensor of channel ids to ``(dim, ids)``; tie dims when ids vary along several."""
     c, vary = _varying(t)
     if not vary:
         v = c.reshape(-1)[:1].long()
-        return None if v.numel() == 0 or int(v[0]) < 0 else (-1, v)
+        return None if v.numel() == 0 or int(v[0]) < 0 else (-1, v, v)
     if len(vary) == 1:
-        return vary[0], c.reshape(-1).long()
+        v = c.reshape(-1).long()
+        return vary[0], v, v
     # ids vary along several dims (a channel dim split in two, pixel shuffle, cat along a
     # non-channel dim): keep the innermost dim whose slices hold disjoint ids prunable and
     # couple positions along the others, so the pruned layout stays a valid product.
+    n = tr.book.n
     choice = None
     for k in reversed(vary):
         rows = c.movedim(k, 0).reshape(c.shape[k], -1).long()
         pos = torch.arange(rows.shape[0]).unsqueeze(1).expand_as(rows)
         ok = rows >= 0
-        pairs = torch.stack([rows[ok], pos[ok]], 1).unique(dim=0)
-        if pairs.shape[0] == pairs[:, 0].unique().numel():
+        ids, at = rows[ok], pos[ok]
+        lo = torch.full((n,), rows.shape[0], dtype=torch.long).scatter_reduce(0, ids, at, "amin")
+        hi = torch.full((n,), -1, dtype=torch.long).scatter_reduce(0, ids, at, "amax")
+        if bool((lo[ids] == hi[ids]).all()):
             choice = k
             break
     if choice is None:
-        tr.fix(c.long().unique(), f"'{name}' scatters channels in a way that cannot be pruned")
+        tr.fix(c.long().reshape(-1), f"'{name}' scatters channels in a way that cannot be pruned")
         return None
-    moved = c.movedim(choice, -1).long()
-    ref = moved.reshape(-1, moved.shape[-1])
+    ref = _distinct_rows(c.movedim(choice, -1).reshape(-1, c.shape[choice]).long())
     tr.union(ref, ref[:1].expand_as(ref))
-    return choice, ref[0]
+    return choice, ref[0], ref.reshape(-1)
+
+
+def _distinct_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The distinct rows of an id matrix (first row first), found by hashing, then checked."""
+    if rows.shape[0] <= 8:
+        return rows
+    w = torch.rand(rows.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    h = rows.double() @ w
+    _, inv = torch.unique(h, return_inverse=True)
+    first = torch.full((int(inv.max()) + 1,), rows.shape[0], dtype=torch.long)
+    first.scatter_reduce_(0, inv, torch.arange(rows.shape[0]), "amin")
+    if not torch.equal(rows, rows[first[inv]]):  # a hash collision: keep every row
+        return rows
+    first = first.sort().values
+    return rows[first]
+
+
+def _realise(a):
+    """Index tensors computed on fake tensors have no values; any valid index gives the
+    same channel layout along the dims it does not index (and indexed channel dims are
+    caught by the index-op check), so zeros stand in for them."""
+    if isinstance(a, (list, tuple)):
+        return type(a)(_realise(x) for x in a)
+    if isinstance(a, FakeTensor):
+        if a.dtype in (torch.bool, torch.uint8) or a.is_floating_point():
+            raise RuntimeError("boolean or float tensor argument computed on fake tensors")
+        return torch.zeros(a.shape, dtype=a.dtype)
+    return a
 
 
 def _layout(tr: Tracer, name: str, func, args, kwargs, out) -> None:
@@ -218,7 +250,7 @@ def _layout(tr: Tracer, name: str, func, args, kwargs, out) -> None:
                 subs.append(ent[0].to(torch.float64).view(shape).expand(t.shape))
         zero = all(lab[d][1] for lab in labs if d in lab)
         in_ids = torch.cat([lab[d][0] for lab in labs if d in lab])
-        new_args = ((subs if many else subs[0]),) + tuple(args[1:])
+        new_args = ((subs if many else subs[0]),) + tuple(_realise(a) for a in args[1:])
         kw = dict(kwargs)
         if name == "pad":
             if len(new_args) > 3:
@@ -228,28 +260,33 @@ def _layout(tr: Tracer, name: str, func, args, kwargs, out) -> None:
         if name in ("expand_as", "view_as", "reshape_as") and len(new_args) > 1:
             pass  # the second argument only donates its shape
         with tr.paused():
-            res = func(*new_args, **kw)
+            try:
+                res = func(*new_args, **kw)
+            except RuntimeError:  # the broadcast id tensor is not viewable where the input was
+                if name not in ("view", "view_as"):
+                    raise
+                res = func(subs[0].contiguous(), *new_args[1:], **kw)
         res_t = [t for t in tree_flatten(res)[0] if isinstance(t, torch.Tensor)]
         found = []
         for i, r in enumerate(res_t):
             got = _canon(tr, name, r)
             if got is None:
                 continue
-            od, ids = got
+            od, ids, present = got
+            found.append(present)
             if od < 0:
-                found.append(ids)
                 tr.fix(in_ids, f"'{name}' selects a single channel")
                 continue
-            found.append(ids)
             prev = results[i].get(od)
             if prev is not None:
                 tr.fix(torch.cat([prev[0], ids]), f"'{name}' merges two channel dims")
                 results[i].pop(od)
                 continue
             results[i][od] = (ids, zero)
-        kept = torch.cat(found).unique() if found else torch.empty(0, dtype=torch.long)
         want = in_ids[in_ids >= 0].unique()
-        if kept.numel() != want.numel() or (kept.numel() and not torch.equal(kept[kept >= 0], want)):
+        kept = torch.cat(found).unique() if found else want[:0]
+        kept = kept[kept >= 0]
+        if kept.shape != want.shape or not torch.equal(kept, want):
             tr.fix(want, f"'{name}' keeps only part of the channels (fixed indices)")
             for r in results:
                 for k in [k for k, v in r.items() if torch.isin(v[0], want).any()]:

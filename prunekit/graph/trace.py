@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from prunekit.graph.labels import LabelBook
@@ -101,6 +102,10 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+class _NeedRealValues(RuntimeError):
+    """A rule could not run on fake tensors; the trace is redone with real ones."""
+
+
 class Tracer(TorchFunctionMode):
     """Records channel coupling while the model runs. Use :func:`trace`."""
 
@@ -125,6 +130,7 @@ class Tracer(TorchFunctionMode):
         self.warnings: list[str] = []
         self.norm_weights: set[str] = set()  # LayerNorm/GroupNorm weights needing masked stats
         self.ops = 0
+        self.fake = False
         self._paused = 0
 
     # ----- label access -------------------------------------------------------------
@@ -217,6 +223,11 @@ class Tracer(TorchFunctionMode):
                 return out
             name = prop
         self.ops += 1
+        with _real():
+            self._apply_rule(func, name, args, kwargs, out)
+        return out
+
+    def _apply_rule(self, func, name, args, kwargs, out) -> None:
         rule = FUNC_RULES.get(func) or RULES.get(name)
         if rule is None:
             base = name.strip("_")
@@ -231,8 +242,9 @@ class Tracer(TorchFunctionMode):
             else:
                 rule(self, name, func, args, kwargs, out)
         except Exception as exc:  # a rule that fails must never yield a wrong model
+            if self.fake:
+                raise _NeedRealValues(f"rule for '{name}' needs real values: {exc}") from exc
             self._fix_everything(name, args, kwargs, out, f"rule for '{name}' failed: {exc}")
-        return out
 
     def _fix_everything(self, name, args, kwargs, out, reason):
         flat, _ = tree_flatten((args, kwargs))
@@ -254,6 +266,15 @@ def _unknown(tr: Tracer, name, args, kwargs, out) -> None:
         return
     tr._fix_everything(name, args, kwargs, out,
                        f"op '{name}' has no channel rule; its channels are left unpruned")
+
+
+def _real():
+    """Run label bookkeeping on real tensors even while the model runs on fake ones."""
+    return unset_fake_temporarily()
+
+
+def _fake_inputs(mode: FakeTensorMode, example_inputs: Any) -> Any:
+    return tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, example_inputs)
 
 
 def _module_hooks(tr: Tracer):
@@ -280,7 +301,8 @@ def _custom_handlers(tr: Tracer, model: nn.Module) -> Iterator[None]:
         def fwd(*a, __orig=orig, __h=handler, __m=mod, **kw):
             with tr.paused():
                 out = __orig(*a, **kw)
-            __h(tr, __m, a, kw, out)
+            with _real():
+                __h(tr, __m, a, kw, out)
             return out
 
         mod.forward = fwd
@@ -292,11 +314,23 @@ def _custom_handlers(tr: Tracer, model: nn.Module) -> Iterator[None]:
             del mod.forward
 
 
-def trace(model: nn.Module, example_inputs: Any) -> Tracer:
+def trace(model: nn.Module, example_inputs: Any, fake: bool | None = None) -> Tracer:
     """Run ``model`` on ``example_inputs`` in eval mode and record its channel coupling.
 
+    By default the model first runs on fake tensors (shapes only, no arithmetic: fast even
+    for huge models); if its forward needs real values (data-dependent control flow), it
+    runs for real. ``fake=False`` forces a real run, ``fake=True`` a fake one.
     Model outputs keep all their channels. The model's train/eval mode is restored.
     """
+    if fake is None:
+        try:
+            return _trace(model, example_inputs, True)
+        except Exception:  # noqa: BLE001 - e.g. data-dependent shapes: trace for real
+            return _trace(model, example_inputs, False)
+    return _trace(model, example_inputs, fake)
+
+
+def _trace(model: nn.Module, example_inputs: Any, fake: bool) -> Tracer:
     from prunekit.graph import layers, rules  # noqa: F401  (fill the registries)
 
     tr = Tracer(model)
@@ -306,8 +340,15 @@ def trace(model: nn.Module, example_inputs: Any) -> Tracer:
     h2 = nn.modules.module.register_module_forward_hook(post)
     try:
         model.eval()
-        with torch.no_grad(), _custom_handlers(tr, model), tr:
-            out = call_model(model, example_inputs)
+        tr.fake = fake
+        if fake:
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            inputs = _fake_inputs(mode, example_inputs)
+            with torch.no_grad(), _custom_handlers(tr, model), mode, tr:
+                out = call_model(model, inputs)
+        else:
+            with torch.no_grad(), _custom_handlers(tr, model), tr:
+                out = call_model(model, example_inputs)
         for t in tree_flatten(out)[0]:
             lab = tr.get(t)
             for ids, _ in lab.values():

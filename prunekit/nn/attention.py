@@ -64,7 +64,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             if mask is not None:
                 scores = scores + mask
             elif is_causal:
-                scores = scores.masked_fill(torch.ones(tgt, src, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+                future = torch.ones(tgt, src, dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
             attn = F.dropout(scores.softmax(-1), p, self.training)
             out = attn @ v
         else:

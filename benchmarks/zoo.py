@@ -1,0 +1,200 @@
+"""Prune every torchvision model to 50% of the channels of every prunable group.
+
+For each model: build the channel groups (timed), prune 50% per group (L2), transform to
+the slim model (timed), and check slim == sparse on the example input. Groups whose slim
+model would not match are found by ``Pruner.validate`` and reported as frozen.
+The classifier output is kept automatically (model outputs never lose channels).
+
+Each model runs in its own subprocess (a crash or time-out costs one row); results are
+appended to ``benchmarks/results/zoo.json`` after every model, and a rerun skips models
+already done (``--force`` to redo).
+
+Usage:
+    python benchmarks/zoo.py                      # the 80 classification models
+    python benchmarks/zoo.py --family all         # + segmentation, detection, video, flow
+    python benchmarks/zoo.py resnet18 vit_b_16    # some models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "zoo.json"
+TOL = None  # filled from prunekit.pruner
+
+
+def _inputs(family: str, name: str):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if family == "classification":
+        size = 299 if name == "inception_v3" else 224
+        return torch.randn(1, 3, size, size, generator=g)
+    if family == "segmentation":
+        return torch.randn(1, 3, 224, 224, generator=g)
+    if family == "detection":
+        return ([torch.rand(3, 320, 320, generator=g)],)
+    if family == "video":
+        frames, size = (16, 224) if name.startswith(("mvit", "s3d")) else (8, 112)
+        if name.startswith("swin3d"):
+            frames, size = 8, 224
+        return torch.randn(1, 3, frames, size, size, generator=g)
+    if family == "optical_flow":
+        a = torch.randn(1, 3, 128, 128, generator=g)
+        return (a, torch.randn(1, 3, 128, 128, generator=g))
+    raise ValueError(family)
+
+
+def run_one(name: str, family: str) -> dict:
+    import torch
+    import torchvision
+
+    import prunekit
+    from prunekit.pruner import TOL
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    kwargs = {"weights": None}
+    if family in ("detection", "segmentation"):
+        kwargs["weights_backbone"] = None
+    if family == "classification" and name in ("inception_v3", "googlenet"):
+        kwargs["init_weights"] = True
+        kwargs["aux_logits"] = False if name == "googlenet" else True
+    if family == "optical_flow":
+        kwargs = {"weights": None}
+    model = torchvision.models.get_model(name, **kwargs).eval()
+    x = _inputs(family, name)
+    row = {"model": name, "family": family}
+    t0 = time.perf_counter()
+    pruner = prunekit.Pruner(model, x)
+    row["build_s"] = round(pruner.build_seconds, 4)
+    row["groups"] = len(pruner.groups)
+    row["prunable"] = len(pruner.prunable_groups)
+    row["warnings"] = pruner.warnings[:5]
+    before = prunekit.count(model, x)
+    row["macs_before"], row["params_before"] = before.macs, before.params
+    pruner.prune(0.5)
+    t1 = time.perf_counter()
+    frozen = []
+    try:
+        slim = prunekit.to_slim(model)
+        row["transform_s"] = round(time.perf_counter() - t1, 4)
+        err = pruner.equivalence_error(slim)
+    except Exception as exc:  # noqa: BLE001 - recorded, then validated
+        err = float("inf")
+        row["first_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if not err <= TOL:
+        prunekit.remove_masks(model)
+        with torch.no_grad():  # restore the dense weights: rebuild from the same seed
+            torch.manual_seed(0)
+            fresh = torchvision.models.get_model(name, **kwargs).eval()
+            model.load_state_dict(fresh.state_dict())
+        tv = time.perf_counter()
+        bad = pruner.validate(0.5)
+        row["validate_s"] = round(time.perf_counter() - tv, 2)
+        frozen = [f"group {g.id}: {g.reasons[0]}" for g in bad]
+        pruner.prune(0.5)
+        t1 = time.perf_counter()
+        slim = prunekit.to_slim(model)
+        row["transform_s"] = round(time.perf_counter() - t1, 4)
+        err = pruner.equivalence_error(slim)
+    row["frozen_by_validation"] = frozen
+    row["equiv_err"] = err
+    after = prunekit.count(slim, x)
+    row["macs_after"], row["params_after"] = after.macs, after.params
+    row["ok"] = bool(err <= TOL and after.macs < before.macs and after.params < before.params)
+    row["total_s"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def models_for(family: str) -> list[tuple[str, str]]:
+    import torchvision.models as M
+
+    fams = {"classification": M, "segmentation": M.segmentation, "detection": M.detection,
+            "video": M.video, "optical_flow": M.optical_flow}
+    chosen = list(fams) if family == "all" else [family]
+    return [(n, f) for f in chosen for n in M.list_models(module=fams[f])]
+
+
+def load() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+
+def save(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, RESULTS)
+
+
+def table(results: dict, family: str | None = None) -> str:
+    rows = [r for r in results.values() if family in (None, r.get("family"))]
+    lines = ["| model | ok | prunable/groups | equiv. err | MACs (M) before → after | params (M) before → after"
+             " | build s | transform s | frozen by validation |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["family"], r["model"])):
+        if "error" in r:
+            lines.append(f"| {r['model']} | FAILED | | | | | | | {r['error'][:120]} |")
+            continue
+        lines.append(
+            f"| {r['model']} | {'yes' if r['ok'] else 'NO'} | {r['prunable']}/{r['groups']} | {r['equiv_err']:.1e} | "
+            f"{r['macs_before'] / 1e6:,.0f} → {r['macs_after'] / 1e6:,.0f} | "
+            f"{r['params_before'] / 1e6:,.2f} → {r['params_after'] / 1e6:,.2f} | {r['build_s']:.3f} | "
+            f"{r.get('transform_s', 0):.3f} | {len(r['frozen_by_validation'])} |")
+    ok = [r for r in rows if r.get("ok")]
+    builds = [r["build_s"] for r in rows if "build_s" in r]
+    if builds:
+        lines.append("")
+        lines.append(f"{len(ok)} of {len(rows)} pruned with equivalence; group building median "
+                     f"{statistics.median(builds):.3f} s, max {max(builds):.2f} s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--family", default="classification",
+                    choices=["classification", "segmentation", "detection", "video", "optical_flow", "all"])
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--one", nargs=2, metavar=("NAME", "FAMILY"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print("ROW " + json.dumps(run_one(*args.one)))
+        return 0
+    todo = models_for(args.family)
+    if args.models:
+        todo = [(n, f) for n, f in models_for("all") if n in args.models]
+    results = load()
+    for i, (name, fam) in enumerate(todo):
+        if name in results and not args.force:
+            continue
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--one", name, fam], capture_output=True, text=True,
+                                  timeout=args.timeout)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+            row = json.loads(line[-1][4:]) if line else {
+                "model": name, "family": fam, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        except subprocess.TimeoutExpired:
+            row = {"model": name, "family": fam, "error": f"timeout after {args.timeout} s"}
+        results[name] = row
+        save(results)
+        status = "ERROR " + row["error"] if "error" in row else (
+            f"ok={row['ok']} err={row['equiv_err']:.1e} build={row['build_s']:.3f}s "
+            f"frozen={len(row['frozen_by_validation'])}")
+        print(f"[{i + 1}/{len(todo)}] {name}: {status} ({time.perf_counter() - t:.0f} s)", flush=True)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
