@@ -138,9 +138,18 @@ class Pruner:
     def summary(self) -> str:
         pr = self.prunable_groups
         lines = [f"{len(self.groups)} channel groups, {len(pr)} prunable, "
-                 f"built in {self.build_seconds:.2f} s"]
+                 f"built in {self.build_seconds:.2f} s ({self.tracer.mode} trace)"]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+    def freeze(self, group: ChannelGroup | int, reason: str = "frozen by the user") -> None:
+        """Leave a group alone: none of its channels will be pruned."""
+        gid = group.id if isinstance(group, ChannelGroup) else group
+        if not isinstance(gid, int) or not 0 <= gid < len(self.groups):
+            raise ValueError(f"no channel group {group!r}; valid ids are 0..{len(self.groups) - 1}")
+        g = self.groups[gid]
+        g.fixed[:] = True
+        g.reasons.insert(0, reason)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return self.tracer.tensors

@@ -96,6 +96,7 @@ def _conv(tr: Tracer, name, func, args, kwargs, out):
         elif w.shape[0] == groups:  # depthwise transposed: out (b, j) reads in b
             _couple(tr, xin, win, what)
             outv = win.repeat_interleave(opg) if win is not None else None
+            tr.fix(wout, f"{what}: the channel multiplier of a depthwise transposed conv")  # j stays
         else:
             if xin is not None:
                 xin = _tie(tr, xin, groups)

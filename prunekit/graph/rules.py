@@ -218,9 +218,9 @@ def _realise(a):
     caught by the index-op check), so zeros stand in for them."""
     if isinstance(a, (list, tuple)):
         return type(a)(_realise(x) for x in a)
-    if isinstance(a, FakeTensor):
+    if isinstance(a, FakeTensor) or (isinstance(a, torch.Tensor) and a.is_meta):
         if a.dtype in (torch.bool, torch.uint8) or a.is_floating_point():
-            raise RuntimeError("boolean or float tensor argument computed on fake tensors")
+            raise RuntimeError("boolean or float tensor argument has no values (fake/meta tracing)")
         return torch.zeros(a.shape, dtype=a.dtype)
     return a
 
@@ -325,8 +325,34 @@ def _split_like(tr: Tracer, name: str, func, args, kwargs, out) -> None:
     _layout(tr, name, func, args, kwargs, out)
 
 
+def _acted_dims(name: str, x: torch.Tensor, args, kwargs) -> list[int] | None:
+    """The dims roll/pad/flip act on (None: all of them)."""
+    tr_dims = None
+    if name == "roll":
+        dims = kwargs.get("dims", args[2] if len(args) > 2 else None)
+        if dims is None:
+            return None
+        tr_dims = [dims] if isinstance(dims, int) else list(dims)
+    elif name == "pad":
+        pad = kwargs.get("pad", args[1] if len(args) > 1 else None)
+        tr_dims = list(range(x.ndim - len(pad) // 2, x.ndim))
+    elif name in ("flip",):
+        dims = kwargs.get("dims", args[1] if len(args) > 1 else None)
+        tr_dims = [dims] if isinstance(dims, int) else list(dims)
+    return tr_dims
+
+
 @register_rule(*LAYOUT_OPS, *INDEX_OPS)
 def _layout_rule(tr, name, func, args, kwargs, out):
+    if name in ("roll", "pad", "flip") and isinstance(args[0], torch.Tensor):
+        x = args[0]
+        dims = _acted_dims(name, x, args, kwargs)
+        lab = tr.get(x)
+        if dims is not None and isinstance(out, torch.Tensor) and out.ndim == x.ndim:
+            dims = {d % x.ndim for d in dims}
+            if not any(d in lab for d in dims):
+                tr.set(out, dict(lab))
+                return
     if name in ("chunk", "split", "unbind", "tensor_split", "split_with_sizes",
                 "unsafe_chunk", "unsafe_split", "hsplit", "vsplit"):
         _split_like(tr, name, func, args, kwargs, out)

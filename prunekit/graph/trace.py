@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
@@ -109,20 +110,24 @@ class _NeedRealValues(RuntimeError):
 class Tracer(TorchFunctionMode):
     """Records channel coupling while the model runs. Use :func:`trace`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, stand_ins: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.model = model
         self.book = LabelBook()
         self.labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.names: dict[int, str] = {}
         self.tensors: dict[str, torch.Tensor] = {}
+        seen = {}
         for name, p in model.named_parameters(remove_duplicate=False):
-            self.names.setdefault(id(p), name)
+            name = seen.setdefault(id(p), name)  # tied weights: one name
             self.tensors.setdefault(name, p)
         for name, b in model.named_buffers(remove_duplicate=False):
             if b is not None and b.is_floating_point():
-                self.names.setdefault(id(b), name)
+                name = seen.setdefault(id(b), name)
                 self.tensors.setdefault(name, b)
+        for name, t in self.tensors.items():
+            run = stand_ins[name] if stand_ins is not None else t
+            self.names.setdefault(id(run), name)
         self.module_names = {}
         for name, m in model.named_modules(remove_duplicate=False):
             self.module_names.setdefault(id(m), name or "<root>")
@@ -314,37 +319,64 @@ def _custom_handlers(tr: Tracer, model: nn.Module) -> Iterator[None]:
             del mod.forward
 
 
-def trace(model: nn.Module, example_inputs: Any, fake: bool | None = None) -> Tracer:
+MODES = ("meta", "fake", "real")
+
+
+def trace(model: nn.Module, example_inputs: Any, mode: str | None = None) -> Tracer:
     """Run ``model`` on ``example_inputs`` in eval mode and record its channel coupling.
 
-    By default the model first runs on fake tensors (shapes only, no arithmetic: fast even
-    for huge models); if its forward needs real values (data-dependent control flow), it
-    runs for real. ``fake=False`` forces a real run, ``fake=True`` a fake one.
+    Only shapes matter to the channel rules, so by default the model first runs with its
+    weights and inputs on the ``meta`` device (no arithmetic: fast even for huge models),
+    then on fake tensors, and for real only when its forward needs real values
+    (data-dependent control flow). ``mode`` forces one of ``"meta"``, ``"fake"``, ``"real"``.
     Model outputs keep all their channels. The model's train/eval mode is restored.
     """
-    if fake is None:
+    if mode is not None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        return _trace(model, example_inputs, mode)
+    for m in MODES[:-1]:
         try:
-            return _trace(model, example_inputs, True)
-        except Exception:  # noqa: BLE001 - e.g. data-dependent shapes: trace for real
-            return _trace(model, example_inputs, False)
-    return _trace(model, example_inputs, fake)
+            return _trace(model, example_inputs, m)
+        except Exception:  # noqa: BLE001, S112 - needs real values: try the next mode
+            continue
+    return _trace(model, example_inputs, "real")
 
 
-def _trace(model: nn.Module, example_inputs: Any, fake: bool) -> Tracer:
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    m = torch.empty_like(t, device="meta")
+    return nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+
+
+def _trace(model: nn.Module, example_inputs: Any, mode: str) -> Tracer:
     from prunekit.graph import layers, rules  # noqa: F401  (fill the registries)
 
-    tr = Tracer(model)
+    stand_ins = None
+    if mode == "meta":
+        by_id: dict[int, torch.Tensor] = {}
+        stand_ins = {}
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+                model.named_buffers(remove_duplicate=False)):
+            if t is not None:
+                stand_ins[name] = by_id.setdefault(id(t), _meta(t))
+    tr = Tracer(model, stand_ins)
     was_training = {m: m.training for m in model.modules()}
     pre, post = _module_hooks(tr)
     h1 = nn.modules.module.register_module_forward_pre_hook(pre)
     h2 = nn.modules.module.register_module_forward_hook(post)
     try:
         model.eval()
-        tr.fake = fake
-        if fake:
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
-            inputs = _fake_inputs(mode, example_inputs)
-            with torch.no_grad(), _custom_handlers(tr, model), mode, tr:
+        tr.fake = mode != "real"
+        if mode == "meta":
+            inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, example_inputs)
+            args, kwargs = (((), inputs) if isinstance(inputs, dict) else
+                            (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {}))
+            with torch.no_grad(), _custom_handlers(tr, model), tr:
+                out = functional_call(model, stand_ins, args, kwargs, tie_weights=False, strict=False)
+        elif mode == "fake":
+            fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+            inputs = _fake_inputs(fake_mode, example_inputs)
+            with torch.no_grad(), _custom_handlers(tr, model), fake_mode, tr:
                 out = call_model(model, inputs)
         else:
             with torch.no_grad(), _custom_handlers(tr, model), tr:
@@ -359,4 +391,5 @@ def _trace(model: nn.Module, example_inputs: Any, fake: bool) -> Tracer:
         for m, flag in was_training.items():
             m.training = flag
     tr.output = out
+    tr.mode = mode
     return tr
