@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.graph.trace import call_model
@@ -28,12 +29,38 @@ class Counts:
     Attributes:
         macs: Total MACs of one forward on the example inputs.
         params: Total parameter count (shared parameters once).
-        per_module: ``{module_name: (macs, params)}`` for leaf modules with either.
+        per_module: ``{module_name: (macs, params)}``: MACs of the ops a module runs itself
+            (its children are listed separately) and the parameters it owns.
     """
 
     macs: int
     params: int
     per_module: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _register_cpu_attention() -> None:
+    """torch's counter knows the CUDA attention kernels; teach it the CPU one."""
+    from torch.utils import flop_counter as fc
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in fc.flop_registry or op.default in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(op)
+    def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_register_cpu_attention()
+
+
+class _NoFastPath(TorchFunctionMode):
+    """Any active torch-function mode makes ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` skip their fused fast path, whose FLOPs the counter
+    cannot see; this one changes nothing else."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def count(model: nn.Module, example_inputs: Any) -> Counts:
@@ -42,19 +69,25 @@ def count(model: nn.Module, example_inputs: Any) -> Counts:
     model.eval()
     try:
         mode = FlopCounterMode(display=False, depth=None)
-        with torch.no_grad(), mode:
+        with torch.no_grad(), mode, _NoFastPath():
             call_model(model, example_inputs)
     finally:
         model.train(was)
     flops = mode.get_flop_counts()
     root = next(iter(flops), "Global")
+    prefix = type(model).__name__
+
+    def total_of(name: str) -> int:
+        key = f"{prefix}.{name}" if name else root
+        return sum(flops.get(key, {}).values()) // 2
+
     per = {}
     for name, mod in model.named_modules():
-        own = sum(p.numel() for p in mod.parameters(recurse=False))
-        key = f"{type(model).__name__}.{name}" if name else root
-        f = sum(flops.get(key, {}).values()) // 2 if len(list(mod.children())) == 0 else 0
-        if own or f:
-            per[name or "<root>"] = (f, own)
+        own_params = sum(p.numel() for p in mod.parameters(recurse=False))
+        # MACs of ops called in this module's own forward (children counted separately)
+        own = total_of(name) - sum(total_of(f"{name}.{c}" if name else c) for c, _ in mod.named_children())
+        if own_params or own > 0:
+            per[name or "<root>"] = (max(own, 0), own_params)
     total = sum(mode.get_flop_counts().get("Global", {}).values()) // 2
     params = sum(p.numel() for p in model.parameters())
     return Counts(total, params, per)

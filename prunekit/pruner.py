@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten
 from prunekit import slim, sparse
 from prunekit.criteria import CRITERIA, group_scores
 from prunekit.graph.groups import ChannelGroup, build_groups
-from prunekit.graph.trace import Tracer, call_model, trace
+from prunekit.graph.trace import Tracer, call_model, run_on_meta, trace
 from prunekit.plan import PruningPlan
 
 __all__ = ["Pruner", "max_error", "TOL", "ABS_TOL", "REL_TOL"]
@@ -267,10 +267,19 @@ class Pruner:
         Catches what tracing cannot see, such as a width stored in a plain attribute
         (``x.reshape(n, self.hidden_dim, -1)``) that no updater knows. Returns the frozen groups.
         """
-        def ok(subset: list[ChannelGroup]) -> tuple[bool, str]:
+        def ok(subset: list[ChannelGroup], meta: bool) -> tuple[bool, str]:
             plan = self.plan(ratio, groups=subset)
             if not plan.pruned:
                 return True, ""
+            if meta:  # structure only: does the slim model run at all? (no arithmetic)
+                slim_model = slim.to_slim(self.model, plan)
+                try:
+                    run_on_meta(slim_model, self.example_inputs)
+                    return True, ""
+                except Exception as exc:  # noqa: BLE001
+                    if not _is_shape_error(exc):
+                        return True, ""  # meta cannot run it; the real check decides
+                    return False, f"the slim model fails: {type(exc).__name__}: {str(exc)[:200]}"
             with slim._without_masks(self.model):
                 model = copy.deepcopy(self.model)
             sparse.apply_plan(model, plan)
@@ -282,29 +291,37 @@ class Pruner:
                     b = call_model(slim_model, self.example_inputs)
                 err = max_error(a, b)
                 return err <= tol, f"slim and sparse outputs differ by {err:.3g}"
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 return False, f"the slim model fails: {type(exc).__name__}: {str(exc)[:200]}"
 
         bad: list[tuple[ChannelGroup, str]] = []
 
-        def search(subset: list[ChannelGroup]) -> None:
-            good, why = ok(subset)
+        def search(subset: list[ChannelGroup], meta: bool) -> None:
+            good, why = ok(subset, meta)
             if good:
                 return
             if len(subset) == 1:
                 bad.append((subset[0], why))
                 return
             mid = len(subset) // 2
-            search(subset[:mid])
-            search(subset[mid:])
+            search(subset[:mid], meta)
+            search(subset[mid:], meta)
 
-        cands = self.prunable_groups
-        if cands:
-            search(cands)
+        # cheap structural pass on the meta device, then the numeric pass on real tensors
+        for meta in (True, False):
+            cands = [g for g in self.prunable_groups if g.id not in {b.id for b, _ in bad}]
+            if cands:
+                search(cands, meta)
         for g, why in bad:
             g.fixed[:] = True
             g.reasons.insert(0, f"validation: {why}")
         return [g for g, _ in bad]
+
+
+def _is_shape_error(exc: Exception) -> bool:
+    msg = str(exc)
+    return isinstance(exc, (RuntimeError, ValueError, IndexError)) and any(
+        k in msg for k in ("shape", "size", "dimension", "expected", "Expected", "mismatch", "invalid"))
 
 
 def _check_ratio(r: float) -> None:

@@ -348,17 +348,38 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
     return nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
 
 
+def _meta_stand_ins(model: nn.Module) -> dict[str, torch.Tensor]:
+    by_id: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        if t is not None:
+            out[name] = by_id.setdefault(id(t), _meta(t))
+    return out
+
+
+def _meta_call(model: nn.Module, stand_ins: dict, example_inputs: Any) -> Any:
+    inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, example_inputs)
+    args, kwargs = (((), inputs) if isinstance(inputs, dict) else
+                    (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {}))
+    return functional_call(model, stand_ins, args, kwargs, tie_weights=False, strict=False)
+
+
+def run_on_meta(model: nn.Module, example_inputs: Any) -> Any:
+    """Run ``model`` with weights and inputs on the meta device: shapes only, no arithmetic."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _meta_call(model, _meta_stand_ins(model), example_inputs)
+    finally:
+        model.train(was)
+
+
 def _trace(model: nn.Module, example_inputs: Any, mode: str) -> Tracer:
     from prunekit.graph import layers, rules  # noqa: F401  (fill the registries)
 
-    stand_ins = None
-    if mode == "meta":
-        by_id: dict[int, torch.Tensor] = {}
-        stand_ins = {}
-        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
-                model.named_buffers(remove_duplicate=False)):
-            if t is not None:
-                stand_ins[name] = by_id.setdefault(id(t), _meta(t))
+    stand_ins = _meta_stand_ins(model) if mode == "meta" else None
     tr = Tracer(model, stand_ins)
     was_training = {m: m.training for m in model.modules()}
     pre, post = _module_hooks(tr)
@@ -368,11 +389,8 @@ def _trace(model: nn.Module, example_inputs: Any, mode: str) -> Tracer:
         model.eval()
         tr.fake = mode != "real"
         if mode == "meta":
-            inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, example_inputs)
-            args, kwargs = (((), inputs) if isinstance(inputs, dict) else
-                            (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {}))
             with torch.no_grad(), _custom_handlers(tr, model), tr:
-                out = functional_call(model, stand_ins, args, kwargs, tie_weights=False, strict=False)
+                out = _meta_call(model, stand_ins, example_inputs)
         elif mode == "fake":
             fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
             inputs = _fake_inputs(fake_mode, example_inputs)

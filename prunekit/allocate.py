@@ -1,0 +1,153 @@
+"""Per-group pruning ratios that reach a MACs target at the smallest predicted metric loss.
+
+MACs are predicted per layer: a layer whose weight's output dim belongs to group ``a`` and
+input dim to group ``b`` keeps ``(1 - r_a) * (1 - r_b)`` of its MACs. The prediction only
+steers the search; :func:`prunekit.prune.prune` measures the result and corrects.
+
+Example:
+    >>> m = MacsModel([100.0, 50.0], [[0], [0, 1]], total=150.0, n_groups=2)
+    >>> m.predict(torch.tensor([0.5, 0.0]))
+    75.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from prunekit.counting import Counts
+from prunekit.graph.groups import ChannelGroup
+
+__all__ = ["MacsModel", "greedy", "uniform", "global_ranking"]
+
+
+class MacsModel:
+    """Bilinear MACs prediction from per-layer MACs and the groups of each layer's dims."""
+
+    def __init__(self, macs: list[float], groups: list[list[int]], total: float, n_groups: int) -> None:
+        k = max([len(g) for g in groups] + [1])
+        self.macs = torch.tensor(macs, dtype=torch.float64)
+        # (L, k) group index per layer, padded with a dummy group n_groups (ratio always 0)
+        self.gid = torch.full((len(macs), k), n_groups, dtype=torch.long)
+        for i, gs in enumerate(groups):
+            self.gid[i, : len(gs)] = torch.tensor(gs, dtype=torch.long)
+        self.fixed = float(total) - float(self.macs.sum())
+        self.total = float(total)
+        self.n = n_groups
+
+    @classmethod
+    def from_counts(cls, counts: Counts, groups: list[ChannelGroup]) -> MacsModel:
+        where = {}
+        for g in groups:
+            if g.prunable:
+                for m in g.members:
+                    where.setdefault(m.module, set()).add(g.id)
+        macs, gids = [], []
+        for name, (mac, _) in counts.per_module.items():
+            if mac > 0:
+                macs.append(float(mac))
+                gids.append(sorted(where.get(name if name != "<root>" else "", set())))
+        return cls(macs, gids, counts.macs, len(groups))
+
+    def _keep(self, ratios: torch.Tensor) -> torch.Tensor:
+        r = torch.cat([ratios.double(), torch.zeros(1, dtype=torch.float64)])
+        return (1 - r)[self.gid]  # (L, k)
+
+    def predict(self, ratios: torch.Tensor) -> float:
+        """Predicted MACs with ``ratios[g]`` of group g's channels removed."""
+        return self.fixed + float((self.macs * self._keep(ratios).prod(1)).sum())
+
+    def marginal(self, ratios: torch.Tensor) -> torch.Tensor:
+        """d(MACs saved)/d(r_g) for every group at ``ratios``."""
+        keep = self._keep(ratios)
+        prod = keep.prod(1, keepdim=True)
+        others = prod / keep.clamp(min=1e-9)  # product over the layer's other groups
+        contrib = (self.macs.unsqueeze(1) * others).reshape(-1)
+        out = torch.zeros(self.n + 1, dtype=torch.float64).index_add_(0, self.gid.reshape(-1), contrib)
+        return out[: self.n]
+
+
+def greedy(model: MacsModel, candidates: list[int], loss: Callable[[int, float], float], max_ratio: dict[int, float],
+           target_macs: float | None = None, threshold: float | None = None, step: float = 0.02) -> dict[int, float]:
+    """Raise the group whose next step costs the least predicted loss per MAC saved.
+
+    Stops when the predicted MACs reach ``target_macs`` or the summed predicted loss would
+    exceed ``threshold``.
+    """
+    r = torch.zeros(model.n, dtype=torch.float64)
+    done: set[int] = set()
+    total_loss = 0.0
+    while True:
+        if target_macs is not None and model.predict(r) <= target_macs:
+            break
+        gain = model.marginal(r) * step
+        best, best_cost, best_dl = None, math.inf, 0.0
+        for g in candidates:
+            if g in done:
+                continue
+            nr = round(float(r[g]) + step, 6)
+            if nr > max_ratio.get(g, 0.9) + 1e-9 or gain[g] <= 0:
+                done.add(g)
+                continue
+            dl = loss(g, nr) - loss(g, float(r[g]))
+            if not math.isfinite(dl):
+                done.add(g)
+                continue
+            cost = max(dl, 0.0) / float(gain[g])
+            if cost < best_cost:
+                best, best_cost, best_dl = g, cost, dl
+        if best is None:
+            break
+        if threshold is not None and total_loss + max(best_dl, 0.0) > threshold:
+            done.add(best)
+            continue
+        r[best] = round(float(r[best]) + step, 6)
+        total_loss += max(best_dl, 0.0)
+    return {g: float(r[g]) for g in candidates if r[g] > 0}
+
+
+def uniform(model: MacsModel, candidates: list[int], max_ratio: dict[int, float],
+            target_macs: float) -> dict[int, float]:
+    """One ratio for every group (capped per group), found by bisection."""
+    def ratios(x):
+        r = torch.zeros(model.n, dtype=torch.float64)
+        for g in candidates:
+            r[g] = min(x, max_ratio.get(g, 0.9))
+        return r
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if model.predict(ratios(mid)) > target_macs:
+            lo = mid
+        else:
+            hi = mid
+    r = ratios(hi)
+    return {g: float(r[g]) for g in candidates if r[g] > 0}
+
+
+def global_ranking(model: MacsModel, candidates: list[int], scores: dict[int, torch.Tensor],
+                   max_ratio: dict[int, float], target_macs: float) -> dict[int, float]:
+    """Prune the globally least important units: one score threshold for all groups.
+
+    Scores are per-group mean-normalised criterion scores, so they compare across groups.
+    """
+    def ratios(tau):
+        r = torch.zeros(model.n, dtype=torch.float64)
+        for g in candidates:
+            s = scores[g]
+            r[g] = min(float((s < tau).double().mean()), max_ratio.get(g, 0.9))
+        return r
+
+    allv = torch.cat([scores[g] for g in candidates]) if candidates else torch.zeros(1)
+    lo, hi = float(allv.min()) - 1e-9, float(allv.max()) + 1e-9
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if model.predict(ratios(mid)) > target_macs:
+            lo = mid
+        else:
+            hi = mid
+    r = ratios(hi)
+    return {g: float(r[g]) for g in candidates if r[g] > 0}

@@ -1,0 +1,219 @@
+"""The ``prune`` verb: reach a MACs reduction or a tolerated metric loss, guided by ``ana``.
+
+Example:
+    >>> import torch, torchvision  # doctest: +SKIP
+    >>> model = torchvision.models.resnet18()  # doctest: +SKIP
+    >>> res = prune(model, torch.randn(1, 3, 224, 224), removal_ratio=0.5)  # doctest: +SKIP
+    >>> round(res.macs_reduction, 2)  # doctest: +SKIP
+    0.5
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from prunekit import sparse
+from prunekit.allocate import MacsModel, global_ranking, greedy, uniform
+from prunekit.ana import Sensitivity, group_label
+from prunekit.counting import count
+from prunekit.plan import PruningPlan
+from prunekit.pruner import Pruner
+from prunekit.slim import to_slim
+from prunekit.workspace import Workspace
+
+__all__ = ["prune", "PruneResult", "FALLBACKS"]
+
+FALLBACKS = ("uniform", "global")
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did.
+
+    Attributes:
+        model: The sparse model (pruned in place) or, with ``mode='slim'``, the slim copy.
+        plan: The pruning plan (also saved as ``plan.json`` in the workspace).
+        ratios: ``{group_id: fraction of its channels removed}``.
+        method: ``"sensitivity"``, ``"uniform"``, ``"global"`` or ``"spec"``.
+        macs_before, macs_after, params_before, params_after: Measured counts.
+        predicted_loss: Sum of the groups' predicted relative metric losses (sensitivity only).
+    """
+
+    model: nn.Module
+    plan: PruningPlan
+    ratios: dict[int, float]
+    method: str
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    predicted_loss: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def macs_reduction(self) -> float:
+        return 1.0 - self.macs_after / self.macs_before if self.macs_before else 0.0
+
+
+def _measure(model: nn.Module, plan: PruningPlan, inputs: Any) -> tuple[int, int]:
+    slim = to_slim(model, plan)
+    c = count(slim, inputs)
+    return c.macs, c.params
+
+
+def _max_ratios(pruner: Pruner, max_ratio: float | dict) -> dict[int, float]:
+    if isinstance(max_ratio, dict):
+        out = {g.id: 0.9 for g in pruner.prunable_groups}
+        for k, v in max_ratio.items():
+            ids = [k] if isinstance(k, int) else [g.id for g in pruner.groups if group_label(g) == k]
+            if not ids or ids[0] not in out and isinstance(k, int):
+                raise ValueError(f"max_ratio names {k!r}, which is not a prunable group id or layer; "
+                                 f"use an id from pruner.prunable_groups or a layer name")
+            for i in ids:
+                out[i] = _check(v, "max_ratio")
+        return out
+    v = _check(max_ratio, "max_ratio")
+    return {g.id: v for g in pruner.prunable_groups}
+
+
+def _check(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1), got {v!r}")
+    return float(v)
+
+
+def _load_spec(spec: Any, pruner: Pruner) -> PruningPlan | dict[int, float]:
+    if isinstance(spec, PruningPlan):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"spec file {path} does not exist; pass a plan.json saved by prune")
+        return PruningPlan.load(path)
+    if isinstance(spec, dict):
+        out = {}
+        for k, v in spec.items():
+            ids = [k] if isinstance(k, int) else [g.id for g in pruner.groups if group_label(g) == k]
+            if not ids or (isinstance(k, int) and not 0 <= k < len(pruner.groups)):
+                raise ValueError(f"spec names {k!r}, which is neither a group id nor a group's first layer")
+            for i in ids:
+                out[i] = _check(v, f"spec[{k!r}]")
+        return out
+    raise TypeError(f"spec must be a PruningPlan, a plan.json path or {{group: ratio}}, got {type(spec).__name__}")
+
+
+def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None = None,
+          threshold: float | None = None, spec: Any = None, workspace: str | Workspace | None = None,
+          sensitivity: Sensitivity | None = None, excludes: Iterable[str] = (), max_ratio: float | dict = 0.9,
+          round_to: int = 1, mode: str = "sparse", criterion: str = "l2", fallback: str = "uniform",
+          tolerance: float = 0.01, log: Callable[[str], None] = print) -> PruneResult:
+    """Prune ``model`` to a MACs reduction (``removal_ratio``) or a tolerated loss (``threshold``).
+
+    Args:
+        model: The model; pruned in place in ``'sparse'`` mode.
+        example_inputs: Inputs for tracing and MACs counting.
+        removal_ratio: Fraction of MACs to remove, in [0, 1). Achieved within ``tolerance``.
+        threshold: Largest predicted relative metric loss to accept (needs ana results).
+        spec: A pruning plan to apply as given: a :class:`PruningPlan`, a ``plan.json`` path,
+            or ``{group_id or layer name: ratio}``.
+        workspace: Reads ``sensitivity.json`` from ana; writes ``plan.json``.
+        sensitivity: Sensitivity curves (instead of reading them from the workspace).
+        excludes: Module names whose channels stay.
+        max_ratio: Largest fraction of any group's channels to remove (or ``{group: ratio}``).
+        round_to: Keep channel counts multiples of this.
+        mode: ``'sparse'`` (for fine-tuning) or ``'slim'``.
+        criterion: Which channels go first within a group.
+        fallback: Without sensitivity results: ``'uniform'`` (one ratio for all groups) or
+            ``'global'`` (one criterion threshold across groups).
+        tolerance: Allowed gap between achieved and requested MACs reduction.
+    """
+    given = [x is not None for x in (removal_ratio, threshold, spec)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of removal_ratio (fraction of MACs to remove), threshold "
+                         "(tolerated relative metric loss) or spec (a pruning plan)")
+    if removal_ratio is not None:
+        _check(removal_ratio, "removal_ratio")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or threshold < 0):
+        raise ValueError(f"threshold must be a non-negative number (relative metric loss), got {threshold!r}")
+    if mode not in ("sparse", "slim"):
+        raise ValueError(f"mode must be 'sparse' or 'slim', got {mode!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    if sparse.is_sparse(model):
+        raise ValueError("the model is already sparse; prune the original model, or transform this one "
+                         "first (prunekit.to_slim) and prune the slim model")
+    ws = workspace if isinstance(workspace, Workspace) or workspace is None else Workspace(workspace)
+    pruner = Pruner(model, example_inputs, ignore=excludes, criterion=criterion)
+    before = count(model, example_inputs)
+    notes: list[str] = []
+    if sensitivity is None and ws is not None and ws.exists("sensitivity.json"):
+        sensitivity = Sensitivity.from_dict(ws.read_json("sensitivity.json"))
+    if sensitivity is not None:
+        known = {g.id: group_label(g) for g in pruner.prunable_groups}
+        if any(known.get(g) != lab for g, lab in sensitivity.labels.items()):
+            notes.append("the sensitivity results do not match this model's groups; ignoring them")
+            sensitivity = None
+    caps = _max_ratios(pruner, max_ratio)
+    predicted = None
+    if spec is not None:
+        loaded = _load_spec(spec, pruner)
+        plan = loaded if isinstance(loaded, PruningPlan) else pruner.plan(loaded, round_to=round_to)
+        ratios = {int(k): len(v) / max(1, pruner.groups[int(k)].n_units)
+                  for k, v in plan.meta.get("groups", {}).items()}
+        method = "spec"
+    else:
+        mm = MacsModel.from_counts(before, pruner.groups)
+        cands = [g.id for g in pruner.prunable_groups]
+        if threshold is not None and sensitivity is None:
+            raise ValueError("threshold mode needs sensitivity results: run ana first (same workspace)")
+        if sensitivity is not None:
+            method = "sensitivity"
+        else:
+            method = fallback
+            notes.append(f"no sensitivity results: using the '{fallback}' allocation by the {criterion} criterion")
+        scores = {g.id: pruner.scores(g) for g in pruner.prunable_groups} if method == "global" else {}
+
+        def allocate(target: float | None) -> dict[int, float]:
+            if method == "sensitivity":
+                return greedy(mm, cands, sensitivity.loss, caps, target_macs=target, threshold=threshold)
+            if method == "uniform":
+                return uniform(mm, cands, caps, target)
+            return global_ranking(mm, cands, scores, caps, target)
+
+        goal = removal_ratio
+        target = before.macs * (1 - goal) if goal is not None else None
+        for _ in range(6):
+            ratios = allocate(target)
+            plan = pruner.plan(ratios, round_to=round_to) if ratios else pruner.plan(0.0)
+            macs_after, _ = _measure(model, plan, example_inputs) if plan.pruned else (before.macs, 0)
+            achieved = 1 - macs_after / before.macs
+            if goal is None or abs(achieved - goal) <= tolerance or target is None:
+                break
+            target -= (goal - achieved) * before.macs  # correct the prediction's error
+        else:
+            notes.append(f"reached a MACs reduction of {achieved:.3f} for a requested {goal:.3f}")
+        if method == "sensitivity":
+            predicted = sum(sensitivity.loss(g, r) for g, r in ratios.items())
+    plan.meta.update({"method": method, "ratios": {str(k): v for k, v in ratios.items()},
+                      "removal_ratio": removal_ratio, "threshold": threshold, "round_to": round_to,
+                      "predicted_loss": predicted,
+                      "labels": {str(g): group_label(pruner.groups[g]) for g in ratios}})
+    sparse.apply_plan(model, plan)
+    slim = to_slim(model)
+    after = count(slim, example_inputs)
+    plan.meta.update({"macs_before": before.macs, "macs_after": after.macs,
+                      "params_before": before.params, "params_after": after.params})
+    if ws is not None:
+        plan.save(ws.path("plan.json"))
+    for n in notes:
+        log(n)
+    out_model = slim if mode == "slim" else model
+    return PruneResult(out_model, plan, ratios, method, before.macs, after.macs, before.params, after.params,
+                       predicted, notes)
