@@ -266,6 +266,10 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
             sens.labels[g.id] = group_label(g)
             sens.sizes[g.id] = g.n_units
     ws.write_json("sensitivity.json", sens.to_dict())
+    if sens.curves:
+        tmp = ws.path(".sensitivity.tmp.png")
+        if sens.plot(str(tmp)):
+            tmp.replace(ws.path("sensitivity.png"))
     return sens
 
 
