@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten
 from prunekit import slim, sparse
 from prunekit.criteria import CRITERIA, group_scores
 from prunekit.graph.groups import ChannelGroup, build_groups
-from prunekit.graph.trace import Tracer, call_model, run_on_meta, trace
+from prunekit.graph.trace import Tracer, call_model, run_on_meta, single_thread, trace
 from prunekit.plan import PruningPlan
 
 __all__ = ["Pruner", "max_error", "TOL", "ABS_TOL", "REL_TOL"]
@@ -107,7 +107,8 @@ class Pruner:
             for (tname, _), sp in self.tracer.book.spaces.items():
                 if tname == name or tname.startswith(name + "."):
                     self.tracer.book.fix(sp.ids, f"module '{name}' is ignored by the user")
-        self.groups: list[ChannelGroup] = build_groups(self.tracer)
+        with single_thread():
+            self.groups: list[ChannelGroup] = build_groups(self.tracer)
         self.build_seconds = time.perf_counter() - t0
         self.warnings = list(self.tracer.warnings)
 

@@ -334,13 +334,29 @@ def trace(model: nn.Module, example_inputs: Any, mode: str | None = None) -> Tra
     if mode is not None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        return _trace(model, example_inputs, mode)
+        if mode == "real":
+            return _trace(model, example_inputs, mode)
+        with single_thread():
+            return _trace(model, example_inputs, mode)
     for m in MODES[:-1]:
         try:
-            return _trace(model, example_inputs, m)
+            with single_thread():
+                return _trace(model, example_inputs, m)
         except Exception:  # noqa: BLE001, S112 - needs real values: try the next mode
             continue
     return _trace(model, example_inputs, "real")
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Channel bookkeeping is many tiny ops: one thread is faster, and much faster on a
+    busy machine, where waking a thread pool for each op costs milliseconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _meta(t: torch.Tensor) -> torch.Tensor:
