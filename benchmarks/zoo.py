@@ -53,6 +53,40 @@ def _inputs(family: str, name: str):
     raise ValueError(family)
 
 
+def make_alive(model, x, family: str) -> None:
+    """Random-init models can make the equivalence check vacuous: ViT's head starts at zero
+    (every output is 0), and deep nets with default BatchNorm statistics can shrink their
+    outputs to ~1e-20. Give zero-initialised tensors small random values and calibrate the
+    BatchNorm statistics on one batch, so outputs have a healthy scale."""
+    import torch
+
+    from prunekit.graph.trace import call_model
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and float(p.detach().abs().max()) == 0.0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    if family == "detection":
+        return
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batch
+    model.train()
+    batch = x
+    if isinstance(x, torch.Tensor) and x.shape[0] == 1:
+        batch = torch.cat([x, torch.randn(x.shape, generator=g)])
+    with torch.no_grad():
+        call_model(model, batch)
+    model.eval()
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+
+
 def run_one(name: str, family: str) -> dict:
     import torch
     import torchvision
@@ -72,6 +106,8 @@ def run_one(name: str, family: str) -> dict:
         kwargs = {"weights": None}
     model = torchvision.models.get_model(name, **kwargs).eval()
     x = _inputs(family, name)
+    make_alive(model, x, family)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
     row = {"model": name, "family": family}
     t0 = time.perf_counter()
     pruner = prunekit.Pruner(model, x)
@@ -93,10 +129,7 @@ def run_one(name: str, family: str) -> dict:
         row["first_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     if not err <= TOL:
         prunekit.remove_masks(model)
-        with torch.no_grad():  # restore the dense weights: rebuild from the same seed
-            torch.manual_seed(0)
-            fresh = torchvision.models.get_model(name, **kwargs).eval()
-            model.load_state_dict(fresh.state_dict())
+        model.load_state_dict(reference)  # the dense weights again
         tv = time.perf_counter()
         bad = pruner.validate(0.5)
         row["validate_s"] = round(time.perf_counter() - tv, 2)
@@ -108,6 +141,10 @@ def run_one(name: str, family: str) -> dict:
         err = pruner.equivalence_error(slim)
     row["frozen_by_validation"] = frozen
     row["equiv_err"] = err
+    with torch.no_grad():
+        out = prunekit.graph.trace.call_model(model, x)
+    row["out_scale"] = max(float(t.detach().abs().max()) for t in
+                           torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.numel())
     after = prunekit.count(slim, x)
     row["macs_after"], row["params_after"] = after.macs, after.params
     row["ok"] = bool(err <= TOL and after.macs < before.macs and after.params < before.params)
@@ -137,15 +174,16 @@ def save(results: dict) -> None:
 
 def table(results: dict, family: str | None = None) -> str:
     rows = [r for r in results.values() if family in (None, r.get("family"))]
-    lines = ["| model | ok | prunable/groups | equiv. err | MACs (M) before → after | params (M) before → after"
-             " | build s | transform s | frozen by validation |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | ok | prunable/groups | equiv. err | max abs output | MACs (M) before → after"
+             " | params (M) before → after | build s | transform s | frozen by validation |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["family"], r["model"])):
         if "error" in r:
-            lines.append(f"| {r['model']} | FAILED | | | | | | | {r['error'][:120]} |")
+            lines.append(f"| {r['model']} | FAILED | | | | | | | | {r['error'][:120]} |")
             continue
         lines.append(
             f"| {r['model']} | {'yes' if r['ok'] else 'NO'} | {r['prunable']}/{r['groups']} | {r['equiv_err']:.1e} | "
+            f"{r.get('out_scale', float('nan')):.3g} | "
             f"{r['macs_before'] / 1e6:,.0f} → {r['macs_after'] / 1e6:,.0f} | "
             f"{r['params_before'] / 1e6:,.2f} → {r['params_after'] / 1e6:,.2f} | {r['build_s']:.3f} | "
             f"{r.get('transform_s', 0):.3f} | {len(r['frozen_by_validation'])} |")

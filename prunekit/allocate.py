@@ -117,8 +117,13 @@ def uniform(model: MacsModel, candidates: list[int], max_ratio: dict[int, float]
             r[g] = min(x, max_ratio.get(g, 0.9))
         return r
 
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
+    return _bisect(model, candidates, ratios, 0.0, 1.0, target_macs)
+
+
+def _bisect(model: MacsModel, candidates: list[int], ratios: Callable[[float], torch.Tensor], lo: float,
+            hi: float, target_macs: float, steps: int = 50) -> dict[int, float]:
+    """Smallest knob value in [lo, hi] whose ratios bring predicted MACs to the target."""
+    for _ in range(steps):
         mid = (lo + hi) / 2
         if model.predict(ratios(mid)) > target_macs:
             lo = mid
@@ -142,12 +147,4 @@ def global_ranking(model: MacsModel, candidates: list[int], scores: dict[int, to
         return r
 
     allv = torch.cat([scores[g] for g in candidates]) if candidates else torch.zeros(1)
-    lo, hi = float(allv.min()) - 1e-9, float(allv.max()) + 1e-9
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        if model.predict(ratios(mid)) > target_macs:
-            lo = mid
-        else:
-            hi = mid
-    r = ratios(hi)
-    return {g: float(r[g]) for g in candidates if r[g] > 0}
+    return _bisect(model, candidates, ratios, float(allv.min()) - 1e-9, float(allv.max()) + 1e-9, target_macs)
