@@ -29,12 +29,12 @@ OTHER_UNARY = (
     "softsign", "logsigmoid", "logical_not", "bitwise_not", "ones_like", "empty_like",
     "full_like", "rand_like", "randn_like", "isnan", "isinf", "isfinite", "log2", "log10",
     "exp2", "sigmoid_", "cosh", "acos", "asin", "erfc", "lgamma", "digamma", "frac",
-    "bernoulli", "normal_", "uniform_", "fill_", "zero_", "exponential_",
+    "bernoulli", "normal_", "uniform_", "fill_", "zero_", "exponential_", "invert",
 )
 ADD_LIKE = ("add", "sub", "rsub", "where", "lerp", "maximum", "minimum", "fmax", "fmin",
             "addcmul", "addcdiv", "copy_", "hypot", "logaddexp")
 MUL_LIKE = ("mul", "multiply", "masked_fill", "logical_and", "bitwise_and", "and")
-DIV_LIKE = ("div", "true_divide", "divide", "floor_divide", "fmod", "remainder")
+DIV_LIKE = ("div", "true_divide", "divide", "floor_divide", "fmod", "remainder", "floordiv", "truediv", "mod")
 OTHER_BINARY = ("pow", "eq", "ne", "lt", "gt", "le", "ge", "clamp", "clip", "clamp_min",
                 "clamp_max", "atan2", "copysign", "logical_or", "logical_xor", "bitwise_or",
                 "bitwise_xor", "or", "xor", "float_power", "greater", "less", "equal_",
