@@ -63,14 +63,31 @@ class _NoFastPath(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(model: nn.Module, example_inputs: Any) -> Counts:
-    """Count MACs (matmul, conv, attention ... via ``torch.utils.flop_counter``) and params."""
+def count(model: nn.Module, example_inputs: Any, meta: bool = True) -> Counts:
+    """Count MACs (matmul, conv, attention ... via ``torch.utils.flop_counter``) and params.
+
+    With ``meta=True`` the model runs on the meta device (shapes only: instant even for
+    huge models); models whose forward needs real values are then run for real.
+    """
+    from prunekit.graph.trace import _meta_call, _meta_stand_ins, single_thread
+
     was = model.training
     model.eval()
     try:
-        mode = FlopCounterMode(display=False, depth=None)
-        with torch.no_grad(), mode, _NoFastPath():
-            call_model(model, example_inputs)
+        mode = None
+        if meta:
+            try:
+                with single_thread(), torch.no_grad():
+                    stand_ins = _meta_stand_ins(model)
+                    mode = FlopCounterMode(display=False, depth=None)
+                    with mode, _NoFastPath():
+                        _meta_call(model, stand_ins, example_inputs)
+            except Exception:  # noqa: BLE001 - data-dependent forward: count for real
+                mode = None
+        if mode is None:
+            mode = FlopCounterMode(display=False, depth=None)
+            with torch.no_grad(), mode, _NoFastPath():
+                call_model(model, example_inputs)
     finally:
         model.train(was)
     flops = mode.get_flop_counts()
