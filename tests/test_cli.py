@@ -1,4 +1,4 @@
-"""The command line: ``prunekit --version`` and ``prunekit demo``."""
+"""The command line: ``prunekit --version``, every verb's help, and ``prunekit demo``."""
 
 from __future__ import annotations
 
@@ -24,37 +24,49 @@ def test_no_command_prints_help(capsys):
 
 
 def test_unknown_command_is_an_error(capsys):
-    assert main(["prune"]) == 2  # later verbs are not registered yet
+    assert main(["nope"]) == 2
 
 
-def test_demo_random(capsys, tmp_path):
-    out_dir = tmp_path / "slim"
-    rc = main(["demo", "--data", "random", "--image-size", "3x16x16", "--width", "8", "--blocks", "1",
-               "--output", str(out_dir)])
+@pytest.mark.parametrize("verb", ["ana", "prune", "finetune", "run", "report", "demo"])
+def test_every_verb_explains_itself(verb, capsys):
+    assert main([verb, "--help"]) == 0
     out = capsys.readouterr().out
-    assert rc == 0, out
-    assert "MACs / image" in out and "parameters" in out
-    assert "channel groups" in out
-    assert "max |slim - sparse|" in out and ": OK" in out
-    # the saved slim model loads into a fresh DemoNet and runs
-    slim = prunekit.load_slim(DemoNet(in_channels=3, width=8, blocks=1), out_dir).eval()
-    assert slim.fc.in_features == 8  # 16 channels at 50%
-    assert slim(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert f"usage: prunekit {verb}" in out and len(out) > 300, out
 
 
-def test_demo_digits(capsys):
+def test_demo_digits(capsys, tmp_path):
     pytest.importorskip("sklearn")
-    rc = main(["demo", "--data", "digits", "--epochs", "1", "--finetune-epochs", "1", "--width", "8",
-               "--blocks", "1", "--ratio", "0.25"])
+    ws, out_dir = tmp_path / "ws", tmp_path / "slim"
+    argv = ["demo", "--epochs", "2", "--finetune-epochs", "1", "--width", "4", "--blocks", "1", "--steps", "2",
+            "--target", "0.3", "--max-drop", "0.5", "--workspace", str(ws), "--output", str(out_dir), "--no-progress"]
+    rc = main(argv)
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "test accuracy" in out and "fine-tuning epochs" in out
+    for row in ("test accuracy", "MACs / image", "parameters", "CPU latency", "file size"):
+        assert row in out, f"the demo table lacks {row!r}:\n{out}"
+    for f in ("final/model.safetensors", "final/spec.json", "summary.json", "demo.json", "report.html",
+              "sensitivity.json", "iterative.json"):
+        assert (ws / f).exists(), f"the demo did not write {f}"
+    slim = prunekit.load_slim(DemoNet(in_channels=1, width=4, blocks=1), out_dir).eval()
+    assert slim(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    assert slim.fc.in_features < 8, "the demo did not prune the last stage"
+    # a second run resumes: nothing is trained again
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "resuming" in again and "step 1: prune" not in again, again
 
 
-@pytest.mark.parametrize("argv", [["demo", "--ratio", "1.5"], ["demo", "--criterion", "nope"],
-                                  ["demo", "--image-size", "3x32"]])
+@pytest.mark.parametrize("argv", [["demo", "--target", "1.5"], ["demo", "--criterion", "nope"],
+                                  ["demo", "--steps", "0"], ["demo", "--dataset", "svhn"]])
 def test_demo_bad_arguments(argv, capsys):
     assert main(argv) == 2
+
+
+def test_demo_missing_data_dir(tmp_path, capsys):
+    rc = main(["demo", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nope"), "--workspace",
+               str(tmp_path / "ws")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not exist" in err and "download" in err, err
 
 
 def test_python_dash_m():

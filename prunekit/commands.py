@@ -1,0 +1,258 @@
+"""The workflow verbs of the ``prunekit`` command: ana, prune, finetune, run, report.
+
+Each verb mirrors its Python function and reads a YAML config (see :mod:`prunekit.config`);
+flags override the config, and the resolved config is saved in the workspace as
+``config.yaml``. A minimal config::
+
+    model:
+      factory: torchvision.models:resnet18      # package.module:callable
+      kwargs: {num_classes: 10}
+      checkpoint: resnet18-cifar10.pt           # optional
+    data:
+      dataset: cifar10                          # or loaders: mypkg.data:get_loaders
+      root: ./data
+    workspace: ws-resnet18
+    run: {target: 0.5, steps: 3, max_drop: 0.01}
+
+Then ``prunekit run -c config.yaml`` does ana -> (prune -> finetune) x steps -> slim, and
+``prunekit report ws-resnet18`` writes the HTML report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["register"]
+
+_CONFIG_HELP = "YAML config (model, data, metric, and each stage's options); flags override it"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", help=_CONFIG_HELP)
+    p.add_argument("-w", "--workspace", metavar="DIR", help="workspace directory (overrides the config's)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override any config option, e.g. --set finetune.epochs=3 --set data.batch_size=64 "
+                        "(repeatable; values are YAML)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ana, prune, finetune, run and report sub-commands to ``sub``."""
+    p = sub.add_parser("ana", help="sensitivity analysis: the metric when each channel group alone is pruned",
+                       description="Prune every channel group alone at each ratio of ana.ratios, evaluate, and "
+                                   "save the curves (ana.json, sensitivity.json, sensitivity.png) in the "
+                                   "workspace. Resumable: a rerun reuses every point already measured.")
+    _common(p)
+    p.add_argument("--forced", action="store_true", help="recompute every point even if cached")
+    p.set_defaults(func=cmd_ana)
+
+    p = sub.add_parser("prune", help="prune once to a MACs reduction or a tolerated loss",
+                       description="Prune the model (guided by ana's results in the same workspace, if any) "
+                                   "and save the sparse model in WORKSPACE/pruned (model.safetensors + "
+                                   "plan.json). Fine-tune it next with 'prunekit finetune'.")
+    _common(p)
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--removal-ratio", type=float, help="fraction of MACs to remove, e.g. 0.5")
+    goal.add_argument("--threshold", type=float, help="largest predicted relative metric loss (needs ana)")
+    goal.add_argument("--spec", metavar="PLAN", help="apply a saved plan.json as given")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("finetune", help="fine-tune the sparse model of 'prunekit prune'",
+                       description="Load the sparse model (WORKSPACE/pruned by default), train it with the "
+                                   "built-in loop (finetune section of the config), evaluate every epoch, keep "
+                                   "the best weights and save them in WORKSPACE/finetuned. Per-epoch "
+                                   "checkpoints in WORKSPACE/finetune make a killed run resume.")
+    _common(p)
+    p.add_argument("--input", metavar="DIR", help="sparse model to fine-tune (default: WORKSPACE/pruned)")
+    p.add_argument("--epochs", type=int, help="override finetune.epochs")
+    p.add_argument("--lr", type=float, help="override finetune.lr")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("run", help="the whole workflow: ana, then prune -> finetune steps, then slim",
+                       description="Iterative pruning: ana once on the baseline, then steps of prune -> "
+                                   "finetune with a growing removal ratio (run.schedule, or run.target in "
+                                   "run.steps), each retried with a smaller increment when it loses more than "
+                                   "run.max_drop; the last accepted step becomes the slim model in "
+                                   "WORKSPACE/final (model.safetensors + spec.json). Resumable.")
+    _common(p)
+    p.add_argument("--target", type=float, help="override run.target (final fraction of MACs to remove)")
+    p.add_argument("--steps", type=int, help="override run.steps")
+    p.add_argument("--max-drop", type=float, help="override run.max_drop (tolerated metric drop, metric units)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="write an HTML report of a workspace and print a summary",
+                       description="Read a workspace (ana, prune, run or demo results) and write a self-contained "
+                                   "HTML page with the sensitivity curves, channels per layer, metric and MACs "
+                                   "per step and the before/after table; print a summary.")
+    p.add_argument("workspace", metavar="WORKSPACE", help="the workspace directory")
+    p.add_argument("-o", "--output", metavar="FILE", help="HTML file (default: WORKSPACE/report.html)")
+    p.set_defaults(func=cmd_report)
+
+
+# ----- shared set-up ---------------------------------------------------------------------
+class _Job:
+    """The resolved config and what it names, built once per command."""
+
+    def __init__(self, args: argparse.Namespace, extra: dict | None = None, need_data: bool = True) -> None:
+        from prunekit import loading
+        from prunekit.config import dump_config, load_config, parse_set
+        from prunekit.workspace import Workspace
+
+        overrides = parse_set(args.overrides)
+        overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
+        if args.workspace:
+            overrides["workspace"] = args.workspace
+        if args.no_progress:
+            overrides["finetune.progress"] = False
+        self.cfg = load_config(args.config, overrides)
+        self.search = [Path(args.config).resolve().parent] if args.config else []
+        self.search.append(Path.cwd())
+        self.ws = Workspace(self.cfg.workspace)
+        self.ws.root.mkdir(parents=True, exist_ok=True)
+        from prunekit.plan import atomic_write
+
+        atomic_write(self.ws.path("config.yaml"), dump_config(self.cfg))
+        self.model = loading.build_model(self.cfg.model, self.search)
+        if need_data:
+            self.train, self.evald = loading.build_loaders(self.cfg.data, self.cfg.seed, self.search)
+            self.eval_fn, self.lower = loading.build_eval_fn(self.cfg, self.evald, self.search)
+            self.inputs = loading.example_inputs(self.cfg.model, self.evald)
+        self.progress = not args.no_progress and self.cfg.finetune.progress
+
+
+def _fail(verb: str, exc: Exception) -> int:
+    print(f"prunekit {verb}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _guard(verb: str):
+    """Turn configuration errors into a message and exit status 2."""
+    def deco(fn):
+        def wrapper(args: argparse.Namespace, out: TextIO) -> int:
+            import torch
+
+            from prunekit.config import ConfigError
+
+            threads = torch.get_num_threads()
+            if args.__dict__.get("threads"):
+                torch.set_num_threads(args.threads)
+            try:
+                return fn(args, out)
+            except (ConfigError, FileNotFoundError) as exc:
+                return _fail(verb, exc)
+            finally:
+                torch.set_num_threads(threads)
+
+        wrapper.__name__ = fn.__name__
+        wrapper.__doc__ = fn.__doc__
+        return wrapper
+
+    return deco
+
+
+# ----- verbs -----------------------------------------------------------------------------
+@_guard("ana")
+def cmd_ana(args: argparse.Namespace, out: TextIO) -> int:
+    from prunekit.ana import ana
+
+    job = _Job(args)
+    c = job.cfg
+    sens = ana(job.model, job.inputs, job.eval_fn, workspace=job.ws, excludes=c.excludes, ratios=c.ana.ratios,
+               criterion=c.criterion, forced=args.forced or c.ana.forced, lower_is_better=job.lower,
+               collapse=c.ana.collapse, progress=job.progress, log=lambda m: print(m, file=out))
+    print(sens.table(), file=out)
+    print(f"\nsensitivity results in {job.ws.root} (sensitivity.json, sensitivity.png)", file=out)
+    return 0
+
+
+@_guard("prune")
+def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
+    from prunekit.prune import prune
+    from prunekit.sparse import save_sparse
+
+    job = _Job(args, {"prune.removal_ratio": args.removal_ratio, "prune.threshold": args.threshold})
+    c = job.cfg
+    goal = {}
+    if args.spec:
+        goal = {"spec": args.spec}
+    elif c.prune.threshold is not None:
+        goal = {"threshold": c.prune.threshold}
+    elif c.prune.removal_ratio is not None:
+        goal = {"removal_ratio": c.prune.removal_ratio}
+    else:
+        raise _config_error("say how much to prune: --removal-ratio R, --threshold T, --spec plan.json, or "
+                            "prune.removal_ratio in the config")
+    res = prune(job.model, job.inputs, workspace=job.ws, excludes=c.excludes, criterion=c.criterion,
+                log=lambda m: print(m, file=out), **goal, **c.prune.kwargs())
+    metric = job.eval_fn(job.model)
+    path = save_sparse(job.model, job.ws.path("pruned"))
+    print(f"method {res.method}: MACs {res.macs_before:,} -> {res.macs_after:,} (-{res.macs_reduction:.1%}), "
+          f"params {res.params_before:,} -> {res.params_after:,}; {c.metric} without fine-tuning {metric:.4f}",
+          file=out)
+    print(f"sparse model saved in {path}; fine-tune it with: prunekit finetune -w {job.ws.root}"
+          + (f" -c {args.config}" if args.config else ""), file=out)
+    return 0
+
+
+@_guard("finetune")
+def cmd_finetune(args: argparse.Namespace, out: TextIO) -> int:
+    from prunekit.finetune import finetune
+    from prunekit.sparse import load_sparse, save_sparse
+
+    job = _Job(args, {"finetune.epochs": args.epochs, "finetune.lr": args.lr})
+    src = Path(args.input) if args.input else job.ws.path("pruned")
+    if not (src / "plan.json").exists():
+        raise _config_error(f"no sparse model in {src}: run 'prunekit prune' first, or pass --input DIR "
+                            "(a directory written by prunekit.save_sparse)")
+    try:
+        model = load_sparse(job.model, src)
+    except (ValueError, RuntimeError) as exc:
+        raise _config_error(f"the sparse model in {src} does not fit the configured model: {exc}") from exc
+    before = job.eval_fn(model)
+    res = finetune(model, job.train, job.eval_fn, job.cfg.finetune, workspace=job.ws.path("finetune"),
+                   lower_is_better=job.lower, log=lambda m: print(m, file=out))
+    path = save_sparse(model, job.ws.path("finetuned"))
+    print(f"{job.cfg.metric}: {before:.4f} before fine-tuning, best {res.best_metric:.4f} at epoch "
+          f"{res.best_epoch} of {len(res.history)} (lr {res.lr:g})", file=out)
+    print(f"fine-tuned sparse model saved in {path}", file=out)
+    return 0
+
+
+@_guard("run")
+def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    from prunekit.iterative import IterativePruner
+
+    job = _Job(args, {"run.target": args.target, "run.steps": args.steps, "run.max_drop": args.max_drop})
+    c = job.cfg
+    res = IterativePruner(job.model, job.inputs, job.eval_fn, job.train, workspace=job.ws, config=c.run,
+                          finetune=c.finetune, ana=c.ana, prune=c.prune, excludes=c.excludes, criterion=c.criterion,
+                          lower_is_better=job.lower, log=lambda m: print(m, file=out)).run()
+    print(file=out)
+    print(res.table(), file=out)
+    for n in res.notes:
+        print(f"note: {n}", file=out)
+    print(f"\nslim model in {job.ws.path('final')} (model.safetensors + spec.json; prunekit.load_slim); "
+          f"report: prunekit report {job.ws.root}", file=out)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
+    from prunekit.report import summary_text, write_report
+
+    try:
+        path = write_report(args.workspace, args.output)
+        print(summary_text(args.workspace), file=out)
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail("report", exc)
+    print(f"\nreport written to {path}", file=out)
+    return 0
+
+
+def _config_error(msg: str) -> Exception:
+    from prunekit.config import ConfigError
+
+    return ConfigError(msg)

@@ -1,0 +1,382 @@
+"""Configuration of a pruning job: dataclasses that validate themselves, read from YAML.
+
+A config names the model (``package.module:factory`` plus an optional checkpoint), the data
+(a torchvision data set or ``module:function`` returning loaders), the metric and each
+stage's options. Unknown keys are errors that list the valid ones; the resolved config is
+saved in the workspace as ``config.yaml``.
+
+Example:
+    >>> cfg = Config.from_dict({"model": {"factory": "prunekit.demo_model:DemoNet"},
+    ...                         "data": {"dataset": "digits"}, "run": {"target": 0.5, "steps": 2}})
+    >>> cfg.run.schedule_ratios()
+    [0.25, 0.5]
+    >>> Config.from_dict({"modle": {}})
+    Traceback (most recent call last):
+    ...
+    prunekit.config.ConfigError: unknown key 'modle' in the config (did you mean 'model'?); valid keys: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import numbers
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunekit.finetune import FinetuneConfig
+
+__all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "AnaConfig", "PruneConfig", "IterativeConfig",
+           "check_keys", "load_config", "apply_overrides", "TORCHVISION_DATASETS", "BUILTIN_DATASETS"]
+
+#: Data sets the CLI can load by name (torchvision ones need ``torchvision`` and a root).
+TORCHVISION_DATASETS = ("cifar10", "mnist", "fashion-mnist")
+BUILTIN_DATASETS = ("digits",) + TORCHVISION_DATASETS
+VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix (the message says how)."""
+
+
+def check_keys(data: Any, cls: type, where: str) -> None:
+    """Raise :class:`ConfigError` for keys of ``data`` that ``cls`` (a dataclass) lacks."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{where}' must be a mapping of options, got {type(data).__name__}: {data!r:.60}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            name = f"{where}.{key}" if where != "config" else str(key)
+            raise ConfigError(f"unknown key '{name}' in the config{hint}; valid keys: {', '.join(valid)}")
+
+
+def _fraction(name: str, v: Any, allow_none: bool = True) -> None:
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1:
+        raise ConfigError(f"{name} must be a fraction in [0, 1), got {v!r}")
+
+
+def _int(name: str, v: Any, minimum: int = 0, allow_none: bool = False) -> None:
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+
+def _ref(name: str, v: Any, allow_none: bool = True) -> None:
+    if v is None and allow_none:
+        return
+    if not isinstance(v, str) or v.count(":") != 1 or not all(v.split(":")):
+        raise ConfigError(f"{name} must name a Python object as 'package.module:name', got {v!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The model: ``factory(**kwargs)`` builds it, ``checkpoint`` holds its trained weights.
+
+    Attributes:
+        factory: ``'package.module:callable'``, e.g. ``'torchvision.models:resnet18'``.
+        kwargs: Keyword arguments for the factory.
+        checkpoint: A ``.safetensors`` file or a ``torch.save``'d state dict (optionally
+            under ``'state_dict'`` or ``'model'``). ``None``: the factory's own weights.
+        input_shape: Example input shape for tracing, e.g. ``[1, 3, 32, 32]`` (default: one
+            sample of the evaluation data).
+    """
+
+    factory: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+    input_shape: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        _ref("model.factory", self.factory)
+        if not isinstance(self.kwargs, dict):
+            raise ConfigError(f"model.kwargs must be a mapping, got {self.kwargs!r}")
+        if self.input_shape is not None and (not isinstance(self.input_shape, (list, tuple)) or not all(
+                isinstance(d, int) and d > 0 for d in self.input_shape)):
+            raise ConfigError(f"model.input_shape must be a list of positive ints, got {self.input_shape!r}")
+
+
+@dataclass
+class DataConfig:
+    """The data: a named data set, or your own ``module:function`` returning loaders.
+
+    Attributes:
+        dataset: One of :data:`BUILTIN_DATASETS` (``digits`` comes with scikit-learn).
+        root: Directory of a torchvision data set (must exist).
+        download: Let torchvision download the data set into ``root`` (needs a network).
+        loaders: ``'module:function'``; ``function(**kwargs)`` returns ``(train_loader,
+            eval_loader)`` of ``(inputs, target)`` batches.
+        kwargs: Keyword arguments for ``loaders``.
+        batch_size: Batch size of the built-in data sets.
+        num_workers: DataLoader workers of the built-in data sets.
+        eval_batches: Evaluate on at most this many batches in ana and after each epoch
+            (``None``: the whole evaluation loader).
+    """
+
+    dataset: str | None = None
+    root: str | None = None
+    download: bool = False
+    loaders: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    batch_size: int = 128
+    num_workers: int = 0
+    eval_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset is not None and self.loaders is not None:
+            raise ConfigError("give data.dataset (a built-in data set) or data.loaders (module:function), not both")
+        if self.dataset is not None and self.dataset not in BUILTIN_DATASETS:
+            close = difflib.get_close_matches(str(self.dataset), BUILTIN_DATASETS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown data.dataset {self.dataset!r}{hint}; choose one of {list(BUILTIN_DATASETS)}"
+                              " or give data.loaders: 'module:function'")
+        _ref("data.loaders", self.loaders)
+        if not isinstance(self.kwargs, dict):
+            raise ConfigError(f"data.kwargs must be a mapping, got {self.kwargs!r}")
+        _int("data.batch_size", self.batch_size, 1)
+        _int("data.num_workers", self.num_workers, 0)
+        _int("data.eval_batches", self.eval_batches, 1, allow_none=True)
+        if not isinstance(self.download, bool):
+            raise ConfigError(f"data.download must be true or false, got {self.download!r}")
+
+
+@dataclass
+class AnaConfig:
+    """Sensitivity analysis (see :func:`prunekit.ana.ana`)."""
+
+    ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    collapse: float | None = 0.5
+    forced: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ratios, (list, tuple)) or not self.ratios or not all(
+                isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r < 1 for r in self.ratios):
+            raise ConfigError(f"ana.ratios must be a non-empty list of fractions in (0, 1), got {self.ratios!r}")
+        self.ratios = [float(r) for r in self.ratios]
+        if self.collapse is not None and (isinstance(self.collapse, bool) or
+                                          not isinstance(self.collapse, numbers.Real) or self.collapse <= 0):
+            raise ConfigError(f"ana.collapse must be a positive number or null, got {self.collapse!r}")
+
+
+@dataclass
+class PruneConfig:
+    """One pruning (see :func:`prunekit.prune.prune`); ``run`` sets the ratio per step."""
+
+    removal_ratio: float | None = None
+    threshold: float | None = None
+    max_ratio: float = 0.9
+    round_to: int = 1
+    fallback: str = "uniform"
+    tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        _fraction("prune.removal_ratio", self.removal_ratio)
+        _fraction("prune.max_ratio", self.max_ratio, allow_none=False)
+        if self.threshold is not None and (isinstance(self.threshold, bool) or
+                                           not isinstance(self.threshold, numbers.Real) or self.threshold < 0):
+            raise ConfigError(f"prune.threshold must be a non-negative number, got {self.threshold!r}")
+        if self.removal_ratio is not None and self.threshold is not None:
+            raise ConfigError("give prune.removal_ratio or prune.threshold, not both")
+        _int("prune.round_to", self.round_to, 1)
+        if self.fallback not in ("uniform", "global"):
+            raise ConfigError(f"prune.fallback must be 'uniform' or 'global', got {self.fallback!r}")
+        _fraction("prune.tolerance", self.tolerance, allow_none=False)
+
+    def kwargs(self) -> dict:
+        """Keyword arguments for :func:`prunekit.prune.prune` other than the goal."""
+        return {"max_ratio": self.max_ratio, "round_to": self.round_to, "fallback": self.fallback,
+                "tolerance": self.tolerance}
+
+
+@dataclass
+class IterativeConfig:
+    """The iterative loop (see :class:`prunekit.iterative.IterativePruner`).
+
+    Attributes:
+        target: Final fraction of MACs to remove; the steps approach it evenly.
+        steps: Number of prune -> fine-tune steps.
+        schedule: Explicit increasing removal ratios, one per step (overrides ``target`` and
+            ``steps``).
+        max_drop: Largest tolerated drop of the metric below the baseline after a step's
+            fine-tuning, in the metric's units (0.01: one point of accuracy). ``None``: any.
+        max_retries: Retries of a step that misses ``max_drop``, each with a smaller increment.
+        retry_factor: Each retry multiplies the step's increment by this.
+    """
+
+    target: float | None = 0.5
+    steps: int = 3
+    schedule: list[float] | None = None
+    max_drop: float | None = None
+    max_retries: int = 2
+    retry_factor: float = 0.5
+
+    def __post_init__(self) -> None:
+        _fraction("run.target", self.target)
+        _int("run.steps", self.steps, 1)
+        if self.schedule is not None:
+            if not isinstance(self.schedule, (list, tuple)) or not self.schedule:
+                raise ConfigError(f"run.schedule must be a non-empty list of removal ratios, got {self.schedule!r}")
+            for r in self.schedule:
+                _fraction("every run.schedule value", r, allow_none=False)
+            self.schedule = [float(r) for r in self.schedule]
+            if any(b <= a for a, b in zip(self.schedule, self.schedule[1:])) or self.schedule[0] <= 0:
+                raise ConfigError(f"run.schedule must increase strictly from above 0, got {self.schedule}")
+        elif self.target is None or self.target <= 0:
+            raise ConfigError("give run.target (final MACs removal ratio, e.g. 0.5) or run.schedule")
+        if self.max_drop is not None and (isinstance(self.max_drop, bool) or
+                                          not isinstance(self.max_drop, numbers.Real) or self.max_drop < 0):
+            raise ConfigError(f"run.max_drop must be a non-negative number or null, got {self.max_drop!r}")
+        _int("run.max_retries", self.max_retries, 0)
+        if isinstance(self.retry_factor, bool) or not isinstance(self.retry_factor, numbers.Real) \
+                or not 0 < self.retry_factor < 1:
+            raise ConfigError(f"run.retry_factor must be in (0, 1), got {self.retry_factor!r}")
+
+    def schedule_ratios(self) -> list[float]:
+        """The removal ratio of each step."""
+        if self.schedule is not None:
+            return list(self.schedule)
+        return [round(self.target * (k + 1) / self.steps, 6) for k in range(self.steps)]
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "ana": AnaConfig, "prune": PruneConfig,
+             "finetune": FinetuneConfig, "run": IterativeConfig}
+
+
+@dataclass
+class Config:
+    """The whole job. ``excludes`` and ``criterion`` are shared by ana and prune.
+
+    Attributes:
+        workspace: Directory of every artifact.
+        metric: ``'accuracy'``, ``'loss'`` or ``'module:function'`` (``metric(output, target)``).
+        lower_is_better: For a custom metric that is a loss.
+        excludes: Module names whose channels are never pruned.
+        criterion: Importance criterion (see ``prunekit.criteria.CRITERIA``).
+        seed: Seed of everything random.
+    """
+
+    workspace: str = "prunekit-workspace"
+    metric: str = "accuracy"
+    lower_is_better: bool | None = None
+    excludes: list[str] = field(default_factory=list)
+    criterion: str = "l2"
+    seed: int = 0
+    version: int = VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ana: AnaConfig = field(default_factory=AnaConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    run: IterativeConfig = field(default_factory=IterativeConfig)
+
+    def __post_init__(self) -> None:
+        from prunekit.criteria import CRITERIA
+
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _section(cls, value, name))
+            elif not isinstance(value, cls):
+                raise ConfigError(f"'{name}' must be a mapping of options, got {type(value).__name__}")
+        if not isinstance(self.workspace, str) or not self.workspace:
+            raise ConfigError(f"workspace must be a directory name, got {self.workspace!r}")
+        if self.metric not in ("accuracy", "loss"):
+            _ref("metric (one of 'accuracy', 'loss' or 'module:function')", self.metric, allow_none=False)
+        if not isinstance(self.excludes, (list, tuple)) or not all(isinstance(e, str) for e in self.excludes):
+            raise ConfigError(f"excludes must be a list of module names, got {self.excludes!r}")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"unknown criterion {self.criterion!r}; choose one of {sorted(CRITERIA)}")
+        _int("seed", self.seed, 0)
+        if self.version != VERSION:
+            raise ConfigError(f"config version {self.version!r} is not supported (this prunekit reads {VERSION})")
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Config:
+        data = dict(data or {})
+        check_keys(data, cls, "config")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _section(cls: type, data: dict, where: str):
+    check_keys(data, cls, where)
+    try:
+        return cls(**data)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys (``{'finetune.epochs': 3}``) in a config dict; checks the keys exist."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if len(parts) > 2:
+            raise ConfigError(f"cannot set {key!r}: keys are 'option' or 'section.option'")
+        if len(parts) == 1:
+            check_keys({parts[0]: None}, Config, "config")
+            out[parts[0]] = value
+            continue
+        section, option = parts
+        if section not in _SECTIONS:
+            check_keys({section: None}, Config, "config")
+            raise ConfigError(f"'{section}' is not a section; sections are {', '.join(_SECTIONS)}")
+        check_keys({option: None}, _SECTIONS[section], section)
+        sec = out.get(section) or {}
+        out[section] = {**sec, option: value}
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``['finetune.epochs=3']`` -> ``{'finetune.epochs': 3}`` (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE such as finetune.epochs=3, got {item!r}")
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or start from defaults) and apply dotted-key overrides."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections (model, data, ...), got {type(data).__name__}")
+    data = apply_overrides(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return Config.from_dict(data)
+
+
+def dump_config(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+

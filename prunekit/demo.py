@@ -1,0 +1,234 @@
+"""``prunekit demo``: the whole workflow on a small ResNet-style CNN, end to end.
+
+Train the baseline :class:`~prunekit.demo_model.DemoNet` on scikit-learn's 8x8 digits (no
+download), run the sensitivity analysis, prune iteratively (prune -> fine-tune steps) to the
+MACs target, transform the last step into the slim model and compare it with the baseline:
+test accuracy, MACs, parameters, measured CPU latency and file size. ``--dataset cifar10``,
+``fashion-mnist`` or ``mnist`` (with ``--data-dir``) run the same workflow on those.
+
+Everything lives in the workspace (``prunekit-demo`` by default): a second run reuses the
+finished stages, a killed one resumes. ``prunekit report prunekit-demo`` shows it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from typing import TextIO
+
+__all__ = ["register", "measure_latency"]
+
+_DEFAULT_EPOCHS = {"digits": 20, "mnist": 3, "fashion-mnist": 8, "cifar10": 30}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``demo`` sub-command to ``sub``."""
+    from prunekit.config import TORCHVISION_DATASETS
+
+    p = sub.add_parser(
+        "demo", help="the whole workflow on a small CNN: train, ana, iterative pruning, slim, before/after table",
+        description="Train a small ResNet-style CNN on scikit-learn's 8x8 digits (or --dataset cifar10 / "
+                    "fashion-mnist / mnist from --data-dir), analyse its sensitivity, prune it in steps with "
+                    "fine-tuning in between until --target of the MACs are gone, transform it into the slim model "
+                    "and compare: test accuracy, MACs, parameters, CPU latency and file size. Resumable: "
+                    "results live in --workspace.")
+    p.add_argument("--dataset", choices=("digits",) + TORCHVISION_DATASETS, default="digits",
+                   help="data set (digits ships with scikit-learn; the others are read from --data-dir)")
+    p.add_argument("--data-dir", metavar="DIR", help="root directory of a torchvision data set")
+    p.add_argument("--download", action="store_true", help="let torchvision download the data set (needs a network)")
+    p.add_argument("--workspace", metavar="DIR", default="prunekit-demo", help="workspace directory (prunekit-demo)")
+    p.add_argument("--fresh", action="store_true", help="delete the workspace first instead of resuming")
+    p.add_argument("--target", type=float, default=0.55, help="fraction of MACs to remove in the end (0.55)")
+    p.add_argument("--steps", type=int, default=3, help="prune -> fine-tune steps (3)")
+    p.add_argument("--max-drop", type=float, default=0.01,
+                   help="tolerated validation accuracy drop per step before a retry (0.01 = 1 point)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="baseline training epochs (default: " + ", ".join(f"{k} {v}" for k, v in
+                                                                         _DEFAULT_EPOCHS.items()) + ")")
+    p.add_argument("--finetune-epochs", type=int, default=8, help="fine-tuning epochs per step (8)")
+    p.add_argument("--width", type=int, default=16, help="channels of the first stage (16)")
+    p.add_argument("--blocks", type=int, default=2, help="residual blocks per stage (2)")
+    p.add_argument("--criterion", default="l2", help="importance criterion (l1, l2, fpgm, bn_scale)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for digits, whose model is too small to gain from more)")
+    p.add_argument("--output", metavar="DIR", default=None, help="also save the slim model into DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+
+def measure_latency(models: dict, x, repeats: int = 300, rounds: int = 6) -> dict[str, float]:
+    """Median forward time in ms of each model on ``x`` (interleaved rounds against load drift)."""
+    import torch
+
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m.eval()
+            for _ in range(20):
+                m(x)
+        for _ in range(rounds):
+            for k, m in models.items():
+                for _ in range(repeats // rounds):
+                    t0 = time.perf_counter()
+                    m(x)
+                    times[k].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def _data(args: argparse.Namespace):
+    """``(train_loader, val_loader, test_loader, in_channels, name)``."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset, random_split
+
+    from prunekit.loading import digits_tensors, torchvision_datasets
+
+    if args.dataset == "digits":
+        d = digits_tensors(args.seed)
+        train = DataLoader(TensorDataset(*d["train"]), batch_size=64, shuffle=True)
+        val = DataLoader(TensorDataset(*d["val"]), batch_size=512)
+        test = DataLoader(TensorDataset(*d["test"]), batch_size=512)
+        return train, val, test, 1, (f"scikit-learn digits (8x8; {len(d['train'][0])} train, {len(d['val'][0])} "
+                                     f"validation, {len(d['test'][0])} test images)")
+    train_ds, test_ds = torchvision_datasets(args.dataset, args.data_dir, args.download)
+    n_val = min(5000, len(train_ds) // 10)
+    tr, va = random_split(train_ds, [len(train_ds) - n_val, n_val], generator=torch.Generator().manual_seed(args.seed))
+    train = DataLoader(tr, batch_size=128, shuffle=True)
+    val = DataLoader(va, batch_size=256)
+    test = DataLoader(test_ds, batch_size=256)
+    channels = 3 if args.dataset == "cifar10" else 1
+    return train, val, test, channels, f"{args.dataset} ({len(tr)} train, {n_val} validation, {len(test_ds)} test)"
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    import torch
+
+    from prunekit.config import ConfigError
+    from prunekit.criteria import CRITERIA
+
+    if args.criterion not in CRITERIA or CRITERIA[args.criterion].needs_grads:
+        usable = sorted(n for n, c in CRITERIA.items() if not c.needs_grads)
+        print(f"prunekit demo: unknown or unsupported criterion {args.criterion!r}; choose one of {usable}",
+              file=sys.stderr)
+        return 2
+    for name, v, lo, hi in (("--target", args.target, 0.0, 1.0), ("--max-drop", args.max_drop, 0.0, 1.0)):
+        if not lo < v < hi:
+            print(f"prunekit demo: {name} must be in ({lo:g}, {hi:g}), got {v}", file=sys.stderr)
+            return 2
+    for name, v in (("--steps", args.steps), ("--finetune-epochs", args.finetune_epochs), ("--width", args.width),
+                    ("--blocks", args.blocks)):
+        if v < 1:
+            print(f"prunekit demo: {name} must be at least 1, got {v}", file=sys.stderr)
+            return 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or (1 if args.dataset == "digits" else threads))
+    try:
+        return _demo(args, out)
+    except ConfigError as exc:
+        print(f"prunekit demo: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo(args: argparse.Namespace, out: TextIO) -> int:
+    import torch
+
+    import prunekit
+    from prunekit.config import AnaConfig, IterativeConfig, PruneConfig
+    from prunekit.demo_model import DemoNet
+    from prunekit.evaluation import make_eval_fn
+    from prunekit.finetune import FinetuneConfig, finetune
+    from prunekit.iterative import IterativePruner
+    from prunekit.report import _text_table, write_report
+    from prunekit.workspace import Workspace
+
+    t_start = time.perf_counter()
+    say = lambda m: print(m, file=out, flush=True)
+    ws = Workspace(args.workspace)
+    if args.fresh and ws.root.exists():
+        if not (ws.exists("demo.json") or ws.exists("iterative.json") or not any(ws.root.iterdir())):
+            print(f"prunekit demo: --fresh would delete {ws.root}, which is not a demo workspace; not deleting it",
+                  file=sys.stderr)
+            return 2
+        shutil.rmtree(ws.root)
+    train, val, test, channels, data_name = _data(args)
+    torch.manual_seed(args.seed)
+    model = DemoNet(in_channels=channels, num_classes=10, width=args.width, blocks=args.blocks)
+    val_acc = make_eval_fn(val, "accuracy", max_batches=None if args.dataset == "digits" else 20)
+    test_acc = make_eval_fn(test, "accuracy")
+    progress = not args.no_progress
+    epochs = args.epochs if args.epochs is not None else _DEFAULT_EPOCHS[args.dataset]
+    say(f"prunekit {prunekit.__version__} demo: DemoNet(width={args.width}, blocks={args.blocks}) on {data_name}")
+    say(f"workspace {ws.root}; goal: remove {args.target:.0%} of the MACs in {args.steps} steps, each step "
+        f"fine-tuned {args.finetune_epochs} epochs and losing at most {args.max_drop:g} validation accuracy")
+
+    # 1. the baseline (resumable like any fine-tuning)
+    t0 = time.perf_counter()
+    base_cfg = FinetuneConfig(epochs=epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-4, warmup_epochs=1,
+                              seed=args.seed, progress=progress)
+    finetune(model, train, val_acc, base_cfg, workspace=ws.path("baseline-training"), log=say)
+    say(f"baseline trained ({epochs} epochs) in {time.perf_counter() - t0:.1f} s")
+
+    # 2.-4. ana, iterative prune -> fine-tune, slim
+    x1 = next(iter(test))[0][:1]  # MACs and latency per image
+    ft_cfg = FinetuneConfig(epochs=args.finetune_epochs, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
+                            seed=args.seed, progress=progress)
+    res = IterativePruner(model, x1, val_acc, train, workspace=ws,
+                          config=IterativeConfig(target=args.target, steps=args.steps, max_drop=args.max_drop),
+                          finetune=ft_cfg, ana=AnaConfig(), prune=PruneConfig(), criterion=args.criterion,
+                          log=say).run()
+    slim = res.model.eval()
+
+    # 5. before / after
+    acc_b, acc_a = test_acc(model), test_acc(slim)
+    lat = measure_latency({"baseline": model, "slim": slim}, x1)
+    size_b = ws.path("baseline/model.safetensors").stat().st_size
+    size_a = ws.path("final/model.safetensors").stat().st_size
+    b, f = res.baseline, res.final
+    pct = lambda x, y: f"{100 * (y - x) / x:+.1f}%"
+    h = _human
+    table = [["test accuracy", f"{acc_b:.2%}", f"{acc_a:.2%}", f"{100 * (acc_a - acc_b):+.2f} pt"],
+             ["MACs / image", h(b["macs"]), h(f["macs"]), pct(b["macs"], f["macs"])],
+             ["parameters", h(b["params"]), h(f["params"]), pct(b["params"], f["params"])],
+             [f"CPU latency (batch 1, {torch.get_num_threads()} thread(s))", f"{lat['baseline']:.3f} ms",
+              f"{lat['slim']:.3f} ms", pct(lat["baseline"], lat["slim"])],
+             ["file size (safetensors)", _size(size_b), _size(size_a), pct(size_b, size_a)]]
+    wall = time.perf_counter() - t_start
+    ws.write_json("demo.json", {"dataset": args.dataset, "width": args.width, "blocks": args.blocks,
+                                "target": args.target, "steps": args.steps, "max_drop": args.max_drop,
+                                "epochs": epochs, "finetune_epochs": args.finetune_epochs, "seed": args.seed,
+                                "criterion": args.criterion, "threads": torch.get_num_threads(),
+                                "wall_seconds_this_session": round(wall, 1), "table": table,
+                                "test_accuracy": {"baseline": acc_b, "slim": acc_a}, "latency_ms": lat})
+    report = write_report(ws.root)
+    say("")
+    say(res.table())
+    for n in res.notes:
+        say(f"note: {n}")
+    say("")
+    say(_text_table(table, ["", "baseline", "pruned (slim)", "change"]))
+    say("")
+    say(f"slim == sparse on the example input: relative error {f['equivalence_error']:.1e}")
+    say(f"slim model: {ws.path('final')} (model.safetensors + spec.json); load it with prunekit.load_slim("
+        f"DemoNet(in_channels={channels}, width={args.width}, blocks={args.blocks}), {str(ws.path('final'))!r})")
+    if args.output:
+        prunekit.save_slim(slim, args.output)
+        say(f"slim model also saved to {args.output}")
+    say(f"report: {report} (prunekit report {ws.root})")
+    say(f"demo finished in {wall:.1f} s")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:g}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.2f} MB"

@@ -1,0 +1,467 @@
+"""The ``finetune`` verb: train a sparse model back to accuracy, resumably.
+
+A small built-in training loop (SGD with momentum or AdamW, cosine or step decay, linear
+warm-up, optional label smoothing, CUDA mixed precision) that evaluates after every epoch
+and keeps the best weights. Pruned channels stay at zero throughout: the sparse engine masks
+their gradients and re-zeroes them after every optimizer step (see :mod:`prunekit.sparse`).
+
+With a ``workspace`` every finished epoch leaves a checkpoint (model, optimizer, scheduler,
+history; written to a temp file then renamed), so a killed run resumes from the last
+finished epoch and ends with the same weights an uninterrupted run would have. Each epoch
+reseeds torch's RNG with ``seed + epoch``, which makes the shuffling of a ``DataLoader``
+(and dropout) independent of where the run was interrupted.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(4)]
+    >>> score = lambda m: float((m(data[0][0]).argmax(1) == data[0][1]).float().mean())
+    >>> res = finetune(model, data, score, FinetuneConfig(epochs=2, lr=0.05, progress=False))
+    >>> len(res.history)
+    2
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
+
+from prunekit import sparse
+from prunekit.graph.trace import call_model
+from prunekit.workspace import Workspace
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "atomic_torch_save"]
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "prunekit-finetune"
+
+
+def _positive(name: str, v: Any, integer: bool = False, zero: bool = False) -> None:
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(v, bool) or not isinstance(v, kind) or (v < 0 if zero else v <= 0) or \
+            (not integer and math.isnan(v)):
+        what = "int" if integer else "number"
+        raise ValueError(f"{name} must be a {'non-negative' if zero else 'positive'} {what}, got {v!r}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Options of the built-in fine-tuning loop (all validated on construction).
+
+    Attributes:
+        epochs: Training epochs.
+        optimizer: ``'sgd'`` (with ``momentum``, Nesterov) or ``'adamw'``.
+        lr: Peak learning rate (after warm-up).
+        momentum: SGD momentum.
+        weight_decay: Weight decay (decoupled for AdamW).
+        schedule: ``'cosine'`` (to 0 at the end), ``'step'`` (times ``gamma`` every
+            ``step_epochs``) or ``'constant'``.
+        step_epochs, gamma: Step decay period and factor.
+        warmup_epochs: Linear warm-up from ``lr / 10``, in epochs (fractions allowed).
+        label_smoothing: Cross-entropy label smoothing in [0, 1).
+        amp: Mixed precision: ``None`` uses it where the device supports it well (CUDA), off
+            on CPU; ``True`` forces autocast (bfloat16 on CPU).
+        lr_trial: Candidate learning rates to try for ``trial_batches`` batches each before
+            training; the best (by ``eval_fn``) is used. Empty: use ``lr``.
+        trial_batches: Training batches per candidate in the learning-rate trial.
+        max_batches: Cap on training batches per epoch (``None``: the whole loader).
+        restore_best: Load the best epoch's weights at the end (else keep the last).
+        seed: Base seed; epoch ``e`` runs with ``torch.manual_seed(seed + e)``.
+        device: Where to train (``None``: where the model is).
+        progress: Show tqdm progress bars with ETA.
+    """
+
+    epochs: int = 5
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_epochs: int = 30
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    amp: bool | None = None
+    lr_trial: list[float] = field(default_factory=list)
+    trial_batches: int = 20
+    max_batches: int | None = None
+    restore_best: bool = True
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("epochs", self.epochs, integer=True, zero=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _positive("lr", self.lr)
+        _positive("momentum", self.momentum, zero=True)
+        _positive("weight_decay", self.weight_decay, zero=True)
+        _positive("step_epochs", self.step_epochs, integer=True)
+        _positive("gamma", self.gamma)
+        _positive("warmup_epochs", self.warmup_epochs, zero=True)
+        _positive("trial_batches", self.trial_batches, integer=True)
+        if self.max_batches is not None:
+            _positive("max_batches", self.max_batches, integer=True)
+        if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, numbers.Real) \
+                or not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.amp not in (None, True, False):
+            raise ValueError(f"amp must be true, false or null (automatic), got {self.amp!r}")
+        if isinstance(self.lr_trial, (int, float)):
+            raise ValueError(f"lr_trial must be a list of learning rates, got {self.lr_trial!r}")
+        self.lr_trial = [float(v) for v in self.lr_trial]
+        for v in self.lr_trial:
+            _positive("every lr_trial value", v)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FinetuneConfig:
+        from prunekit.config import check_keys
+
+        check_keys(data, cls, "finetune")
+        return cls(**data)
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` did.
+
+    Attributes:
+        best_metric: The best metric seen (the model holds those weights if ``restore_best``).
+        best_epoch: Its epoch (1-based; 0: the starting weights were best).
+        history: ``[{"epoch", "loss", "metric", "lr", "seconds"}]`` per epoch.
+        lr: The learning rate used (chosen by the trial, if any).
+        trial: ``{lr: metric}`` of the learning-rate trial.
+        resumed_from: The epoch the run resumed after (0: a fresh start).
+    """
+
+    best_metric: float | None
+    best_epoch: int
+    history: list[dict]
+    lr: float
+    trial: dict[float, float] = field(default_factory=dict)
+    resumed_from: int = 0
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same directory, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch)
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else type(batch).__name__
+        raise ValueError(f"each training batch must be a pair (inputs, target), got {what}")
+    return batch[0], batch[1]
+
+
+def _score(eval_fn: Callable, model: nn.Module) -> float:
+    v = eval_fn(model)
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(float(v)):
+        raise TypeError(f"eval_fn must return a number, got {v!r:.80}")
+    return float(v)
+
+
+def _better(a: float, b: float | None, lower: bool) -> bool:
+    return b is None or (a < b if lower else a > b)
+
+
+def _len(loader: Iterable, cap: int | None) -> int | None:
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return cap
+    return min(n, cap) if cap else n
+
+
+class _Trainer:
+    """Optimizer, schedule and one epoch of training for one model."""
+
+    def __init__(self, model: nn.Module, loader: Iterable, cfg: FinetuneConfig, lr: float,
+                 loss_fn: Callable | None) -> None:
+        self.model, self.loader, self.cfg, self.lr = model, loader, cfg, lr
+        self.device = torch.device(cfg.device) if cfg.device else _model_device(model)
+        self.steps_per_epoch = _len(loader, cfg.max_batches) or 1
+        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._factor)
+        use_amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.amp = bool(use_amp)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp and self.device.type == "cuda" else None
+        smooth = cfg.label_smoothing
+        self.loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=smooth))
+
+    def _factor(self, step: int) -> float:
+        """LR multiplier at optimizer step ``step`` (warm-up, then the decay schedule)."""
+        cfg = self.cfg
+        warm = cfg.warmup_epochs * self.steps_per_epoch
+        if step < warm:
+            return 0.1 + 0.9 * step / warm
+        epoch = step / self.steps_per_epoch
+        if cfg.schedule == "cosine":
+            total = max(cfg.epochs * self.steps_per_epoch - warm, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / total)))
+        if cfg.schedule == "step":
+            return cfg.gamma ** int(epoch // cfg.step_epochs)
+        return 1.0
+
+    def train_batches(self, limit: int | None, desc: str, progress: bool) -> float:
+        """Train on up to ``limit`` batches; returns the mean loss."""
+        self.model.train()
+        total = _len(self.loader, limit)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=desc, unit="batch", leave=False)
+        loss_sum, n = 0.0, 0
+        try:
+            for i, batch in enumerate(self.loader):
+                if limit is not None and i >= limit:
+                    break
+                x, y = _to(_split(batch), self.device)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                    loss = self.loss_fn(call_model(self.model, x), y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the training loss is {float(loss)} at batch {i}; lower the "
+                                             "learning rate (finetune.lr) or turn off mixed precision")
+                self.opt.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.opt.step()
+                self.sched.step()
+                loss_sum += float(loss.detach())
+                n += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / n:.4f}", lr=f"{self.opt.param_groups[0]['lr']:.3g}")
+        finally:
+            if bar is not None:
+                bar.close()
+        sparse.reapply_masks(self.model)  # e.g. a GradScaler that skipped the last step
+        return loss_sum / max(n, 1)
+
+    def state_dict(self) -> dict:
+        out = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+        if self.scaler is not None:
+            out["scaler"] = self.scaler.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    model.load_state_dict(state)
+    sparse.reapply_masks(model)
+
+
+def _signature(model: nn.Module, cfg: FinetuneConfig) -> dict:
+    """What a checkpoint must match to be resumed: architecture, plan and options."""
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    plan = sparse.get_plan(model).to_dict()["pruned"] if sparse.is_sparse(model) else {}
+    opts = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "device")}
+    return {"shapes": shapes, "plan": plan, "config": opts}
+
+
+def finetune(model: nn.Module, train_loader: Iterable | None, eval_fn: Callable[[nn.Module], float] | None,
+             config: FinetuneConfig | None = None, *, workspace: str | Workspace | None = None,
+             train_fn: Callable[[nn.Module, int], Any] | None = None, loss_fn: Callable | None = None,
+             lower_is_better: bool = False, log: Callable[[str], None] = print) -> FinetuneResult:
+    """Fine-tune ``model`` (usually sparse) in place; resumable when given a ``workspace``.
+
+    Args:
+        model: The model; pruned channels stay at zero through training.
+        train_loader: Re-iterable ``(inputs, target)`` batches (not needed with ``train_fn``).
+        eval_fn: ``eval_fn(model) -> number`` run after every epoch (e.g.
+            :func:`prunekit.evaluation.make_eval_fn`); ``None``: no evaluation, the last
+            epoch is kept.
+        config: :class:`FinetuneConfig` (defaults if ``None``).
+        workspace: Directory for ``checkpoint.pt`` (per epoch) and ``best.pt``.
+        train_fn: Your own training for one epoch, ``train_fn(model, epoch)`` (epoch is
+            0-based); it replaces the built-in loop, while evaluation, the best weights and
+            the per-epoch checkpoints stay (your optimizer's state is yours to keep).
+        loss_fn: ``loss_fn(output, target) -> scalar`` for the built-in loop (default:
+            cross-entropy with ``label_smoothing``).
+        lower_is_better: The metric is a loss.
+        log: Where messages go.
+    """
+    cfg = config or FinetuneConfig()
+    if not isinstance(cfg, FinetuneConfig):
+        raise TypeError(f"config must be a FinetuneConfig, got {type(cfg).__name__}")
+    if train_fn is None and train_loader is None:
+        raise ValueError("give a train_loader for the built-in training loop, or your own train_fn")
+    if train_fn is not None and not callable(train_fn):
+        raise TypeError(f"train_fn must be callable as train_fn(model, epoch), got {type(train_fn).__name__}")
+    if cfg.device:
+        model.to(cfg.device)
+    ws = workspace if isinstance(workspace, Workspace) or workspace is None else Workspace(workspace)
+    signature = _signature(model, cfg)
+    state = _load_checkpoint(ws, signature, log)
+    trial: dict[float, float] = {}
+    if state is not None:
+        trial = {float(k): v for k, v in state["trial"].items()}
+        lr = state["lr"]
+    elif cfg.lr_trial and train_fn is None:
+        trial, lr = _lr_trial(model, train_loader, eval_fn, cfg, loss_fn, lower_is_better, log)
+    else:
+        lr = cfg.lr
+    trainer = _Trainer(model, train_loader or [], cfg, lr, loss_fn) if train_fn is None else None
+    history: list[dict] = []
+    best_metric: float | None = None
+    best_epoch, start = 0, 0
+    best_state: dict | None = None
+    if state is not None:
+        _restore(model, state["model"])
+        if trainer is not None:
+            trainer.load_state_dict(state["trainer"])
+        history, best_metric, best_epoch = state["history"], state["best_metric"], state["best_epoch"]
+        start = state["epoch"]
+        best_state = torch.load(ws.path("best.pt"), weights_only=True) if ws and ws.exists("best.pt") else None
+        log(f"resuming fine-tuning after epoch {start} of {cfg.epochs} ({ws.root})")
+    elif eval_fn is not None:
+        best_metric = _score(eval_fn, model)  # the starting point counts: never end worse than it
+        best_state = _snapshot(model) if cfg.restore_best else None
+        if ws is not None and best_state is not None:
+            atomic_torch_save(best_state, ws.path("best.pt"))
+    bar = None
+    if cfg.progress and cfg.epochs - start > 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.epochs, initial=start, desc="finetune", unit="epoch")
+    try:
+        for epoch in range(start, cfg.epochs):
+            torch.manual_seed(cfg.seed + epoch)
+            t0 = time.perf_counter()
+            if train_fn is not None:
+                model.train()
+                train_fn(model, epoch)
+                sparse.reapply_masks(model)
+                loss = None
+            else:
+                loss = trainer.train_batches(cfg.max_batches, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
+            metric = _score(eval_fn, model) if eval_fn is not None else None
+            row = {"epoch": epoch + 1, "loss": loss, "metric": metric,
+                   "lr": trainer.opt.param_groups[0]["lr"] if trainer else None,
+                   "seconds": round(time.perf_counter() - t0, 3)}
+            history.append(row)
+            if metric is not None and _better(metric, best_metric, lower_is_better):
+                best_metric, best_epoch = metric, epoch + 1
+                if cfg.restore_best:
+                    best_state = _snapshot(model)
+                    if ws is not None:
+                        atomic_torch_save(best_state, ws.path("best.pt"))
+            if ws is not None:
+                atomic_torch_save({"format": FORMAT, "signature": signature, "epoch": epoch + 1,
+                                   "model": model.state_dict(), "trainer": trainer.state_dict() if trainer else {},
+                                   "history": history, "best_metric": best_metric, "best_epoch": best_epoch,
+                                   "lr": lr, "trial": {str(k): v for k, v in trial.items()}},
+                                  ws.path(CHECKPOINT))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(metric=f"{metric:.4g}" if metric is not None else "-",
+                                best=f"{best_metric:.4g}" if best_metric is not None else "-")
+    finally:
+        if bar is not None:
+            bar.close()
+    if cfg.restore_best and best_state is not None and best_epoch != len(history):
+        _restore(model, best_state)
+    model.eval()
+    return FinetuneResult(best_metric, best_epoch, history, lr, trial, start)
+
+
+def _load_checkpoint(ws: Workspace | None, signature: dict, log) -> dict | None:
+    if ws is None or not ws.exists(CHECKPOINT):
+        return None
+    try:
+        state = torch.load(ws.path(CHECKPOINT), weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (atomic writes: only a foreign file gets here)
+        log(f"cannot read {ws.path(CHECKPOINT)} ({type(exc).__name__}: {exc}); starting fine-tuning over")
+        return None
+    if state.get("format") != FORMAT or state.get("signature") != signature:
+        log(f"the fine-tuning checkpoint in {ws.root} is for another model, plan or configuration; starting over")
+        for name in (CHECKPOINT, "best.pt"):
+            if ws.exists(name):
+                ws.path(name).unlink()
+        return None
+    return state
+
+
+def _lr_trial(model, loader, eval_fn, cfg: FinetuneConfig, loss_fn, lower: bool, log) -> tuple[dict, float]:
+    """Train a few batches from the same start with each candidate LR; keep the best."""
+    if eval_fn is None:
+        raise ValueError("the learning-rate trial (lr_trial) needs an eval_fn to compare the candidates")
+    start = _snapshot(model)
+    results: dict[float, float] = {}
+    for lr in cfg.lr_trial:
+        torch.manual_seed(cfg.seed)
+        trial_cfg = FinetuneConfig(**{**cfg.to_dict(), "epochs": 1, "schedule": "constant", "warmup_epochs": 0.0})
+        trainer = _Trainer(model, loader, trial_cfg, lr, loss_fn)
+        try:
+            trainer.train_batches(cfg.trial_batches, f"lr trial {lr:g}", cfg.progress)
+            results[lr] = _score(eval_fn, model)
+        except FloatingPointError:
+            results[lr] = math.inf if lower else -math.inf
+        _restore(model, start)
+    best = min(results, key=results.get) if lower else max(results, key=results.get)
+    log("learning-rate trial: " + ", ".join(f"{k:g} -> {v:.4g}" for k, v in results.items()) + f"; using {best:g}")
+    return results, best

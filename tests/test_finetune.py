@@ -1,0 +1,154 @@
+"""Fine-tuning: masks hold through training, resume gives the same weights, best epoch, LR trial, config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import prunekit
+from prunekit.evaluation import make_eval_fn
+from prunekit.finetune import FinetuneConfig, finetune
+from tinyjob import TinyNet, loaders
+
+QUIET = {"progress": False}
+
+
+def sparse_tiny(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = TinyNet()
+    x = torch.randn(1, 1, 8, 8)
+    prunekit.Pruner(model, x).prune(0.5)
+    return model, x
+
+
+def pruned_slices(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    plan = prunekit.get_plan(model)
+    out = []
+    for name, dims in plan.pruned.items():
+        t = dict(model.named_parameters()).get(name)
+        if t is None:
+            t = dict(model.named_buffers())[name]
+        for d, idx in dims.items():
+            out.append((name, t.detach().index_select(d, torch.tensor(idx))))
+    return out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_masks_hold_through_training(optimizer):
+    model, _ = sparse_tiny()
+    train, evald = loaders()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = finetune(model, train, make_eval_fn(evald), FinetuneConfig(epochs=2, optimizer=optimizer, lr=0.05,
+                                                                     warmup_epochs=0.5, label_smoothing=0.1,
+                                                                     restore_best=False, **QUIET), log=print)
+    assert len(res.history) == 2 and all(h["loss"] is not None for h in res.history), res.history
+    assert not torch.equal(before["conv1.weight"], model.conv1.weight), "training did not change the weights"
+    for name, sl in pruned_slices(model):
+        want = 1.0 if name.endswith("running_var") else 0.0
+        assert torch.all(sl == want), f"{name}: pruned slice moved during {optimizer} training (max {sl.abs().max()})"
+    slim = prunekit.to_slim(model)
+    x = torch.randn(4, 1, 8, 8)
+    model.eval()
+    assert prunekit.max_error(model(x), slim(x)) <= 1e-4, "slim != sparse after fine-tuning"
+
+
+def test_resume_after_kill_gives_the_same_weights(tmp_path):
+    train, evald = loaders()
+    cfg = FinetuneConfig(epochs=3, lr=0.05, **QUIET)
+
+    model_a, _ = sparse_tiny()
+    finetune(model_a, train, make_eval_fn(evald), cfg, workspace=tmp_path / "a", log=lambda m: None)
+
+    class Kill(Exception):
+        pass
+
+    calls = {"n": 0}
+    inner = make_eval_fn(evald)
+
+    def dying_eval(m):  # call 0: the start, 1: epoch 1, 2: epoch 2 -> killed while evaluating epoch 2
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Kill
+        return inner(m)
+
+    model_b, _ = sparse_tiny()
+    with pytest.raises(Kill):
+        finetune(model_b, train, dying_eval, cfg, workspace=tmp_path / "b", log=lambda m: None)
+    assert not list((tmp_path / "b").glob("*.tmp")), "a temp file was left behind"
+    model_c, _ = sparse_tiny()  # a fresh process would rebuild the same sparse model
+    logs: list[str] = []
+    res = finetune(model_c, train, inner, cfg, workspace=tmp_path / "b", log=logs.append)
+    assert res.resumed_from == 1, f"should resume after epoch 1, resumed after {res.resumed_from}: {logs}"
+    assert any("resuming" in m for m in logs), logs
+    for k, v in model_a.state_dict().items():
+        assert torch.equal(v, model_c.state_dict()[k]), f"{k} differs between the resumed and the uninterrupted run"
+
+
+def test_best_epoch_is_restored():
+    model, _ = sparse_tiny()
+    train, evald = loaders()
+    scores = iter([0.5, 0.9, 0.7, 0.6])  # start, epoch 1 (best), epoch 2, epoch 3
+    snaps = []
+
+    def eval_fn(m):
+        snaps.append(m.conv1.weight.detach().clone())
+        return next(scores)
+
+    res = finetune(model, train, eval_fn, FinetuneConfig(epochs=3, lr=0.05, **QUIET))
+    assert res.best_epoch == 1 and res.best_metric == 0.9, res
+    assert torch.equal(model.conv1.weight, snaps[1]), "the best epoch's weights were not restored"
+
+
+def test_lr_trial_keeps_the_best_candidate(tmp_path):
+    model, _ = sparse_tiny()
+    train, evald = loaders()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = FinetuneConfig(epochs=1, lr_trial=[1e-6, 0.05], trial_batches=3, **QUIET)
+    logs: list[str] = []
+    res = finetune(model, train, make_eval_fn(evald, "loss"), cfg, lower_is_better=True, log=logs.append,
+                   workspace=tmp_path)
+    assert set(res.trial) == {1e-6, 0.05}, res.trial
+    assert res.lr == min(res.trial, key=res.trial.get), res
+    assert any("learning-rate trial" in m for m in logs), logs
+    # the trial does not leak into the weights the training starts from
+    model2, _ = sparse_tiny()
+    assert all(torch.equal(start[k], v) for k, v in model2.state_dict().items())
+
+
+def test_custom_train_fn_and_no_eval():
+    model, _ = sparse_tiny()
+    seen = []
+
+    def train_fn(m, epoch):
+        seen.append(epoch)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01)  # touches the pruned slices too: finetune re-zeroes them
+
+    res = finetune(model, None, None, FinetuneConfig(epochs=2, **QUIET), train_fn=train_fn)
+    assert seen == [0, 1], seen
+    assert res.best_metric is None and len(res.history) == 2
+    for name, sl in pruned_slices(model):
+        want = 1.0 if name.endswith("running_var") else 0.0
+        assert torch.all(sl == want), f"{name}: a custom train_fn left pruned values non-zero"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"optimizer": "adam"}, "optimizer must be one of"),
+    ({"schedule": "linear"}, "schedule must be one of"),
+    ({"lr": 0}, "lr must be a positive number"),
+    ({"epochs": -1}, "epochs must be a non-negative int"),
+    ({"label_smoothing": 1.0}, "label_smoothing"),
+    ({"lr_trial": 0.1}, "lr_trial must be a list"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FinetuneConfig(**kwargs)
+
+
+def test_config_round_trip():
+    cfg = FinetuneConfig(epochs=3, optimizer="adamw", lr_trial=[0.1, 0.01])
+    assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="did you mean 'epochs'"):
+        FinetuneConfig.from_dict({"epoch": 3})

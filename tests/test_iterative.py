@@ -1,0 +1,144 @@
+"""The iterative loop: earlier pruned channels stay pruned, a killed run resumes to the same result,
+a step that loses too much is retried with a smaller increment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import prunekit
+from prunekit.config import AnaConfig, IterativeConfig
+from prunekit.evaluation import make_eval_fn
+from prunekit.finetune import FinetuneConfig
+from prunekit.iterative import IterativePruner
+from prunekit.plan import PruningPlan
+from tinyjob import TinyNet, loaders, trained
+
+X = torch.zeros(1, 1, 8, 8)
+FT = FinetuneConfig(epochs=2, lr=0.02, progress=False)
+ANA = AnaConfig(ratios=[0.3, 0.6])
+QUIET = lambda m: None
+
+
+def run(ws, model=None, eval_fn=None, **kw):
+    model = model or trained()
+    train, evald = loaders()
+    kw.setdefault("config", IterativeConfig(schedule=[0.3, 0.5]))
+    return IterativePruner(model, X, eval_fn or make_eval_fn(evald), train, workspace=ws, finetune=FT, ana=ANA,
+                           log=kw.pop("log", QUIET), **kw).run()
+
+
+def pruned_units(plan: PruningPlan) -> dict:
+    return {(n, d): set(idx) for n, dims in plan.pruned.items() for d, idx in dims.items()}
+
+
+def test_steps_keep_earlier_channels_pruned_and_write_artifacts(tmp_path):
+    res = run(tmp_path)
+    plans = [PruningPlan.load(tmp_path / a["dir"] / "model" / "plan.json") for a in res.attempts]
+    assert len(plans) == 2 and all(a["accepted"] for a in res.attempts), res.attempts
+    first, second = pruned_units(plans[0]), pruned_units(plans[1])
+    for key, idx in first.items():
+        assert idx <= second.get(key, set()), f"{key}: channels {sorted(idx - second.get(key, set()))} pruned in " \
+                                              "step 1 came back in step 2"
+    assert res.attempts[1]["macs"] < res.attempts[0]["macs"] < res.baseline["macs"], res.attempts
+    assert res.final["macs_reduction"] == pytest.approx(0.5, abs=0.03), res.final
+    # artifacts: state, summary, slim model that loads into a fresh TinyNet and matches
+    state = json.loads((tmp_path / "iterative.json").read_text())
+    assert state["done"] and len(state["attempts"]) == 2
+    assert (tmp_path / "sensitivity.json").exists() and (tmp_path / "summary.json").exists()
+    slim = prunekit.load_slim(TinyNet(), tmp_path / "final").eval()
+    x = torch.randn(3, 1, 8, 8)
+    assert prunekit.max_error(res.model(x), slim(x)) <= 1e-6, "the saved slim model differs from the returned one"
+    assert "step" in res.table() and "slim" in res.table()
+    assert not list(tmp_path.rglob("*.tmp")), "temp files left behind"
+
+
+class Kill(Exception):
+    pass
+
+
+def test_resume_after_kill_mid_step_gives_the_same_result(tmp_path):
+    ref = run(tmp_path / "ref")
+    ws = tmp_path / "killed"
+    _, evald = loaders()
+    inner = make_eval_fn(evald)
+    calls = {"after_step1": 0}
+
+    def dying(model):  # killed while evaluating epoch 2 of step 2 (epoch 1 is checkpointed)
+        if (ws / "steps" / "step1-try0" / "model" / "plan.json").exists():
+            calls["after_step1"] += 1
+            if calls["after_step1"] == 3:  # step 2: start, epoch 1, epoch 2
+                raise Kill
+        return inner(model)
+
+    with pytest.raises(Kill):
+        run(ws, eval_fn=dying)
+    state = json.loads((ws / "iterative.json").read_text())
+    assert [a["step"] for a in state["attempts"]] == [1], "step 1 should be recorded as finished, step 2 not"
+    assert (ws / "steps" / "step2-try0" / "finetune" / "checkpoint.pt").exists()
+    logs: list[str] = []
+    res = run(ws, log=logs.append)
+    assert any("resuming fine-tuning after epoch 1" in m for m in logs), logs
+    assert any("resuming: 1 finished step" in m for m in logs), logs
+    strip = lambda atts: [{k: v for k, v in a.items() if k not in ("seconds", "history")} for a in atts]
+    assert strip(res.attempts) == strip(ref.attempts), "the resumed run's steps differ from the uninterrupted run's"
+    assert res.final["metric"] == ref.final["metric"] and res.final["macs"] == ref.final["macs"]
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, res.model.state_dict()[k]), f"{k}: resumed and uninterrupted slim models differ"
+
+
+def nonzero_fraction(model: nn.Module) -> float:
+    """A metric that falls as channels go (it ignores training): the share of non-zero weights."""
+    ws = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
+    total = sum(p.numel() for p in ws)
+    return sum(int((p != 0).sum()) for p in ws) / total
+
+
+def test_a_step_that_loses_too_much_is_retried_with_a_smaller_increment(tmp_path):
+    logs: list[str] = []
+    cfg = IterativeConfig(schedule=[0.5], max_drop=0.35, max_retries=2, retry_factor=0.5)
+    res = run(tmp_path, model=TinyNet(), eval_fn=nonzero_fraction, config=cfg, log=logs.append,
+              train_fn=lambda m, epoch: None)
+    ratios = [a["ratio"] for a in res.attempts]
+    verdicts = [a["accepted"] for a in res.attempts]
+    assert ratios[0] == 0.5 and verdicts[0] is False, res.attempts
+    assert len(ratios) >= 2 and ratios[1] == pytest.approx(0.25), res.attempts
+    assert verdicts[-1] is True and all(a["drop"] <= 0.35 for a in res.attempts if a["accepted"]), res.attempts
+    assert any("retrying with a smaller increment" in n for n in res.notes), res.notes
+    assert any("retrying" in m for m in logs), logs
+    assert res.final["macs_reduction"] < 0.45, "the final model should be the smaller, accepted step"
+    assert any("below the planned" in n for n in res.notes), res.notes
+
+
+def test_no_step_meets_the_tolerance_keeps_the_baseline(tmp_path):
+    cfg = IterativeConfig(schedule=[0.5], max_drop=0.0, max_retries=1)
+    res = run(tmp_path, model=TinyNet(), eval_fn=nonzero_fraction, config=cfg, train_fn=lambda m, epoch: None)
+    assert len(res.attempts) == 2 and not any(a["accepted"] for a in res.attempts), res.attempts
+    assert res.final["macs"] == res.baseline["macs"] and res.final["step"] is None, res.final
+    assert any("nothing was pruned" in n for n in res.notes), res.notes
+
+
+def test_changed_settings_start_the_steps_over(tmp_path):
+    model = TinyNet()
+    kw = dict(model=model, eval_fn=nonzero_fraction, train_fn=lambda m, epoch: None)
+    run(tmp_path, config=IterativeConfig(schedule=[0.3]), **kw)
+    logs: list[str] = []
+    res = run(tmp_path, config=IterativeConfig(schedule=[0.4]), log=logs.append, **kw)
+    assert any("starting the steps over" in m for m in logs), logs
+    assert [a["ratio"] for a in res.attempts] == [0.4]
+
+
+def test_schedule_from_target_and_errors():
+    assert IterativeConfig(target=0.6, steps=3).schedule_ratios() == [0.2, 0.4, 0.6]
+    assert IterativeConfig(schedule=[0.1, 0.3]).schedule_ratios() == [0.1, 0.3]
+    with pytest.raises(ValueError, match="increase strictly"):
+        IterativeConfig(schedule=[0.3, 0.2])
+    with pytest.raises(ValueError, match="retry_factor"):
+        IterativeConfig(retry_factor=1.0)
+    model = TinyNet()
+    prunekit.Pruner(model, X).prune(0.5)
+    with pytest.raises(ValueError, match="already sparse"):
+        IterativePruner(model, X, nonzero_fraction, [], workspace="unused")

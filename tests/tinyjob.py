@@ -1,0 +1,61 @@
+"""A tiny synthetic classification job for the workflow tests (also used by the CLI through a config).
+
+Inputs are 1x8x8 images of noise with a bright quadrant; the label is the quadrant (4 classes),
+so a small CNN learns it within an epoch or two and pruning visibly costs accuracy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyNet(nn.Module):
+    """conv-bn-relu x 2 (the second with a residual), pool, linear."""
+
+    def __init__(self, width: int = 8, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(x + self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def tensors(n: int = 192, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.5
+    y = torch.randint(0, 4, (n,), generator=g)
+    for i, q in enumerate(y.tolist()):
+        r, c = divmod(q, 2)
+        x[i, 0, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 1.0
+    return x, y
+
+
+def loaders(n_train: int = 192, n_eval: int = 64, batch_size: int = 32, seed: int = 0):
+    """``(train_loader, eval_loader)``: the function a config names as ``data.loaders``."""
+    xt, yt = tensors(n_train, seed)
+    xe, ye = tensors(n_eval, seed + 1)
+    return (DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True),
+            DataLoader(TensorDataset(xe, ye), batch_size=64))
+
+
+def trained(seed: int = 0, epochs: int = 3) -> TinyNet:
+    """A TinyNet trained a few epochs on :func:`loaders` (deterministic)."""
+    from prunekit.finetune import FinetuneConfig, finetune
+
+    torch.manual_seed(seed)
+    model = TinyNet()
+    train, _ = loaders(seed=seed)
+    finetune(model, train, None, FinetuneConfig(epochs=epochs, optimizer="adamw", lr=1e-2, progress=False),
+             log=lambda m: None)
+    return model.eval()
