@@ -92,6 +92,7 @@ def run_one(name: str, family: str) -> dict:
     import torchvision
 
     import prunekit
+    from prunekit.graph.trace import call_model
     from prunekit.pruner import TOL
 
     torch.manual_seed(0)
@@ -142,7 +143,7 @@ def run_one(name: str, family: str) -> dict:
     row["frozen_by_validation"] = frozen
     row["equiv_err"] = err
     with torch.no_grad():
-        out = prunekit.graph.trace.call_model(model, x)
+        out = call_model(model, x)
     row["out_scale"] = max(float(t.detach().abs().max()) for t in
                            torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.numel())
     after = prunekit.count(slim, x)
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
         todo = [(n, f) for n, f in models_for("all") if n in args.models]
     results = load()
     for i, (name, fam) in enumerate(todo):
-        if name in results and not args.force:
+        if name in results and "error" not in results[name] and not args.force:
             continue
         t = time.perf_counter()
         try:

@@ -10,6 +10,7 @@ Nothing here knows about data, training or the CLI.
 """
 
 from prunekit.graph.groups import ChannelGroup, Member, build_groups
-from prunekit.graph.trace import Tracer, register_module_handler, register_rule, trace
+from prunekit.graph.trace import Tracer, register_module_handler, register_rule
 
-__all__ = ["ChannelGroup", "Member", "Tracer", "build_groups", "register_module_handler", "register_rule", "trace"]
+# ``trace`` stays a submodule here (``prunekit.trace`` is the function)
+__all__ = ["ChannelGroup", "Member", "Tracer", "build_groups", "register_module_handler", "register_rule"]
