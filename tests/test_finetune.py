@@ -34,14 +34,15 @@ def pruned_slices(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_masks_hold_through_training(optimizer):
+@pytest.mark.parametrize("optimizer, schedule, amp", [("sgd", "cosine", None), ("adamw", "step", None),
+                                                     ("sgd", "constant", True)])  # amp on CPU: bfloat16 autocast
+def test_masks_hold_through_training(optimizer, schedule, amp):
     model, _ = sparse_tiny()
     train, evald = loaders()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = finetune(model, train, make_eval_fn(evald), FinetuneConfig(epochs=2, optimizer=optimizer, lr=0.05,
-                                                                     warmup_epochs=0.5, label_smoothing=0.1,
-                                                                     restore_best=False, **QUIET), log=print)
+    cfg = FinetuneConfig(epochs=2, optimizer=optimizer, lr=0.05, schedule=schedule, step_epochs=1, amp=amp,
+                         warmup_epochs=0.5, label_smoothing=0.1, restore_best=False, **QUIET)
+    res = finetune(model, train, make_eval_fn(evald), cfg, log=print)
     assert len(res.history) == 2 and all(h["loss"] is not None for h in res.history), res.history
     assert not torch.equal(before["conv1.weight"], model.conv1.weight), "training did not change the weights"
     for name, sl in pruned_slices(model):

@@ -6,6 +6,8 @@ so a small CNN learns it within an epoch or two and pruning visibly costs accura
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -49,8 +51,8 @@ def loaders(n_train: int = 192, n_eval: int = 64, batch_size: int = 32, seed: in
             DataLoader(TensorDataset(xe, ye), batch_size=64))
 
 
-def trained(seed: int = 0, epochs: int = 3) -> TinyNet:
-    """A TinyNet trained a few epochs on :func:`loaders` (deterministic)."""
+@functools.lru_cache(maxsize=4)
+def _trained_state(seed: int, epochs: int) -> dict[str, torch.Tensor]:
     from prunekit.finetune import FinetuneConfig, finetune
 
     torch.manual_seed(seed)
@@ -58,4 +60,11 @@ def trained(seed: int = 0, epochs: int = 3) -> TinyNet:
     train, _ = loaders(seed=seed)
     finetune(model, train, None, FinetuneConfig(epochs=epochs, optimizer="adamw", lr=1e-2, progress=False),
              log=lambda m: None)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def trained(seed: int = 0, epochs: int = 3) -> TinyNet:
+    """A fresh TinyNet with the weights of a few deterministic training epochs on :func:`loaders` (cached)."""
+    model = TinyNet()
+    model.load_state_dict(_trained_state(seed, epochs))
     return model.eval()

@@ -1,0 +1,174 @@
+"""The workflow verbs through ``main([...])`` on a tiny synthetic job (tests/tinyjob.py), config errors,
+and the HTML report rendered by a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import prunekit
+from prunekit.cli import main
+from prunekit.config import Config, ConfigError, load_config
+from tinyjob import TinyNet
+
+TESTS = Path(__file__).resolve().parent
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    cfg = {"workspace": str(tmp_path / "ws"),
+           "model": {"factory": "tinyjob:TinyNet"},
+           "data": {"loaders": "tinyjob:loaders"},
+           "ana": {"ratios": [0.3, 0.6]},
+           "finetune": {"epochs": 1, "lr": 0.02, "progress": False},
+           "run": {"schedule": [0.3, 0.5]}}
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def trained_checkpoint(tmp_path):
+    from tinyjob import trained
+
+    path = tmp_path / "tiny.pt"
+    torch.save(trained().state_dict(), path)
+    return path
+
+
+def test_run_end_to_end_then_report(tmp_path, trained_checkpoint, capsys):
+    cfg = write_config(tmp_path, model={"checkpoint": str(trained_checkpoint)})
+    rc = main(["run", "-c", str(cfg), "--set", "run.max_drop=0.5", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    ws = tmp_path / "ws"
+    for f in ("config.yaml", "ana.json", "sensitivity.json", "iterative.json", "summary.json",
+              "final/model.safetensors", "final/spec.json", "steps/step2-try0/model/plan.json"):
+        assert (ws / f).exists(), f"run did not write {f}"
+    resolved = yaml.safe_load((ws / "config.yaml").read_text())
+    assert resolved["run"]["max_drop"] == 0.5, "the --set override is not in the saved config"
+    assert resolved["finetune"]["epochs"] == 1
+    summary = json.loads((ws / "summary.json").read_text())
+    assert summary["final"]["macs_reduction"] == pytest.approx(0.5, abs=0.03), summary["final"]
+    slim = prunekit.load_slim(TinyNet(), ws / "final").eval()
+    assert slim(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+
+    assert main(["report", str(ws)]) == 0
+    out = capsys.readouterr().out
+    assert "before" in out and "step 2" in out, out
+    page = (ws / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3, "the report should embed its plots"
+    assert "http://" not in page and "https://" not in page, "the report must be self-contained"
+
+
+def test_ana_prune_finetune_verbs(tmp_path, trained_checkpoint, capsys):
+    cfg = write_config(tmp_path, model={"checkpoint": str(trained_checkpoint)})
+    ws = tmp_path / "ws"
+    assert main(["ana", "-c", str(cfg), "--no-progress"]) == 0
+    assert (ws / "sensitivity.json").exists() and "baseline metric" in capsys.readouterr().out
+    assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.4"]) == 0
+    out = capsys.readouterr().out
+    assert "method sensitivity" in out and (ws / "pruned" / "plan.json").exists(), out
+    assert main(["finetune", "-c", str(cfg), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "best" in out and (ws / "finetuned" / "model.safetensors").exists(), out
+    model = prunekit.load_sparse(TinyNet(), ws / "finetuned")
+    assert prunekit.get_plan(model).pruned, "the fine-tuned model lost its plan"
+    assert main(["report", str(ws)]) == 0, capsys.readouterr().err
+
+
+def test_prune_without_a_goal_is_explained(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert main(["prune", "-c", str(cfg)]) == 2
+    assert "--removal-ratio" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"finetune": {"epoch": 3}}, "unknown key 'finetune.epoch' in the config (did you mean 'epochs'?); valid keys:"),
+    ({"modle": {}}, "unknown key 'modle' in the config (did you mean 'model'?)"),
+    ({"model": {"factory": "no_such_module:Net"}}, "cannot import the model factory 'no_such_module:Net'"),
+    ({"model": {"factory": "tinyjob:TinyNett"}}, "has no attribute 'TinyNett'; did you mean ['TinyNet']"),
+    ({"model": {"factory": "tinyjob"}}, "must name a Python object as 'package.module:name'"),
+    ({"data": {"loaders": None, "dataset": "cifar10", "root": "/no/such/dir"}},
+     "the data set root /no/such/dir does not exist"),
+    ({"data": {"loaders": None, "dataset": "imagenet"}}, "unknown data.dataset 'imagenet'"),
+    ({"finetune": {"optimizer": "adam"}}, "optimizer must be one of"),
+])
+def test_config_errors(tmp_path, capsys, change, message):
+    cfg = write_config(tmp_path, **change)
+    assert main(["ana", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_checkpoint_that_does_not_match(tmp_path, capsys):
+    path = tmp_path / "wide.pt"
+    torch.save(TinyNet(width=16).state_dict(), path)
+    cfg = write_config(tmp_path, model={"checkpoint": str(path)})
+    assert main(["ana", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the model built by tinyjob:TinyNet" in err and "conv1.weight" in err, err
+    cfg = write_config(tmp_path, model={"checkpoint": str(tmp_path / "missing.pt")})
+    assert main(["ana", "-c", str(cfg)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_set_overrides_and_unknown_override(tmp_path, capsys):
+    cfg = load_config(write_config(tmp_path), {"finetune.epochs": 4, "seed": 3})
+    assert cfg.finetune.epochs == 4 and cfg.seed == 3
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        load_config(None, {"finetune.epoch": 4})
+    assert main(["run", "-c", str(write_config(tmp_path)), "--set", "run.stepz=2"]) == 2
+    assert "run.stepz" in capsys.readouterr().err
+
+
+def test_config_round_trips():
+    cfg = Config.from_dict({"model": {"factory": "a.b:c"}, "run": {"target": 0.4, "steps": 2}})
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_report_of_a_missing_or_empty_workspace(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no prunekit results" in capsys.readouterr().err
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install -y chromium to run "
+                                                "the browser check of the HTML report)")
+def test_report_renders_in_a_headless_browser(tmp_path, capsys):
+    """Chromium loads the page and paints it: the screenshot is not blank, and the DOM has every image."""
+    from tinyjob import trained
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(trained().state_dict(), ckpt)
+    cfg = write_config(tmp_path, model={"checkpoint": str(ckpt)}, run={"schedule": [0.4]})
+    assert main(["run", "-c", str(cfg), "--no-progress"]) == 0
+    assert main(["report", str(tmp_path / "ws")]) == 0
+    page = tmp_path / "ws" / "report.html"
+    shot = tmp_path / "shot.png"
+    common = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--user-data-dir={tempfile.mkdtemp()}"]
+    subprocess.run(common + ["--window-size=1000,2400", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120, check=False)
+    assert shot.exists() and shot.stat().st_size > 20_000, "chromium did not render the report"
+    dom = subprocess.run(common + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert "Before and after" in dom.stdout and dom.stdout.count("<img") >= 3, dom.stderr[-2000:]
+    from matplotlib.image import imread
+
+    img = imread(str(shot))
+    assert img[..., :3].std() > 0.05, "the screenshot is blank"
