@@ -1,0 +1,287 @@
+"""The deployment verbs of the ``prunekit`` command: ``transform`` and ``bench``.
+
+Usage::
+
+    # sparse model (save_sparse / 'prunekit prune') -> slim model in three checked formats
+    prunekit transform ws/pruned --factory torchvision.models:resnet18 --output resnet18-slim
+
+    # a torchvision model pruned on the fly to 30% and 50% fewer MACs, timed against the original
+    prunekit bench --model resnet18 --removal-ratio 0.3 0.5
+
+    # your original model against slim models saved by transform (or prunekit.save_slim)
+    prunekit bench --factory mypkg.models:build --slim resnet18-slim --batch-sizes 1 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["register", "cmd_transform", "cmd_bench", "load_factory"]
+
+
+def load_factory(ref: str, kwargs: dict | None = None):
+    """``'package.module:callable'`` -> a zero-argument function building the model."""
+    module, sep, attr = ref.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"--factory must look like package.module:callable, got {ref!r}")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # factories in the current directory, like python -m
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module!r} for --factory {ref}: {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{module!r} has no attribute {attr!r} (--factory {ref})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"--factory {ref} is not callable")
+    kwargs = dict(kwargs or {})
+    return lambda: obj(**kwargs)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape such as 3x224x224, got {text!r}") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"every dimension must be >= 1, got {text!r}")
+    return dims
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--kwargs must be a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--kwargs must be a JSON object, got {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"a removal ratio is a fraction of MACs in (0, 1), got {text!r}")
+    return v
+
+
+def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--factory", metavar="MODULE:CALLABLE", required=required,
+                   help="builds the original (unpruned) model, e.g. torchvision.models:resnet18")
+    p.add_argument("--kwargs", type=_json_dict, default={}, metavar="JSON",
+                   help='keyword arguments for the factory, e.g. \'{"num_classes": 10}\'')
+    p.add_argument("--input-shape", type=_shape, default=(3, 224, 224), metavar="CxHxW",
+                   help="shape of one input without the batch axis (3x224x224); any rank, e.g. 16 or 3x32x32")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``transform`` and ``bench`` sub-commands to ``sub``."""
+    from prunekit.export import DEFAULT_OPSET, FORMATS, ONNX_EXPORTERS
+
+    p = sub.add_parser(
+        "transform", help="turn a saved sparse model into a slim one and export it (safetensors, pt2, onnx)",
+        description="Load a sparse model saved by prunekit.save_sparse or 'prunekit prune' (model.safetensors + "
+                    "plan.json) into a fresh model from --factory, remove the pruned channels, and export the "
+                    "slim model in each format. Every export is reloaded and compared with the PyTorch slim "
+                    "model (max|export - model| <= 1e-4 * (1 + max|model|)) on a batch of --batch and one twice "
+                    "as large (the batch axis is dynamic).",
+        epilog="example: prunekit transform ws/pruned --factory torchvision.models:resnet18 --output resnet18-slim")
+    p.add_argument("sparse_dir", metavar="SPARSE_DIR", help="directory with model.safetensors + plan.json")
+    _model_args(p, required=True)
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for the exported files")
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
+                   help="export formats (default: all three)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the example input (1)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({DEFAULT_OPSET})")
+    p.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default="torchscript",
+                   help="torch.onnx exporter: torchscript (default) or dynamo (needs onnxscript)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch size in pt2 and onnx")
+    p.add_argument("--no-check", action="store_true", help="do not reload and compare the exports")
+    p.set_defaults(func=cmd_transform)
+
+    p = sub.add_parser(
+        "bench", help="time the original model against slim models (PyTorch eager and ONNX Runtime)",
+        description="Measure latency and throughput of the original model and its slim versions in one run, "
+                    "interleaved (each repeat times every model once, in alternating order), and print the "
+                    "MACs ratio next to the measured speed-up. The original comes from --model (a torchvision "
+                    "model with random weights) or --factory; the slim models are pruned on the fly "
+                    "(--removal-ratio) and/or loaded from --slim directories.",
+        epilog="examples: prunekit bench --model resnet18 --removal-ratio 0.3 0.5;  "
+               "prunekit bench --factory torchvision.models:resnet18 --slim resnet18-slim --batch-sizes 1")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="NAME", help="torchvision model name, e.g. resnet50 (random weights)")
+    _bench_args(p, src)
+    p.set_defaults(func=cmd_bench)
+
+
+def _bench_args(p: argparse.ArgumentParser, src) -> None:
+    from prunekit.bench import BACKENDS
+
+    src.add_argument("--factory", metavar="MODULE:CALLABLE",
+                     help="builds the original model instead of --model, e.g. mypkg.models:build")
+    p.add_argument("--kwargs", type=_json_dict, default={}, metavar="JSON",
+                   help='keyword arguments for --factory or the torchvision model, e.g. \'{"num_classes": 10}\'')
+    p.add_argument("--input-shape", type=_shape, default=(3, 224, 224), metavar="CxHxW",
+                   help="shape of one input without the batch axis (3x224x224)")
+    p.add_argument("--removal-ratio", type=_ratio, nargs="+", default=[], metavar="R",
+                   help="prune the original on the fly to remove this fraction of MACs (uniform allocation); "
+                        "several values give several slim models")
+    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this (1)")
+    p.add_argument("--slim", nargs="+", default=[], metavar="DIR",
+                   help="slim models saved by 'prunekit transform' or prunekit.save_slim (needs the original's "
+                        "factory: --factory or --model)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], metavar="N", help="batch sizes (1 32)")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                   help="eager (PyTorch) and/or onnxruntime (default: both)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per model and configuration (3)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per model and configuration (10)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="seconds per configuration; cuts --repeats for slow models (at least 3 repeats)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and ONNX Runtime (default: torch's current count)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON")
+
+
+def _err(verb: str, msg: str, code: int = 2) -> int:
+    print(f"prunekit {verb}: {msg}", file=sys.stderr)
+    return code
+
+
+def cmd_transform(args: argparse.Namespace, out: TextIO) -> int:
+    import torch
+
+    from prunekit.counting import count
+    from prunekit.export import ExportError, export
+    from prunekit.pruner import TOL, max_error
+    from prunekit.slim import to_slim
+    from prunekit.sparse import load_sparse
+
+    if args.batch < 1:
+        return _err("transform", f"--batch must be >= 1, got {args.batch}")
+    src = Path(args.sparse_dir)
+    if not (src / "plan.json").exists() or not (src / "model.safetensors").exists():
+        return _err("transform", f"{src} is not a sparse model directory (model.safetensors + plan.json, "
+                                 "written by prunekit.save_sparse or 'prunekit prune')")
+    try:
+        factory = load_factory(args.factory, args.kwargs)
+        model = factory().eval()
+    except Exception as exc:  # noqa: BLE001
+        return _err("transform", f"cannot build the model: {exc}")
+    try:
+        load_sparse(model, src)
+    except Exception as exc:  # noqa: BLE001
+        return _err("transform", f"{src} does not load into {args.factory}(): {exc}")
+    x = torch.randn(args.batch, *args.input_shape, generator=torch.Generator().manual_seed(0))
+    slim = to_slim(model).eval()
+    with torch.no_grad():
+        try:
+            err = max_error(model(x), slim(x))
+        except Exception as exc:  # noqa: BLE001
+            return _err("transform", f"the model does not run on an input of shape {tuple(x.shape)} "
+                                     f"(--input-shape): {type(exc).__name__}: {exc}")
+    if not err <= TOL:
+        return _err("transform", f"the slim model differs from the sparse model (relative error {err:.3g} > "
+                                 f"{TOL:g}); prune with Pruner.validate() first", 1)
+    one = x[:1]
+    before, after = count(model, one), count(slim, one)
+    print(f"slim model of {src}: MACs {before.macs / 1e6:.2f} M -> {after.macs / 1e6:.2f} M "
+          f"({before.macs / max(after.macs, 1):.2f}x fewer), params {before.params:,} -> {after.params:,}; "
+          f"slim vs sparse error {err:.2e} (<= {TOL:g})", file=out)
+    try:
+        paths = export(slim, x, args.output, args.formats, check=not args.no_check, opset=args.opset,
+                       dynamic_batch=not args.static_batch, onnx_exporter=args.onnx_exporter, factory=factory)
+    except ExportError as exc:
+        return _err("transform", str(exc), 1)
+    except (ImportError, ValueError) as exc:
+        return _err("transform", str(exc))
+    manifest = json.loads((Path(args.output) / "export.json").read_text())
+    checks = (manifest.get("check") or {}).get("results", {})
+    for fmt, path in paths.items():
+        c = checks.get(fmt)
+        verdict = (f"checked: max error {c['max_error']:.2e} <= {c['tol']:g} at batch "
+                   f"{', '.join(map(str, c['batch_sizes']))}") if c else "not checked"
+        print(f"  {fmt:12s} {path}  ({verdict})", file=out)
+    return 0
+
+
+def _torchvision_factory(name: str, kwargs: dict):
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise ValueError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()")
+    return lambda: torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
+    import torch
+
+    from prunekit.bench import bench, environment
+    from prunekit.counting import count
+    from prunekit.prune import prune
+    from prunekit.slim import load_slim
+
+    if not args.removal_ratio and not args.slim:
+        return _err("bench", "give --removal-ratio and/or --slim: something to compare the original with")
+    if args.repeats < 1 or args.warmup < 0 or min(args.batch_sizes) < 1 or args.round_to < 1:
+        return _err("bench", "--repeats, --batch-sizes and --round-to must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        return _err("bench", f"--threads must be >= 1, got {args.threads}")
+    try:
+        factory = (_torchvision_factory(args.model, args.kwargs) if args.model
+                   else load_factory(args.factory, args.kwargs))
+        original = factory().eval()
+    except Exception as exc:  # noqa: BLE001
+        return _err("bench", f"cannot build the model: {exc}")
+    threads = args.threads or torch.get_num_threads()
+    gen = torch.Generator().manual_seed(0)
+    shape = tuple(args.input_shape)
+
+    def inputs(batch: int) -> torch.Tensor:
+        return torch.randn(batch, *shape, generator=gen)
+
+    one = inputs(1)
+    models = {"original": original}
+    for r in args.removal_ratio:
+        res = prune(copy.deepcopy(original), one, removal_ratio=r, mode="slim", round_to=args.round_to,
+                    log=lambda s: None)
+        models[f"slim-{r:.0%}" + (f"-r{args.round_to}" if args.round_to > 1 else "")] = res.model.eval()
+    for d in args.slim:
+        try:
+            models[Path(d).name or d] = load_slim(factory(), d).eval()
+        except Exception as exc:  # noqa: BLE001
+            return _err("bench", f"cannot load the slim model {d} into the original architecture: {exc}")
+    macs = {}
+    for name, m in models.items():
+        try:
+            macs[name] = count(m, one).macs
+        except Exception as exc:  # noqa: BLE001
+            return _err("bench", f"{name} does not run on an input of shape {tuple(one.shape)} (--input-shape): "
+                                 f"{type(exc).__name__}: {exc}")
+    print("MACs per item: " + ", ".join(
+        f"{n} {v / 1e6:.1f} M ({macs['original'] / max(v, 1):.2f}x fewer)" if n != "original" else
+        f"{n} {v / 1e6:.1f} M" for n, v in macs.items()), file=out)
+    env = environment(threads)
+    print(f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, {env['cpu_count']} CPUs, {threads} threads"
+          + (f", GPU {env['gpu']}" if env["gpu"] else ""), file=out)
+    rows = bench(models, inputs, args.batch_sizes, args.backends, warmup=args.warmup, repeats=args.repeats,
+                 time_budget=args.time_budget, threads=threads, out=out)
+    for r in rows:
+        r["macs"] = macs[r["model"]]
+        r["macs_ratio"] = macs["original"] / max(macs[r["model"]], 1)
+    if args.json:
+        from prunekit.plan import atomic_write
+
+        atomic_write(args.json, json.dumps({"environment": env, "rows": rows}, indent=1))
+        print(f"rows written to {args.json}", file=out)
+    return 0
