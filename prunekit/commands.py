@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     goal.add_argument("--removal-ratio", type=float, help="fraction of MACs to remove, e.g. 0.5")
     goal.add_argument("--threshold", type=float, help="largest predicted relative metric loss (needs ana)")
     goal.add_argument("--spec", metavar="PLAN", help="apply a saved plan.json as given")
+    p.add_argument("--start-from", metavar="DIR",
+                   help="start from a fine-tuned sparse model (e.g. WORKSPACE/finetuned) to prune further: its "
+                        "weights are loaded into the original architecture and its pruned channels stay pruned")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("finetune", help="fine-tune the sparse model of 'prunekit prune'",
@@ -186,8 +189,18 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     else:
         raise _config_error("say how much to prune: --removal-ratio R, --threshold T, --spec plan.json, or "
                             "prune.removal_ratio in the config")
+    prev = None
+    if args.start_from:
+        prev = _load_weights(job.model, Path(args.start_from))
     res = prune(job.model, job.inputs, workspace=job.ws, excludes=c.excludes, criterion=c.criterion,
                 log=lambda m: print(m, file=out), **goal, **c.prune.kwargs())
+    if prev is not None:
+        from prunekit.iterative import _contains
+        from prunekit.sparse import apply_plan
+
+        if not _contains(res.plan, prev):
+            apply_plan(job.model, prev)  # merges: the earlier pruned channels stay pruned
+            print("merged the earlier plan: the new one did not contain every earlier pruned channel", file=out)
     metric = job.eval_fn(job.model)
     path = save_sparse(job.model, job.ws.path("pruned"))
     print(f"method {res.method}: MACs {res.macs_before:,} -> {res.macs_after:,} (-{res.macs_reduction:.1%}), "
@@ -196,6 +209,22 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     print(f"sparse model saved in {path}; fine-tune it with: prunekit finetune -w {job.ws.root}"
           + (f" -c {args.config}" if args.config else ""), file=out)
     return 0
+
+
+def _load_weights(model, src: Path):
+    """Load a save_sparse directory's weights into the dense ``model``; returns its plan."""
+    from safetensors.torch import load_model
+
+    from prunekit.plan import PruningPlan
+
+    if not (src / "plan.json").exists():
+        raise _config_error(f"no sparse model in {src} (no plan.json): pass a directory written by "
+                            "'prunekit finetune' or prunekit.save_sparse")
+    try:
+        load_model(model, str(src / "model.safetensors"))
+    except RuntimeError as exc:
+        raise _config_error(f"the sparse model in {src} does not fit the configured model: {exc}") from exc
+    return PruningPlan.load(src / "plan.json")
 
 
 @_guard("finetune")

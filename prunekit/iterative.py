@@ -182,6 +182,8 @@ class IterativePruner:
                      "changed); starting the steps over")
             for d in ("steps", "final"):
                 shutil.rmtree(self.ws.path(d), ignore_errors=True)
+            if self.ws.exists("summary.json"):
+                self.ws.path("summary.json").unlink()
             return fresh
         if state["attempts"]:
             self.log(f"resuming: {len(state['attempts'])} finished step attempt(s) in {self.ws.path(STATE)}")
@@ -264,8 +266,6 @@ class IterativePruner:
         from safetensors.torch import save_model
 
         path = self.ws.path("baseline/model.safetensors")
-        if path.exists():
-            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(".model.safetensors.tmp")
         save_model(self.template, str(tmp))

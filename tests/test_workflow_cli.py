@@ -81,7 +81,15 @@ def test_ana_prune_finetune_verbs(tmp_path, trained_checkpoint, capsys):
     out = capsys.readouterr().out
     assert "best" in out and (ws / "finetuned" / "model.safetensors").exists(), out
     model = prunekit.load_sparse(TinyNet(), ws / "finetuned")
-    assert prunekit.get_plan(model).pruned, "the fine-tuned model lost its plan"
+    first = prunekit.get_plan(model)
+    assert first.pruned, "the fine-tuned model lost its plan"
+    # repeat: prune the fine-tuned model further; earlier pruned channels stay pruned
+    assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.6", "--start-from", str(ws / "finetuned")]) == 0
+    capsys.readouterr()
+    second = prunekit.get_plan(prunekit.load_sparse(TinyNet(), ws / "pruned"))
+    for name, dims in first.pruned.items():
+        for d, idx in dims.items():
+            assert set(idx) <= set(second.pruned[name][d]), f"{name}: earlier pruned channels came back"
     assert main(["report", str(ws)]) == 0, capsys.readouterr().err
 
 
