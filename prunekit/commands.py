@@ -147,6 +147,9 @@ def _guard(verb: str):
                 return fn(args, out)
             except (ConfigError, FileNotFoundError) as exc:
                 return _fail(verb, exc)
+            except KeyboardInterrupt:
+                print(f"prunekit {verb}: interrupted; run the same command again to resume", file=sys.stderr)
+                return 130
             finally:
                 torch.set_num_threads(threads)
 

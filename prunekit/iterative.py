@@ -211,9 +211,13 @@ class IterativePruner:
         prev_ratio, prev_dir = 0.0, None
         cfg = self.config
         for k, goal in enumerate(cfg.schedule_ratios(), start=1):
-            accepted = None
-            for a in range(cfg.max_retries + 1):
-                ratio = round(prev_ratio + (goal - prev_ratio) * cfg.retry_factor ** a, 6)
+            # Reach this step's ratio; a failed attempt is retried with a smaller increment, and
+            # after an accepted smaller increment the rest of the way is tried again from there.
+            # At most max_retries failures per step; the decisions depend only on the recorded
+            # attempts, so a resumed run replays them exactly.
+            a, fails, streak = 0, 0, 0
+            while prev_ratio < goal - 1e-9 and fails <= cfg.max_retries:
+                ratio = round(prev_ratio + (goal - prev_ratio) * cfg.retry_factor ** streak, 6)
                 att = done.get((k, a))
                 if att is None:
                     att = self._attempt(k, a, ratio, prev_dir, sens, baseline)
@@ -223,23 +227,26 @@ class IterativePruner:
                     if not att["accepted"]:
                         msg = (f"step {k}: removal ratio {ratio:.3f} lost {att['drop']:.4f} "
                                f"(> max_drop {cfg.max_drop}) after fine-tuning")
-                        msg += "; retrying with a smaller increment" if a < cfg.max_retries else "; no retries left"
+                        msg += "; retrying with a smaller increment" if fails < cfg.max_retries else "; no retries left"
                         notes.append(msg)
                         self.log(msg)
                     state["notes"] = notes
                     self._save_state(state)
+                a += 1
                 if att["accepted"]:
-                    accepted = att
-                    break
-            if accepted is None:
-                msg = (f"stopped at step {k}: {cfg.max_retries + 1} attempt(s) all missed max_drop={cfg.max_drop}; "
-                       f"keeping the model of step {k - 1}" if k > 1 else
-                       f"stopped at step 1: no attempt met max_drop={cfg.max_drop}; nothing was pruned")
+                    prev_ratio, prev_dir = att["ratio"], self.ws.path(att["dir"])
+                    streak = 0
+                else:
+                    fails += 1
+                    streak += 1
+            if prev_ratio < goal - 1e-9:
+                msg = (f"stopped at step {k}: {fails} attempt(s) missed max_drop={cfg.max_drop}; keeping the model "
+                       f"at removal ratio {prev_ratio:.3f}" if prev_dir is not None else
+                       f"stopped at step {k}: no attempt met max_drop={cfg.max_drop}; nothing was pruned")
                 if msg not in notes:
                     notes.append(msg)
                 self.log(msg)
                 break
-            prev_ratio, prev_dir = accepted["ratio"], self.ws.path(accepted["dir"])
         if prev_ratio < cfg.schedule_ratios()[-1] and prev_dir is not None:
             msg = f"the final removal ratio is {prev_ratio:.3f}, below the planned {cfg.schedule_ratios()[-1]:.3f}"
             if msg not in notes:

@@ -102,15 +102,39 @@ def test_a_step_that_loses_too_much_is_retried_with_a_smaller_increment(tmp_path
     cfg = IterativeConfig(schedule=[0.5], max_drop=0.35, max_retries=2, retry_factor=0.5)
     res = run(tmp_path, model=TinyNet(), eval_fn=nonzero_fraction, config=cfg, log=logs.append,
               train_fn=lambda m, epoch: None)
-    ratios = [a["ratio"] for a in res.attempts]
-    verdicts = [a["accepted"] for a in res.attempts]
-    assert ratios[0] == 0.5 and verdicts[0] is False, res.attempts
-    assert len(ratios) >= 2 and ratios[1] == pytest.approx(0.25), res.attempts
-    assert verdicts[-1] is True and all(a["drop"] <= 0.35 for a in res.attempts if a["accepted"]), res.attempts
+    got = [(a["ratio"], a["accepted"]) for a in res.attempts]
+    # 0.5 loses too much -> half the increment (0.25) passes -> the rest of the way (0.5) fails again -> half of
+    # the remaining increment (0.375) passes -> 0.5 fails a third time: 1 + max_retries failures, stop
+    assert got == [(0.5, False), (0.25, True), (0.5, False), (0.375, True), (0.5, False)], res.attempts
+    assert all(a["drop"] <= 0.35 for a in res.attempts if a["accepted"]), res.attempts
     assert any("retrying with a smaller increment" in n for n in res.notes), res.notes
+    assert any("no retries left" in n for n in res.notes), res.notes
     assert any("retrying" in m for m in logs), logs
-    assert res.final["macs_reduction"] < 0.45, "the final model should be the smaller, accepted step"
+    assert res.final["step"] == "step1-try3", "the final model should be the last accepted smaller step"
+    assert res.final["macs_reduction"] < 0.45, res.final
     assert any("below the planned" in n for n in res.notes), res.notes
+
+
+class Scripted(IterativePruner):
+    """The real steps, with the verdicts of the attempts in ``fail`` forced to 'rejected'."""
+
+    fail: set = set()
+
+    def _attempt(self, k, a, *args):
+        att = super()._attempt(k, a, *args)
+        att["accepted"] = (k, a) not in self.fail
+        return att
+
+
+def test_an_accepted_smaller_increment_continues_to_the_planned_ratio(tmp_path):
+    """A step that fails is split: after the smaller increment passes, the rest is tried from there."""
+    Scripted.fail = {(1, 0)}
+    res = Scripted(TinyNet(), X, nonzero_fraction, train_fn=lambda m, epoch: None, workspace=tmp_path,
+                   config=IterativeConfig(schedule=[0.4], max_retries=1), finetune=FT, ana=ANA, log=QUIET).run()
+    got = [(a["ratio"], a["accepted"]) for a in res.attempts]
+    assert got == [(0.4, False), (0.2, True), (0.4, True)], res.attempts
+    assert res.final["step"] == "step1-try2", res.final
+    assert res.final["macs_reduction"] > res.attempts[1]["macs_reduction"] > 0, res.attempts
 
 
 def test_no_step_meets_the_tolerance_keeps_the_baseline(tmp_path):
