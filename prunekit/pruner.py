@@ -30,8 +30,9 @@ from torch.utils._pytree import tree_flatten
 from prunekit import slim, sparse
 from prunekit.criteria import CRITERIA, group_scores
 from prunekit.graph.groups import ChannelGroup, build_groups
-from prunekit.graph.trace import Tracer, call_model, run_on_meta, single_thread, trace
+from prunekit.graph.trace import ATTENTION_MODES, Tracer, call_model, run_on_meta, single_thread, trace
 from prunekit.plan import PruningPlan
+from prunekit.prepare import prepare
 
 __all__ = ["Pruner", "max_error", "TOL", "ABS_TOL", "REL_TOL"]
 
@@ -77,6 +78,15 @@ class Pruner:
         example_inputs: A tensor, a tuple of positional args, or a dict of keyword args.
         ignore: Module names (or modules) whose tensors must keep every channel.
         criterion: Default importance criterion (see :data:`prunekit.criteria.CRITERIA`).
+        attention: Where a reshape splits a width into ``(heads, head_dim)``: ``"heads"``
+            prunes whole heads (each head's slices of q, k, v and the output projection
+            together; grouped-query attention removes a key/value head with its query heads),
+            ``"head_dim"`` prunes the same positions of every head, ``"auto"`` (default) keeps
+            the factor that the reshape infers (``view(b, n, -1, head_dim)``: heads), else the
+            innermost. ``nn.MultiheadAttention`` always loses whole heads.
+        residual: ``False`` keeps the width of every LayerNorm/RMSNorm-normalised channel
+            group (a transformer's residual stream: embeddings, norms and the projections
+            into it), so only heads and MLP widths are pruned.
 
     Attributes:
         groups: All channel groups; ``[g for g in groups if g.prunable]`` can be pruned.
@@ -85,7 +95,7 @@ class Pruner:
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, ignore: Iterable[str | nn.Module] = (),
-                 criterion: str = "l2") -> None:
+                 criterion: str = "l2", attention: str = "auto", residual: bool = True) -> None:
         _check_inputs(model, example_inputs)
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
@@ -94,9 +104,14 @@ class Pruner:
         self.criterion = criterion
         self.grads: dict[str, torch.Tensor] = {}
         ignore_names = self._resolve_ignore(ignore)
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        self.attention = attention
+        #: modules switched to prunable drop-in subclasses (see :mod:`prunekit.prepare`)
+        self.prepared = prepare(model)
         t0 = time.perf_counter()
         try:
-            self.tracer: Tracer = trace(model, example_inputs)
+            self.tracer: Tracer = trace(model, example_inputs, attention=attention)
         except Exception as exc:
             shapes = [tuple(t.shape) for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
             raise ValueError(
@@ -107,6 +122,10 @@ class Pruner:
             for (tname, _), sp in self.tracer.book.spaces.items():
                 if tname == name or tname.startswith(name + "."):
                     self.tracer.book.fix(sp.ids, f"module '{name}' is ignored by the user")
+        if not residual:
+            for (tname, _), sp in self.tracer.book.spaces.items():
+                if tname in self.tracer.layer_norm_weights:
+                    self.tracer.book.fix(sp.ids, "residual=False: LayerNorm/RMSNorm-normalised widths stay")
         with single_thread():
             self.groups: list[ChannelGroup] = build_groups(self.tracer)
         self.build_seconds = time.perf_counter() - t0
@@ -220,6 +239,8 @@ class Pruner:
         shapes = {n: list(self._tensors()[n].shape) for n in pruned}
         meta = {"criterion": criterion or self.criterion, "groups": chosen,
                 "norm_weights": sorted(self.tracer.norm_weights)}
+        if self.tracer.head_splits:  # which factor of each (heads, head_dim) split was pruned
+            meta["head_splits"] = dict(self.tracer.head_splits)
         return PruningPlan(pruned, shapes, meta)
 
     def prune(self, ratio: float | dict[int, float] | PruningPlan, *, mode: str = "sparse",

@@ -20,7 +20,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
+import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +33,7 @@ import torch.nn as nn
 from prunekit import sparse
 from prunekit.plan import PruningPlan, atomic_write
 
-__all__ = ["to_slim", "register_updater", "slim_spec", "apply_spec", "save_slim", "load_slim"]
+__all__ = ["to_slim", "register_updater", "slim_spec", "apply_spec", "save_slim", "load_slim", "head_split"]
 
 UPDATERS: dict[type, Callable[[nn.Module, dict], None]] = {}
 SPEC_FORMAT = "prunekit-slim-spec"
@@ -136,11 +138,49 @@ def _torchvision_vit(mod, old):
     mod.hidden_dim = mod.conv_proj.out_channels
 
 
+def _lazy(module: str, attr: str) -> Callable[[nn.Module, dict], None]:
+    """An updater that lives in a module imported on first use (optional dependencies)."""
+
+    def fn(mod: nn.Module, old: dict) -> None:
+        getattr(importlib.import_module(module), attr)(mod, old)
+
+    return fn
+
+
 #: updaters for classes we do not import, by "module.QualName"; run on every match after
-#: the per-tensor updaters, for attributes derived from child layers.
+#: the per-tensor updaters, for attributes derived from child layers. ``old`` holds the
+#: shapes before pruning of the module's own tensors (``"weight"``) and of its
+#: descendants' (``"qkv.weight"``).
 NAMED_UPDATERS: dict[str, Callable[[nn.Module, dict], None]] = {
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": _lazy("prunekit.nn.swin", "update_swin_attention"),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": _lazy("prunekit.nn.swin",
+                                                                          "update_swin_attention"),
+    "prunekit.nn.swin.PrunedShiftedWindowAttention": _lazy("prunekit.nn.swin", "update_swin_attention"),
+    "prunekit.nn.swin.PrunedShiftedWindowAttentionV2": _lazy("prunekit.nn.swin", "update_swin_attention"),
 }
+#: updaters for every module of a package, by module-path prefix; run children first, after
+#: the named updaters (e.g. Hugging Face attention attributes and ``config`` fields).
+PACKAGE_UPDATERS: dict[str, Callable[[nn.Module, dict], None]] = {
+    "transformers.": _lazy("prunekit.hf", "update_module"),
+}
+
+_CONTEXT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prunekit_slim_context", default=None)
+
+
+def update_context() -> dict | None:
+    """For updaters: ``{"model", "names", "old_shapes", "head_splits"}`` of the update running."""
+    return _CONTEXT.get()
+
+
+def head_split(mod: nn.Module) -> str | None:
+    """For updaters: ``"heads"`` or ``"head_dim"``, the factor of ``mod``'s (heads, head_dim)
+    reshapes that the plan being applied pruned (None when unknown or not split)."""
+    ctx = _CONTEXT.get()
+    if not ctx:
+        return None
+    name = ctx["names"].get(id(mod))
+    return ctx["head_splits"].get(name if name else "<root>")
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -149,17 +189,23 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _resize(model: nn.Module, name: str, new: torch.Tensor) -> None:
+    """Replace tensor ``name`` by ``new``, and every other name of the same (tied) tensor."""
     mod, leaf = _owner(model, name)
     if leaf in mod._parameters:
         old = mod._parameters[leaf]
-        mod._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
+        new = nn.Parameter(new, requires_grad=old.requires_grad)
     elif leaf in mod._buffers:
-        mod._buffers[leaf] = new
+        old = mod._buffers[leaf]
     else:
         raise KeyError(f"{name} is neither a parameter nor a buffer")
+    for owner in model.modules():
+        for store in (owner._parameters, owner._buffers):
+            for k, t in store.items():
+                if t is old:
+                    store[k] = new
 
 
-def _update_modules(model: nn.Module, names, old_shapes: dict[str, list[int]]) -> None:
+def _update_modules(model: nn.Module, names, old_shapes: dict[str, list[int]], meta: dict | None = None) -> None:
     touched: dict[str, dict] = {}
     for name in names:
         mod_name, _, leaf = name.rpartition(".")
@@ -169,10 +215,31 @@ def _update_modules(model: nn.Module, names, old_shapes: dict[str, list[int]]) -
         fn = _updater(mod)
         if fn is not None:
             fn(mod, touched[mod_name])
-    for mod_name, mod in model.named_modules():  # parents with attributes derived from children
-        fn = NAMED_UPDATERS.get(f"{type(mod).__module__}.{type(mod).__qualname__}")
-        if fn is not None:
-            fn(mod, touched.get(mod_name, {}))
+    mods = list(model.named_modules())
+    token = _CONTEXT.set({"head_splits": dict((meta or {}).get("head_splits", {})),
+                          "names": {id(m): n for n, m in mods}, "model": model,
+                          "old_shapes": {n: old_shapes[n] for n in names}})
+    try:
+        for mod_name, mod in mods:  # parents with attributes derived from children
+            fn = NAMED_UPDATERS.get(f"{type(mod).__module__}.{type(mod).__qualname__}")
+            if fn is not None:
+                fn(mod, _old_below(mod_name, names, old_shapes))
+        if any(type(m).__module__.startswith(p) for _, m in mods for p in PACKAGE_UPDATERS):
+            for mod_name, mod in reversed(mods):  # children first
+                qual = f"{type(mod).__module__}.{type(mod).__qualname__}"
+                for prefix, fn in PACKAGE_UPDATERS.items():
+                    if qual.startswith(prefix):
+                        fn(mod, _old_below(mod_name, names, old_shapes))
+    finally:
+        _CONTEXT.reset(token)
+
+
+def _old_below(mod_name: str, names, old_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Old shapes of a module's own tensors (``"weight"``) and its descendants' (``"q.weight"``)."""
+    if not mod_name:
+        return {n: old_shapes[n] for n in names}
+    pre = mod_name + "."
+    return {n[len(pre):]: old_shapes[n] for n in names if n.startswith(pre)}
 
 
 @contextlib.contextmanager
@@ -214,15 +281,18 @@ def to_slim(model: nn.Module, plan: PruningPlan | None = None, inplace: bool = F
             for d in sorted(dims):
                 new = new.index_select(d, plan.keep_index(name, d).to(t.device))
             _resize(slim, name, new.clone())
-    _update_modules(slim, list(plan.pruned), plan.shapes)
+    _update_modules(slim, list(plan.pruned), plan.shapes, plan.meta)
     object.__setattr__(slim, "_prunekit_spec", slim_spec_from_plan(plan))
     return slim
 
 
 def slim_spec_from_plan(plan: PruningPlan) -> dict:
-    return {"format": SPEC_FORMAT, "version": 1,
+    spec = {"format": SPEC_FORMAT, "version": 1,
             "shapes": {n: plan.new_shape(n) for n in plan.pruned},
             "original_shapes": {n: plan.shapes[n] for n in plan.pruned}}
+    if plan.meta.get("head_splits"):
+        spec["head_splits"] = plan.meta["head_splits"]
+    return spec
 
 
 def slim_spec(model: nn.Module) -> dict:
@@ -250,7 +320,7 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
                              f"shape {want}: wrong architecture or configuration")
         old[name] = list(t.shape)
         _resize(model, name, torch.empty(shape, dtype=t.dtype, device=t.device))
-    _update_modules(model, list(spec["shapes"]), old)
+    _update_modules(model, list(spec["shapes"]), old, spec)
     object.__setattr__(model, "_prunekit_spec", spec)
     return model
 

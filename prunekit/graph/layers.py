@@ -187,6 +187,8 @@ def _layer_norm(tr, name, func, args, kwargs, out):
         if d in lab:
             tr.fix(lab[d][0], f"'{name}' normalises over several channel dims")
     _masked_norm(tr, name, x, x.ndim - 1, w, b, 1, out)
+    if w is not None and tr.name_of(w) is not None:
+        tr.layer_norm_weights.add(tr.name_of(w))
 
 
 @register_rule("group_norm")
@@ -324,10 +326,9 @@ def _sdpa(tr, name, func, args, kwargs, out):
     sk = batch[n - (k.ndim - 2):] + "SE"
     sv = batch[n - (v.ndim - 2):] + "SV"
     if _arg(args, kwargs, 7, "enable_gqa", False) and k.ndim > 2 and k.shape[-3] != q.shape[-3]:
-        for t in (q, k, v):
-            ent = tr.get(t).get(t.ndim - 3)
-            if ent is not None:
-                tr.fix(ent[0], "grouped-query attention heads")
+        # grouped-query attention: query head i reads key/value head i // (Hq / Hkv); seen
+        # as repeated key/value heads, a group's query heads go with their key/value head
+        k, v = (_repeat_heads(tr, t, q.shape[-3] // t.shape[-3]) for t in (k, v))
     # scores = q k^T (contract E), out = softmax(scores) v (contract S)
     bshape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     scores = torch.empty(*bshape, q.shape[-2], k.shape[-2])
@@ -339,6 +340,18 @@ def _sdpa(tr, name, func, args, kwargs, out):
     if ent is not None:
         res[out.ndim - 2] = ent
     tr.set(out, res)
+
+
+def _repeat_heads(tr: Tracer, t: torch.Tensor, rep: int) -> torch.Tensor:
+    """A stand-in for ``t.repeat_interleave(rep, dim=-3)`` carrying the repeated labels."""
+    shape = list(t.shape)
+    shape[-3] *= rep
+    proxy = torch.empty(shape, device="meta")
+    lab = {}
+    for d, (ids, z) in tr.get(t).items():
+        lab[d] = (ids.repeat_interleave(rep) if d == t.ndim - 3 else ids, z)
+    tr.set(proxy, lab)
+    return proxy
 
 
 _MHA_SIG = inspect.signature(F.multi_head_attention_forward)

@@ -165,8 +165,12 @@ def _varying(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return t, vary
 
 
-def _canon(tr: Tracer, name: str, t: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-    """Reduce a tensor of channel ids to ``(dim, ids)``; tie dims when ids vary along several."""
+def _canon(tr: Tracer, name: str, t: torch.Tensor,
+           shape: list[int] | None = None) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """Reduce a tensor of channel ids to ``(dim, ids)``; tie dims when ids vary along several.
+
+    ``shape``: for a view/reshape/unflatten, the output sizes as given (``-1``: inferred).
+    """
     c, vary = _varying(t)
     if not vary:
         v = c.reshape(-1)[:1].long()
@@ -177,23 +181,38 @@ def _canon(tr: Tracer, name: str, t: torch.Tensor) -> tuple[int, torch.Tensor, t
     # ids vary along several dims (a channel dim split in two, pixel shuffle, cat along a
     # non-channel dim): keep the innermost dim whose slices hold disjoint ids prunable and
     # couple positions along the others, so the pruned layout stays a valid product.
+    # A reshape into (heads, head_dim) may keep the heads factor instead (Tracer.attention).
     n = tr.book.n
-    choice = None
-    for k in reversed(vary):
+
+    def disjoint(k: int) -> bool:
         rows = c.movedim(k, 0).reshape(c.shape[k], -1).long()
         pos = torch.arange(rows.shape[0]).unsqueeze(1).expand_as(rows)
         ok = rows >= 0
         ids, at = rows[ok], pos[ok]
         lo = torch.full((n,), rows.shape[0], dtype=torch.long).scatter_reduce(0, ids, at, "amin")
         hi = torch.full((n,), -1, dtype=torch.long).scatter_reduce(0, ids, at, "amax")
-        if bool((lo[ids] == hi[ids]).all()):
-            choice = k
-            break
+        return bool((lo[ids] == hi[ids]).all())
+
+    order = list(reversed(vary))
+    reshape = name in RESHAPE_OPS
+    shape = shape if shape is not None and len(shape) == c.ndim else None
+    if reshape and tr.attention == "heads":
+        order.insert(0, vary[-2])
+    elif reshape and tr.attention == "auto" and shape is not None and -1 in shape and shape.index(-1) in vary:
+        order.insert(0, shape.index(-1))
+    choice = next((k for k in order if disjoint(k)), None)
     if choice is None:
         tr.fix(c.long().reshape(-1), f"'{name}' scatters channels in a way that cannot be pruned")
         return None
     ref = _distinct_rows(c.movedim(choice, -1).reshape(-1, c.shape[choice]).long())
     tr.union(ref, ref[:1].expand_as(ref))
+    if reshape:
+        tr.head_splits[tr.where()] = "head_dim" if choice == vary[-1] else "heads"
+        if shape is not None and shape[choice] != -1:
+            # a size the module gives explicitly (``view(b, n, -1, self.head_dim)``): every
+            # split of this module with that size must keep the same width (q, k and v)
+            prev = tr.head_dims.setdefault((tr.where(), c.shape[choice]), ref[0])
+            tr.union(prev, ref[0])
     return choice, ref[0], ref.reshape(-1)
 
 
@@ -225,6 +244,33 @@ def _realise(a):
     return a
 
 
+RESHAPE_OPS = ("view", "reshape", "unflatten")
+
+
+def _given_shape(name: str, args, kwargs, out) -> list[int] | None:
+    """The output sizes of a view/reshape/unflatten as its caller gave them (``-1``: inferred)."""
+    try:
+        if name == "unflatten":
+            x, dim = args[0], _arg_or(args, kwargs, 1, "dim")
+            sizes = list(_arg_or(args, kwargs, 2, "sizes"))
+            dim %= x.ndim
+            shape = [-2] * dim + sizes + [-2] * (x.ndim - dim - 1)  # -2: not part of the call
+        else:
+            shape = args[1:] if len(args) > 1 else [kwargs.get("shape", kwargs.get("size"))]
+            if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+                shape = shape[0]
+            shape = list(shape)
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+            return None
+        return shape if isinstance(out, torch.Tensor) and len(shape) == out.ndim else None
+    except (TypeError, ValueError, IndexError, AttributeError, KeyError):
+        return None
+
+
+def _arg_or(args, kwargs, pos: int, key: str):
+    return kwargs[key] if key in kwargs else args[pos]
+
+
 def _layout(tr: Tracer, name: str, func, args, kwargs, out) -> None:
     data = args[0] if args else next(iter(kwargs.values()), None)
     many = isinstance(data, (list, tuple))
@@ -237,6 +283,7 @@ def _layout(tr: Tracer, name: str, func, args, kwargs, out) -> None:
             tr.set(o, {})
         return
     results: list[Labels] = [{} for _ in outs]
+    given = _given_shape(name, args, kwargs, out) if name in RESHAPE_OPS else None
     dims = sorted({d for lab in labs for d in lab})
     for d in dims:
         subs = []
@@ -269,7 +316,7 @@ def _layout(tr: Tracer, name: str, func, args, kwargs, out) -> None:
         res_t = [t for t in tree_flatten(res)[0] if isinstance(t, torch.Tensor)]
         found = []
         for i, r in enumerate(res_t):
-            got = _canon(tr, name, r)
+            got = _canon(tr, name, r, given)
             if got is None:
                 continue
             od, ids, present = got
@@ -317,12 +364,27 @@ def _split_like(tr: Tracer, name: str, func, args, kwargs, out) -> None:
         sizes = {o.shape[dim] for o in out} if isinstance(out, (tuple, list)) and name != "unbind" else set()
         dynamic = name in ("chunk", "tensor_split", "unsafe_chunk") and not (
             len(args) > 1 and isinstance(args[1], (list, tuple)))
+        if not dynamic and name in ("split", "unsafe_split") and _attribute_size(tr, args, kwargs):
+            dynamic = True  # the size is a module attribute that the slim updaters keep in line
         if name == "unbind" or not dynamic or len(sizes) != 1 or n * next(iter(sizes)) != x.shape[dim]:
             tr.fix(ent[0], f"'{name}' cuts the channels at fixed sizes")
         else:
             rows = ent[0].view(n, -1)
             tr.union(rows, rows[:1].expand_as(rows))
     _layout(tr, name, func, args, kwargs, out)
+
+
+#: Module attributes that hold the width of one piece of an equal ``split`` and that the slim
+#: updaters keep in line (e.g. GPT-2's ``split_size``): such a split prunes like ``chunk``.
+SPLIT_SIZE_ATTRS: set[str] = {"split_size"}
+
+
+def _attribute_size(tr: Tracer, args, kwargs) -> bool:
+    size = kwargs.get("split_size", kwargs.get("split_size_or_sections", args[1] if len(args) > 1 else None))
+    if not isinstance(size, int) or isinstance(size, bool):
+        return False
+    mod = tr.current_module()
+    return any(getattr(mod, a, None) == size for a in SPLIT_SIZE_ATTRS)
 
 
 def _acted_dims(name: str, x: torch.Tensor, args, kwargs) -> list[int] | None:

@@ -38,7 +38,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from prunekit.graph.labels import LabelBook
 
-__all__ = ["Tracer", "trace", "call_model", "register_module_handler", "Labels"]
+__all__ = ["Tracer", "trace", "call_model", "register_module_handler", "Labels", "ATTENTION_MODES"]
 
 Labels = dict[int, tuple[torch.Tensor, bool]]
 RuleFn = Callable[["Tracer", str, Callable, tuple, dict, Any], None]
@@ -110,9 +110,18 @@ class _NeedRealValues(RuntimeError):
 class Tracer(TorchFunctionMode):
     """Records channel coupling while the model runs. Use :func:`trace`."""
 
-    def __init__(self, model: nn.Module, stand_ins: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, model: nn.Module, stand_ins: dict[str, torch.Tensor] | None = None,
+                 attention: str = "auto") -> None:
         super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.model = model
+        #: which factor stays prunable where a reshape splits a width into (heads, head_dim)
+        self.attention = attention
+        #: module -> "heads" or "head_dim": the factor kept prunable at its width splits
+        self.head_splits: dict[str, str] = {}
+        #: (module, size) -> ids of the first explicitly sized head_dim split there
+        self.head_dims: dict[tuple[str, int], torch.Tensor] = {}
         self.book = LabelBook()
         self.labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.names: dict[int, str] = {}
@@ -134,6 +143,7 @@ class Tracer(TorchFunctionMode):
         self.module_stack: list[str] = []
         self.warnings: list[str] = []
         self.norm_weights: set[str] = set()  # LayerNorm/GroupNorm weights needing masked stats
+        self.layer_norm_weights: set[str] = set()  # LayerNorm/RMSNorm weights (residual streams)
         self.ops = 0
         self.fake = False
         self._paused = 0
@@ -200,6 +210,16 @@ class Tracer(TorchFunctionMode):
 
     def where(self) -> str:
         return self.module_stack[-1] if self.module_stack else "<root>"
+
+    def current_module(self) -> nn.Module:
+        """The innermost module whose forward is running."""
+        name = self.where()
+        if name == "<root>":
+            return self.model
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            return self.model
 
     def warn(self, msg: str) -> None:
         full = f"{msg} (in module '{self.where()}')"
@@ -320,31 +340,39 @@ def _custom_handlers(tr: Tracer, model: nn.Module) -> Iterator[None]:
 
 
 MODES = ("meta", "fake", "real")
+#: Where a reshape splits a channel dim into several (``(..., heads, head_dim)``), which factor
+#: stays prunable (the others are tied): ``"auto"`` the one given as ``-1`` (inferred, so the
+#: reshape still fits the slim model), else the innermost; ``"heads"`` the factor just outside
+#: the innermost (whole attention heads go); ``"head_dim"`` always the innermost.
+ATTENTION_MODES = ("auto", "heads", "head_dim")
 
 
-def trace(model: nn.Module, example_inputs: Any, mode: str | None = None) -> Tracer:
+def trace(model: nn.Module, example_inputs: Any, mode: str | None = None, attention: str = "auto") -> Tracer:
     """Run ``model`` on ``example_inputs`` in eval mode and record its channel coupling.
 
     Only shapes matter to the channel rules, so by default the model first runs with its
     weights and inputs on the ``meta`` device (no arithmetic: fast even for huge models),
     then on fake tensors, and for real only when its forward needs real values
     (data-dependent control flow). ``mode`` forces one of ``"meta"``, ``"fake"``, ``"real"``.
+    ``attention`` chooses between head and head-dimension pruning (see :data:`ATTENTION_MODES`).
     Model outputs keep all their channels. The model's train/eval mode is restored.
     """
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     if mode is not None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "real":
-            return _trace(model, example_inputs, mode)
+            return _trace(model, example_inputs, mode, attention)
         with single_thread():
-            return _trace(model, example_inputs, mode)
+            return _trace(model, example_inputs, mode, attention)
     for m in MODES[:-1]:
         try:
             with single_thread():
-                return _trace(model, example_inputs, m)
+                return _trace(model, example_inputs, m, attention)
         except Exception:  # noqa: BLE001, S112 - needs real values: try the next mode
             continue
-    return _trace(model, example_inputs, "real")
+    return _trace(model, example_inputs, "real", attention)
 
 
 @contextlib.contextmanager
@@ -392,11 +420,11 @@ def run_on_meta(model: nn.Module, example_inputs: Any) -> Any:
         model.train(was)
 
 
-def _trace(model: nn.Module, example_inputs: Any, mode: str) -> Tracer:
+def _trace(model: nn.Module, example_inputs: Any, mode: str, attention: str = "auto") -> Tracer:
     from prunekit.graph import layers, rules  # noqa: F401  (fill the registries)
 
     stand_ins = _meta_stand_ins(model) if mode == "meta" else None
-    tr = Tracer(model, stand_ins)
+    tr = Tracer(model, stand_ins, attention)
     was_training = {m: m.training for m in model.modules()}
     pre, post = _module_hooks(tr)
     h1 = nn.modules.module.register_module_forward_pre_hook(pre)
