@@ -164,17 +164,17 @@ def group_label(group) -> str:
     return m.module or m.name
 
 
-def _config(pruner: Pruner, excludes, ratios, criterion, lower_is_better) -> dict:
+def _config(pruner: Pruner, excludes, ratios, criterion, lower_is_better, collapse) -> dict:
     return {"model": model_fingerprint(pruner.model), "excludes": sorted(excludes), "ratios": list(ratios),
-            "criterion": criterion, "lower_is_better": lower_is_better,
+            "criterion": criterion, "lower_is_better": lower_is_better, "collapse": collapse,
             "groups": [[m.name for m in g.members][:4] + [g.n_units] for g in pruner.prunable_groups]}
 
 
 def _explain(old: dict, new: dict) -> str:
-    keys = ("model", "excludes", "ratios", "criterion", "lower_is_better", "groups")
+    keys = ("model", "excludes", "ratios", "criterion", "lower_is_better", "collapse", "groups")
     what = [k for k in keys if old.get(k) != new.get(k)]
     names = {"model": "the model's weights or architecture", "excludes": "the excludes", "ratios": "the ratios",
-             "criterion": "the criterion", "lower_is_better": "the metric direction",
+             "criterion": "the criterion", "lower_is_better": "the metric direction", "collapse": "collapse",
              "groups": "the channel groups"}
     return ", ".join(names[w] for w in what) or "the configuration"
 
@@ -209,17 +209,21 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
     Returns:
         The :class:`Sensitivity` over all groups evaluated so far (all ranks).
     """
-    ratios = [float(r) for r in ratios]
+    ratios = sorted({float(r) for r in ratios})  # ascending: a collapsed curve stays collapsed
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise ValueError(f"ratios must be fractions in (0, 1), got {ratios}")
     if not callable(eval_fn):
         raise TypeError(f"eval_fn must be callable, got {type(eval_fn).__name__}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    declared = getattr(eval_fn, "lower_is_better", None)
+    if declared is not None and bool(declared) != bool(lower_is_better):
+        log(f"warning: eval_fn says lower_is_better={declared} but ana got lower_is_better={lower_is_better}; "
+            "a metric in the wrong direction makes every loss look like zero")
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     excludes = list(excludes)
     pruner = pruner or Pruner(model, example_inputs, ignore=excludes, criterion=criterion)
-    config = _config(pruner, excludes, ratios, criterion, lower_is_better)
+    config = _config(pruner, excludes, ratios, criterion, lower_is_better, collapse)
     fname = "ana.json" if world_size == 1 else f"ana.rank{rank}.json"
     state = _load(ws, config, forced, log)
     if "baseline" not in state:
@@ -234,7 +238,16 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="ana", unit="pt")
-    collapsed: dict[int, float] = {}
+    rel = Sensitivity(state["baseline"], lower_is_better, ratios, {})._rel
+    collapsed: dict[int, float] = {}  # group -> metric at which its curve collapsed (also when resuming)
+    for g in mine if collapse is not None else ():
+        for r in ratios:
+            v = state["points"].get(f"{g.id}/{r}")
+            if v is None:
+                break
+            if rel(v) > collapse:
+                collapsed[g.id] = v
+                break
     t0 = time.perf_counter()
     try:
         for g, r in todo:
@@ -245,9 +258,7 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
             else:
                 plan = pruner.plan({g.id: r})
                 state["points"][key] = _evaluate_point(model, plan, prior, eval_fn, args)
-                rel = Sensitivity(state["baseline"], lower_is_better, ratios, {}).\
-                    _rel(state["points"][key])
-                if collapse is not None and rel > collapse:
+                if collapse is not None and rel(state["points"][key]) > collapse:
                     collapsed[g.id] = state["points"][key]
             _save(ws, fname, config, state)
             if bar is not None:
@@ -289,27 +300,33 @@ def _evaluate_point(model, plan, prior, eval_fn, args) -> float:
 
 
 def _load(ws: Workspace, config: dict, forced: bool, log) -> dict:
-    fresh = {"points": {}}
-    if forced or not ws.exists("ana.json"):
+    fresh: dict = {"points": {}}
+    if forced:
         return fresh
-    data = ws.read_json("ana.json")
-    if data.get("format") != FORMAT:
-        log(f"{ws.path('ana.json')} is not a prunekit analysis; starting a new one")
-        return fresh
-    if data.get("config") != config:
-        log(f"cached sensitivity analysis in {ws.root} is stale ({_explain(data.get('config', {}), config)} "
-            "changed); recomputing")
-        for p in ws.glob("ana.rank*.json"):
-            p.unlink()
-        return fresh
-    state = {"points": dict(data.get("points", {}))}
-    if "baseline" in data:
-        state["baseline"] = data["baseline"]
-    for p in ws.glob("ana.rank*.json"):  # results of other ranks
+    state: dict = {"points": {}}
+    if ws.exists("ana.json"):
+        data = ws.read_json("ana.json")
+        if data.get("format") != FORMAT:
+            log(f"{ws.path('ana.json')} is not a prunekit analysis; starting a new one")
+            return fresh
+        if data.get("config") != config:
+            log(f"cached sensitivity analysis in {ws.root} is stale ({_explain(data.get('config', {}), config)} "
+                "changed); recomputing")
+            for p in ws.glob("ana.rank*.json"):
+                p.unlink()
+            return fresh
+        state["points"].update(data.get("points", {}))
+        state["collapsed"] = list(data.get("collapsed", []))
+        state["seconds"] = data.get("seconds", 0.0)
+        if "baseline" in data:
+            state["baseline"] = data["baseline"]
+    for p in ws.glob("ana.rank*.json"):  # this and other ranks' results (also before any merge)
         other = ws.read_json(p.name)
-        if other.get("config") == config:
+        if other.get("format") == FORMAT and other.get("config") == config:
             state["points"].update(other.get("points", {}))
-            state.setdefault("baseline", other.get("baseline"))
+            state["collapsed"] = sorted(set(state.get("collapsed", [])) | set(other.get("collapsed", [])))
+            if "baseline" in other:
+                state.setdefault("baseline", other["baseline"])
     done = len(state["points"])
     if done:
         log(f"reusing {done} analysed points from {ws.path('ana.json')}")
@@ -321,10 +338,13 @@ def _save(ws: Workspace, fname: str, config: dict, state: dict) -> None:
 
 
 def _merge(ws: Workspace, config: dict, state: dict) -> dict:
-    merged = {"baseline": state["baseline"], "points": dict(state["points"])}
+    merged = {**state, "points": {}, "collapsed": set(state.get("collapsed", []))}
     for p in ws.glob("ana*.json"):
         other = ws.read_json(p.name)
         if other.get("format") == FORMAT and other.get("config") == config:
             merged["points"].update(other.get("points", {}))
+            merged["collapsed"] |= set(other.get("collapsed", []))
+    merged["points"].update(state["points"])  # this run's points win (forced=True recomputed them)
+    merged["collapsed"] = sorted(k for k in merged["collapsed"] if k in merged["points"])
     ws.write_json("ana.json", {"format": FORMAT, "version": 1, "config": config, **merged})
     return merged

@@ -156,7 +156,7 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
     if sensitivity is None and ws is not None and ws.exists("sensitivity.json"):
         sensitivity = Sensitivity.from_dict(ws.read_json("sensitivity.json"))
     if sensitivity is not None:
-        known = {g.id: group_label(g) for g in pruner.prunable_groups}
+        known = {g.id: group_label(g) for g in pruner.groups}  # excluded here but analysed: still the same group
         if any(known.get(g) != lab for g, lab in sensitivity.labels.items()):
             notes.append("the sensitivity results do not match this model's groups; ignoring them")
             sensitivity = None
@@ -189,6 +189,7 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
 
         goal = removal_ratio
         target = before.macs * (1 - goal) if goal is not None else None
+        best = None  # (gap, ratios, plan, achieved): the closest attempt, not merely the last one
         for _ in range(6):
             ratios = allocate(target)
             plan = pruner.plan(ratios, round_to=round_to) if ratios else pruner.plan(0.0)
@@ -196,8 +197,11 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
             achieved = 1 - macs_after / before.macs
             if goal is None or abs(achieved - goal) <= tolerance or target is None:
                 break
+            if best is None or abs(achieved - goal) < best[0]:
+                best = (abs(achieved - goal), ratios, plan, achieved)
             target -= (goal - achieved) * before.macs  # correct the prediction's error
         else:
+            _, ratios, plan, achieved = best
             notes.append(f"reached a MACs reduction of {achieved:.3f} for a requested {goal:.3f}")
         if method == "sensitivity":
             predicted = sum(sensitivity.loss(g, r) for g, r in ratios.items())

@@ -1,0 +1,273 @@
+"""The ``prune`` verb: MACs targets reached (measured), threshold mode, constraints, errors.
+
+Most tests use synthetic sensitivity curves (a fixed, different steepness per group) so the
+allocation is exercised on torchvision models without running an analysis; one test runs
+the whole ``ana`` -> ``prune`` path through a workspace.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import prunekit
+from helpers import assert_equivalent, run
+from prunekit.ana import Sensitivity, group_label
+from prunekit.demo_model import DemoNet, randomize_batchnorm
+from prunekit.evaluation import make_eval_fn
+
+RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models: one thread is faster than two, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def demo(seed: int = 0, width: int = 16):
+    torch.manual_seed(seed)
+    return randomize_batchnorm(DemoNet(1, 10, width=width, blocks=2)).eval(), torch.randn(2, 1, 8, 8)
+
+
+def tv(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return getattr(torchvision.models, name)(num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+
+
+MODELS = {"demonet": demo, "resnet18": lambda: tv("resnet18"), "mobilenet_v2": lambda: tv("mobilenet_v2")}
+
+
+def synthetic(model: nn.Module, x, seed: int = 0) -> Sensitivity:
+    """Accuracy-like curves 1 - a_g * r**2 with a steepness a_g per group in [0.05, 2]."""
+    pruner = prunekit.Pruner(model, x)
+    g = torch.Generator().manual_seed(seed)
+    curves, labels, sizes = {}, {}, {}
+    for grp in pruner.prunable_groups:
+        a = 0.05 + 1.95 * float(torch.rand(1, generator=g))
+        curves[grp.id] = {r: 1.0 - a * r * r for r in RATIOS}
+        labels[grp.id] = group_label(grp)
+        sizes[grp.id] = grp.n_units
+    return Sensitivity(1.0, False, list(RATIOS), curves, labels, sizes)
+
+
+def measured_reduction(original: nn.Module, pruned: nn.Module, x) -> float:
+    """1 - MACs(slim pruned) / MACs(original), counted independently of ``prune``."""
+    slim = pruned if not prunekit.sparse.is_sparse(pruned) else prunekit.to_slim(pruned)
+    return 1.0 - prunekit.count(slim, x).macs / prunekit.count(original, x).macs
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+# ----- MACs target -----------------------------------------------------------------------
+@pytest.mark.parametrize("name, R", [("demonet", 0.2), ("demonet", 0.5), ("demonet", 0.8),
+                                     ("resnet18", 0.3), ("resnet18", 0.5), ("resnet18", 0.7),
+                                     ("mobilenet_v2", 0.3), ("mobilenet_v2", 0.6)])
+def test_macs_target_reached_within_one_point(name, R, tmp_path):
+    model, x = MODELS[name]()
+    original = copy.deepcopy(model)
+    sens = synthetic(model, x)
+    res = prunekit.prune(model, x, removal_ratio=R, sensitivity=sens, workspace=tmp_path, mode="slim", log=quiet)
+    assert res.method == "sensitivity", f"curves were given, got method {res.method!r} (notes: {res.notes})"
+    achieved = measured_reduction(original, res.model, x)
+    assert abs(achieved - R) <= 0.01, f"{name}: asked to remove {R:.0%} of the MACs, removed {achieved:.2%}"
+    assert achieved == pytest.approx(res.macs_reduction, abs=1e-9), \
+        f"the reported reduction {res.macs_reduction:.4f} should be the measured {achieved:.4f}"
+    assert len({round(r, 3) for r in res.ratios.values()}) > 1, \
+        f"different curves should give different per-group ratios: {res.ratios}"
+    run(res.model, x)
+
+
+@pytest.mark.parametrize("fallback", ["uniform", "global"])
+def test_without_results_falls_back_and_says_so(fallback, tmp_path):
+    model, x = tv("resnet18")
+    original = copy.deepcopy(model)
+    logs: list[str] = []
+    res = prunekit.prune(model, x, removal_ratio=0.5, workspace=tmp_path, fallback=fallback, log=logs.append)
+    assert res.method == fallback, f"without ana results the method should be {fallback!r}, got {res.method!r}"
+    assert any("no sensitivity results" in m and fallback in m for m in logs), \
+        f"the fallback should be reported: {logs}"
+    achieved = measured_reduction(original, res.model, x)
+    assert abs(achieved - 0.5) <= 0.01, f"{fallback}: removed {achieved:.2%} of the MACs for 50% requested"
+    if fallback == "uniform":
+        ratios = sorted(res.ratios.values())
+        assert ratios[-1] - ratios[0] < 0.02 or ratios[-1] >= 0.89, f"uniform ratios should be equal: {res.ratios}"
+
+
+def test_sensitivity_guided_protects_the_sensitive_group():
+    model, x = demo()
+    sens = synthetic(model, x)
+    steep = max(sens.curves, key=lambda g: 1 - sens.curves[g][0.5])
+    flat = min(sens.curves, key=lambda g: 1 - sens.curves[g][0.5])
+    guided = prunekit.prune(copy.deepcopy(model), x, removal_ratio=0.4, sensitivity=sens, log=quiet)
+    uniform = prunekit.prune(copy.deepcopy(model), x, removal_ratio=0.4, log=quiet)
+    assert guided.ratios.get(steep, 0.0) < guided.ratios.get(flat, 0.0), \
+        f"the steepest curve (group {steep}) should lose less than the flattest ({flat}): {guided.ratios}"
+    uniform_loss = sum(sens.loss(g, r) for g, r in uniform.ratios.items())
+    assert guided.predicted_loss < uniform_loss, \
+        f"guided predicted loss {guided.predicted_loss:.4f} should beat uniform's {uniform_loss:.4f}"
+
+
+# ----- threshold -------------------------------------------------------------------------
+def test_threshold_mode():
+    model, x = demo()
+    sens = synthetic(model, x)
+    results = {}
+    for t in (0.0, 0.02, 0.1, 0.5):
+        res = prunekit.prune(copy.deepcopy(model), x, threshold=t, sensitivity=sens, log=quiet)
+        assert res.method == "sensitivity", f"threshold mode uses the curves, got {res.method}"
+        assert res.predicted_loss <= t + 1e-9, f"threshold {t}: predicted loss {res.predicted_loss} exceeds it"
+        results[t] = res
+    assert results[0.0].macs_after == results[0.0].macs_before, \
+        "no loss tolerated (every curve costs something) prunes nothing"
+    reductions = [results[t].macs_reduction for t in sorted(results)]
+    assert reductions == sorted(reductions) and reductions[-1] > 0.2, \
+        f"a larger threshold should allow a larger reduction: {reductions}"
+    with pytest.raises(ValueError, match="run ana first"):
+        prunekit.prune(copy.deepcopy(model), x, threshold=0.1, log=quiet)
+
+
+# ----- constraints -----------------------------------------------------------------------
+@pytest.mark.parametrize("name, round_to", [("resnet18", 8), ("demonet", 4)])
+def test_round_to_is_honoured(name, round_to, tmp_path):
+    model, x = MODELS[name]()
+    original = copy.deepcopy(model)
+    pruner = prunekit.Pruner(model, x)
+    sizes = {g.id: g.n_units for g in pruner.groups}
+    res = prunekit.prune(model, x, removal_ratio=0.5, sensitivity=synthetic(model, x), round_to=round_to,
+                         workspace=tmp_path, log=quiet)
+    removed = {int(g): len(u) for g, u in res.plan.meta["groups"].items()}
+    assert removed, "something should be pruned"
+    for g, k in removed.items():
+        assert (sizes[g] - k) % round_to == 0, \
+            f"group {g} keeps {sizes[g] - k} of {sizes[g]} channels, not a multiple of {round_to}"
+    achieved = measured_reduction(original, res.model, x)
+    assert abs(achieved - 0.5) <= 0.02, f"round_to={round_to}: removed {achieved:.2%} of the MACs for 50%"
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert json.dumps(saved).count(f'"round_to": {round_to}'), "plan.json should record round_to"
+
+
+def test_at_least_one_channel_kept():
+    model, x = demo(width=4)
+    res = prunekit.prune(model, x, removal_ratio=0.9, max_ratio=0.99, fallback="uniform", mode="slim", log=quiet)
+    for name, m in res.model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            w = m.weight
+            assert min(w.shape[:2] if w.dim() > 1 else w.shape) >= 1, f"{name} lost every channel: {tuple(w.shape)}"
+    out = run(res.model, x)
+    assert out.shape == (2, 10), f"the slim model still classifies: {tuple(out.shape)}"
+
+
+def test_max_ratio_per_group_is_a_cap(tmp_path):
+    model, x = demo()
+    sens = synthetic(model, x)
+    flat = min(sens.curves, key=lambda g: 1 - sens.curves[g][0.5])
+    res = prunekit.prune(model, x, removal_ratio=0.4, sensitivity=sens, max_ratio={flat: 0.25}, log=quiet)
+    assert res.ratios.get(flat, 0.0) <= 0.25 + 1e-9, f"group {flat} capped at 0.25 got {res.ratios.get(flat)}"
+    assert abs(res.macs_reduction - 0.4) <= 0.01, f"the target is still reached: {res.macs_reduction:.3f}"
+
+
+def test_excluded_layers_untouched_even_with_results_from_ana(tmp_path):
+    """ana ran without excludes; prune excludes a layer: the curves still guide, the layer stays."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(DemoNet(1, 10, width=16, blocks=2)).eval()
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    prunekit.ana(model, x[:2], make_eval_fn([(x, y)], "loss"), workspace=tmp_path, ratios=(0.3, 0.6, 0.9),
+                 lower_is_better=True, progress=False, log=quiet)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    excluded = "stage1.1.conv2"  # its input and output channels: the stage-1 residual group stays whole
+    logs: list[str] = []
+    res = prunekit.prune(model, x[:2], removal_ratio=0.3, workspace=tmp_path, excludes=[excluded], log=logs.append)
+    assert res.method == "sensitivity", f"the workspace's ana results should be used: {res.method}, {logs}"
+    touched = [n for n in res.plan.pruned if n.startswith(excluded + ".")]
+    assert not touched, f"the excluded layer must keep every channel; the plan prunes {touched}"
+    for n in ("weight",):
+        t = prunekit.sparse.get_tensor(model, f"{excluded}.{n}")
+        assert torch.equal(t, before[f"{excluded}.{n}"]), f"{excluded}.{n} changed"
+    assert abs(res.macs_reduction - 0.3) <= 0.01, f"removed {res.macs_reduction:.2%} for 30%"
+
+
+def test_unreachable_target_is_reported():
+    """Two groups of 3 channels cannot remove 30% of the MACs within a point: prune says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    logs: list[str] = []
+    res = prunekit.prune(model, x, removal_ratio=0.3, log=logs.append)
+    assert abs(res.macs_reduction - 0.3) > 0.01, f"this target should be out of reach: {res.macs_reduction:.3f}"
+    assert any("reached a MACs reduction" in m for m in logs), f"a missed target should be reported: {logs}"
+    assert abs(res.macs_reduction - 0.3) < 0.15, f"the closest attempt should be kept: {res.macs_reduction:.3f}"
+
+
+# ----- modes, spec, plan -----------------------------------------------------------------
+def test_sparse_and_slim_agree_and_plan_round_trips(tmp_path):
+    model, x = demo()
+    sens = synthetic(model, x)
+    sparse_model = copy.deepcopy(model)
+    a = prunekit.prune(sparse_model, x, removal_ratio=0.5, sensitivity=sens, workspace=tmp_path, log=quiet)
+    assert a.model is sparse_model and prunekit.sparse.is_sparse(a.model), "sparse mode prunes in place"
+    assert all(t.shape == model.state_dict()[n].shape for n, t in a.model.state_dict().items() if n in
+               model.state_dict()), "sparse mode keeps shapes"
+    b = prunekit.prune(copy.deepcopy(model), x, removal_ratio=0.5, sensitivity=sens, mode="slim", log=quiet)
+    assert_equivalent(run(a.model, x), run(b.model, x), "sparse vs slim result of prune")
+    plan_path = tmp_path / "plan.json"
+    meta = json.loads(plan_path.read_text())
+    assert "sensitivity" in json.dumps(meta) and str(a.macs_after) in json.dumps(meta), \
+        "plan.json should record the method and the measured MACs"
+    c = prunekit.prune(copy.deepcopy(model), x, spec=plan_path, mode="slim", log=quiet)
+    assert c.method == "spec" and c.macs_after == a.macs_after, \
+        f"applying the saved plan should reproduce it: {c.macs_after} vs {a.macs_after} MACs"
+    assert_equivalent(run(b.model, x), run(c.model, x), "slim from prune vs slim from its saved plan")
+
+
+def test_spec_by_group_and_layer_name():
+    model, x = demo()
+    pruner = prunekit.Pruner(model, x)
+    g = pruner.prunable_groups[-1]
+    res = prunekit.prune(copy.deepcopy(model), x, spec={group_label(g): 0.5}, log=quiet)
+    assert res.ratios == {g.id: 0.5}, f"a spec by layer name prunes that group only: {res.ratios}"
+    with pytest.raises(ValueError, match="neither a group id nor"):
+        prunekit.prune(copy.deepcopy(model), x, spec={"stage9.conv": 0.5}, log=quiet)
+
+
+# ----- errors ----------------------------------------------------------------------------
+@pytest.mark.parametrize("R", [1.0, 1.5, -0.1, float("nan"), "0.5", True])
+def test_removal_ratio_outside_range(R):
+    model, x = demo()
+    with pytest.raises(ValueError, match=r"removal_ratio must be a number in \[0, 1\)"):
+        prunekit.prune(model, x, removal_ratio=R, log=quiet)
+    assert not prunekit.sparse.is_sparse(model), "a rejected call must not touch the model"
+
+
+def test_unknown_module_in_excludes():
+    model, x = demo()
+    with pytest.raises(ValueError, match=r"'stage2\.0\.convv2' does not exist.*did you mean"):
+        prunekit.prune(model, x, removal_ratio=0.5, excludes=["stage2.0.convv2"], log=quiet)
+
+
+def test_other_bad_arguments():
+    model, x = demo()
+    with pytest.raises(ValueError, match="exactly one of"):
+        prunekit.prune(model, x, removal_ratio=0.5, threshold=0.1, log=quiet)
+    with pytest.raises(ValueError, match="exactly one of"):
+        prunekit.prune(model, x, log=quiet)
+    with pytest.raises(ValueError, match="mode must be"):
+        prunekit.prune(model, x, removal_ratio=0.5, mode="thin", log=quiet)
+    with pytest.raises(ValueError, match="fallback must be"):
+        prunekit.prune(model, x, removal_ratio=0.5, fallback="random", log=quiet)
+    with pytest.raises(ValueError, match="threshold must be a non-negative"):
+        prunekit.prune(model, x, threshold=-1.0, log=quiet)
+    res = prunekit.prune(model, x, removal_ratio=0.0, log=quiet)
+    assert res.macs_after == res.macs_before, "removal_ratio=0 prunes nothing"
