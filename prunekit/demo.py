@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="baseline training epochs (default: " + ", ".join(f"{k} {v}" for k, v in
                                                                          _DEFAULT_EPOCHS.items()) + ")")
     p.add_argument("--finetune-epochs", type=int, default=8, help="fine-tuning epochs per step (8)")
-    p.add_argument("--width", type=int, default=16, help="channels of the first stage (16)")
+    p.add_argument("--width", type=int, default=24, help="channels of the first stage (24)")
     p.add_argument("--blocks", type=int, default=2, help="residual blocks per stage (2)")
     p.add_argument("--criterion", default="l2", help="importance criterion (l1, l2, fpgm, bn_scale)")
     p.add_argument("--seed", type=int, default=0)
