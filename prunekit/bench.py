@@ -92,12 +92,17 @@ def _ort_runner(session, x: torch.Tensor) -> Callable[[], Any]:
     return lambda: session.run(None, feeds)
 
 
-def _time_round(runners: dict[str, Callable[[], Any]], order: list[str]) -> dict[str, float]:
+def _time_round(runners: dict[str, Callable[[], Any]], order: list[str],
+                cpu: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Wall time of one call per model; with ``cpu``, also append the process CPU time."""
     out = {}
     for name in order:
+        c = time.process_time()
         t = time.perf_counter()
         runners[name]()
         out[name] = time.perf_counter() - t
+        if cpu is not None:
+            cpu[name].append(time.process_time() - c)
     return out
 
 
@@ -114,7 +119,8 @@ def bench(models: dict[str, nn.Module], example_input_fn: Callable[[int], torch.
         batch_sizes: Batch sizes to time.
         backends: ``'eager'`` (PyTorch, ``inference_mode``) and/or ``'onnxruntime'`` (each model
             exported to ONNX with a dynamic batch axis and checked against PyTorch first).
-        warmup: Untimed calls per model before each configuration.
+        warmup: Untimed calls per model before each configuration (a warm-up round of all
+            models that takes over a second ends the warm-up).
         repeats: Timed calls per model and configuration (at most).
         min_repeats: Fewest timed calls when ``time_budget`` cuts ``repeats``.
         time_budget: Seconds one configuration (all models) may take; the repeat count is cut
@@ -129,7 +135,9 @@ def bench(models: dict[str, nn.Module], example_input_fn: Callable[[int], torch.
     Returns:
         One JSON-able dict per (model, backend, device, batch): ``median_ms``, ``p25_ms``,
         ``p75_ms``, ``iqr_ms``, ``min_ms``, ``max_ms``, ``throughput`` (items/s at the median),
-        ``speedup`` (vs the first model), ``repeats``, ``torch_threads``,
+        ``speedup`` (vs the first model), ``cpu_median_ms`` and ``cpu_speedup`` (the same from
+        the process CPU time: with one thread, unaffected by other processes taking turns on
+        the cores; with several, it counts idle spinning too), ``repeats``, ``torch_threads``,
         ``ort_intra_op_threads``, ``device``, ``gpu``.
     """
     if not models:
@@ -214,14 +222,17 @@ def _measure(runners: dict[str, Callable[[], Any]], names: list[str], ref: str, 
     last = {n: 0.0 for n in names}
     for i in range(max(warmup, 1 if time_budget else 0)):
         last = _time_round(runners, names if i % 2 == 0 else names[::-1])
+        if sum(last.values()) > 1.0:
+            break  # slow configuration: after one long round, allocators and thread pools are warm
     n_rep = repeats
     if time_budget is not None:
         per_round = max(sum(last.values()), 1e-9)
         n_rep = max(min(min_repeats, repeats), min(repeats, int(time_budget / per_round)))
     log(f"{config['backend']} {config['device']} batch {config['batch']}: {n_rep} repeats")
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(n_rep):
-        got = _time_round(runners, names if r % 2 == 0 else names[::-1])
+        got = _time_round(runners, names if r % 2 == 0 else names[::-1], cpu)
         for n, t in got.items():
             times[n].append(t)
     rows = []
@@ -233,21 +244,24 @@ def _measure(runners: dict[str, Callable[[], Any]], names: list[str], ref: str, 
                      "median_ms": med * 1e3, "p25_ms": q1 * 1e3, "p75_ms": q3 * 1e3, "iqr_ms": (q3 - q1) * 1e3,
                      "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
                      "throughput": config["batch"] / med, "speedup": statistics.median(ratios),
+                     "cpu_median_ms": statistics.median(cpu[n]) * 1e3,
+                     "cpu_speedup": statistics.median(a / max(b, 1e-9) for a, b in zip(cpu[ref], cpu[n])),
                      "reference": ref, "repeats": n_rep, "warmup": warmup,
                      **{k: config[k] for k in ("torch_threads", "ort_intra_op_threads", "gpu")}})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    """A markdown table of :func:`bench` rows."""
+    """A markdown table of :func:`bench` rows (latency = wall clock; CPU = process CPU time)."""
     head = ["model", "backend", "device", "batch", "median ms", "IQR ms", "min-max ms", "items/s", "speed-up",
-            "repeats", "threads"]
+            "CPU ms", "CPU speed-up", "repeats", "threads"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 3 else "--:" for i in range(len(head))) + "|"]
     for r in rows:
         ort_thr = r["ort_intra_op_threads"]
         thr = f"torch {r['torch_threads']}" + (f", ort {ort_thr}" if ort_thr else "")
         cells = [r["model"], r["backend"], r["device"] + (f" ({r['gpu']})" if r.get("gpu") else ""), str(r["batch"]),
                  f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", f"{r['min_ms']:.2f}-{r['max_ms']:.2f}",
-                 f"{r['throughput']:.1f}", f"{r['speedup']:.2f}x", str(r["repeats"]), thr]
+                 f"{r['throughput']:.1f}", f"{r['speedup']:.2f}x", f"{r['cpu_median_ms']:.2f}",
+                 f"{r['cpu_speedup']:.2f}x", str(r["repeats"]), thr]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

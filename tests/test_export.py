@@ -151,7 +151,8 @@ def test_check_catches_a_mismatch(tmp_path):
 
 
 ROW_FIELDS = {"model", "backend", "device", "batch", "median_ms", "p25_ms", "p75_ms", "iqr_ms", "min_ms", "max_ms",
-              "throughput", "speedup", "repeats", "torch_threads", "ort_intra_op_threads", "gpu"}
+              "throughput", "speedup", "cpu_median_ms", "cpu_speedup", "repeats", "torch_threads",
+              "ort_intra_op_threads", "gpu"}
 
 
 @needs_ort
