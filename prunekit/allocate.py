@@ -20,7 +20,7 @@ import torch
 from prunekit.counting import Counts
 from prunekit.graph.groups import ChannelGroup
 
-__all__ = ["MacsModel", "greedy", "uniform", "global_ranking"]
+__all__ = ["MacsModel", "equal_loss", "greedy", "uniform", "global_ranking"]
 
 
 class MacsModel:
@@ -106,6 +106,37 @@ def greedy(model: MacsModel, candidates: list[int], loss: Callable[[int, float],
         r[best] = round(float(r[best]) + step, 6)
         total_loss += max(best_dl, 0.0)
     return {g: float(r[g]) for g in candidates if r[g] > 0}
+
+
+def equal_loss(model: MacsModel, candidates: list[int], loss: Callable[[int, float], float],
+               max_ratio: dict[int, float], target_macs: float, grid: float = 0.01) -> dict[int, float]:
+    """Every group pruned as far as its own curve allows at one common loss level ``tau``.
+
+    ``tau`` is found by bisection to reach the MACs target. Unlike :func:`greedy`, which
+    adds up per-group losses as if they were independent and so pushes the cheapest groups
+    to extreme ratios, this spreads the damage: no group is pruned past the loss any other
+    group is allowed, which is what survives the interaction between groups best.
+    """
+    steps = {}
+    for g in candidates:
+        cap = max_ratio.get(g, 0.9)
+        rs = [round(i * grid, 6) for i in range(int(cap / grid + 1e-9) + 1)]
+        ls, worst = [], 0.0
+        for r in rs:
+            worst = max(worst, loss(g, r))  # monotone: more pruning never predicts less loss
+            ls.append(worst)
+        steps[g] = (torch.tensor(rs, dtype=torch.float64), torch.tensor(ls, dtype=torch.float64))
+
+    def ratios(tau: float) -> torch.Tensor:
+        r = torch.zeros(model.n, dtype=torch.float64)
+        for g, (rs, ls) in steps.items():
+            ok = torch.nonzero(ls <= tau).flatten()
+            r[g] = rs[int(ok[-1])] if ok.numel() else 0.0
+        return r
+
+    finite = [float(ls[torch.isfinite(ls)].max()) for _, ls in steps.values() if torch.isfinite(ls).any()]
+    hi = max(finite, default=0.0) + 1e-6
+    return _bisect(model, candidates, ratios, 0.0, hi, target_macs)
 
 
 def uniform(model: MacsModel, candidates: list[int], max_ratio: dict[int, float],

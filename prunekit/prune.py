@@ -19,7 +19,7 @@ from typing import Any
 import torch.nn as nn
 
 from prunekit import sparse
-from prunekit.allocate import MacsModel, global_ranking, greedy, uniform
+from prunekit.allocate import MacsModel, equal_loss, global_ranking, greedy, uniform
 from prunekit.ana import Sensitivity, group_label
 from prunekit.counting import count
 from prunekit.plan import PruningPlan
@@ -30,6 +30,7 @@ from prunekit.workspace import Workspace
 __all__ = ["prune", "PruneResult", "FALLBACKS"]
 
 FALLBACKS = ("uniform", "global")
+STRATEGIES = ("equal_loss", "greedy")
 
 
 @dataclass
@@ -112,6 +113,7 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
           threshold: float | None = None, spec: Any = None, workspace: str | Workspace | None = None,
           sensitivity: Sensitivity | None = None, excludes: Iterable[str] = (), max_ratio: float | dict = 0.9,
           round_to: int = 1, mode: str = "sparse", criterion: str = "l2", fallback: str = "uniform",
+          strategy: str = "equal_loss",
           tolerance: float = 0.01, log: Callable[[str], None] = print) -> PruneResult:
     """Prune ``model`` to a MACs reduction (``removal_ratio``) or a tolerated loss (``threshold``).
 
@@ -132,7 +134,12 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
         fallback: Without sensitivity results: ``'uniform'`` (one ratio for all groups) or
             ``'global'`` (one criterion threshold across groups).
         tolerance: Allowed gap between achieved and requested MACs reduction.
+        strategy: With sensitivity results and a MACs target: ``'equal_loss'`` (every group
+            pruned up to one common predicted loss) or ``'greedy'`` (least summed predicted
+            loss per MAC, treating groups as independent).
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     given = [x is not None for x in (removal_ratio, threshold, spec)]
     if sum(given) != 1:
         raise ValueError("give exactly one of removal_ratio (fraction of MACs to remove), threshold "
@@ -182,7 +189,9 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
 
         def allocate(target: float | None) -> dict[int, float]:
             if method == "sensitivity":
-                return greedy(mm, cands, sensitivity.loss, caps, target_macs=target, threshold=threshold)
+                if threshold is not None or strategy == "greedy":
+                    return greedy(mm, cands, sensitivity.loss, caps, target_macs=target, threshold=threshold)
+                return equal_loss(mm, cands, sensitivity.loss, caps, target)
             if method == "uniform":
                 return uniform(mm, cands, caps, target)
             return global_ranking(mm, cands, scores, caps, target)
