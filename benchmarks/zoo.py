@@ -223,7 +223,11 @@ def main(argv=None) -> int:
         return 0
     todo = models_for(args.family)
     if args.models:
-        todo = [(n, f) for n, f in models_for("all") if n in args.models]
+        fam_of = {n: f for n, f in models_for("all")}
+        unknown = [n for n in args.models if n not in fam_of]
+        if unknown:
+            ap.error(f"unknown torchvision model(s) {unknown}")
+        todo = [(n, fam_of[n]) for n in args.models]
     results = load()
     for i, (name, fam) in enumerate(todo):
         if name in results and "error" not in results[name] and not args.force:
