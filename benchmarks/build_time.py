@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "build_time.json"
 
 
-def run_one(name: str, repeat: int) -> dict:
+def run_one(name: str, repeat: int, baseline: bool = True) -> dict:
     import torch
     import torchvision
 
@@ -42,6 +42,8 @@ def run_one(name: str, repeat: int) -> dict:
     try:
         import torch_pruning as tp
     except ImportError:
+        tp = None
+    if not baseline:
         tp = None
     for _ in range(repeat):
         t = time.perf_counter()
@@ -67,10 +69,12 @@ def main(argv=None) -> int:
     ap.add_argument("models", nargs="*")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="do not time torch-pruning next to prunekit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        print("ROW " + json.dumps(run_one(args.one, args.repeat)))
+        print("ROW " + json.dumps(run_one(args.one, args.repeat, args.baseline)))
         return 0
     import torchvision
 
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
     for i, name in enumerate(names):
         if name in results and not args.force:
             continue
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--repeat", str(args.repeat)],
+        extra = [] if args.baseline else ["--no-baseline"]
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--repeat", str(args.repeat), *extra],
                               capture_output=True, text=True, timeout=1800)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
         results[name] = json.loads(line[-1][4:]) if line else {"model": name, "error": proc.stderr[-300:]}
