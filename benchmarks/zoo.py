@@ -216,10 +216,20 @@ def main(argv=None) -> int:
                     choices=["classification", "segmentation", "detection", "video", "optical_flow", "all"])
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--table", action="store_true", help="print the table of saved results and exit")
+    ap.add_argument("--earlier", type=Path, help="results of an earlier run, used (marked) for models not in this one")
     ap.add_argument("--one", nargs=2, metavar=("NAME", "FAMILY"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print("ROW " + json.dumps(run_one(*args.one)))
+        return 0
+    if args.table:
+        results = load()
+        if args.earlier and args.earlier.exists():
+            for name, row in json.loads(args.earlier.read_text()).items():
+                if name not in results or "error" in results[name]:
+                    results[name] = {**row, "model": name + " †"}
+        print(table(results, None if args.family == "all" else args.family))
         return 0
     todo = models_for(args.family)
     if args.models:
