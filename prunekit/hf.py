@@ -208,12 +208,19 @@ def _residual_width(model: nn.Module) -> tuple[int, int] | None:
 
 
 def _update_config(model: nn.Module, old: dict) -> None:
+    """Config fields and ``config.prunekit`` of ``model``, the outermost module holding the config
+    (names in the recorded spec are relative to it: a wrapper's ``bert.`` prefix is dropped)."""
     cfg = model.config
+    ctx = _slim.update_context() or {}
+    here = ctx.get("names", {}).get(id(model), "")
+    pre = here + "." if here else ""
+    old_shapes = {k[len(pre):]: v for k, v in ctx.get("old_shapes", old).items() if k.startswith(pre)}
+    splits = {("<root>" if k == here else k[len(pre):]): v for k, v in ctx.get("head_splits", {}).items()
+              if k == here or k.startswith(pre) or (not here and k == "<root>")}
     record = dict(getattr(cfg, "prunekit", None) or {})
     original = record.get("original") or {f: getattr(cfg, f) for f in CONFIG_FIELDS if hasattr(cfg, f)}
     hidden0 = original.get("hidden_size", getattr(cfg, "hidden_size", None))
     inter0 = original.get("intermediate_size") or original.get("n_inner") or (4 * hidden0 if hidden0 else None)
-    old_shapes = (_slim.update_context() or {}).get("old_shapes", old)
     attn, inter = [], []
     for name, m in model.named_modules():
         sizes = attention_sizes(m)
@@ -247,10 +254,9 @@ def _update_config(model: nn.Module, old: dict) -> None:
     if inter0 is not None:
         field = "intermediate_size" if hasattr(cfg, "intermediate_size") else "n_inner"
         set_if_uniform(field, inter)
-    ctx = _slim.update_context() or {}
     record["original"] = original
     record["uniform"] = layers_uniform
-    record["spec"] = _compose_spec(record.get("spec"), model, ctx.get("old_shapes", old), ctx.get("head_splits", {}))
+    record["spec"] = _compose_spec(record.get("spec"), model, old_shapes, splits)
     cfg.prunekit = record
 
 

@@ -177,7 +177,18 @@ def _canon(tr: Tracer, name: str, t: torch.Tensor,
         return None if v.numel() == 0 or int(v[0]) < 0 else (-1, v, v)
     if len(vary) == 1:
         v = c.reshape(-1).long()
-        return vary[0], v, v
+        k = vary[0]
+        if (name in RESHAPE_OPS and shape is not None and len(shape) == t.ndim and k > 0 and shape[k] != -1
+                and shape[k - 1] == -1 and t.shape[k - 1] == 1):
+            # (..., -1, head_dim) with a single head: head_dim is given explicitly, so it can
+            # only change along with the module's attribute (head_dim pruning)
+            if tr.attention == "head_dim":
+                prev = tr.head_dims.setdefault((tr.where(), t.shape[k]), v)
+                tr.union(prev, v)
+            else:
+                tr.fix(v, f"'{name}' splits a width into one head of an explicit head_dim")
+                return None
+        return k, v, v
     # ids vary along several dims (a channel dim split in two, pixel shuffle, cat along a
     # non-channel dim): keep the innermost dim whose slices hold disjoint ids prunable and
     # couple positions along the others, so the pruned layout stays a valid product.
