@@ -62,6 +62,36 @@ def test_demo_bad_arguments(argv, capsys):
     assert main(argv) == 2
 
 
+def _fake_mnist(root, n_train: int = 64, n_test: int = 32) -> None:
+    """A tiny MNIST in torchvision's raw format (idx files): the label is drawn as a bright square."""
+    import struct
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        images = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
+        for i, c in enumerate(labels.tolist()):
+            images[i, 2 * c:2 * c + 8, 4:12] = 255
+        head_images, head_labels = struct.pack(">IIII", 0x803, n, 28, 28), struct.pack(">II", 0x801, n)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(head_images + images.numpy().tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(head_labels + labels.numpy().tobytes())
+
+
+def test_demo_on_a_torchvision_dataset(tmp_path, capsys):
+    """The --dataset path (torchvision loaders, validation split, 28x28 inputs) on a tiny fake MNIST."""
+    pytest.importorskip("torchvision")
+    _fake_mnist(tmp_path / "data")
+    rc = main(["demo", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+               "--finetune-epochs", "1", "--steps", "1", "--target", "0.3", "--max-drop", "0.9", "--width", "4",
+               "--blocks", "1", "--threads", "1", "--workspace", str(tmp_path / "ws"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "mnist (58 train, 6 validation, 32 test)" in out and "test accuracy" in out, out
+    assert (tmp_path / "ws" / "final" / "spec.json").exists()
+
+
 def test_demo_missing_data_dir(tmp_path, capsys):
     rc = main(["demo", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nope"), "--workspace",
                str(tmp_path / "ws")])

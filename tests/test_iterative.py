@@ -158,6 +158,19 @@ def test_an_accepted_smaller_increment_continues_to_the_planned_ratio(tmp_path):
     assert res.final["macs_reduction"] > res.attempts[1]["macs_reduction"] > 0, res.attempts
 
 
+def test_a_new_plan_that_drops_earlier_channels_is_merged(tmp_path):
+    """With the random criterion the larger plan need not contain the earlier one: it is merged."""
+    torch.manual_seed(0)
+    res = run(tmp_path, model=TinyNet(), eval_fn=nonzero_fraction, train_fn=lambda m, epoch: None,
+              criterion="random", config=IterativeConfig(schedule=[0.3, 0.6]))
+    plans = [PruningPlan.load(tmp_path / a["dir"] / "model" / "plan.json") for a in res.attempts]
+    first, second = pruned_units(plans[0]), pruned_units(plans[1])
+    for key, idx in first.items():
+        assert idx <= second.get(key, set()), f"{key}: earlier pruned channels came back"
+    merged = any("merged the previous plan" in n for n in res.notes)
+    assert merged, f"expected the random criterion to need a merge: {res.notes}"
+
+
 def test_no_step_meets_the_tolerance_keeps_the_baseline(tmp_path):
     cfg = IterativeConfig(schedule=[0.5], max_drop=0.0, max_retries=1)
     res = run(tmp_path, model=TinyNet(), eval_fn=nonzero_fraction, config=cfg, train_fn=lambda m, epoch: None)
