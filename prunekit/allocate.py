@@ -135,8 +135,25 @@ def equal_loss(model: MacsModel, candidates: list[int], loss: Callable[[int, flo
         return r
 
     finite = [float(ls[torch.isfinite(ls)].max()) for _, ls in steps.values() if torch.isfinite(ls).any()]
-    hi = max(finite, default=0.0) + 1e-6
-    return _bisect(model, candidates, ratios, 0.0, hi, target_macs)
+    lo, hi = 0.0, max(finite, default=0.0) + 1e-6
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if model.predict(ratios(mid)) > target_macs:
+            lo = mid
+        else:
+            hi = mid
+    # Flat curves make several groups move at the same tau, so MACs jump; blend the last
+    # allocation short of the target with the first one past it to land on the target.
+    r_lo, r_hi = ratios(lo), ratios(hi)
+    a, b = 0.0, 1.0
+    for _ in range(40):
+        mid = (a + b) / 2
+        if model.predict(r_lo + mid * (r_hi - r_lo)) > target_macs:
+            a = mid
+        else:
+            b = mid
+    r = r_lo + b * (r_hi - r_lo)
+    return {g: float(r[g]) for g in candidates if r[g] > 0}
 
 
 def uniform(model: MacsModel, candidates: list[int], max_ratio: dict[int, float],
