@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -420,8 +421,19 @@ def run_on_meta(model: nn.Module, example_inputs: Any) -> Any:
         model.train(was)
 
 
+def _shadow(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer: a meta or fake run
+    may leave meta/fake tensors in Python-level caches (anchor grids, masks), which must not
+    end up in the user's model."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def _trace(model: nn.Module, example_inputs: Any, mode: str, attention: str = "auto") -> Tracer:
     from prunekit.graph import layers, rules  # noqa: F401  (fill the registries)
+
+    if mode != "real":
+        model = _shadow(model)
 
     stand_ins = _meta_stand_ins(model) if mode == "meta" else None
     tr = Tracer(model, stand_ins, attention)
