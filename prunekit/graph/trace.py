@@ -138,6 +138,7 @@ class Tracer(TorchFunctionMode):
         for name, t in self.tensors.items():
             run = stand_ins[name] if stand_ins is not None else t
             self.names.setdefault(id(run), name)
+            self.names.setdefault(id(t), name)  # module handlers may read the real tensor
         self.module_names = {}
         for name, m in model.named_modules(remove_duplicate=False):
             self.module_names.setdefault(id(m), name or "<root>")
@@ -328,7 +329,7 @@ def _custom_handlers(tr: Tracer, model: nn.Module) -> Iterator[None]:
             with tr.paused():
                 out = __orig(*a, **kw)
             with _real():
-                __h(tr, __m, a, kw, out)
+                __h(tr, tr.originals.get(id(__m), __m), a, kw, out)
             return out
 
         mod.forward = fwd
@@ -432,11 +433,15 @@ def _shadow(model: nn.Module) -> nn.Module:
 def _trace(model: nn.Module, example_inputs: Any, mode: str, attention: str = "auto") -> Tracer:
     from prunekit.graph import layers, rules  # noqa: F401  (fill the registries)
 
+    originals = None
     if mode != "real":
-        model = _shadow(model)
+        shadow = _shadow(model)
+        originals = {id(c): o for c, o in zip(shadow.modules(), model.modules())}
+        model = shadow
 
     stand_ins = _meta_stand_ins(model) if mode == "meta" else None
     tr = Tracer(model, stand_ins, attention)
+    tr.originals = originals or {}  # shadow module id -> the user's module (handlers get the latter)
     was_training = {m: m.training for m in model.modules()}
     pre, post = _module_hooks(tr)
     h1 = nn.modules.module.register_module_forward_pre_hook(pre)
