@@ -383,10 +383,10 @@ def test_torchvision_full_size(name):
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(name).eval()
-    with torch.no_grad():  # the classifier heads start at zero: give them values
+    with torch.no_grad():  # ViT's classifier starts at zero: outputs of about unit size
         for m in model.modules():
             if isinstance(m, nn.Linear) and not m.weight.any():
-                m.weight.normal_(0, 0.02)
+                m.weight.normal_(0, m.in_features ** -0.5)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     pruner = prunekit.Pruner(model, x, residual=False)
     assert not pruner.warnings, pruner.warnings
@@ -394,4 +394,6 @@ def test_torchvision_full_size(name):
     slim = pruner.transform()
     gone = shrunk(model, slim)
     assert any("attn" in g or "attention" in g for g in gone) and any("mlp" in g for g in gone), gone
-    assert_equivalent(run(model, x), run(slim, x), f"{name}: slim vs sparse")
+    out = run(model, x)
+    assert float(out.abs().max()) > 0.1, f"{name}: outputs too small for a meaningful check"
+    assert_equivalent(out, run(slim, x), f"{name}: slim vs sparse")
