@@ -9,7 +9,11 @@ Every evaluated point is written to the workspace at once (atomically); a second
 reuses the results unless ``forced=True``, and an interrupted run resumes where it stopped.
 The results are invalidated, with a message, when the model, the excludes, the ratios or
 the criterion change. ``rank``/``world_size`` split the work over processes; their results
-merge in the same workspace.
+merge in the same workspace. Under ``torchrun`` (see :mod:`prunekit.distributed`) they default
+to the process group's: each rank evaluates its share of the groups and writes
+``ana.rank<r>.json``, then rank 0 merges everything into ``ana.json`` and every rank gets the
+whole result. A rank that dies loses only its unfinished points: a rerun, on any number of
+processes, reuses every point any rank saved.
 
 Example:
     >>> import tempfile, torch, torch.nn as nn
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from prunekit import distributed as pdist
 from prunekit import sparse
 from prunekit.pruner import Pruner
 from prunekit.workspace import Workspace, model_fingerprint
@@ -148,7 +153,8 @@ class Sensitivity:
 
 
 def _score(eval_fn: Callable, model: nn.Module, args: Sequence) -> float:
-    value = eval_fn(model, *args)
+    with pdist.local():  # every rank evaluates its own points: no collectives inside eval_fn
+        value = eval_fn(model, *args)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -182,7 +188,7 @@ def _explain(old: dict, new: dict) -> str:
 def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], args: Sequence = (), *,
         workspace: str | Workspace, excludes: Iterable[str] = (), ratios: Sequence[float] = DEFAULT_RATIOS,
         criterion: str = "l2", forced: bool = False, lower_is_better: bool = False,
-        collapse: float | None = 0.5, rank: int = 0, world_size: int = 1, progress: bool = True,
+        collapse: float | None = 0.5, rank: int | None = None, world_size: int | None = None, progress: bool = True,
         pruner: Pruner | None = None, log: Callable[[str], None] = print) -> Sensitivity:
     """Measure each prunable group's sensitivity; resumable, cached in ``workspace``.
 
@@ -202,6 +208,8 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
         collapse: Stop a group's curve once its relative loss exceeds this (remaining
             ratios are recorded with the collapsed value). ``None`` never stops early.
         rank, world_size: Evaluate only this rank's share of the groups; results merge.
+            Default: the ``torchrun`` process group's (then the ranks wait for each other and
+            rank 0 merges), else 0 and 1.
         progress: Show a progress bar with ETA (tqdm).
         pruner: Reuse an existing :class:`Pruner` for ``model``.
         log: Where messages go.
@@ -214,6 +222,12 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
         raise ValueError(f"ratios must be fractions in (0, 1), got {ratios}")
     if not callable(eval_fn):
         raise TypeError(f"eval_fn must be callable, got {type(eval_fn).__name__}")
+    pdist.init_if_needed()
+    together = pdist.collective() and world_size in (None, pdist.world_size()) and rank in (None, pdist.rank())
+    world_size = (pdist.world_size() if together else 1) if world_size is None else world_size
+    rank = (pdist.rank() if together else 0) if rank is None else rank
+    if together and rank != 0:
+        log, progress = (lambda m: None), False  # rank 0 reports
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     declared = getattr(eval_fn, "lower_is_better", None)
@@ -225,7 +239,19 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
     pruner = pruner or Pruner(model, example_inputs, ignore=excludes, criterion=criterion)
     config = _config(pruner, excludes, ratios, criterion, lower_is_better, collapse)
     fname = "ana.json" if world_size == 1 else f"ana.rank{rank}.json"
-    state = _load(ws, config, forced, log)
+    if together:  # rank 0 reads (and cleans) the workspace, measures the baseline, tells the others
+        state = None
+        if rank == 0:
+            if forced:
+                for p in ws.glob("ana.rank*.json"):
+                    p.unlink()
+            state = _load(ws, config, forced, log)
+            if "baseline" not in state:
+                state["baseline"] = _score(eval_fn, model, args)
+                _save(ws, fname, config, state)
+        state = pdist.broadcast_object(state)
+    else:
+        state = _load(ws, config, forced, log)
     if "baseline" not in state:
         state["baseline"] = _score(eval_fn, model, args)
         _save(ws, fname, config, state)
@@ -268,7 +294,11 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
             bar.close()
     state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
     _save(ws, fname, config, state)
-    merged = _merge(ws, config, state)
+    if together:  # every rank's points are in its file: rank 0 merges, the others get the result
+        pdist.barrier()
+        merged = pdist.broadcast_object(_merge(ws, config, state) if rank == 0 else None)
+    else:
+        merged = _merge(ws, config, state)
     sens = Sensitivity(merged["baseline"], lower_is_better, ratios, {}, {}, {})
     for g in groups:
         pts = {r: merged["points"][f"{g.id}/{r}"] for r in ratios if f"{g.id}/{r}" in merged["points"]}
@@ -276,11 +306,14 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
             sens.curves[g.id] = pts
             sens.labels[g.id] = group_label(g)
             sens.sizes[g.id] = g.n_units
-    ws.write_json("sensitivity.json", sens.to_dict())
-    if sens.curves:
-        tmp = ws.path(".sensitivity.tmp.png")
-        if sens.plot(str(tmp)):
-            tmp.replace(ws.path("sensitivity.png"))
+    if not together or rank == 0:
+        ws.write_json("sensitivity.json", sens.to_dict())
+        if sens.curves:
+            tmp = ws.path(".sensitivity.tmp.png")
+            if sens.plot(str(tmp)):
+                tmp.replace(ws.path("sensitivity.png"))
+    if together:
+        pdist.barrier()  # the workspace is complete when any rank returns
     return sens
 
 

@@ -16,6 +16,10 @@ flags override the config, and the resolved config is saved in the workspace as
 
 Then ``prunekit run -c config.yaml`` does ana -> (prune -> finetune) x steps -> slim, and
 ``prunekit report ws-resnet18`` writes the HTML report.
+
+``ana``, ``finetune`` and ``run`` also run under ``torchrun --nproc_per_node N`` (see
+:mod:`prunekit.distributed`): the process group starts by itself, rank 0 prints and writes the
+workspace. The other verbs run on rank 0 only.
 """
 
 from __future__ import annotations
@@ -116,9 +120,11 @@ class _Job:
         self.search.append(Path.cwd())
         self.ws = Workspace(self.cfg.workspace)
         self.ws.root.mkdir(parents=True, exist_ok=True)
+        from prunekit import distributed as pdist
         from prunekit.plan import atomic_write
 
-        atomic_write(self.ws.path("config.yaml"), dump_config(self.cfg))
+        if pdist.is_main():
+            atomic_write(self.ws.path("config.yaml"), dump_config(self.cfg))
         self.model = loading.build_model(self.cfg.model, self.search)
         if need_data:
             self.train, self.evald = loading.build_loaders(self.cfg.data, self.cfg.seed, self.search)
@@ -132,14 +138,23 @@ def _fail(verb: str, exc: Exception) -> int:
     return 2
 
 
-def _guard(verb: str):
-    """Turn configuration errors into a message and exit status 2."""
+def _guard(verb: str, distributed: bool = False):
+    """Turn configuration errors into a message and exit status 2. Under ``torchrun`` a
+    ``distributed`` verb starts the process group and prints on rank 0 only; any other verb
+    runs on rank 0 alone."""
     def deco(fn):
         def wrapper(args: argparse.Namespace, out: TextIO) -> int:
+            import os
+
             import torch
 
+            from prunekit import distributed as pdist
             from prunekit.config import ConfigError
 
+            if not distributed and os.environ.get("RANK", "0") != "0":
+                return 0  # torchrun: one process is enough
+            if distributed and pdist.init_if_needed() and not pdist.is_main():
+                out = open(os.devnull, "w")  # closed at exit
             threads = torch.get_num_threads()
             if args.__dict__.get("threads"):
                 torch.set_num_threads(args.threads)
@@ -161,7 +176,7 @@ def _guard(verb: str):
 
 
 # ----- verbs -----------------------------------------------------------------------------
-@_guard("ana")
+@_guard("ana", distributed=True)
 def cmd_ana(args: argparse.Namespace, out: TextIO) -> int:
     from prunekit.ana import ana
 
@@ -230,7 +245,7 @@ def _load_weights(model, src: Path):
     return PruningPlan.load(src / "plan.json")
 
 
-@_guard("finetune")
+@_guard("finetune", distributed=True)
 def cmd_finetune(args: argparse.Namespace, out: TextIO) -> int:
     from prunekit.finetune import finetune
     from prunekit.sparse import load_sparse, save_sparse
@@ -247,14 +262,16 @@ def cmd_finetune(args: argparse.Namespace, out: TextIO) -> int:
     before = job.eval_fn(model)
     res = finetune(model, job.train, job.eval_fn, job.cfg.finetune, workspace=job.ws.path("finetune"),
                    lower_is_better=job.lower, log=lambda m: print(m, file=out))
-    path = save_sparse(model, job.ws.path("finetuned"))
+    from prunekit import distributed as pdist
+
+    path = save_sparse(model, job.ws.path("finetuned")) if pdist.is_main() else job.ws.path("finetuned")
     print(f"{job.cfg.metric}: {before:.4f} before fine-tuning, best {res.best_metric:.4f} at epoch "
           f"{res.best_epoch} of {len(res.history)} (lr {res.lr:g})", file=out)
     print(f"fine-tuned sparse model saved in {path}", file=out)
     return 0
 
 
-@_guard("run")
+@_guard("run", distributed=True)
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     from prunekit.iterative import IterativePruner
 

@@ -11,6 +11,12 @@ finished epoch and ends with the same weights an uninterrupted run would have. E
 reseeds torch's RNG with ``seed + epoch``, which makes the shuffling of a ``DataLoader``
 (and dropout) independent of where the run was interrupted.
 
+Under ``torchrun`` (see :mod:`prunekit.distributed`) the model trains in
+``DistributedDataParallel``: each process gets ``1/N`` of every batch (a
+``DistributedSampler``, the global batch and the schedule unchanged), losses and metrics are
+summed over the processes, only rank 0 writes the workspace, and a checkpoint resumes on any
+number of processes.
+
 Example:
     >>> import torch, torch.nn as nn
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -38,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
+from prunekit import distributed as pdist
 from prunekit import sparse
 from prunekit.graph.trace import call_model
 from prunekit.workspace import Workspace
@@ -205,6 +212,18 @@ def _score(eval_fn: Callable, model: nn.Module) -> float:
     return float(v)
 
 
+def _score_all(eval_fn: Callable, model: nn.Module) -> float:
+    """The metric, the same on every process: a collective ``eval_fn`` (``shard_eval_fn``) runs on
+    all of them and sums its parts; any other runs on rank 0 alone and is broadcast."""
+    if not pdist.collective() or getattr(eval_fn, "collective", False):
+        return _score(eval_fn, model)
+    value = None
+    if pdist.is_main():
+        with pdist.local():
+            value = _score(eval_fn, model)
+    return pdist.broadcast_object(value)
+
+
 def _better(a: float, b: float | None, lower: bool) -> bool:
     return b is None or (a < b if lower else a > b)
 
@@ -290,7 +309,10 @@ class _Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        sparse.reapply_masks(self.model)  # e.g. a GradScaler that skipped the last step
+        if pdist.collective():
+            pdist.sync_buffers(self.model)  # BatchNorm statistics: rank 0's, as DDP has them before a forward
+            loss_sum, n = pdist.all_reduce_sum([loss_sum, n])  # the mean over every process's batches
+        sparse.reapply_masks(pdist.unwrap(self.model))  # e.g. a GradScaler that skipped the last step
         return loss_sum / max(n, 1)
 
     def state_dict(self) -> dict:
@@ -339,7 +361,9 @@ def finetune(model: nn.Module, train_loader: Iterable | None, eval_fn: Callable[
         workspace: Directory for ``checkpoint.pt`` (per epoch) and ``best.pt``.
         train_fn: Your own training for one epoch, ``train_fn(model, epoch)`` (epoch is
             0-based); it replaces the built-in loop, while evaluation, the best weights and
-            the per-epoch checkpoints stay (your optimizer's state is yours to keep).
+            the per-epoch checkpoints stay (your optimizer's state is yours to keep). Under
+            ``torchrun`` it gets the ``DistributedDataParallel`` model; split your data with
+            :func:`prunekit.distributed.shard_loader`.
         loss_fn: ``loss_fn(output, target) -> scalar`` for the built-in loop (default:
             cross-entropy with ``label_smoothing``).
         lower_is_better: The metric is a loss.
@@ -355,17 +379,24 @@ def finetune(model: nn.Module, train_loader: Iterable | None, eval_fn: Callable[
     if cfg.device:
         model.to(cfg.device)
     ws = workspace if isinstance(workspace, Workspace) or workspace is None else Workspace(workspace)
+    pdist.init_if_needed()
+    on, main = pdist.collective(), pdist.is_main()  # several processes; this one writes and prints
+    if on and not main:
+        cfg = FinetuneConfig(**{**cfg.to_dict(), "progress": False})
+        log = lambda m: None  # noqa: E731
     signature = _signature(model, cfg)
-    state = _load_checkpoint(ws, signature, log)
+    state = pdist.broadcast_object(_load_checkpoint(ws, signature, log, on) if main else None)
+    net = pdist.wrap_ddp(model) if on else model  # trains; `model` (unwrapped) is evaluated and saved
+    loader = pdist.shard_loader(train_loader, cfg.seed) if on and train_fn is None else train_loader
     trial: dict[float, float] = {}
     if state is not None:
         trial = {float(k): v for k, v in state["trial"].items()}
         lr = state["lr"]
     elif cfg.lr_trial and train_fn is None:
-        trial, lr = _lr_trial(model, train_loader, eval_fn, cfg, loss_fn, lower_is_better, log)
+        trial, lr = _lr_trial(model, loader, eval_fn, cfg, loss_fn, lower_is_better, log, net)
     else:
         lr = cfg.lr
-    trainer = _Trainer(model, train_loader or [], cfg, lr, loss_fn) if train_fn is None else None
+    trainer = _Trainer(net, loader or [], cfg, lr, loss_fn) if train_fn is None else None
     history: list[dict] = []
     best_metric: float | None = None
     best_epoch, start = 0, 0
@@ -376,12 +407,14 @@ def finetune(model: nn.Module, train_loader: Iterable | None, eval_fn: Callable[
             trainer.load_state_dict(state["trainer"])
         history, best_metric, best_epoch = state["history"], state["best_metric"], state["best_epoch"]
         start = state["epoch"]
-        best_state = torch.load(ws.path("best.pt"), weights_only=True) if ws and ws.exists("best.pt") else None
+        best_state = pdist.broadcast_object(
+            torch.load(ws.path("best.pt"), weights_only=True, map_location="cpu" if on else None)
+            if main and ws and ws.exists("best.pt") else None)
         log(f"resuming fine-tuning after epoch {start} of {cfg.epochs} ({ws.root})")
     elif eval_fn is not None:
-        best_metric = _score(eval_fn, model)  # the starting point counts: never end worse than it
+        best_metric = _score_all(eval_fn, model)  # the starting point counts: never end worse than it
         best_state = _snapshot(model) if cfg.restore_best else None
-        if ws is not None and best_state is not None:
+        if ws is not None and best_state is not None and main:
             atomic_torch_save(best_state, ws.path("best.pt"))
     bar = None
     if cfg.progress and cfg.epochs - start > 0:
@@ -391,15 +424,17 @@ def finetune(model: nn.Module, train_loader: Iterable | None, eval_fn: Callable[
     try:
         for epoch in range(start, cfg.epochs):
             torch.manual_seed(cfg.seed + epoch)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)  # DistributedSampler: shuffle with seed + epoch
             t0 = time.perf_counter()
             if train_fn is not None:
-                model.train()
-                train_fn(model, epoch)
+                net.train()
+                train_fn(net, epoch)
                 sparse.reapply_masks(model)
                 loss = None
             else:
                 loss = trainer.train_batches(cfg.max_batches, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
-            metric = _score(eval_fn, model) if eval_fn is not None else None
+            metric = _score_all(eval_fn, model) if eval_fn is not None else None
             row = {"epoch": epoch + 1, "loss": loss, "metric": metric,
                    "lr": trainer.opt.param_groups[0]["lr"] if trainer else None,
                    "seconds": round(time.perf_counter() - t0, 3)}
@@ -408,9 +443,9 @@ def finetune(model: nn.Module, train_loader: Iterable | None, eval_fn: Callable[
                 best_metric, best_epoch = metric, epoch + 1
                 if cfg.restore_best:
                     best_state = _snapshot(model)
-                    if ws is not None:
+                    if ws is not None and main:
                         atomic_torch_save(best_state, ws.path("best.pt"))
-            if ws is not None:
+            if ws is not None and main:
                 atomic_torch_save({"format": FORMAT, "signature": signature, "epoch": epoch + 1,
                                    "model": model.state_dict(), "trainer": trainer.state_dict() if trainer else {},
                                    "history": history, "best_metric": best_metric, "best_epoch": best_epoch,
@@ -426,14 +461,15 @@ def finetune(model: nn.Module, train_loader: Iterable | None, eval_fn: Callable[
     if cfg.restore_best and best_state is not None and best_epoch != len(history):
         _restore(model, best_state)
     model.eval()
+    pdist.barrier()  # rank 0's files are written when any process returns
     return FinetuneResult(best_metric, best_epoch, history, lr, trial, start)
 
 
-def _load_checkpoint(ws: Workspace | None, signature: dict, log) -> dict | None:
+def _load_checkpoint(ws: Workspace | None, signature: dict, log, cpu: bool = False) -> dict | None:
     if ws is None or not ws.exists(CHECKPOINT):
         return None
     try:
-        state = torch.load(ws.path(CHECKPOINT), weights_only=True)
+        state = torch.load(ws.path(CHECKPOINT), weights_only=True, map_location="cpu" if cpu else None)
     except Exception as exc:  # noqa: BLE001  (atomic writes: only a foreign file gets here)
         log(f"cannot read {ws.path(CHECKPOINT)} ({type(exc).__name__}: {exc}); starting fine-tuning over")
         return None
@@ -446,8 +482,10 @@ def _load_checkpoint(ws: Workspace | None, signature: dict, log) -> dict | None:
     return state
 
 
-def _lr_trial(model, loader, eval_fn, cfg: FinetuneConfig, loss_fn, lower: bool, log) -> tuple[dict, float]:
-    """Train a few batches from the same start with each candidate LR; keep the best."""
+def _lr_trial(model, loader, eval_fn, cfg: FinetuneConfig, loss_fn, lower: bool, log,
+              net: nn.Module | None = None) -> tuple[dict, float]:
+    """Train a few batches from the same start with each candidate LR; keep the best.
+    ``net`` is what trains (the DDP wrapper of ``model`` under torchrun)."""
     if eval_fn is None:
         raise ValueError("the learning-rate trial (lr_trial) needs an eval_fn to compare the candidates")
     start = _snapshot(model)
@@ -455,10 +493,10 @@ def _lr_trial(model, loader, eval_fn, cfg: FinetuneConfig, loss_fn, lower: bool,
     for lr in cfg.lr_trial:
         torch.manual_seed(cfg.seed)
         trial_cfg = FinetuneConfig(**{**cfg.to_dict(), "epochs": 1, "schedule": "constant", "warmup_epochs": 0.0})
-        trainer = _Trainer(model, loader, trial_cfg, lr, loss_fn)
+        trainer = _Trainer(net if net is not None else model, loader, trial_cfg, lr, loss_fn)
         try:
             trainer.train_batches(cfg.trial_batches, f"lr trial {lr:g}", cfg.progress)
-            results[lr] = _score(eval_fn, model)
+            results[lr] = _score_all(eval_fn, model)
         except FloatingPointError:
             results[lr] = math.inf if lower else -math.inf
         _restore(model, start)

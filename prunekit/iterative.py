@@ -20,6 +20,11 @@ A killed run, started again with the same arguments, resumes from the last finis
 and, inside a step, from the last finished epoch. Every file is written to a temp name and
 renamed, so nothing half-written is ever read back.
 
+Under ``torchrun`` (see :mod:`prunekit.distributed`) every process runs the loop: ana's
+points are split over the processes, each step fine-tunes in ``DistributedDataParallel``,
+rank 0 alone writes the workspace (a directory every node can read) and transforms, checks
+and evaluates the slim model; the other processes load it from ``final/``.
+
 Example:
     >>> import torch, torchvision  # doctest: +SKIP
     >>> res = iterative_prune(model, x, eval_fn, train_loader, workspace="ws",  # doctest: +SKIP
@@ -33,6 +38,7 @@ import copy
 import dataclasses
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from prunekit import distributed as pdist
 from prunekit import sparse
 from prunekit.ana import Sensitivity, ana
 from prunekit.config import AnaConfig, IterativeConfig, PruneConfig
@@ -190,14 +197,19 @@ class IterativePruner:
         return state
 
     def _save_state(self, state: dict) -> None:
-        self.ws.write_json(STATE, state)
+        if pdist.is_main():
+            self.ws.write_json(STATE, state)
 
     # ----- the loop ---------------------------------------------------------------------
     def run(self) -> IterativeResult:
         """Run (or resume) the whole loop; returns the slim model and the table."""
         t_start = time.perf_counter()
+        pdist.init_if_needed()
+        together = pdist.collective()
+        if together and not pdist.is_main():
+            self.log = lambda m: None  # rank 0 reports
         signature = self._signature()
-        state = self._load_state(signature)
+        state = pdist.broadcast_object(self._load_state(signature) if pdist.is_main() else None)
         base_counts = count(self.template, self.inputs)
         sens = ana(self.template, self.inputs, self.eval_fn, workspace=self.ws, excludes=self.excludes,
                    ratios=self.ana_cfg.ratios, criterion=self.criterion, forced=self.ana_cfg.forced,
@@ -253,7 +265,16 @@ class IterativePruner:
                 notes.append(msg)
         state["notes"] = notes
         self._save_state(state)
-        result = self._finish(state, prev_dir, baseline, notes)
+        if together:  # rank 0 transforms, checks, saves and evaluates the slim model once
+            result = None
+            if pdist.is_main():
+                with pdist.local():
+                    result = self._finish(state, prev_dir, baseline, notes)
+            final = pdist.broadcast_object(result.final if result is not None else None)
+            if result is None:
+                result = self._load_result(state, prev_dir, baseline, notes, final)
+        else:
+            result = self._finish(state, prev_dir, baseline, notes)
         state["done"] = True
         state["final"] = result.final
         self._save_state(state)
@@ -272,6 +293,8 @@ class IterativePruner:
     def _save_baseline(self) -> None:
         from safetensors.torch import save_model
 
+        if not pdist.is_main():
+            return
         path = self.ws.path("baseline/model.safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(".model.safetensors.tmp")
@@ -295,6 +318,13 @@ class IterativePruner:
                 sparse.apply_plan(model, prev)  # merges: earlier pruned channels stay pruned
                 notes.append("the new plan did not contain every earlier pruned channel; merged the previous plan")
         plan = sparse.get_plan(model)
+        ref = pdist.broadcast_object(plan.to_dict())  # every rank trains rank 0's masks
+        if ref != plan.to_dict():
+            warnings.warn(f"rank {pdist.rank()} pruned other channels than rank 0 in step {k}; using rank 0's plan",
+                          stacklevel=1)
+            model = self._dense(prev_dir / "model" if prev_dir else None)
+            plan = PruningPlan.from_dict(ref)
+            sparse.apply_plan(model, plan)
         ft_cfg = dataclasses.replace(self.ft, seed=self.ft.seed + 1000 * k + 10 * a)
         ft = finetune(model, self.train_loader, self.eval_fn, ft_cfg, workspace=self.ws.path(f"{rel}/finetune"),
                       train_fn=self.train_fn, loss_fn=self.loss_fn, lower_is_better=self.lower, log=self.log)
@@ -303,7 +333,9 @@ class IterativePruner:
         c = count(slim, self.inputs)
         from prunekit.sparse import save_sparse
 
-        save_sparse(model, d / "model")
+        if pdist.is_main():
+            save_sparse(model, d / "model")
+        pdist.barrier()  # the next step starts from this directory on every rank
         drop = (metric - baseline["metric"]) if self.lower else (baseline["metric"] - metric)
         ok = self.config.max_drop is None or drop <= self.config.max_drop + 1e-12
         att = {"step": k, "try": a, "ratio": ratio, "metric": metric, "drop": drop, "macs": c.macs,
@@ -317,13 +349,25 @@ class IterativePruner:
                  + ("accepted" if ok else "rejected"))
         return att
 
-    def _finish(self, state: dict, last_dir: Path | None, baseline: dict, notes: list[str]) -> IterativeResult:
+    def _final_sparse(self, last_dir: Path | None) -> nn.Module:
         sparse_model = self._dense(last_dir / "model" if last_dir else None)
         if last_dir is not None:
             sparse.apply_plan(sparse_model, PruningPlan.load(last_dir / "model" / "plan.json"))
         else:
             sparse.apply_plan(sparse_model, PruningPlan({}, {}, {}))
-        sparse_model.eval()
+        return sparse_model.eval()
+
+    def _load_result(self, state: dict, last_dir: Path | None, baseline: dict, notes: list[str],
+                     final: dict) -> IterativeResult:
+        """The result on ranks other than 0: the slim model rank 0 saved in ``final/``."""
+        from prunekit.slim import load_slim
+
+        slim = load_slim(copy.deepcopy(self.template), self.ws.path("final")).eval()
+        return IterativeResult(slim, self._final_sparse(last_dir), baseline, state["attempts"], final, notes,
+                               self.ws.root)
+
+    def _finish(self, state: dict, last_dir: Path | None, baseline: dict, notes: list[str]) -> IterativeResult:
+        sparse_model = self._final_sparse(last_dir)
         slim = to_slim(sparse_model).eval()
         with torch.no_grad():
             from prunekit.graph.trace import call_model

@@ -219,6 +219,10 @@ def build_eval_fn(cfg: Config, loader: Iterable, search: Iterable[str | Path] = 
             raise ConfigError(f"metric {cfg.metric!r} is not callable as metric(output, target)")
     fn = make_eval_fn(loader, metric, max_batches=cfg.data.eval_batches)
     lower = cfg.lower_is_better if cfg.lower_is_better is not None else bool(fn.lower_is_better)
+    from prunekit import distributed
+
+    if distributed.active():  # torchrun: the batches are split over the processes, the sums reduced
+        fn = distributed.shard_eval_fn(loader, lambda batches: make_eval_fn(batches, metric), cfg.data.eval_batches)
     return fn, lower
 
 
