@@ -17,6 +17,7 @@ import prunekit
 from prunekit.ana import Sensitivity
 from prunekit.demo_model import DemoNet, randomize_batchnorm
 from prunekit.evaluation import make_eval_fn
+from prunekit.graph.trace import single_thread
 
 RATIOS = (0.25, 0.5, 0.75)
 
@@ -24,10 +25,8 @@ RATIOS = (0.25, 0.5, 0.75)
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These models are tiny: one thread is faster than two, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def demo(seed: int = 0):

@@ -20,6 +20,7 @@ from helpers import assert_equivalent, run
 from prunekit.ana import Sensitivity, group_label
 from prunekit.demo_model import DemoNet, randomize_batchnorm
 from prunekit.evaluation import make_eval_fn
+from prunekit.graph.trace import single_thread
 
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -27,10 +28,8 @@ RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Small models: one thread is faster than two, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def demo(seed: int = 0, width: int = 16):
