@@ -145,8 +145,11 @@ def build_groups(tr: Tracer) -> list[ChannelGroup]:
     fixed = book.fixed_roots()
     ns = len(spaces)
     space_of = torch.cat([torch.full((s.size,), i) for i, s in enumerate(spaces)])
-    # bipartite graph: space i -- root r ; its components are the groups
-    comp = connected_components(ns + book.n, space_of, roots + ns)[:ns]
+    # spaces sharing a unit are one group: link every space to the first space of each of its
+    # units' roots, then join those (few, deduplicated) space pairs
+    first = torch.full((book.n,), ns, dtype=torch.long).scatter_reduce(0, roots, space_of, "amin")
+    pairs = torch.unique(space_of * ns + first[roots])
+    comp = connected_components(ns, pairs // ns, pairs % ns)
     reason_of, reason_text = fixed
     norm_names = tr.norm_weights
     groups: dict[int, list[int]] = {}

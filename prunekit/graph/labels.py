@@ -94,14 +94,11 @@ class LabelBook:
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Couple ids ``a[i]`` and ``b[i]`` (pairs with a negative id are skipped)."""
-        a = a.reshape(-1).long()
-        b = b.reshape(-1).long()
-        if a.shape != b.shape:
-            raise RuntimeError(f"internal: union of {a.shape} and {b.shape}")
-        keep = (a >= 0) & (b >= 0) & (a != b)
-        if bool(keep.any()):
-            self._a.append(a[keep])
-            self._b.append(b[keep])
+        if a.numel() != b.numel():
+            raise RuntimeError(f"internal: union of {tuple(a.shape)} and {tuple(b.shape)}")
+        if a.numel():  # filtered once, in roots(): tracing records thousands of unions
+            self._a.append(a.reshape(-1))
+            self._b.append(b.reshape(-1))
             self._roots = None
 
     def fix(self, ids: torch.Tensor, reason: str) -> None:
@@ -114,8 +111,11 @@ class LabelBook:
     def roots(self) -> torch.Tensor:
         """Component root for every id."""
         if self._roots is None:
-            a = torch.cat(self._a) if self._a else torch.empty(0, dtype=torch.long)
-            b = torch.cat(self._b) if self._b else torch.empty(0, dtype=torch.long)
+            a = torch.cat([t.long() for t in self._a]) if self._a else torch.empty(0, dtype=torch.long)
+            b = torch.cat([t.long() for t in self._b]) if self._b else torch.empty(0, dtype=torch.long)
+            keep = (a >= 0) & (b >= 0) & (a != b)
+            a, b = a[keep], b[keep]
+            self._a, self._b = [a], [b]
             self._roots = connected_components(self.n, a, b)
         return self._roots
 

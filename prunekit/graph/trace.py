@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
@@ -148,6 +149,8 @@ class Tracer(TorchFunctionMode):
         self.layer_norm_weights: set[str] = set()  # LayerNorm/RMSNorm weights (residual streams)
         self.ops = 0
         self.fake = False
+        #: running on the meta device: shape-only ops may skip torch's Python meta kernels
+        self.meta = False
         self._paused = 0
 
     # ----- label access -------------------------------------------------------------
@@ -242,7 +245,13 @@ class Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         if self._paused:
             return func(*args, **kwargs)
-        out = func(*args, **kwargs)
+        out = None
+        if self.meta:
+            shape_only = _META_SHAPE.get(func)
+            if shape_only is not None:
+                out = shape_only(args, kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
         name = getattr(func, "__name__", None) or str(func)
         if name == "__get__":
             prop = getattr(getattr(func, "__self__", None), "__name__", "")
@@ -285,6 +294,90 @@ class Tracer(TorchFunctionMode):
             self.set(t, {})
         if hit:
             self.warn(reason)
+
+
+def _same_shape(inplace_at: int | None = None, plain: Callable[[tuple, dict], bool] | None = None):
+    """Output like the first argument (the argument itself when the call is in-place)."""
+
+    def run(args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if not (isinstance(x, torch.Tensor) and x.is_meta and type(x) is torch.Tensor):
+            return None
+        if plain is not None and not plain(args, kwargs):
+            return None
+        if inplace_at is not None:
+            inplace = args[inplace_at] if len(args) > inplace_at else kwargs.get("inplace", False)
+            if inplace:
+                return x
+        return torch.empty_like(x)
+
+    return run
+
+
+def _meta_linear(args, kwargs):
+    x = args[0] if args else kwargs.get("input")
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    b = args[2] if len(args) > 2 else kwargs.get("bias")
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.is_meta and w.is_meta
+            and x.ndim >= 1 and w.ndim == 2 and x.shape[-1] == w.shape[1] and x.dtype == w.dtype
+            and (b is None or (isinstance(b, torch.Tensor) and b.is_meta and b.shape == w.shape[:1]
+                               and b.dtype == x.dtype))):
+        return None  # let torch raise its own error, or handle the unusual case
+    return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device="meta")
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _fits(p: Any, n: int) -> bool:
+    return p is None or (isinstance(p, torch.Tensor) and p.is_meta and tuple(p.shape) == (n,))
+
+
+def _eval_batch_norm(args, kwargs) -> bool:
+    x = args[0]
+    c = x.shape[1] if x.ndim > 1 else -1
+    return (not _arg(args, kwargs, 5, "training", False) and x.ndim > 1
+            and all(_fits(_arg(args, kwargs, i, k), c)
+                    for i, k in enumerate(("running_mean", "running_var", "weight", "bias"), 1)))
+
+
+def _layer_norm_fits(args, kwargs) -> bool:
+    x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape")
+    if not isinstance(shape, (list, tuple, torch.Size)) or len(shape) != 1 or x.ndim < 1:
+        return False
+    n = x.shape[-1]
+    return (tuple(shape) == (n,) and _fits(_arg(args, kwargs, 2, "weight"), n)
+            and _fits(_arg(args, kwargs, 3, "bias"), n))
+
+
+def _group_norm_fits(args, kwargs) -> bool:
+    x, g = args[0], _arg(args, kwargs, 1, "num_groups")
+    c = x.shape[1] if x.ndim > 1 else -1
+    return (isinstance(g, int) and g > 0 and c > 0 and c % g == 0
+            and _fits(_arg(args, kwargs, 2, "weight"), c) and _fits(_arg(args, kwargs, 3, "bias"), c))
+
+
+def _no_dtype(args, kwargs) -> bool:
+    return kwargs.get("dtype") is None and (len(args) < 4 or args[3] is None)
+
+
+#: On the meta device torch computes even a ReLU's output through Python meta kernels
+#: (type promotion, stride logic), the bulk of a trace's time. For common ops whose output is
+#: shaped, typed and laid out like their input these give the same meta tensor directly;
+#: anything unusual (``None``) falls through to the real call.
+F = torch.nn.functional
+_META_SHAPE: dict[Callable, Callable[[tuple, dict], torch.Tensor | None]] = {
+    F.relu: _same_shape(1), F.hardtanh: _same_shape(3), F.relu6: _same_shape(1),
+    F.hardswish: _same_shape(1), F.hardsigmoid: _same_shape(1), F.silu: _same_shape(1),
+    F.mish: _same_shape(1), F.elu: _same_shape(2), F.leaky_relu: _same_shape(2),
+    F.gelu: _same_shape(), F.dropout: _same_shape(3), torch.sigmoid: _same_shape(),
+    torch.tanh: _same_shape(), F.batch_norm: _same_shape(plain=_eval_batch_norm),
+    F.layer_norm: _same_shape(plain=_layer_norm_fits), F.group_norm: _same_shape(plain=_group_norm_fits),
+    F.softmax: _same_shape(plain=_no_dtype),
+    F.linear: _meta_linear,
+}
+del F
 
 
 def _unknown(tr: Tracer, name, args, kwargs, out) -> None:
@@ -426,8 +519,30 @@ def _shadow(model: nn.Module) -> nn.Module:
     """A copy of the module tree that shares every parameter and buffer: a meta or fake run
     may leave meta/fake tensors in Python-level caches (anchor grids, masks), which must not
     end up in the user's model."""
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return copy.deepcopy(model, memo)
+    memo: dict[int, Any] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    shells = {}
+    for mod in model.modules():  # every module first, so attributes that point at one find its copy
+        shell = object.__new__(type(mod))
+        shells[id(mod)] = (mod, shell)
+        memo[id(mod)] = shell
+    for mod, shell in shells.values():
+        state = {}
+        for k, v in mod.__dict__.items():
+            if k == "_modules":
+                state[k] = {n: None if c is None else memo[id(c)] for n, c in v.items()}
+            elif k in ("_parameters", "_buffers"):
+                state[k] = dict(v)  # the same tensors; functional_call swaps them in the copy only
+            elif v is None or isinstance(v, _IMMUTABLE):
+                state[k] = v
+            elif isinstance(v, dict) and not v and type(v) in (dict, collections.OrderedDict):
+                state[k] = type(v)()  # the many empty hook dicts
+            else:
+                state[k] = copy.deepcopy(v, memo)
+        shell.__dict__.update(state)
+    return memo[id(model)]
+
+
+_IMMUTABLE = (bool, int, float, str, bytes, complex, torch.dtype, torch.device, torch.Size)
 
 
 def _trace(model: nn.Module, example_inputs: Any, mode: str, attention: str = "auto") -> Tracer:
@@ -449,6 +564,7 @@ def _trace(model: nn.Module, example_inputs: Any, mode: str, attention: str = "a
     try:
         model.eval()
         tr.fake = mode != "real"
+        tr.meta = mode == "meta"
         if mode == "meta":
             with torch.no_grad(), _custom_handlers(tr, model), tr:
                 out = _meta_call(model, stand_ins, example_inputs)
