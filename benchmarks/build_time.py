@@ -6,7 +6,7 @@ Both are timed in the same process on the same model and input, alternating, bes
 ``benchmarks/results/build_time.json``; reruns skip finished models (``--force`` redoes).
 
 Usage:
-    python benchmarks/build_time.py [--repeat 3] [models ...]
+    python benchmarks/build_time.py [--repeat 3] [--no-baseline] [--out FILE] [models ...]
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false",
                     help="do not time torch-pruning next to prunekit")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -82,7 +83,8 @@ def main(argv=None) -> int:
     import torchvision
 
     names = args.models or torchvision.models.list_models(module=torchvision.models)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    out = args.out
+    results = json.loads(out.read_text()) if out.exists() else {}
     for i, name in enumerate(names):
         if name in results and not args.force:
             continue
@@ -91,10 +93,10 @@ def main(argv=None) -> int:
                               capture_output=True, text=True, timeout=1800)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
         results[name] = json.loads(line[-1][4:]) if line else {"model": name, "error": proc.stderr[-300:]}
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        tmp = RESULTS.with_suffix(".json.tmp")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, RESULTS)
+        os.replace(tmp, out)
         r = results[name]
         print(f"[{i + 1}/{len(names)}] {name}: prunekit {r.get('prunekit_s', float('nan')):.3f}s "
               f"torch-pruning {r.get('torch_pruning_s', float('nan')):.3f}s", flush=True)

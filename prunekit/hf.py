@@ -16,7 +16,9 @@ original sizes and the slim spec (new tensor shapes), so a slim model saved with
 ``model.save_pretrained(dir)`` reloads with :func:`from_pretrained` whatever its per-layer
 widths. A uniformly pruned model whose config can state its sizes (LLaMA-style with
 ``head_dim``, ViT, or any model pruned in MLP/residual width only) also reloads with the
-plain ``AutoModel...from_pretrained(dir)``.
+plain ``AutoModel...from_pretrained(dir)``; for the others :func:`save_pretrained` writes a
+loader file and an ``auto_map`` so the plain ``from_pretrained(dir, trust_remote_code=True)``
+of an Auto class rebuilds them.
 
 Example:
     >>> import transformers, torch, prunekit  # doctest: +SKIP
@@ -40,7 +42,8 @@ import torch.nn.functional as F
 
 from prunekit import slim as _slim
 
-__all__ = ["update_module", "prepare_module", "from_pretrained", "attention_sizes", "RMSNORM_TOL"]
+__all__ = ["update_module", "prepare_module", "from_pretrained", "save_pretrained", "loader_class",
+           "attention_sizes", "RMSNORM_TOL"]
 
 #: (query, key, value) child names of separate projections, and fused projections.
 _QKV = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
@@ -351,3 +354,101 @@ def from_pretrained(cls: Any, directory: str | Path, **kwargs) -> nn.Module:
     model = Slim.from_pretrained(directory, **kwargs)
     model.__class__ = cls
     return model
+
+
+# ----- saving for the plain ``AutoModel...from_pretrained(dir, trust_remote_code=True)`` ----
+#: the code file written next to the weights; Hugging Face imports it when loading
+REMOTE_FILE = "prunekit_slim.py"
+_REMOTE_CODE = '''"""A prunekit slim model: per-layer widths its config cannot state, reloaded from the
+widths recorded in config.json under "prunekit". Written by prunekit.hf.save_pretrained;
+loading needs prunekit installed (pip install prunekit)."""
+import transformers
+
+import prunekit.hf
+
+{name} = prunekit.hf.loader_class(transformers.{name})
+'''
+
+
+def loader_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``from_pretrained`` is :func:`from_pretrained` (used by the
+    code file that :func:`save_pretrained` writes); the loaded model is a plain ``cls``."""
+
+    def _from_pretrained(_sub, directory, *args, **kwargs):
+        if args:
+            raise TypeError(f"{cls.__name__}.from_pretrained of a prunekit slim model takes no positional "
+                            "model arguments")
+        return from_pretrained(cls, directory, **kwargs)
+
+    return type(cls.__name__, (cls,), {"from_pretrained": classmethod(_from_pretrained),
+                                       "__module__": __name__, "__qualname__": cls.__qualname__})
+
+
+def _auto_classes(model: nn.Module) -> list[str]:
+    """Names of the ``transformers`` Auto classes that map this model's config to its class."""
+    import transformers
+
+    model_type = getattr(model.config, "model_type", None)
+    out = []
+    for name in dir(transformers):
+        if not name.startswith("AutoModel"):
+            continue
+        try:
+            names = getattr(transformers, name)._model_mapping._model_mapping
+        except (AttributeError, ImportError):
+            continue
+        if names.get(model_type) == type(model).__name__:
+            out.append(name)
+    return sorted(out)
+
+
+def _loads_natively(model: nn.Module) -> bool:
+    """Whether the model class built from the saved config has the slim model's shapes."""
+    cfg = copy.deepcopy(model.config)
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(cfg)
+    except Exception:  # noqa: BLE001 - the config does not even build: it cannot state the widths
+        return False
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    return all(theirs.get(k, shape) == shape for k, shape in mine.items()) and set(mine) <= set(theirs)
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, **kwargs) -> Path:
+    """``model.save_pretrained(directory)`` plus what lets the plain Hugging Face loader rebuild
+    a slim model whose widths its config cannot state (per-layer widths, pruned BERT/GPT-2
+    heads: ``transformers`` 5 has no ``pruned_heads`` any more): a small code file and an
+    ``auto_map`` in ``config.json``, so ``AutoModel...from_pretrained(directory,
+    trust_remote_code=True)`` works, as for any architecture that ships its code (prunekit must
+    be installed where it loads). A model the config describes as it is saves as usual.
+
+    Example:
+        >>> save_pretrained(slim, "out")  # doctest: +SKIP
+        >>> transformers.AutoModel.from_pretrained("out", trust_remote_code=True)  # doctest: +SKIP
+    """
+    import json
+
+    import transformers
+
+    from prunekit.plan import atomic_write
+
+    directory = Path(directory)
+    model.save_pretrained(directory, **kwargs)
+    record = getattr(model.config, "prunekit", None)
+    if not record or _loads_natively(model):
+        return directory
+    name = type(model).__name__
+    if not isinstance(getattr(transformers, name, None), type):
+        raise ValueError(f"{name} is not a class exported by transformers; reload the saved model with "
+                         f"prunekit.hf.from_pretrained({name}, {str(directory)!r})")
+    autos = _auto_classes(model)
+    if not autos:
+        raise ValueError(f"no transformers Auto class maps model_type {model.config.model_type!r} to {name}; "
+                         f"reload with prunekit.hf.from_pretrained({name}, {str(directory)!r})")
+    atomic_write(directory / REMOTE_FILE, _REMOTE_CODE.format(name=name))
+    cfg_path = directory / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["auto_map"] = {a: f"{REMOTE_FILE[:-3]}.{name}" for a in autos}
+    atomic_write(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return directory

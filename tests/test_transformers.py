@@ -341,6 +341,50 @@ def test_save_pretrained_non_uniform(name, tmp_path):
 
 
 @needs_hf
+@pytest.mark.parametrize("name,uniform", [("bert", False), ("bert", True), ("gpt2", True), ("llama", False)])
+def test_plain_auto_from_pretrained_with_remote_code(name, uniform, tmp_path):
+    """Widths the config cannot state (pruned BERT/GPT-2 heads, per-layer widths): prunekit's
+    save_pretrained writes a loader file, and the plain Auto class loads it (trust_remote_code)."""
+    import json
+
+    import transformers as T
+
+    from prunekit import hf
+
+    model, inputs = _build(name)
+    if uniform:  # whole heads, hidden size kept: head_dim = hidden_size / heads no longer holds
+        pruner = prunekit.Pruner(model, inputs, attention="heads", residual=False)
+        pruner.prune(0.5)
+    else:
+        pruner = prunekit.Pruner(model, inputs)
+        pruner.prune({g.id: r for g, r in zip(pruner.prunable_groups, [0.25, 0.5, 0.75] * 20)})
+    slim = pruner.transform()
+    # Hugging Face caches the code by folder name: one name per case
+    out = hf.save_pretrained(slim, tmp_path / f"slim_{name}_{'uniform' if uniform else 'layers'}")
+    cfg = json.loads((out / "config.json").read_text())
+    auto = {"bert": T.AutoModelForSequenceClassification, "gpt2": T.AutoModelForCausalLM,
+            "llama": T.AutoModelForCausalLM}[name]
+    assert auto.__name__ in cfg["auto_map"], cfg.get("auto_map")
+    with pytest.raises((ValueError, RuntimeError, OSError)):  # plain class: the config cannot state the widths
+        type(slim).from_pretrained(out)
+    loaded = auto.from_pretrained(out, trust_remote_code=True)
+    assert type(loaded) is type(slim)
+    assert_identical(run(slim, inputs), run(loaded, inputs), f"{name}: plain Auto from_pretrained")
+
+
+@needs_hf
+def test_save_pretrained_native_when_config_states_widths(tmp_path):
+    from prunekit import hf
+
+    model, inputs = _build("llama")
+    pruner = prunekit.Pruner(model, inputs)
+    pruner.prune(0.5)
+    out = hf.save_pretrained(pruner.transform(), tmp_path)
+    assert not (out / hf.REMOTE_FILE).exists()
+    assert "auto_map" not in (out / "config.json").read_text()
+
+
+@needs_hf
 @pytest.mark.parametrize("name", ["llama", "hf_vit"])
 def test_save_pretrained_uniform_reloads_natively(name, tmp_path):
     """Uniform widths that the config can state: the plain from_pretrained works."""
