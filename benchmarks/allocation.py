@@ -6,6 +6,9 @@ sensitivity on the validation split (accuracy); then the trained model is pruned
 MACs reduction three ways, all with the L2 criterion within a group:
 
 - ``sensitivity``: per-group ratios from the ana curves (``prune(..., sensitivity=...)``),
+- ``search``: the same, plus ``prune(..., search=N, eval_fn=...)``: the computed allocation and
+  N variants of it at the same MACs are evaluated on the validation split and the best kept
+  (in the second table each candidate is BatchNorm-calibrated before it is evaluated),
 - ``uniform``: one ratio for every group,
 - ``global``: one L2-score threshold across groups (scores normalised per group),
 
@@ -43,12 +46,12 @@ import torch.nn.functional as F
 import prunekit
 from prunekit.ana import DEFAULT_RATIOS
 from prunekit.demo_model import DemoNet
-from prunekit.evaluation import make_eval_fn
+from prunekit.evaluation import make_bn_calibration, make_eval_fn
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "allocation.json"
 SHARED_DATA = HERE.parent.parent / "shared" / "data"
-METHODS = ("sensitivity", "uniform", "global")
+METHODS = ("sensitivity", "search", "uniform", "global")
 
 
 # ----- data ------------------------------------------------------------------------------
@@ -151,16 +154,24 @@ def run_one(name: str, x, y, seed: int, args) -> dict:
            "points": []}
     for R in args.targets:
         for method in METHODS:
-            pruned = copy.deepcopy(model)
-            res = prunekit.prune(pruned, x1, removal_ratio=R, criterion="l2",
-                                 sensitivity=sens if method == "sensitivity" else None,
-                                 fallback="uniform" if method == "sensitivity" else method, log=lambda m: None)
-            assert res.method == method, f"asked for {method}, prune used {res.method}"
+            guided = method in ("sensitivity", "search")
+            kw = {"search": args.search, "eval_fn": val_acc, "seed": seed} if method == "search" else {}
+            t0 = time.perf_counter()
+            res = prunekit.prune(copy.deepcopy(model), x1, removal_ratio=R, criterion="l2",
+                                 sensitivity=sens if guided else None, fallback="uniform" if guided else method,
+                                 log=lambda m: None, **kw)
+            seconds = time.perf_counter() - t0
+            assert res.method == ("sensitivity" if guided else method), f"asked for {method}, got {res.method}"
             point = {"target": R, "method": method, "macs_reduction": res.macs_reduction,
                      "test": test_acc(res.model), "val": val_acc(res.model),
-                     "predicted_loss": res.predicted_loss,
+                     "predicted_loss": res.predicted_loss, "prune_seconds": round(seconds, 2),
                      "ratios": {str(g): round(r, 3) for g, r in sorted(res.ratios.items())}}
             if args.bn:
+                if method == "search":  # candidates compared after calibration, as they will be used
+                    calib = make_bn_calibration(batches(xtr, ytr, 256))
+                    res = prunekit.prune(copy.deepcopy(model), x1, removal_ratio=R, criterion="l2",
+                                         sensitivity=sens, calibrate=calib, log=lambda m: None, **kw)
+                    point["macs_reduction_bn"] = res.macs_reduction
                 point["test_bn"] = test_acc(recalibrate_bn(res.model, xtr))
             row["points"].append(point)
     return row
@@ -181,7 +192,7 @@ def summarise(rows: list[dict], targets: list[float], key: str = "test") -> tupl
         lines.append(f"  ana on the validation split: {evals:.0f} evaluations, {secs:.1f} s per model "
                      f"({mine[0]['ana']['groups']} groups x {len(mine[0]['ana']['ratios'])} ratios, "
                      f"{mine[0]['ana']['val_samples']} images)")
-        head = f"  {'MACs -':>6}  " + "  ".join(f"{m:>22}" for m in METHODS) + "  best        sens wins"
+        head = f"  {'MACs -':>6}  " + "  ".join(f"{m:>22}" for m in METHODS) + "  best        wins (seeds)"
         lines += [head, "  " + "-" * (len(head) - 2)]
         summary[name] = {"baseline_test": base, "ana_evaluations": evals, "ana_seconds": secs, "targets": {}}
         for R in targets:
@@ -193,14 +204,15 @@ def summarise(rows: list[dict], targets: list[float], key: str = "test") -> tupl
                 red = statistics.mean(p["macs_reduction"] for p in pts)
                 cells.append(f"{means[m]:>7.2%} ({min(accs):.1%}..{max(accs):.1%}) {red:>4.0%}")
             best = max(means, key=means.get)
-            wins = {m: sum(1 for r in mine if _acc(r, R, "sensitivity", key) > _acc(r, R, m, key))
-                    for m in METHODS[1:]}
-            beats = " ".join(f"{m[0]}:{wins[m]}/{len(mine)}" for m in METHODS[1:])
+            short = {"sensitivity": "sens", "search": "srch", "uniform": "u", "global": "g"}
+            wins = {f"{short[a]}>{short[b]}": sum(1 for r in mine if _acc(r, R, a, key) > _acc(r, R, b, key))
+                    for a in ("sensitivity", "search") for b in ("uniform", "global")}
+            beats = " ".join(f"{k}:{v}/{len(mine)}" for k, v in wins.items())
             lines.append(f"  {R:>6.0%}  " + "  ".join(f"{c:>22}" for c in cells) + f"  {best:<11} {beats}")
             summary[name]["targets"][str(R)] = {"mean_test": means, "best": best,
-                                                "sensitivity_beats_per_seed": wins, "seeds": len(mine)}
+                                                "wins_per_seed": wins, "seeds": len(mine)}
         lines.append("  cells: mean test accuracy (min..max over seeds), achieved MACs reduction (mean); "
-                     "sens wins: seeds where sensitivity beats u(niform) / g(lobal)")
+                     "wins: seeds where sens(itivity) / s(ea)rch beats u(niform) / g(lobal)")
     return "\n".join(lines), summary
 
 
@@ -221,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=10000, help="images used from CIFAR-10 / Fashion-MNIST")
     ap.add_argument("--no-bn", dest="bn", action="store_false",
                     help="skip the second table (BatchNorm statistics re-estimated after pruning)")
+    ap.add_argument("--search", type=int, default=8, help="variants evaluated by the 'search' method")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)

@@ -20,7 +20,7 @@ import torch
 from prunekit.counting import Counts
 from prunekit.graph.groups import ChannelGroup
 
-__all__ = ["MacsModel", "equal_loss", "greedy", "uniform", "global_ranking"]
+__all__ = ["MacsModel", "equal_loss", "greedy", "uniform", "global_ranking", "perturbed_loss"]
 
 
 class MacsModel:
@@ -196,3 +196,17 @@ def global_ranking(model: MacsModel, candidates: list[int], scores: dict[int, to
 
     allv = torch.cat([scores[g] for g in candidates]) if candidates else torch.zeros(1)
     return _bisect(model, candidates, ratios, float(allv.min()) - 1e-9, float(allv.max()) + 1e-9, target_macs)
+
+
+def perturbed_loss(loss: Callable[[int, float], float], candidates: list[int], generator: torch.Generator,
+                   spread: float = 0.5) -> Callable[[int, float], float]:
+    """``loss`` with every group's curve scaled by its own random factor ``exp(spread * z)``.
+
+    :func:`equal_loss` on the scaled curves gives an allocation that still follows the
+    sensitivity analysis (sensitive groups stay less pruned) but trusts each curve only up to
+    that factor: the single-group curves miss how groups interact, and a few such variants,
+    each evaluated, find allocations the curves alone rank wrongly.
+    """
+    z = torch.randn(len(candidates), generator=generator, dtype=torch.float64)
+    scale = {g: math.exp(spread * float(v)) for g, v in zip(candidates, z)}
+    return lambda g, r: loss(g, r) * scale.get(g, 1.0)

@@ -63,6 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     goal.add_argument("--removal-ratio", type=float, help="fraction of MACs to remove, e.g. 0.5")
     goal.add_argument("--threshold", type=float, help="largest predicted relative metric loss (needs ana)")
     goal.add_argument("--spec", metavar="PLAN", help="apply a saved plan.json as given")
+    p.add_argument("--search", type=int, metavar="N",
+                   help="evaluate the computed allocation and N variants of it at the same MACs, keep the best "
+                        "(needs ana results; prune.search)")
+    p.add_argument("--calibrate-batches", type=int, metavar="N",
+                   help="re-estimate BatchNorm statistics on N training batches before each evaluation and "
+                        "for the result (prune.calibrate_batches)")
     p.add_argument("--start-from", metavar="DIR",
                    help="start from a fine-tuned sparse model (e.g. WORKSPACE/finetuned) to prune further: its "
                         "weights are loaded into the original architecture and its pruned channels stay pruned")
@@ -195,7 +201,8 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     from prunekit.prune import prune
     from prunekit.sparse import save_sparse
 
-    job = _Job(args, {"prune.removal_ratio": args.removal_ratio, "prune.threshold": args.threshold})
+    job = _Job(args, {"prune.removal_ratio": args.removal_ratio, "prune.threshold": args.threshold,
+                      "prune.search": args.search, "prune.calibrate_batches": args.calibrate_batches})
     c = job.cfg
     goal = {}
     if args.spec:
@@ -210,8 +217,18 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     prev = None
     if args.start_from:
         prev = _load_weights(job.model, Path(args.start_from))
-    res = prune(job.model, job.inputs, workspace=job.ws, excludes=c.excludes, criterion=c.criterion,
-                log=lambda m: print(m, file=out), **goal, **c.prune.kwargs())
+    extra = {}
+    if c.prune.calibrate_batches:
+        from prunekit.evaluation import make_bn_calibration
+
+        extra["calibrate"] = make_bn_calibration(job.train, max_batches=c.prune.calibrate_batches)
+    if c.prune.search:
+        extra.update(search=c.prune.search, eval_fn=job.eval_fn, seed=c.seed)
+    try:
+        res = prune(job.model, job.inputs, workspace=job.ws, excludes=c.excludes, criterion=c.criterion,
+                    log=lambda m: print(m, file=out), **goal, **c.prune.kwargs(), **extra)
+    except ValueError as exc:
+        raise _config_error(str(exc)) from exc
     if prev is not None:
         from prunekit.iterative import _contains
         from prunekit.sparse import apply_plan

@@ -173,8 +173,15 @@ class PruneConfig:
     round_to: int = 1
     fallback: str = "uniform"
     tolerance: float = 0.01
+    #: ``prunekit prune`` only: evaluate this many variants of the allocation, keep the best
+    search: int = 0
+    #: ``prunekit prune`` only: re-estimate BatchNorm statistics on this many training batches
+    #: (each search candidate before it is evaluated, and the result); 0: never
+    calibrate_batches: int = 0
 
     def __post_init__(self) -> None:
+        _int("prune.search", self.search, 0)
+        _int("prune.calibrate_batches", self.calibrate_batches, 0)
         _fraction("prune.removal_ratio", self.removal_ratio)
         _fraction("prune.max_ratio", self.max_ratio, allow_none=False)
         if self.threshold is not None and (isinstance(self.threshold, bool) or

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from prunekit.graph.trace import call_model
 
-__all__ = ["make_eval_fn", "accuracy", "METRICS"]
+__all__ = ["make_eval_fn", "make_bn_calibration", "accuracy", "METRICS"]
 
 Metric = Callable[[Any, Any], Any]
 
@@ -171,3 +171,60 @@ def accuracy(model: nn.Module, loader: Iterable, *, max_batches: int | None = No
              device: str | torch.device | None = None) -> float:
     """Top-1 accuracy of ``model`` over (part of) ``loader``, in eval mode without gradients."""
     return make_eval_fn(loader, "accuracy", max_batches=max_batches, fraction=fraction, device=device)(model)
+
+
+def make_bn_calibration(loader: Iterable, max_batches: int | None = None,
+                        device: str | torch.device | None = None) -> Callable[[nn.Module], None]:
+    """A ``calibrate(model)`` that re-estimates BatchNorm running statistics on ``loader``.
+
+    Pruning shifts every activation's statistics; re-estimating them (a cumulative average
+    over the batches, no gradient step, nothing else changes) makes a pruned model's accuracy
+    a far better guide to what fine-tuning will recover (adaptive BatchNorm, as in EagleEye
+    and the reference optimizer's one-step search). For :func:`prunekit.prune`'s ``calibrate``.
+
+    Args:
+        loader: A re-iterable of ``(inputs, target)`` batches or of bare inputs.
+        max_batches: Use at most this many batches.
+        device: Move the batches there; default: the device of the model's parameters.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
+        >>> make_bn_calibration([torch.randn(8, 1, 6, 6)])(net)
+        >>> net.training, float(net[1].running_var.mean()) != 1.0
+        (False, True)
+    """
+    if isinstance(loader, (torch.Tensor, str, bytes)) or not isinstance(loader, Iterable):
+        raise TypeError(f"loader must be an iterable of batches, got {type(loader).__name__}")
+
+    @torch.no_grad()
+    def calibrate(model: nn.Module) -> None:
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and m.track_running_stats]
+        if not norms:
+            return
+        was = model.training
+        saved = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        dev = device if device is not None else _model_device(model)
+        model.train()
+        try:
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+                inputs = _to(inputs, dev)
+                if isinstance(inputs, dict):
+                    model(**inputs)
+                elif isinstance(inputs, (tuple, list)):
+                    model(*inputs)
+                else:
+                    model(inputs)
+        finally:
+            for m, mom in zip(norms, saved):
+                m.momentum = mom
+            model.train(was)
+
+    return calibrate

@@ -11,16 +11,17 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from prunekit import sparse
-from prunekit.allocate import MacsModel, equal_loss, global_ranking, greedy, uniform
-from prunekit.ana import Sensitivity, group_label
+from prunekit.allocate import MacsModel, equal_loss, global_ranking, greedy, perturbed_loss, uniform
+from prunekit.ana import Sensitivity, _score, group_label
 from prunekit.counting import count
 from prunekit.plan import PruningPlan
 from prunekit.pruner import Pruner
@@ -113,7 +114,8 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
           threshold: float | None = None, spec: Any = None, workspace: str | Workspace | None = None,
           sensitivity: Sensitivity | None = None, excludes: Iterable[str] = (), max_ratio: float | dict = 0.9,
           round_to: int = 1, mode: str = "sparse", criterion: str = "l2", fallback: str = "uniform",
-          strategy: str = "equal_loss",
+          strategy: str = "equal_loss", search: int = 0, eval_fn: Callable[..., float] | None = None,
+          eval_args: Sequence = (), calibrate: Callable[[nn.Module], Any] | None = None, seed: int = 0,
           tolerance: float = 0.01, log: Callable[[str], None] = print) -> PruneResult:
     """Prune ``model`` to a MACs reduction (``removal_ratio``) or a tolerated loss (``threshold``).
 
@@ -137,7 +139,26 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
         strategy: With sensitivity results and a MACs target: ``'equal_loss'`` (every group
             pruned up to one common predicted loss) or ``'greedy'`` (least summed predicted
             loss per MAC, treating groups as independent).
+        search: With sensitivity results and a MACs target, also try this many variants of
+            the allocation (each group's curve trusted up to a random factor, plus ``greedy``),
+            all at the same MACs, evaluate each with ``eval_fn`` (after ``calibrate``) and
+            keep the best: the reference optimizer's one-step search, seeded by ``ana``.
+            Costs ``search + 1`` evaluations. ``0`` (default) takes the allocation as computed.
+        eval_fn: ``eval_fn(model, *eval_args) -> number`` for ``search`` (the direction is the
+            sensitivity results' ``lower_is_better``).
+        eval_args: Extra positional arguments for ``eval_fn``.
+        calibrate: ``calibrate(model)`` run on each candidate before it is evaluated and on
+            the result, e.g. :func:`prunekit.evaluation.make_bn_calibration` to re-estimate
+            BatchNorm statistics.
+        seed: Seeds the search's variants.
     """
+    if isinstance(search, bool) or not isinstance(search, int) or search < 0:
+        raise ValueError(f"search must be a number of candidate allocations >= 0, got {search!r}")
+    if search and not callable(eval_fn):
+        raise ValueError("search needs eval_fn(model, *eval_args) -> metric to compare the candidate "
+                         f"allocations, got eval_fn={eval_fn!r}")
+    if calibrate is not None and not callable(calibrate):
+        raise TypeError(f"calibrate must be callable (calibrate(model)), got {type(calibrate).__name__}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     given = [x is not None for x in (removal_ratio, threshold, spec)]
@@ -197,14 +218,16 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
             return global_ranking(mm, cands, scores, caps, target)
 
         goal = removal_ratio
-        best = None  # (gap, ratios, plan, achieved): the closest attempt, not merely the last one
-        # equal_loss moves several groups at once on flat curves; on small models it may not
-        # land within the tolerance, and greedy (2% steps of one group) then finishes the job
-        hows = [strategy] + (["greedy"] if method == "sensitivity" and strategy != "greedy" else [])
-        for how in hows:
+
+        def reach(how: str, loss: Callable[[int, float], float] | None = None) -> tuple:
+            """(gap, ratios, plan, achieved): the measured MACs closest to the goal."""
+            best = None  # the closest attempt, not merely the last one
             target = before.macs * (1 - goal) if goal is not None else None
             for _ in range(6):
-                ratios = allocate(target, how)
+                if loss is not None:
+                    ratios = equal_loss(mm, cands, loss, caps, target)
+                else:
+                    ratios = allocate(target, how)
                 plan = pruner.plan(ratios, round_to=round_to) if ratios else pruner.plan(0.0)
                 macs_after, _ = _measure(model, plan, example_inputs) if plan.pruned else (before.macs, 0)
                 achieved = 1 - macs_after / before.macs
@@ -214,8 +237,25 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
                 if goal is None or gap <= tolerance:
                     break
                 target -= (goal - achieved) * before.macs  # correct the prediction's error
+            return best
+
+        # equal_loss moves several groups at once on flat curves; on small models it may not
+        # land within the tolerance, and greedy (2% steps of one group) then finishes the job
+        hows = [strategy] + (["greedy"] if method == "sensitivity" and strategy != "greedy" else [])
+        best = None
+        for how in hows:
+            got = reach(how)
+            if best is None or got[0] < best[0]:
+                best = got
             if best[0] <= tolerance:
                 break
+        if search:
+            if method != "sensitivity" or goal is None:
+                raise ValueError("search compares allocations at one MACs target: it needs removal_ratio and "
+                                 "sensitivity results (run ana first, same workspace)")
+            best, searched = _search(model, best, reach, search, eval_fn, eval_args, calibrate, sensitivity,
+                                     cands, seed, tolerance, hows)
+            notes.append(searched)
         _, ratios, plan, achieved = best
         if goal is not None and best[0] > tolerance:
             notes.append(f"reached a MACs reduction of {achieved:.3f} for a requested {goal:.3f}")
@@ -226,6 +266,8 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
                       "predicted_loss": predicted,
                       "labels": {str(g): group_label(pruner.groups[g]) for g in ratios}})
     sparse.apply_plan(model, plan)
+    if calibrate is not None:
+        calibrate(model)
     slim = to_slim(model)
     after = count(slim, example_inputs)
     plan.meta.update({"macs_before": before.macs, "macs_after": after.macs,
@@ -237,3 +279,45 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
     out_model = slim if mode == "slim" else model
     return PruneResult(out_model, plan, ratios, method, before.macs, after.macs, before.params, after.params,
                        predicted, notes)
+
+
+@torch.no_grad()
+def _evaluate_plan(model: nn.Module, plan: PruningPlan, eval_fn: Callable, eval_args: Sequence,
+                   calibrate: Callable | None) -> float:
+    """The metric of ``model`` pruned by ``plan`` (and calibrated); the model is restored."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    was = model.training
+    sparse.apply_plan(model, plan)
+    try:
+        if calibrate is not None:
+            calibrate(model)
+        model.eval()
+        with torch.enable_grad():
+            return _score(eval_fn, model, eval_args)
+    finally:
+        sparse.remove_masks(model)
+        for k, v in model.state_dict(keep_vars=True).items():
+            v.data.copy_(saved[k])
+        model.train(was)
+
+
+def _search(model, best, reach, n, eval_fn, eval_args, calibrate, sensitivity, cands, seed, tolerance, hows):
+    """Evaluate the computed allocation and ``n`` variants at the same MACs; keep the best."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    sign = -1.0 if sensitivity.lower_is_better else 1.0
+    found = [(best, "computed")]
+    if "greedy" not in hows:
+        found.append((reach("greedy"), "greedy"))
+    while len(found) < n + 1:
+        found.append((reach("equal_loss", perturbed_loss(sensitivity.loss, cands, gen)), "variant"))
+    scored = []
+    for cand, kind in tqdm(found, desc="search", unit="candidate", leave=False):
+        if cand[0] > tolerance and cand is not best:
+            continue  # off the MACs target: not comparable
+        scored.append((sign * _evaluate_plan(model, cand[2], eval_fn, eval_args, calibrate), kind, cand))
+    top = max(scored, key=lambda t: t[0])  # first of equals: the computed allocation wins ties
+    first = scored[0][0]
+    return top[2], (f"search: {len(scored)} allocations at the target evaluated; kept the {top[1]} one "
+                    f"(metric {sign * top[0]:.4g}, computed allocation {sign * first:.4g})")

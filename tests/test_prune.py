@@ -19,7 +19,7 @@ import prunekit
 from helpers import assert_equivalent, run
 from prunekit.ana import Sensitivity, group_label
 from prunekit.demo_model import DemoNet, randomize_batchnorm
-from prunekit.evaluation import make_eval_fn
+from prunekit.evaluation import make_bn_calibration, make_eval_fn
 from prunekit.graph.trace import single_thread
 
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -270,3 +270,83 @@ def test_other_bad_arguments():
         prunekit.prune(model, x, threshold=-1.0, log=quiet)
     res = prunekit.prune(model, x, removal_ratio=0.0, log=quiet)
     assert res.macs_after == res.macs_before, "removal_ratio=0 prunes nothing"
+
+
+# ----- search: evaluated variants of the allocation -------------------------------------
+def test_search_keeps_the_best_evaluated_allocation_at_the_target():
+    model, x = demo()
+    sens = synthetic(model, x)
+    reference = copy.deepcopy(model)
+    seen = []
+
+    def eval_fn(m, probe):
+        out = float(m(probe).detach().square().mean())  # any number that depends on the allocation
+        seen.append(out)
+        return out
+
+    probe = torch.randn(4, 1, 8, 8)
+    calls = []
+    res = prunekit.prune(model, x, removal_ratio=0.5, sensitivity=sens, search=5, eval_fn=eval_fn,
+                         eval_args=(probe,), calibrate=calls.append, log=quiet)
+    assert abs(res.macs_reduction - 0.5) <= 0.01
+    assert 2 <= len(seen) <= 6 and len(calls) == len(seen) + 1  # every candidate, and the result, calibrated
+    assert any("search:" in n for n in res.notes)
+    with torch.no_grad():
+        assert eval_fn(res.model, probe) == pytest.approx(max(seen[:-1]), rel=1e-5)
+    plain = prunekit.prune(copy.deepcopy(reference), x, removal_ratio=0.5, sensitivity=sens, log=quiet)
+    assert eval_fn(res.model, probe) >= eval_fn(plain.model, probe) - 1e-6  # never worse than computed
+
+
+def test_search_restores_the_model_between_candidates():
+    model, x = demo()
+    sens = synthetic(model, x)
+    before = copy.deepcopy(model.state_dict())
+    states = []
+
+    def eval_fn(m):
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+        return float(torch.rand(1))
+
+    bn = make_bn_calibration([torch.randn(8, 1, 8, 8)])
+    prunekit.prune(model, x, removal_ratio=0.3, sensitivity=sens, search=3, eval_fn=eval_fn,
+                   calibrate=bn, mode="slim", log=quiet)
+    assert len(states) >= 2
+    for k, v in model.state_dict().items():  # slim mode: the user's model is only masked, never changed
+        if "running" not in k and "num_batches" not in k:
+            zero = v == 0
+            assert torch.equal(v[~zero], before[k][~zero]), k
+
+
+def test_search_errors():
+    model, x = demo()
+    sens = synthetic(model, x)
+    with pytest.raises(ValueError, match="search needs eval_fn"):
+        prunekit.prune(model, x, removal_ratio=0.3, sensitivity=sens, search=2, log=quiet)
+    with pytest.raises(ValueError, match="search must be"):
+        prunekit.prune(model, x, removal_ratio=0.3, sensitivity=sens, search=-1, eval_fn=len, log=quiet)
+    with pytest.raises(ValueError, match="sensitivity results"):
+        prunekit.prune(model, x, removal_ratio=0.3, search=2, eval_fn=lambda m: 1.0, log=quiet)
+    with pytest.raises(TypeError, match="calibrate must be callable"):
+        prunekit.prune(model, x, removal_ratio=0.3, calibrate="bn", log=quiet)
+
+
+def test_bn_calibration_reestimates_statistics_only():
+    model, _ = demo()
+    w = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    xs = torch.randn(16, 1, 8, 8) * 3 + 1
+    make_bn_calibration([(xs, torch.zeros(16))])(model)
+    assert not model.training
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        model.train()
+        ref = copy.deepcopy(model)
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        ref(xs)
+    ref_bn = next(m for m in ref.modules() if isinstance(m, nn.BatchNorm2d))
+    assert torch.allclose(bn.running_mean, ref_bn.running_mean) and bn.momentum == 0.1
+    assert all(torch.equal(v, w[k]) for k, v in model.state_dict().items() if k in w)
+    with pytest.raises(TypeError, match="iterable of batches"):
+        make_bn_calibration(torch.randn(3))

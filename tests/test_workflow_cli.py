@@ -108,6 +108,20 @@ def test_ana_prune_finetune_verbs(tmp_path, trained_checkpoint, capsys):
     assert main(["report", str(ws)]) == 0, capsys.readouterr().err
 
 
+def test_prune_search_with_bn_calibration(tmp_path, trained_checkpoint, capsys):
+    cfg = write_config(tmp_path, model={"checkpoint": str(trained_checkpoint)})
+    assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.4", "--search", "3"]) == 2
+    assert "run ana first" in capsys.readouterr().err  # search needs the sensitivity results
+    assert main(["ana", "-c", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.4", "--search", "3",
+                 "--calibrate-batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "search:" in out and "allocations at the target evaluated" in out, out
+    resolved = yaml.safe_load((tmp_path / "ws" / "config.yaml").read_text())
+    assert resolved["prune"]["search"] == 3 and resolved["prune"]["calibrate_batches"] == 2
+
+
 def test_prune_without_a_goal_is_explained(tmp_path, capsys):
     cfg = write_config(tmp_path)
     assert main(["prune", "-c", str(cfg)]) == 2
