@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -97,3 +99,26 @@ def test_shadow_shares_weights_and_isolates_caches():
     trace(model, torch.randn(1, 3, 8, 8), mode="meta")
     assert model.cache == {}
     assert model.conv.weight.device.type == "cpu"
+
+
+class _SelfCopying(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.copies = 0
+
+    def __deepcopy__(self, memo):
+        self.copies += 1
+        new = _SelfCopying.__new__(_SelfCopying)
+        new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()})
+        return new
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_shadow_respects_a_module_own_deepcopy():
+    model = nn.Sequential(_SelfCopying(), nn.ReLU())
+    shadow = _shadow(model)
+    assert model[0].copies == 1 and shadow[0] is not model[0]
+    trace(model, torch.randn(1, 3, 8, 8), mode="meta")

@@ -520,6 +520,8 @@ def _shadow(model: nn.Module) -> nn.Module:
     may leave meta/fake tensors in Python-level caches (anchor grids, masks), which must not
     end up in the user's model."""
     memo: dict[int, Any] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    if any(isinstance(m, torch.jit.ScriptModule) or hasattr(type(m), "__deepcopy__") for m in model.modules()):
+        return copy.deepcopy(model, memo)  # modules that copy themselves their own way
     shells = {}
     for mod in model.modules():  # every module first, so attributes that point at one find its copy
         shell = object.__new__(type(mod))
