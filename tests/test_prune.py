@@ -156,6 +156,26 @@ def test_round_to_is_honoured(name, round_to, tmp_path):
     assert json.dumps(saved).count(f'"round_to": {round_to}'), "plan.json should record round_to"
 
 
+def test_round_to_counts_channels_not_heads():
+    """A head is head_dim channels: round_to=16 with head_dim 8 keeps an even number of heads,
+    and round_to=8 any number (every head count is a multiple of 8 channels)."""
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=6,
+                                               hidden_dim=48, mlp_dim=32, num_classes=4).eval()
+    x = torch.randn(1, 3, 16, 16)
+    for round_to, step in ((8, 1), (16, 2), (4, 1)):
+        pruner = prunekit.Pruner(vit, x, residual=False)
+        heads = [g for g in pruner.prunable_groups if g.n_units == 6]
+        assert heads, [g.describe() for g in pruner.prunable_groups]
+        assert heads[0].round_step(round_to) == step
+        mlp = [g for g in pruner.prunable_groups if g.n_units == 32]
+        assert mlp and mlp[0].round_step(round_to) == round_to
+        plan = pruner.plan(0.5, round_to=round_to)
+        kept = {int(g): heads[0].n_units - len(u) for g, u in plan.meta["groups"].items() if int(g) == heads[0].id}
+        assert kept and kept[heads[0].id] % step == 0 and kept[heads[0].id] * 8 % round_to == 0, kept
+        assert kept[heads[0].id] == (3 if step == 1 else 4), kept
+
+
 def test_at_least_one_channel_kept():
     model, x = demo(width=4)
     res = prunekit.prune(model, x, removal_ratio=0.9, max_ratio=0.99, fallback="uniform", mode="slim", log=quiet)

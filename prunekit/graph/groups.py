@@ -71,6 +71,18 @@ class ChannelGroup:
     def prunable(self) -> bool:
         return self.n_prunable > 0 and self.n_units > 1
 
+    def round_step(self, round_to: int) -> int:
+        """How many units to keep in steps of, so channel counts stay multiples of ``round_to``.
+
+        A unit may span several channels (an attention head: ``head_dim`` of them); the
+        member with the most channels per unit sets the step, so 12 heads of 64 channels
+        may keep any number of heads under ``round_to=8`` while plain channels keep 8, 16, ...
+        """
+        if round_to <= 1:
+            return 1
+        per_unit = max((m.size // self.n_units for m in self.members if m.size % self.n_units == 0), default=1)
+        return round_to // math.gcd(round_to, per_unit)
+
     def select(self, ratio: float, scores: torch.Tensor, round_to: int = 1) -> torch.Tensor:
         """Units to remove: the ``floor(ratio * n_units)`` lowest-scored prunable ones.
 
@@ -79,8 +91,9 @@ class ChannelGroup:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}; 0.5 removes half the channels")
         k = min(int(math.floor(ratio * self.n_units + 1e-9)), self.n_prunable, self.n_units - 1)
-        if round_to > 1:  # keep a multiple of round_to (never below round_to)
-            keep = max(round_to, int(math.ceil((self.n_units - k) / round_to)) * round_to)
+        step = self.round_step(round_to)
+        if step > 1:  # keep a multiple of step units (never below step)
+            keep = max(step, int(math.ceil((self.n_units - k) / step)) * step)
             k = max(0, min(k, self.n_units - keep))
         if k <= 0:
             return torch.empty(0, dtype=torch.long)
