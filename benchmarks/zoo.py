@@ -87,10 +87,14 @@ def make_alive(model, x, family: str) -> None:
         m.momentum = mom
 
 
-def _compare(sparse_model, slim_model, x) -> tuple[float, float]:
-    """(max_error(sparse, slim), max |sparse output|) on one input. A detector with random
-    weights detects nothing (every score is under the threshold), which would make its check
-    vacuous: its backbone's feature maps (what the heads read) are compared too."""
+def _compare(sparse_model, slim_model, x) -> tuple[float, float, str]:
+    """(max_error(sparse, slim), max |sparse output|, note) on one input.
+
+    A detector's final output is a thresholded, non-max-suppressed list whose length can flip
+    on a score that sits at the threshold, and with random weights it is often empty; so for
+    detectors the backbone's feature maps and the dense head outputs (class logits and box
+    regressions for every anchor: what the post-processing reads) are compared, and the final
+    detections too where both models return the same number of them."""
     import torch
     from torch.utils._pytree import tree_flatten
 
@@ -101,15 +105,32 @@ def _compare(sparse_model, slim_model, x) -> tuple[float, float]:
         return max((float(t.abs().max()) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.numel()),
                    default=0.0)
 
+    def shapes(out):
+        return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+    note = ""
     with torch.no_grad():
         a = call_model(sparse_model.eval(), x)
         b = call_model(slim_model.eval(), x)
-        err, scale = prunekit.max_error(a, b), biggest(a)
-        if hasattr(sparse_model, "backbone") and hasattr(sparse_model, "transform"):
-            images = sparse_model.transform(list(x[0]))[0].tensors
-            fa, fb = sparse_model.backbone(images), slim_model.backbone(images)
-            err, scale = max(err, prunekit.max_error(fa, fb)), max(scale, biggest(fa))
-    return err, scale
+        detector = hasattr(sparse_model, "backbone") and hasattr(sparse_model, "transform")
+        if not detector:
+            return prunekit.max_error(a, b), biggest(a), note
+        images = sparse_model.transform(list(x[0]))[0].tensors
+        fa, fb = sparse_model.backbone(images), slim_model.backbone(images)
+        err, scale = prunekit.max_error(fa, fb), biggest(fa)
+        heads = [(getattr(sparse_model, "head", None), getattr(slim_model, "head", None)),
+                 (getattr(getattr(sparse_model, "rpn", None), "head", None),
+                  getattr(getattr(slim_model, "rpn", None), "head", None))]
+        for ha, hb in heads:
+            if ha is not None and hb is not None:
+                oa, ob = ha(list(fa.values())), hb(list(fb.values()))
+                err, scale = max(err, prunekit.max_error(oa, ob)), max(scale, biggest(oa))
+        if shapes(a) == shapes(b):
+            err = max(err, prunekit.max_error(a, b))
+            note = f"backbone, head and {sum(s[0] for s in shapes(a)[:1])} detections compared"
+        else:
+            note = "backbone and head compared; detection counts differ at the score threshold"
+    return err, scale, note
 
 
 def run_one(name: str, family: str) -> dict:
@@ -148,9 +169,9 @@ def run_one(name: str, family: str) -> dict:
     try:
         slim = prunekit.to_slim(model)
         row["transform_s"] = round(time.perf_counter() - t1, 4)
-        err, scale = _compare(model, slim, x)
+        err, scale, note = _compare(model, slim, x)
     except Exception as exc:  # noqa: BLE001 - recorded, then validated
-        err, scale = float("inf"), 0.0
+        err, scale, note = float("inf"), 0.0, ""
         row["first_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     if not err <= TOL:
         prunekit.remove_masks(model)
@@ -163,7 +184,9 @@ def run_one(name: str, family: str) -> dict:
         t1 = time.perf_counter()
         slim = prunekit.to_slim(model)
         row["transform_s"] = round(time.perf_counter() - t1, 4)
-        err, scale = _compare(model, slim, x)
+        err, scale, note = _compare(model, slim, x)
+    if note:
+        row["checked"] = note
     row["frozen_by_validation"] = frozen
     row["equiv_err"] = err
     row["out_scale"] = scale
