@@ -92,9 +92,9 @@ def _compare(sparse_model, slim_model, x) -> tuple[float, float, str]:
 
     A detector's final output is a thresholded, non-max-suppressed list whose length can flip
     on a score that sits at the threshold, and with random weights it is often empty; so for
-    detectors the backbone's feature maps and the dense head outputs (class logits and box
-    regressions for every anchor: what the post-processing reads) are compared, and the final
-    detections too where both models return the same number of them."""
+    detectors the dense head outputs (class logits and box regressions for every anchor: what
+    the post-processing reads; for two-stage detectors the RPN head and the box head on the same
+    proposals) are compared, and the final detections too where both return as many."""
     import torch
     from torch.utils._pytree import tree_flatten
 
@@ -115,21 +115,31 @@ def _compare(sparse_model, slim_model, x) -> tuple[float, float, str]:
         detector = hasattr(sparse_model, "backbone") and hasattr(sparse_model, "transform")
         if not detector:
             return prunekit.max_error(a, b), biggest(a), note
-        images = sparse_model.transform(list(x[0]))[0].tensors
-        fa, fb = sparse_model.backbone(images), slim_model.backbone(images)
-        err, scale = prunekit.max_error(fa, fb), biggest(fa)
-        heads = [(getattr(sparse_model, "head", None), getattr(slim_model, "head", None)),
-                 (getattr(getattr(sparse_model, "rpn", None), "head", None),
+        images = sparse_model.transform(list(x[0]))[0]
+        # the backbone's own outputs may be pruned (the FPN width is internal): compare what
+        # the heads compute from them, on the sparse model's proposals for the box head
+        fa, fb = sparse_model.backbone(images.tensors), slim_model.backbone(images.tensors)
+        err, scale, parts = 0.0, 0.0, []
+        heads = [("head", getattr(sparse_model, "head", None), getattr(slim_model, "head", None)),
+                 ("rpn head", getattr(getattr(sparse_model, "rpn", None), "head", None),
                   getattr(getattr(slim_model, "rpn", None), "head", None))]
-        for ha, hb in heads:
+        for what, ha, hb in heads:
             if ha is not None and hb is not None:
                 oa, ob = ha(list(fa.values())), hb(list(fb.values()))
                 err, scale = max(err, prunekit.max_error(oa, ob)), max(scale, biggest(oa))
+                parts.append(what)
+        roi_a, roi_b = getattr(sparse_model, "roi_heads", None), getattr(slim_model, "roi_heads", None)
+        if roi_a is not None and roi_b is not None:
+            proposals, _ = sparse_model.rpn(images, fa)
+            oa, ob = [r.box_predictor(r.box_head(r.box_roi_pool(f, proposals, images.image_sizes)))
+                      for r, f in ((roi_a, fa), (roi_b, fb))]
+            err, scale = max(err, prunekit.max_error(oa, ob)), max(scale, biggest(oa))
+            parts.append(f"box head on {sum(len(p) for p in proposals)} proposals")
         if shapes(a) == shapes(b):
             err = max(err, prunekit.max_error(a, b))
-            note = f"backbone, head and {sum(s[0] for s in shapes(a)[:1])} detections compared"
+            note = f"{', '.join(parts)} and {sum(s[0] for s in shapes(a)[:1])} detections compared"
         else:
-            note = "backbone and head compared; detection counts differ at the score threshold"
+            note = f"{', '.join(parts)} compared; detection counts differ at the score threshold"
     return err, scale, note
 
 

@@ -122,3 +122,29 @@ def test_shadow_respects_a_module_own_deepcopy():
     shadow = _shadow(model)
     assert model[0].copies == 1 and shadow[0] is not model[0]
     trace(model, torch.randn(1, 3, 8, 8), mode="meta")
+
+
+class _PartialWrite(nn.Module):
+    def __init__(self, whole_rows: bool):
+        super().__init__()
+        self.whole_rows = whole_rows
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        out = torch.zeros_like(x[:, :1]).expand(-1, 8, -1, -1).clone()
+        if self.whole_rows:
+            out[torch.tensor([1, 0])] = y
+        else:
+            out[:, :4] = y[:, :4]  # a channel slice: not a row write
+        return self.b(out)
+
+
+@pytest.mark.parametrize("whole_rows", [True, False])
+def test_setitem_couples_whole_rows_only(whole_rows):
+    pruner = Pruner(_PartialWrite(whole_rows).eval(), torch.randn(2, 3, 4, 4))
+    conv = [g for g in pruner.groups if any(m.name == "a.weight" and m.dim == 0 for m in g.members)]
+    assert conv and conv[0].prunable == whole_rows, conv[0].describe()
+    if whole_rows:
+        assert any(m.name == "b.weight" and m.dim == 1 for m in conv[0].members)

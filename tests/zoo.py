@@ -60,6 +60,7 @@ MUST_SHRINK: dict[str, tuple[str, ...]] = {
     "vit_block": ("qkv.weight", "proj.weight", "fc1.weight", "cls_token", "pos"),
     "einsum": ("w1", "w2", "w3"),
     "matmul_bare_parameter": ("weight", "w2"),
+    "roi_pool_rows_fill": ("p3.weight", "p4.weight", "box.1.weight"),
 }
 
 
@@ -770,6 +771,35 @@ class MatmulLinear(nn.Module):
 @case("matmul_bare_parameter")
 def matmul_bare_parameter():
     return MatmulLinear(), torch.randn(2, 5, 6)
+
+
+class RoIRowsFill(nn.Module):
+    """Detector-style multi-scale RoI pooling (as torchvision's MultiScaleRoIAlign): two FPN
+    levels, ``roi_align`` per level, written row by row into one zero tensor that a box head
+    reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.p3 = nn.Conv2d(3, 8, 3, padding=1)
+        self.p4 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.box = nn.Sequential(nn.Flatten(), nn.Linear(8 * 2 * 2, 6))
+
+    def forward(self, x):
+        from torchvision.ops import roi_align
+
+        levels = [self.p3(x), self.p4(x)]
+        boxes = torch.tensor([[0, 0.0, 0.0, 4.0, 4.0], [1, 2.0, 2.0, 7.0, 6.0], [0, 1.0, 3.0, 6.0, 7.0]])
+        which = torch.tensor([0, 1, 0])
+        result = torch.zeros(3, levels[0].shape[1], 2, 2, dtype=x.dtype)
+        for lvl, (feat, scale) in enumerate(zip(levels, (1.0, 0.5))):
+            idx = torch.where(which == lvl)[0]
+            result[idx] = roi_align(feat, boxes[idx], (2, 2), spatial_scale=scale, sampling_ratio=2)
+        return self.box(result)
+
+
+@case("roi_pool_rows_fill")
+def roi_pool_rows_fill():
+    return RoIRowsFill(), img()
 
 
 class UnknownOp(nn.Module):

@@ -433,6 +433,43 @@ def _layout_rule(tr, name, func, args, kwargs, out):
         _layout(tr, name, func, args, kwargs, out)
 
 
+def _rows_write(tr, args) -> bool:
+    """``dest[rows] = value`` that writes whole rows (an index along dim 0 only, every other
+    dim whole): each channel of ``value`` lands in the same channel of ``dest``, so their
+    channels couple (torchvision's multi-scale RoI pooling fills one result this way, level
+    by level). Returns False for any other write, which the caller then fixes."""
+    if len(args) != 3:
+        return False
+    dest, index, value = args
+    if not (isinstance(dest, torch.Tensor) and isinstance(value, torch.Tensor)):
+        return False
+    first = index[0] if isinstance(index, tuple) and index else index
+    rest = index[1:] if isinstance(index, tuple) else ()
+    whole = all(r is Ellipsis or (isinstance(r, slice) and r == slice(None)) for r in rest)
+    if not (whole and (isinstance(first, slice) or (isinstance(first, torch.Tensor) and first.ndim == 1
+                                                     and not first.is_floating_point()))):
+        return False
+    if value.ndim != dest.ndim or tuple(value.shape[1:]) != tuple(dest.shape[1:]):
+        return False
+    dl, vl = tr.get(dest), tr.get(value)
+    if 0 in dl or 0 in vl or (isinstance(first, torch.Tensor) and tr.get(first)):
+        return False
+    if not dl:  # a fresh tensor (torch.zeros(...)) being filled: it takes the value's channels;
+        # its other rows hold whatever it held, so pruned channels are not known to be zero
+        tr.set(dest, {d: (ids, False) for d, (ids, _) in vl.items()})
+        return True
+    res: Labels = {}
+    for d in set(dl) | set(vl):
+        a, b = dl.get(d), vl.get(d)
+        if a is not None and b is not None:
+            tr.union(a[0], b[0])
+            res[d] = (a[0], a[1] and b[1])
+        else:  # channels on one side only: the other side's values sit at pruned positions
+            tr.fix((a or b)[0], "'__setitem__' writes rows whose other side carries no channels")
+    tr.set(dest, res)
+    return True
+
+
 @register_rule("__setitem__", "index_put_", "index_put", "scatter", "scatter_", "scatter_add",
                "scatter_add_", "index_add", "index_add_", "masked_scatter", "index_copy",
                "index_fill", "index_fill_", "masked_fill_")
@@ -446,6 +483,8 @@ def _write_into(tr, name, func, args, kwargs, out):
         if lab.get(dim % args[0].ndim) is not None:
             tr.fix(lab[dim % args[0].ndim][0], f"'{name}' writes into fixed channels")
         tr.set(out, lab)
+        return
+    if name == "__setitem__" and _rows_write(tr, args):
         return
     for t in _tensors((args, kwargs)):
         lab = tr.get(t)
@@ -561,6 +600,24 @@ def _spatial(tr, name, func, args, kwargs, out):
         tr.fix_labels(tr.get(t), f"'{name}' uses channels as coordinates")
     for o in outs:
         tr.set(o, res if o.ndim == x.ndim else {})
+
+
+@register_rule("roi_align", "roi_pool")
+def _roi(tr, name, func, args, kwargs, out):
+    """torchvision's region pooling: every output channel is its input channel sampled at the
+    boxes (bilinear or max over zeros stays zero); the boxes are coordinates."""
+    x = args[0]
+    lab = tr.get(x)
+    res: Labels = {}
+    for d, (ids, z) in lab.items():
+        if d == 1 and x.ndim == 4:
+            res[1] = (ids, z)
+        else:
+            tr.fix(ids, f"'{name}' samples over this dim")
+    for t in _tensors(args[1:]) + _tensors(list(kwargs.values())):
+        tr.fix_labels(tr.get(t), f"'{name}' uses channels as coordinates")
+    for o in _tensors(out):
+        tr.set(o, res if o.ndim == 4 else {})
 
 
 @register_rule("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zeros", "ones",
