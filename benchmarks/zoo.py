@@ -216,15 +216,15 @@ def models_for(family: str) -> list[tuple[str, str]]:
     return [(n, f) for f in chosen for n in M.list_models(module=fams[f])]
 
 
-def load() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+def load(path: Path = RESULTS) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def save(results: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
+def save(results: dict, path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, path)
 
 
 def table(results: dict, family: str | None = None) -> str:
@@ -260,13 +260,14 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--table", action="store_true", help="print the table of saved results and exit")
     ap.add_argument("--earlier", type=Path, help="results of an earlier run, used (marked) for models not in this one")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
     ap.add_argument("--one", nargs=2, metavar=("NAME", "FAMILY"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print("ROW " + json.dumps(run_one(*args.one)))
         return 0
     if args.table:
-        results = load()
+        results = load(args.out)
         if args.earlier and args.earlier.exists():
             for name, row in json.loads(args.earlier.read_text()).items():
                 if name not in results or "error" in results[name]:
@@ -280,7 +281,7 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"unknown torchvision model(s) {unknown}")
         todo = [(n, fam_of[n]) for n in args.models]
-    results = load()
+    results = load(args.out)
     for i, (name, fam) in enumerate(todo):
         if name in results and "error" not in results[name] and not args.force:
             continue
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             row = {"model": name, "family": fam, "error": f"timeout after {args.timeout} s"}
         results[name] = row
-        save(results)
+        save(results, args.out)
         status = "ERROR " + row["error"] if "error" in row else (
             f"ok={row['ok']} err={row['equiv_err']:.1e} build={row['build_s']:.3f}s "
             f"frozen={len(row['frozen_by_validation'])}")

@@ -94,6 +94,7 @@ class SparseState:
         self.plan = plan
         self.handles: list = []
         self.mode: _MaskedNorms | None = None
+        self._depth = 0  # nested module calls that entered the masked-norm mode
 
     def entries(self):
         model = self.model_ref()
@@ -129,15 +130,25 @@ class SparseState:
                 norm_keep[id(get_tensor(model, name))] = self.plan.keep_index(name, 0)
         if norm_keep:
             self.mode = _MaskedNorms(norm_keep)
-            self.handles.append(model.register_forward_pre_hook(self._enter))
-            self.handles.append(model.register_forward_hook(self._exit, always_call=True))
+            # the whole model, and every module that owns a masked norm weight: a submodule
+            # called on its own (a detector's head, a backbone used as a feature extractor)
+            # normalises like the whole model does
+            owners = [m for m in model.modules()
+                      if any(id(p) in norm_keep for p in m._parameters.values() if p is not None)]
+            for m in dict.fromkeys([model, *owners]):
+                self.handles.append(m.register_forward_pre_hook(self._enter))
+                self.handles.append(m.register_forward_hook(self._exit, always_call=True))
         _LIVE.add(self)
 
     def _enter(self, mod, args):
-        self.mode.__enter__()
+        self._depth += 1
+        if self._depth == 1:
+            self.mode.__enter__()
 
     def _exit(self, mod, args, out):
-        self.mode.__exit__(None, None, None)
+        self._depth -= 1
+        if self._depth == 0:
+            self.mode.__exit__(None, None, None)
 
     def detach(self) -> None:
         for h in self.handles:

@@ -173,3 +173,33 @@ def test_known_limitations_slim_equals_sparse(name):
     pruner.prune(RATIO)
     slim = prunekit.to_slim(model)
     assert_equivalent(run(model, inputs), run(slim, inputs), f"{name}: slim vs sparse")
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_submodule_called_alone_normalises_like_the_whole_model(norm):
+    """A sparse model's norm layer computes its statistics over kept channels also when a
+    submodule is called on its own (a detector's head, a backbone as a feature extractor)."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    if norm == "group":
+        block = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU())
+        model = nn.Sequential(nn.Conv2d(3, 8, 1), block, nn.Conv2d(16, 4, 1)).eval()
+        x = torch.randn(2, 3, 6, 6)
+    else:
+        block = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU())
+        model = nn.Sequential(nn.Linear(5, 8), block, nn.Linear(16, 4)).eval()
+        x = torch.randn(2, 7, 5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    pruner = prunekit.Pruner(model, x)
+    pruner.prune(0.5)
+    slim = pruner.transform()
+    with torch.no_grad():
+        h_sparse, h_slim = model[0](x), slim[0](x)
+        out_sparse, out_slim = model[1](h_sparse), slim[1](h_slim)
+        keep = prunekit.get_plan(model).keep_index("1.0.weight", 0)
+        dim = 1 if norm == "group" else -1
+        assert_equivalent(out_sparse.index_select(dim, keep), out_slim, f"{norm} norm block called alone")
+        assert_equivalent(run(model, x), run(slim, x), "whole model")
