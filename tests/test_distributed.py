@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import prunekit
+import tinyjob
 from prunekit import distributed
 from prunekit.cli import main
 from prunekit.evaluation import make_eval_fn
@@ -59,14 +59,8 @@ def _tail(proc: subprocess.CompletedProcess) -> str:
 
 
 def write_config(tmp_path: Path, checkpoint: Path, **sections) -> Path:
-    cfg = {"workspace": str(tmp_path / "ws"), "model": {"factory": "tinyjob:TinyNet", "checkpoint": str(checkpoint)},
-           "data": {"loaders": "tinyjob:loaders"}, "ana": {"ratios": [0.3, 0.6]},
-           "finetune": {"epochs": 1, "lr": 0.02, "progress": False}, "run": {"schedule": [0.3, 0.5], "max_drop": 0.5}}
-    for k, v in sections.items():
-        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tinyjob.write_config(tmp_path, **{"model": {"checkpoint": str(checkpoint)}, "run": {"max_drop": 0.5},
+                                             **sections})
 
 
 @pytest.fixture

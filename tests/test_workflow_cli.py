@@ -18,23 +18,9 @@ import yaml
 import prunekit
 from prunekit.cli import main
 from prunekit.config import Config, ConfigError, load_config
-from tinyjob import TinyNet
+from tinyjob import TinyNet, write_config
 
 TESTS = Path(__file__).resolve().parent
-
-
-def write_config(tmp_path: Path, **sections) -> Path:
-    cfg = {"workspace": str(tmp_path / "ws"),
-           "model": {"factory": "tinyjob:TinyNet"},
-           "data": {"loaders": "tinyjob:loaders"},
-           "ana": {"ratios": [0.3, 0.6]},
-           "finetune": {"epochs": 1, "lr": 0.02, "progress": False},
-           "run": {"schedule": [0.3, 0.5]}}
-    for k, v in sections.items():
-        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ so a small CNN learns it within an epoch or two and pruning visibly costs accura
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -68,3 +69,20 @@ def trained(seed: int = 0, epochs: int = 3) -> TinyNet:
     model = TinyNet()
     model.load_state_dict(_trained_state(seed, epochs))
     return model.eval()
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    """A ``prunekit`` config for this job in ``tmp_path``; each keyword updates one section."""
+    import yaml
+
+    cfg = {"workspace": str(tmp_path / "ws"),
+           "model": {"factory": "tinyjob:TinyNet"},
+           "data": {"loaders": "tinyjob:loaders"},
+           "ana": {"ratios": [0.3, 0.6]},
+           "finetune": {"epochs": 1, "lr": 0.02, "progress": False},
+           "run": {"schedule": [0.3, 0.5]}}
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
