@@ -32,6 +32,12 @@ CASES = [
     (F.softmax, (_meta(2, 6, 5),), {"dim": -1}),
     (F.linear, (_meta(2, 7, 8), _meta(5, 8), _meta(5)), {}),
     (F.linear, (_meta(8), _meta(5, 8)), {}),
+    # everything by keyword
+    (F.batch_norm, (), {"input": _meta(2, 3, 4), "running_mean": _meta(3), "running_var": _meta(3)}),
+    (F.layer_norm, (), {"input": _meta(2, 8), "normalized_shape": [8]}),
+    (F.group_norm, (), {"input": _meta(2, 6, 5), "num_groups": 2}),
+    (F.softmax, (), {"input": _meta(2, 6), "dim": 1}),
+    (F.linear, (), {"input": _meta(2, 8), "weight": _meta(5, 8)}),
 ]
 
 

@@ -13,13 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
-from prunekit.graph.trace import Labels, Tracer, register_rule
-
-
-def _arg(args, kwargs, pos: int, name: str, default=None):
-    if name in kwargs:
-        return kwargs[name]
-    return args[pos] if len(args) > pos else default
+from prunekit.graph.trace import Labels, Tracer, _arg, register_rule
 
 
 def _couple(tr: Tracer, x_ids: torch.Tensor | None, w_ids: torch.Tensor | None, what: str) -> None:

@@ -300,24 +300,20 @@ def _same_shape(inplace_at: int | None = None, plain: Callable[[tuple, dict], bo
     """Output like the first argument (the argument itself when the call is in-place)."""
 
     def run(args, kwargs):
-        x = args[0] if args else kwargs.get("input")
+        x = _arg(args, kwargs, 0, "input")
         if not (isinstance(x, torch.Tensor) and x.is_meta and type(x) is torch.Tensor):
             return None
         if plain is not None and not plain(args, kwargs):
             return None
-        if inplace_at is not None:
-            inplace = args[inplace_at] if len(args) > inplace_at else kwargs.get("inplace", False)
-            if inplace:
-                return x
+        if inplace_at is not None and _arg(args, kwargs, inplace_at, "inplace", False):
+            return x
         return torch.empty_like(x)
 
     return run
 
 
 def _meta_linear(args, kwargs):
-    x = args[0] if args else kwargs.get("input")
-    w = args[1] if len(args) > 1 else kwargs.get("weight")
-    b = args[2] if len(args) > 2 else kwargs.get("bias")
+    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.is_meta and w.is_meta
             and x.ndim >= 1 and w.ndim == 2 and x.shape[-1] == w.shape[1] and x.dtype == w.dtype
             and (b is None or (isinstance(b, torch.Tensor) and b.is_meta and b.shape == w.shape[:1]
@@ -326,8 +322,11 @@ def _meta_linear(args, kwargs):
     return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device="meta")
 
 
-def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
-    return args[i] if len(args) > i else kwargs.get(name, default)
+def _arg(args: tuple, kwargs: dict, pos: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a torch call, given by keyword or at position ``pos``."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[pos] if len(args) > pos else default
 
 
 def _fits(p: Any, n: int) -> bool:
@@ -335,7 +334,7 @@ def _fits(p: Any, n: int) -> bool:
 
 
 def _eval_batch_norm(args, kwargs) -> bool:
-    x = args[0]
+    x = _arg(args, kwargs, 0, "input")
     c = x.shape[1] if x.ndim > 1 else -1
     return (not _arg(args, kwargs, 5, "training", False) and x.ndim > 1
             and all(_fits(_arg(args, kwargs, i, k), c)
@@ -343,7 +342,7 @@ def _eval_batch_norm(args, kwargs) -> bool:
 
 
 def _layer_norm_fits(args, kwargs) -> bool:
-    x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape")
+    x, shape = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
     if not isinstance(shape, (list, tuple, torch.Size)) or len(shape) != 1 or x.ndim < 1:
         return False
     n = x.shape[-1]
@@ -352,14 +351,14 @@ def _layer_norm_fits(args, kwargs) -> bool:
 
 
 def _group_norm_fits(args, kwargs) -> bool:
-    x, g = args[0], _arg(args, kwargs, 1, "num_groups")
+    x, g = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "num_groups")
     c = x.shape[1] if x.ndim > 1 else -1
     return (isinstance(g, int) and g > 0 and c > 0 and c % g == 0
             and _fits(_arg(args, kwargs, 2, "weight"), c) and _fits(_arg(args, kwargs, 3, "bias"), c))
 
 
 def _no_dtype(args, kwargs) -> bool:
-    return kwargs.get("dtype") is None and (len(args) < 4 or args[3] is None)
+    return _arg(args, kwargs, 3, "dtype") is None
 
 
 #: On the meta device torch computes even a ReLU's output through Python meta kernels
