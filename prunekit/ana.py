@@ -318,16 +318,27 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
 
 
 @torch.no_grad()
-def _evaluate_point(model, plan, prior, eval_fn, args) -> float:
+def _evaluate_point(model, plan, prior, eval_fn, args, calibrate=None) -> float:
+    """The metric of ``model`` pruned by ``plan`` (after ``calibrate(model)``, evaluated in eval
+    mode), then the model as it was: weights, and with ``calibrate`` every buffer and the mode."""
     saved = {name: sparse.get_tensor(model, name).detach().clone() for name in plan.pruned}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()} if calibrate is not None else None
+    was = model.training
     sparse.apply_plan(model, plan)
     try:
+        if calibrate is not None:
+            calibrate(model)
+            model.eval()
         with torch.enable_grad():
             return _score(eval_fn, model, args)
     finally:
         sparse.remove_masks(model)
         for name, t in saved.items():
             sparse.get_tensor(model, name).copy_(t)
+        if state is not None:
+            for k, v in model.state_dict().items():
+                v.copy_(state[k])
+            model.train(was)
         if prior is not None:
             sparse.apply_plan(model, prior)
 

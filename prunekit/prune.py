@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from prunekit import sparse
 from prunekit.allocate import MacsModel, equal_loss, global_ranking, greedy, perturbed_loss, uniform
-from prunekit.ana import Sensitivity, _score, group_label
+from prunekit.ana import Sensitivity, _evaluate_point, group_label
 from prunekit.counting import count
 from prunekit.plan import PruningPlan
 from prunekit.pruner import Pruner
@@ -281,26 +281,6 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
                        predicted, notes)
 
 
-@torch.no_grad()
-def _evaluate_plan(model: nn.Module, plan: PruningPlan, eval_fn: Callable, eval_args: Sequence,
-                   calibrate: Callable | None) -> float:
-    """The metric of ``model`` pruned by ``plan`` (and calibrated); the model is restored."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    was = model.training
-    sparse.apply_plan(model, plan)
-    try:
-        if calibrate is not None:
-            calibrate(model)
-        model.eval()
-        with torch.enable_grad():
-            return _score(eval_fn, model, eval_args)
-    finally:
-        sparse.remove_masks(model)
-        for k, v in model.state_dict(keep_vars=True).items():
-            v.data.copy_(saved[k])
-        model.train(was)
-
-
 def _search(model, best, reach, n, eval_fn, eval_args, calibrate, sensitivity, cands, seed, tolerance, hows):
     """Evaluate the computed allocation and ``n`` variants at the same MACs; keep the best."""
     from tqdm.auto import tqdm
@@ -313,10 +293,16 @@ def _search(model, best, reach, n, eval_fn, eval_args, calibrate, sensitivity, c
     while len(found) < n + 1:
         found.append((reach("equal_loss", perturbed_loss(sensitivity.loss, cands, gen)), "variant"))
     scored = []
-    for cand, kind in tqdm(found, desc="search", unit="candidate", leave=False):
-        if cand[0] > tolerance and cand is not best:
-            continue  # off the MACs target: not comparable
-        scored.append((sign * _evaluate_plan(model, cand[2], eval_fn, eval_args, calibrate), kind, cand))
+    was = model.training
+    model.eval()
+    try:
+        for cand, kind in tqdm(found, desc="search", unit="candidate", leave=False):
+            if cand[0] > tolerance and cand is not best:
+                continue  # off the MACs target: not comparable
+            score = _evaluate_point(model, cand[2], None, eval_fn, eval_args, calibrate)
+            scored.append((sign * score, kind, cand))
+    finally:
+        model.train(was)
     top = max(scored, key=lambda t: t[0])  # first of equals: the computed allocation wins ties
     first = scored[0][0]
     return top[2], (f"search: {len(scored)} allocations at the target evaluated; kept the {top[1]} one "
