@@ -215,13 +215,7 @@ def make_bn_calibration(loader: Iterable, max_batches: int | None = None,
                 if max_batches is not None and i >= max_batches:
                     break
                 inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-                inputs = _to(inputs, dev)
-                if isinstance(inputs, dict):
-                    model(**inputs)
-                elif isinstance(inputs, (tuple, list)):
-                    model(*inputs)
-                else:
-                    model(inputs)
+                call_model(model, _to(inputs, dev))
         finally:
             for m, mom in zip(norms, saved):
                 m.momentum = mom
