@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 import prunekit
-from prunekit.ana import DEFAULT_RATIOS
-from prunekit.demo_model import DemoNet
-from prunekit.evaluation import make_bn_calibration, make_eval_fn
+from prunekit.models.demo import DemoNet
+from prunekit.workflow.ana import DEFAULT_RATIOS
+from prunekit.workflow.evaluation import make_bn_calibration, make_eval_fn
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "allocation.json"

@@ -35,9 +35,9 @@ def worker(workspace: str, out: str) -> None:
     import torch
     import torchvision
 
-    from prunekit import distributed
-    from prunekit.ana import ana
-    from prunekit.evaluation import make_eval_fn
+    from prunekit.workflow import distributed
+    from prunekit.workflow.ana import ana
+    from prunekit.workflow.evaluation import make_eval_fn
 
     distributed.init_if_needed()
     torch.manual_seed(0)

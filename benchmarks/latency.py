@@ -1,9 +1,9 @@
 """Does the measured latency follow the MACs? Slim vs original torchvision models on the CPU.
 
 For each model (torchvision, random weights, eval mode, 3x224x224 inputs): prune to 30% and
-50% fewer MACs with ``prunekit.prune.prune(..., mode='slim')`` (uniform allocation, L2
+50% fewer MACs with ``prunekit.workflow.prune.prune(..., mode='slim')`` (uniform allocation, L2
 criterion), plus 50% with ``round_to=8``; then time the original and the slim models together
-with :func:`prunekit.bench.bench` (interleaved: every repeat times each model once, in
+with :func:`prunekit.deploy.bench.bench` (interleaved: every repeat times each model once, in
 alternating order) in PyTorch eager mode and in ONNX Runtime, at batch 1 and 32.
 ``speed-up`` is the median over repeats of ``time(original) / time(slim)`` within a repeat.
 
@@ -57,9 +57,9 @@ def run_model(name: str, args: argparse.Namespace, log) -> dict:
     import torch
     import torchvision
 
-    from prunekit.bench import bench
-    from prunekit.counting import count
-    from prunekit.prune import prune
+    from prunekit.deploy.bench import bench
+    from prunekit.engine.counting import count
+    from prunekit.workflow.prune import prune
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
@@ -175,8 +175,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from prunekit.bench import environment
-    from prunekit.plan import atomic_write
+    from prunekit.deploy.bench import environment
+    from prunekit.engine.plan import atomic_write
 
     data = json.loads(out.read_text()) if out.exists() else {"models": {}}
     if args.table:

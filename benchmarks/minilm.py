@@ -15,8 +15,8 @@ here, from templates, with a fixed seed:
 * a disjoint set of training sentences for sensitivity analysis (64) and a short
   distillation fine-tune (student embeddings pulled towards the original's: 1 - cosine).
 
-For each target MACs reduction: ``prunekit.ana`` measures every group's sensitivity (the
-cosine to the original on the 64 calibration sentences), ``prunekit.prune.prune`` allocates
+For each target MACs reduction: ``prunekit.workflow.ana`` measures every group's sensitivity (the
+cosine to the original on the 64 calibration sentences), ``prunekit.workflow.prune.prune`` allocates
 per-layer head and MLP ratios to reach the target (the residual width stays: it is the
 embedding), the slim model is checked against the sparse one, evaluated, fine-tuned and
 evaluated again. Latency: median CPU time of one batch of 32 sentences.
@@ -52,9 +52,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import prunekit  # noqa: E402
-from prunekit import hf  # noqa: E402
-from prunekit.ana import ana  # noqa: E402
-from prunekit.prune import prune  # noqa: E402
+from prunekit.integrations import hf  # noqa: E402
+from prunekit.workflow.ana import ana  # noqa: E402
+from prunekit.workflow.prune import prune  # noqa: E402
 
 RESULTS = HERE / "results" / "minilm.json"
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         sparse_out = embed(model, [example])
         slim = prunekit.to_slim(model)
         err = prunekit.max_error(sparse_out, embed(slim, [example]))
-        assert err <= prunekit.pruner.TOL, f"slim differs from sparse by {err}"
+        assert err <= prunekit.engine.pruner.TOL, f"slim differs from sparse by {err}"
         counts = prunekit.count(slim, example)
         before = evaluate(slim, data)
         t0 = time.time()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "zoo.json"
-TOL = None  # filled from prunekit.pruner
+TOL = None  # filled from prunekit.engine.pruner
 
 
 def _inputs(family: str, name: str):
@@ -147,7 +147,7 @@ def run_one(name: str, family: str) -> dict:
     import torchvision
 
     import prunekit
-    from prunekit.pruner import TOL
+    from prunekit.engine.pruner import TOL
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

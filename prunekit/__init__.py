@@ -5,28 +5,27 @@ Example:
     >>> pruner = Pruner(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))  # doctest: +SKIP
     >>> pruner.prune(0.5); slim = pruner.transform()  # doctest: +SKIP
 
-The verbs ``prunekit.ana`` and ``prunekit.prune`` are the *functions*
-(``prunekit.ana.ana`` and ``prunekit.prune.prune``); they shadow their modules' names as
-attributes of the package, so import anything else from those modules with
-``from prunekit.prune import PruneResult`` (or use the re-exports below), not with
-``import prunekit.prune as m``.
+The layers, lowest first (each imports only from those before it; ``tests/test_layers.py``
+checks it): :mod:`prunekit.graph` (tracing, channel groups), :mod:`prunekit.engine` (sparse and
+slim models), :mod:`prunekit.workflow` (ana, prune, finetune, the iterative loop),
+:mod:`prunekit.deploy` (export, bench), :mod:`prunekit.cli`. See ``docs/ARCHITECTURE.md``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from prunekit.ana import Sensitivity
-from prunekit.ana import ana as ana
-from prunekit.counting import Counts, count
-from prunekit.criteria import CRITERIA, register_criterion
-from prunekit.evaluation import accuracy, make_eval_fn
+from prunekit.engine.counting import Counts, count
+from prunekit.engine.criteria import CRITERIA, register_criterion
+from prunekit.engine.equivalence import TOLERANCE, check_equivalence, max_error
+from prunekit.engine.plan import PruningPlan
+from prunekit.engine.pruner import Pruner
+from prunekit.engine.slim import apply_spec, load_slim, register_updater, save_slim, slim_spec, to_slim
+from prunekit.engine.sparse import apply_plan, get_plan, load_sparse, remove_masks, save_sparse
 from prunekit.graph.groups import ChannelGroup
 from prunekit.graph.trace import register_module_handler, trace
-from prunekit.plan import PruningPlan
-from prunekit.prune import PruneResult
-from prunekit.prune import prune as prune  # the function shadows the module attribute (see above)
-from prunekit.pruner import Pruner, max_error
-from prunekit.slim import apply_spec, load_slim, register_updater, save_slim, slim_spec, to_slim
-from prunekit.sparse import apply_plan, get_plan, load_sparse, remove_masks, save_sparse
+from prunekit.workflow.ana import Sensitivity, ana
+from prunekit.workflow.evaluation import accuracy, make_eval_fn
+from prunekit.workflow.options import AnaConfig, FinetuneConfig, IterativeConfig, PruneConfig
+from prunekit.workflow.prune import PruneResult, prune
 
 try:
     __version__ = version("prunekit")
@@ -34,8 +33,9 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
-    "CRITERIA", "ChannelGroup", "Counts", "PruneResult", "Pruner", "PruningPlan", "Sensitivity", "accuracy",
-    "ana", "apply_plan", "apply_spec", "count", "get_plan", "load_slim", "load_sparse", "make_eval_fn",
+    "CRITERIA", "TOLERANCE", "AnaConfig", "ChannelGroup", "Counts", "FinetuneConfig", "IterativeConfig",
+    "PruneConfig", "PruneResult", "Pruner", "PruningPlan", "Sensitivity", "accuracy", "ana", "apply_plan",
+    "apply_spec", "check_equivalence", "count", "get_plan", "load_slim", "load_sparse", "make_eval_fn",
     "max_error", "prune", "register_criterion", "register_module_handler", "register_updater", "remove_masks",
     "save_slim", "save_sparse", "slim_spec", "to_slim", "trace",
 ]

@@ -1,5 +1,5 @@
-"""``python -m prunekit`` runs the command line (see :mod:`prunekit.cli`)."""
+"""``python -m prunekit`` runs the command line (see :mod:`prunekit.cli.main`)."""
 
-from prunekit.cli import main
+from prunekit.cli.main import main
 
 raise SystemExit(main())

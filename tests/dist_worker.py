@@ -24,15 +24,15 @@ EPOCHS = 3
 
 
 def finetune_config():
-    from prunekit.finetune import FinetuneConfig
+    from prunekit.workflow.finetune import FinetuneConfig
 
     return FinetuneConfig(epochs=EPOCHS, lr=0.05, progress=False)
 
 
 def eval_fn():
     """Accuracy on tinyjob's eval data (4 batches), split over the ranks when run together."""
-    from prunekit import distributed
-    from prunekit.evaluation import make_eval_fn
+    from prunekit.workflow import distributed
+    from prunekit.workflow.evaluation import make_eval_fn
     from tinyjob import loaders
 
     _, evald = loaders(n_eval=64)
@@ -42,8 +42,8 @@ def eval_fn():
 
 def run_finetune(sparse_dir: str, workspace: str, out: str, log=print) -> dict:
     import prunekit
-    from prunekit import distributed
-    from prunekit.finetune import finetune
+    from prunekit.workflow import distributed
+    from prunekit.workflow.finetune import finetune
     from tinyjob import TinyNet, loaders
 
     model = prunekit.load_sparse(TinyNet(), sparse_dir)
@@ -65,7 +65,7 @@ def _train_on_after_transform(model) -> dict:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from prunekit import distributed
+    from prunekit.workflow import distributed
 
     g = torch.Generator().manual_seed(100 + distributed.rank())  # other data on every rank
     batch = lambda: (torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g))  # noqa: E731

@@ -9,8 +9,10 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 import prunekit
+from prunekit.engine.equivalence import TOLERANCE
 from prunekit.graph.trace import call_model
-from prunekit.pruner import ABS_TOL, REL_TOL
+
+ABS_TOL = REL_TOL = TOLERANCE  # the bound written as ABS_TOL + REL_TOL * max|sparse|
 
 
 def run(model: nn.Module, inputs: Any) -> Any:

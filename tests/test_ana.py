@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.ana import Sensitivity
-from prunekit.demo_model import DemoNet, randomize_batchnorm
-from prunekit.evaluation import make_eval_fn
 from prunekit.graph.trace import single_thread
+from prunekit.models.demo import DemoNet, randomize_batchnorm
+from prunekit.workflow.ana import Sensitivity
+from prunekit.workflow.evaluation import make_eval_fn
 
 RATIOS = (0.25, 0.5, 0.75)
 
@@ -353,7 +353,7 @@ def test_sparse_model_is_analysed_on_top_of_its_masks(tmp_path):
     with torch.no_grad():
         out = model(x)
     run_ana(model, x, Counting(loader), tmp_path, ratios=(0.5,))
-    assert prunekit.sparse.is_sparse(model), "the model's own masks must be restored"
+    assert prunekit.engine.sparse.is_sparse(model), "the model's own masks must be restored"
     for n, t in model.state_dict().items():
         assert torch.equal(t, before[n]), f"ana changed {n} of a sparse model"
     with torch.no_grad():
@@ -364,7 +364,8 @@ def test_verbs_are_exported():
     import importlib
 
     assert callable(prunekit.ana) and callable(prunekit.prune), "prunekit.ana and prunekit.prune are the verbs"
-    assert prunekit.prune.__module__ == "prunekit.prune" and prunekit.ana.__module__ == "prunekit.ana"
-    mod = importlib.import_module("prunekit.prune")
+    assert prunekit.prune.__module__ == "prunekit.workflow.prune", prunekit.prune.__module__
+    assert prunekit.ana.__module__ == "prunekit.workflow.ana", prunekit.ana.__module__
+    mod = importlib.import_module("prunekit.workflow.prune")
     assert mod.PruneResult is prunekit.PruneResult, "the module stays importable for everything else"
     assert prunekit.make_eval_fn is make_eval_fn

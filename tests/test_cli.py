@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.cli import main
-from prunekit.demo_model import DemoNet
+from prunekit.cli.main import main
+from prunekit.models.demo import DemoNet
 
 
 def test_version(capsys):

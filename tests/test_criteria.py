@@ -92,7 +92,7 @@ def test_taylor_needs_gradients_first():
     with pytest.raises(ValueError) as info:
         pruner.prune(0.5)
     assert "accumulate_gradients" in str(info.value), f"the error should say what to call: {info.value}"
-    assert not prunekit.sparse.is_sparse(model), "a failed prune must leave the model dense"
+    assert not prunekit.engine.sparse.is_sparse(model), "a failed prune must leave the model dense"
     model.train()
     pruner.accumulate_gradients(batches(x), mse)
     assert model.training, "accumulate_gradients must restore the training mode"

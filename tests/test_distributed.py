@@ -21,9 +21,9 @@ import torch
 
 import prunekit
 import tinyjob
-from prunekit import distributed
-from prunekit.cli import main
-from prunekit.evaluation import make_eval_fn
+from prunekit.cli.main import main
+from prunekit.workflow import distributed
+from prunekit.workflow.evaluation import make_eval_fn
 from tinyjob import TinyNet, loaders, trained
 
 TESTS = Path(__file__).resolve().parent
@@ -103,7 +103,7 @@ def test_finetune_on_two_processes_resumes_a_one_process_run(tmp_path):
             raise Kill
         return inner(m)
 
-    from prunekit.finetune import finetune
+    from prunekit.workflow.finetune import finetune
 
     with pytest.raises(Kill):
         finetune(prunekit.load_sparse(TinyNet(), tmp_path / "sparse"), loaders()[0], dying,

@@ -9,8 +9,8 @@ import torch
 
 import prunekit
 from helpers import assert_equivalent, assert_identical, float_tensors, loss_of, run, shrunk
+from prunekit.engine.sparse import get_tensor
 from prunekit.graph.trace import call_model
-from prunekit.sparse import get_tensor
 from zoo import KNOWN_LIMITATIONS, MUST_SHRINK, UNPRUNABLE, ZOO, build, build_limitation
 
 PRUNABLE = [n for n in ZOO if n not in UNPRUNABLE]
@@ -80,7 +80,7 @@ def test_slim_equals_sparse(name):
     assert after.params < before.params, f"{name}: params did not drop ({before.params} -> {after.params})"
     assert_equivalent(run(model, inputs), run(slim, inputs), f"{name}: slim vs sparse")
     err = pruner.equivalence_error(slim)
-    assert err <= min(prunekit.pruner.ABS_TOL, prunekit.pruner.REL_TOL), \
+    assert err <= prunekit.TOLERANCE, \
         f"{name}: Pruner.equivalence_error is {err:.3g}"
     checked = pruner.transform()  # raises when slim != sparse
     assert shrunk(model, checked) == gone, f"{name}: transform() and to_slim() disagree"

@@ -65,7 +65,7 @@ def test_ratio_outside_range(ratio):
             call()
         assert repr(ratio) in str(info.value), f"the error should name the ratio {ratio!r}: {info.value}"
         assert "[0, 1)" in str(info.value), f"the error should give the valid range: {info.value}"
-    assert not prunekit.sparse.is_sparse(model), "a rejected ratio must leave the model dense"
+    assert not prunekit.engine.sparse.is_sparse(model), "a rejected ratio must leave the model dense"
 
 
 def test_unknown_group_id_and_options():
@@ -366,12 +366,11 @@ def test_validate_freezes_what_tracing_cannot_see(name, error):
 
 
 def test_transform_enforces_the_stated_tolerance(monkeypatch):
-    """``|d| <= ABS_TOL + REL_TOL * M``; max_error is ``|d| / (1 + M)``: with M large the bound is REL_TOL."""
+    """``|d| <= TOLERANCE * (1 + M)``; max_error is ``|d| / (1 + M)``: 1.5x the bound is refused."""
     model, x = chain()
     pruner = prunekit.Pruner(model, x)
     pruner.prune(0.5)
-    tol = prunekit.pruner
-    too_big = 1.5 * max(tol.ABS_TOL, tol.REL_TOL)
-    monkeypatch.setattr(pruner, "equivalence_error", lambda slim: too_big)
+    too_big = 1.5 * prunekit.TOLERANCE
+    monkeypatch.setattr(prunekit.engine.equivalence, "equivalence_error", lambda *a: too_big)
     with pytest.raises(RuntimeError, match=re.escape(f"{too_big:.3g}")):
         pruner.transform()

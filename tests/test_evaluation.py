@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import prunekit
-from prunekit.evaluation import accuracy, make_eval_fn
+from prunekit.workflow.evaluation import accuracy, make_eval_fn
 
 
 class Recorder(nn.Module):

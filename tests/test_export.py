@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 
 import prunekit
-from prunekit.bench import bench, format_table
-from prunekit.cli import main
-from prunekit.demo_model import DemoNet, randomize_batchnorm
-from prunekit.export import FORMATS, ExportCheckError, ExportError, check_export, export, export_onnx, export_pt2
-from prunekit.pruner import TOL
+from prunekit.cli.main import main
+from prunekit.deploy.bench import bench, format_table
+from prunekit.deploy.export import FORMATS, ExportCheckError, ExportError, check_export, export, export_onnx, export_pt2
+from prunekit.engine.equivalence import TOLERANCE as TOL
+from prunekit.models.demo import DemoNet, randomize_batchnorm
 
 needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx")
                                is None, reason="onnx/onnxruntime not installed (pip install 'prunekit[deploy]')")
@@ -99,7 +99,7 @@ def test_sparse_model_asks_for_transform(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     model = small_cnn()
     prunekit.Pruner(model, x).prune(0.5)
-    assert prunekit.sparse.is_sparse(model)
+    assert prunekit.engine.sparse.is_sparse(model)
     for call in (lambda: export(model, x, tmp_path, formats=["pt2"]),
                  lambda: export_pt2(model, x, tmp_path / "m.pt2"),
                  lambda: export_onnx(model, x, tmp_path / "m.onnx")):
@@ -199,7 +199,7 @@ def test_cli_transform_then_bench(tmp_path, capsys):
     model = small_cnn()
     prunekit.Pruner(model, x).prune(0.5)
     prunekit.save_sparse(model, tmp_path / "sparse")
-    common = ["--factory", "prunekit.demo_model:DemoNet", "--kwargs", json.dumps(DEMO_KWARGS),
+    common = ["--factory", "prunekit.models.demo:DemoNet", "--kwargs", json.dumps(DEMO_KWARGS),
               "--input-shape", "3x16x16"]
     rc = main(["transform", str(tmp_path / "sparse"), *common, "-o", str(tmp_path / "slim")])
     out = capsys.readouterr().out
@@ -219,8 +219,8 @@ def test_cli_transform_then_bench(tmp_path, capsys):
 
 
 def test_cli_transform_errors(tmp_path, capsys):
-    assert main(["transform", str(tmp_path), "--factory", "prunekit.demo_model:DemoNet", "-o", str(tmp_path)]) == 2
+    assert main(["transform", str(tmp_path), "--factory", "prunekit.models.demo:DemoNet", "-o", str(tmp_path)]) == 2
     assert "not a sparse model directory" in capsys.readouterr().err
-    assert main(["bench", "--factory", "prunekit.demo_model:DemoNet"]) == 2  # nothing to compare with
+    assert main(["bench", "--factory", "prunekit.models.demo:DemoNet"]) == 2  # nothing to compare with
     assert main(["bench", "--factory", "no_such_module:x", "--removal-ratio", "0.5"]) == 2
     assert "cannot build the model" in capsys.readouterr().err

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 import prunekit
-from prunekit.evaluation import make_eval_fn
-from prunekit.finetune import FinetuneConfig, finetune
+from prunekit.workflow.evaluation import make_eval_fn
+from prunekit.workflow.finetune import FinetuneConfig, finetune
 from tinyjob import TinyNet, loaders
 
 QUIET = {"progress": False}

@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 
 import prunekit
-from prunekit.config import AnaConfig, IterativeConfig
-from prunekit.evaluation import make_eval_fn
-from prunekit.finetune import FinetuneConfig
-from prunekit.iterative import IterativePruner
-from prunekit.plan import PruningPlan
+from prunekit.cli.job import AnaConfig, IterativeConfig
+from prunekit.engine.plan import PruningPlan
+from prunekit.workflow.evaluation import make_eval_fn
+from prunekit.workflow.finetune import FinetuneConfig
+from prunekit.workflow.iterative import IterativePruner
 from tinyjob import TinyNet, loaders, trained
 
 X = torch.zeros(1, 1, 8, 8)

@@ -17,10 +17,10 @@ import torchvision
 
 import prunekit
 from helpers import assert_equivalent, run
-from prunekit.ana import Sensitivity, group_label
-from prunekit.demo_model import DemoNet, randomize_batchnorm
-from prunekit.evaluation import make_bn_calibration, make_eval_fn
 from prunekit.graph.trace import single_thread
+from prunekit.models.demo import DemoNet, randomize_batchnorm
+from prunekit.workflow.ana import Sensitivity, group_label
+from prunekit.workflow.evaluation import make_bn_calibration, make_eval_fn
 
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -60,7 +60,7 @@ def synthetic(model: nn.Module, x, seed: int = 0) -> Sensitivity:
 
 def measured_reduction(original: nn.Module, pruned: nn.Module, x) -> float:
     """1 - MACs(slim pruned) / MACs(original), counted independently of ``prune``."""
-    slim = pruned if not prunekit.sparse.is_sparse(pruned) else prunekit.to_slim(pruned)
+    slim = pruned if not prunekit.engine.sparse.is_sparse(pruned) else prunekit.to_slim(pruned)
     return 1.0 - prunekit.count(slim, x).macs / prunekit.count(original, x).macs
 
 
@@ -213,7 +213,7 @@ def test_excluded_layers_untouched_even_with_results_from_ana(tmp_path):
     touched = [n for n in res.plan.pruned if n.startswith(excluded + ".")]
     assert not touched, f"the excluded layer must keep every channel; the plan prunes {touched}"
     for n in ("weight",):
-        t = prunekit.sparse.get_tensor(model, f"{excluded}.{n}")
+        t = prunekit.engine.sparse.get_tensor(model, f"{excluded}.{n}")
         assert torch.equal(t, before[f"{excluded}.{n}"]), f"{excluded}.{n} changed"
     assert abs(res.macs_reduction - 0.3) <= 0.01, f"removed {res.macs_reduction:.2%} for 30%"
 
@@ -236,7 +236,7 @@ def test_sparse_and_slim_agree_and_plan_round_trips(tmp_path):
     sens = synthetic(model, x)
     sparse_model = copy.deepcopy(model)
     a = prunekit.prune(sparse_model, x, removal_ratio=0.5, sensitivity=sens, workspace=tmp_path, log=quiet)
-    assert a.model is sparse_model and prunekit.sparse.is_sparse(a.model), "sparse mode prunes in place"
+    assert a.model is sparse_model and prunekit.engine.sparse.is_sparse(a.model), "sparse mode prunes in place"
     assert all(t.shape == model.state_dict()[n].shape for n, t in a.model.state_dict().items() if n in
                model.state_dict()), "sparse mode keeps shapes"
     b = prunekit.prune(copy.deepcopy(model), x, removal_ratio=0.5, sensitivity=sens, mode="slim", log=quiet)
@@ -267,7 +267,7 @@ def test_removal_ratio_outside_range(R):
     model, x = demo()
     with pytest.raises(ValueError, match=r"removal_ratio must be a number in \[0, 1\)"):
         prunekit.prune(model, x, removal_ratio=R, log=quiet)
-    assert not prunekit.sparse.is_sparse(model), "a rejected call must not touch the model"
+    assert not prunekit.engine.sparse.is_sparse(model), "a rejected call must not touch the model"
 
 
 def test_unknown_module_in_excludes():

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 import prunekit
 from helpers import assert_equivalent, assert_identical, loss_of, run, shrunk
+from prunekit.engine.prepare import prepare
 from prunekit.graph.trace import call_model
-from prunekit.prepare import prepare
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None
 needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers is not installed: pip install 'prunekit[hf]' "
@@ -319,10 +319,10 @@ def test_hf_rmsnorm_prepared_and_residual_pruned():
 @needs_hf
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "hf_vit"])
 def test_save_pretrained_non_uniform(name, tmp_path):
-    """Per-layer widths: config.prunekit records the spec; prunekit.hf.from_pretrained reloads."""
+    """Per-layer widths: config.prunekit records the spec; prunekit.integrations.hf.from_pretrained reloads."""
     import transformers as T
 
-    from prunekit import hf
+    from prunekit.integrations import hf
 
     model, inputs = _build(name)
     pruner = prunekit.Pruner(model, inputs)
@@ -349,7 +349,7 @@ def test_plain_auto_from_pretrained_with_remote_code(name, uniform, tmp_path):
 
     import transformers as T
 
-    from prunekit import hf
+    from prunekit.integrations import hf
 
     model, inputs = _build(name)
     if uniform:  # whole heads, hidden size kept: head_dim = hidden_size / heads no longer holds
@@ -374,7 +374,7 @@ def test_plain_auto_from_pretrained_with_remote_code(name, uniform, tmp_path):
 
 @needs_hf
 def test_save_pretrained_native_when_config_states_widths(tmp_path):
-    from prunekit import hf
+    from prunekit.integrations import hf
 
     model, inputs = _build("llama")
     pruner = prunekit.Pruner(model, inputs)

@@ -16,8 +16,8 @@ import torch
 import yaml
 
 import prunekit
-from prunekit.cli import main
-from prunekit.config import Config, ConfigError, load_config
+from prunekit.cli.job import Config, ConfigError, load_config
+from prunekit.cli.main import main
 from tinyjob import TinyNet, write_config
 
 TESTS = Path(__file__).resolve().parent

@@ -54,7 +54,7 @@ def loaders(n_train: int = 192, n_eval: int = 64, batch_size: int = 32, seed: in
 
 @functools.lru_cache(maxsize=4)
 def _trained_state(seed: int, epochs: int) -> dict[str, torch.Tensor]:
-    from prunekit.finetune import FinetuneConfig, finetune
+    from prunekit.workflow.finetune import FinetuneConfig, finetune
 
     torch.manual_seed(seed)
     model = TinyNet()

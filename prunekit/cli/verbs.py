@@ -1,6 +1,6 @@
 """The workflow verbs of the ``prunekit`` command: ana, prune, finetune, run, report.
 
-Each verb mirrors its Python function and reads a YAML config (see :mod:`prunekit.config`);
+Each verb mirrors its Python function and reads a YAML config (see :mod:`prunekit.cli.job`);
 flags override the config, and the resolved config is saved in the workspace as
 ``config.yaml``. A minimal config::
 
@@ -18,7 +18,7 @@ Then ``prunekit run -c config.yaml`` does ana -> (prune -> finetune) x steps -> 
 ``prunekit report ws-resnet18`` writes the HTML report.
 
 ``ana``, ``finetune`` and ``run`` also run under ``torchrun --nproc_per_node N`` (see
-:mod:`prunekit.distributed`): the process group starts by itself, rank 0 prints and writes the
+:mod:`prunekit.workflow.distributed`): the process group starts by itself, rank 0 prints and writes the
 workspace. The other verbs run on rank 0 only.
 """
 
@@ -111,9 +111,9 @@ class _Job:
     """The resolved config and what it names, built once per command."""
 
     def __init__(self, args: argparse.Namespace, extra: dict | None = None, need_data: bool = True) -> None:
-        from prunekit import loading
-        from prunekit.config import dump_config, load_config, parse_set
-        from prunekit.workspace import Workspace
+        from prunekit.cli import build as loading
+        from prunekit.cli.job import dump_config, load_config, parse_set
+        from prunekit.workflow.workspace import Workspace
 
         overrides = parse_set(args.overrides)
         overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
@@ -126,8 +126,8 @@ class _Job:
         self.search.append(Path.cwd())
         self.ws = Workspace(self.cfg.workspace)
         self.ws.root.mkdir(parents=True, exist_ok=True)
-        from prunekit import distributed as pdist
-        from prunekit.plan import atomic_write
+        from prunekit.engine.plan import atomic_write
+        from prunekit.workflow import distributed as pdist
 
         if pdist.is_main():
             atomic_write(self.ws.path("config.yaml"), dump_config(self.cfg))
@@ -154,8 +154,8 @@ def _guard(verb: str, distributed: bool = False):
 
             import torch
 
-            from prunekit import distributed as pdist
-            from prunekit.config import ConfigError
+            from prunekit.cli.job import ConfigError
+            from prunekit.workflow import distributed as pdist
 
             if not distributed and os.environ.get("RANK", "0") != "0":
                 return 0  # torchrun: one process is enough
@@ -184,7 +184,7 @@ def _guard(verb: str, distributed: bool = False):
 # ----- verbs -----------------------------------------------------------------------------
 @_guard("ana", distributed=True)
 def cmd_ana(args: argparse.Namespace, out: TextIO) -> int:
-    from prunekit.ana import ana
+    from prunekit.workflow.ana import ana
 
     job = _Job(args)
     c = job.cfg
@@ -198,8 +198,8 @@ def cmd_ana(args: argparse.Namespace, out: TextIO) -> int:
 
 @_guard("prune")
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
-    from prunekit.prune import prune
-    from prunekit.sparse import save_sparse
+    from prunekit.engine.sparse import save_sparse
+    from prunekit.workflow.prune import prune
 
     job = _Job(args, {"prune.removal_ratio": args.removal_ratio, "prune.threshold": args.threshold,
                       "prune.search": args.search, "prune.calibrate_batches": args.calibrate_batches})
@@ -219,7 +219,7 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
         prev = _load_weights(job.model, Path(args.start_from))
     extra = {}
     if c.prune.calibrate_batches:
-        from prunekit.evaluation import make_bn_calibration
+        from prunekit.workflow.evaluation import make_bn_calibration
 
         extra["calibrate"] = make_bn_calibration(job.train, max_batches=c.prune.calibrate_batches)
     if c.prune.search:
@@ -230,8 +230,8 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     except ValueError as exc:
         raise _config_error(str(exc)) from exc
     if prev is not None:
-        from prunekit.iterative import _contains
-        from prunekit.sparse import apply_plan
+        from prunekit.engine.sparse import apply_plan
+        from prunekit.workflow.iterative import _contains
 
         if not _contains(res.plan, prev):
             apply_plan(job.model, prev)  # merges: the earlier pruned channels stay pruned
@@ -250,7 +250,7 @@ def _load_weights(model, src: Path):
     """Load a save_sparse directory's weights into the dense ``model``; returns its plan."""
     from safetensors.torch import load_model
 
-    from prunekit.plan import PruningPlan
+    from prunekit.engine.plan import PruningPlan
 
     if not (src / "plan.json").exists():
         raise _config_error(f"no sparse model in {src} (no plan.json): pass a directory written by "
@@ -264,8 +264,8 @@ def _load_weights(model, src: Path):
 
 @_guard("finetune", distributed=True)
 def cmd_finetune(args: argparse.Namespace, out: TextIO) -> int:
-    from prunekit.finetune import finetune
-    from prunekit.sparse import load_sparse, save_sparse
+    from prunekit.engine.sparse import load_sparse, save_sparse
+    from prunekit.workflow.finetune import finetune
 
     job = _Job(args, {"finetune.epochs": args.epochs, "finetune.lr": args.lr})
     src = Path(args.input) if args.input else job.ws.path("pruned")
@@ -279,7 +279,7 @@ def cmd_finetune(args: argparse.Namespace, out: TextIO) -> int:
     before = job.eval_fn(model)
     res = finetune(model, job.train, job.eval_fn, job.cfg.finetune, workspace=job.ws.path("finetune"),
                    lower_is_better=job.lower, log=lambda m: print(m, file=out))
-    from prunekit import distributed as pdist
+    from prunekit.workflow import distributed as pdist
 
     path = save_sparse(model, job.ws.path("finetuned")) if pdist.is_main() else job.ws.path("finetuned")
     print(f"{job.cfg.metric}: {before:.4f} before fine-tuning, best {res.best_metric:.4f} at epoch "
@@ -290,7 +290,7 @@ def cmd_finetune(args: argparse.Namespace, out: TextIO) -> int:
 
 @_guard("run", distributed=True)
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
-    from prunekit.iterative import IterativePruner
+    from prunekit.workflow.iterative import IterativePruner
 
     job = _Job(args, {"run.target": args.target, "run.steps": args.steps, "run.max_drop": args.max_drop})
     c = job.cfg
@@ -307,7 +307,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
-    from prunekit.report import summary_text, write_report
+    from prunekit.cli.report import summary_text, write_report
 
     try:
         path = write_report(args.workspace, args.output)
@@ -319,6 +319,6 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _config_error(msg: str) -> Exception:
-    from prunekit.config import ConfigError
+    from prunekit.cli.job import ConfigError
 
     return ConfigError(msg)

@@ -8,7 +8,7 @@ original architecture, so no pickled modules are needed.
 
 Example:
     >>> import torch.nn as nn
-    >>> from prunekit.plan import PruningPlan
+    >>> from prunekit.engine.plan import PruningPlan
     >>> m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     >>> plan = PruningPlan({"0.weight": {0: [1]}, "0.bias": {0: [1]}, "1.weight": {1: [1]}},
     ...                    {"0.weight": [3, 4], "0.bias": [3], "1.weight": [2, 3]})
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from prunekit import sparse
-from prunekit.plan import PruningPlan, atomic_write
+from prunekit.engine import sparse
+from prunekit.engine.plan import PruningPlan, atomic_write
 
 __all__ = ["to_slim", "register_updater", "slim_spec", "apply_spec", "save_slim", "load_slim", "head_split"]
 
@@ -153,16 +153,16 @@ def _lazy(module: str, attr: str) -> Callable[[nn.Module, dict], None]:
 #: descendants' (``"qkv.weight"``).
 NAMED_UPDATERS: dict[str, Callable[[nn.Module, dict], None]] = {
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
-    "torchvision.models.swin_transformer.ShiftedWindowAttention": _lazy("prunekit.nn.swin", "update_swin_attention"),
-    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": _lazy("prunekit.nn.swin",
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": _lazy("prunekit.integrations.swin", "update_swin_attention"),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": _lazy("prunekit.integrations.swin",
                                                                           "update_swin_attention"),
-    "prunekit.nn.swin.PrunedShiftedWindowAttention": _lazy("prunekit.nn.swin", "update_swin_attention"),
-    "prunekit.nn.swin.PrunedShiftedWindowAttentionV2": _lazy("prunekit.nn.swin", "update_swin_attention"),
+    "prunekit.integrations.swin.PrunedShiftedWindowAttention": _lazy("prunekit.integrations.swin", "update_swin_attention"),
+    "prunekit.integrations.swin.PrunedShiftedWindowAttentionV2": _lazy("prunekit.integrations.swin", "update_swin_attention"),
 }
 #: updaters for every module of a package, by module-path prefix; run children first, after
 #: the named updaters (e.g. Hugging Face attention attributes and ``config`` fields).
 PACKAGE_UPDATERS: dict[str, Callable[[nn.Module, dict], None]] = {
-    "transformers.": _lazy("prunekit.hf", "update_module"),
+    "transformers.": _lazy("prunekit.integrations.hf", "update_module"),
 }
 
 _CONTEXT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prunekit_slim_context", default=None)

@@ -87,7 +87,7 @@ def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``transform`` and ``bench`` sub-commands to ``sub``."""
-    from prunekit.export import DEFAULT_OPSET, FORMATS, ONNX_EXPORTERS
+    from prunekit.deploy.export import DEFAULT_OPSET, FORMATS, ONNX_EXPORTERS
 
     p = sub.add_parser(
         "transform", help="turn a saved sparse model into a slim one and export it (safetensors, pt2, onnx)",
@@ -126,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench_args(p: argparse.ArgumentParser, src) -> None:
-    from prunekit.bench import BACKENDS
+    from prunekit.deploy.bench import BACKENDS
 
     src.add_argument("--factory", metavar="MODULE:CALLABLE",
                      help="builds the original model instead of --model, e.g. mypkg.models:build")
@@ -161,11 +161,10 @@ def _err(verb: str, msg: str, code: int = 2) -> int:
 def cmd_transform(args: argparse.Namespace, out: TextIO) -> int:
     import torch
 
-    from prunekit.counting import count
-    from prunekit.export import ExportError, export
-    from prunekit.pruner import TOL, max_error
-    from prunekit.slim import to_slim
-    from prunekit.sparse import load_sparse
+    from prunekit.deploy.export import ExportError, export
+    from prunekit.engine.counting import count
+    from prunekit.engine.equivalence import TOLERANCE, EquivalenceError, checked_slim
+    from prunekit.engine.sparse import load_sparse
 
     if args.batch < 1:
         return _err("transform", f"--batch must be >= 1, got {args.batch}")
@@ -183,21 +182,15 @@ def cmd_transform(args: argparse.Namespace, out: TextIO) -> int:
     except Exception as exc:  # noqa: BLE001
         return _err("transform", f"{src} does not load into {args.factory}(): {exc}")
     x = torch.randn(args.batch, *args.input_shape, generator=torch.Generator().manual_seed(0))
-    slim = to_slim(model).eval()
-    with torch.no_grad():
-        try:
-            err = max_error(model(x), slim(x))
-        except Exception as exc:  # noqa: BLE001
-            return _err("transform", f"the model does not run on an input of shape {tuple(x.shape)} "
-                                     f"(--input-shape): {type(exc).__name__}: {exc}")
-    if not err <= TOL:
-        return _err("transform", f"the slim model differs from the sparse model (relative error {err:.3g} > "
-                                 f"{TOL:g}); prune with Pruner.validate() first", 1)
+    try:
+        slim, err = checked_slim(model, x)
+    except EquivalenceError as exc:
+        return _err("transform", f"{exc} (input shape {tuple(x.shape)}, --input-shape)", 1)
     one = x[:1]
     before, after = count(model, one), count(slim, one)
     print(f"slim model of {src}: MACs {before.macs / 1e6:.2f} M -> {after.macs / 1e6:.2f} M "
           f"({before.macs / max(after.macs, 1):.2f}x fewer), params {before.params:,} -> {after.params:,}; "
-          f"slim vs sparse error {err:.2e} (<= {TOL:g})", file=out)
+          f"slim vs sparse error {err:.2e} (<= {TOLERANCE:g})", file=out)
     try:
         paths = export(slim, x, args.output, args.formats, check=not args.no_check, opset=args.opset,
                        dynamic_batch=not args.static_batch, onnx_exporter=args.onnx_exporter, factory=factory)
@@ -226,10 +219,10 @@ def _torchvision_factory(name: str, kwargs: dict):
 def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     import torch
 
-    from prunekit.bench import bench, environment
-    from prunekit.counting import count
-    from prunekit.prune import prune
-    from prunekit.slim import load_slim
+    from prunekit.deploy.bench import bench, environment
+    from prunekit.engine.counting import count
+    from prunekit.engine.slim import load_slim
+    from prunekit.workflow.prune import prune
 
     if not args.removal_ratio and not args.slim:
         return _err("bench", "give --removal-ratio and/or --slim: something to compare the original with")
@@ -280,7 +273,7 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         r["macs"] = macs[r["model"]]
         r["macs_ratio"] = macs["original"] / max(macs[r["model"]], 1)
     if args.json:
-        from prunekit.plan import atomic_write
+        from prunekit.engine.plan import atomic_write
 
         atomic_write(args.json, json.dumps({"environment": env, "rows": rows}, indent=1))
         print(f"rows written to {args.json}", file=out)

@@ -7,7 +7,7 @@ the sparse model computes exactly what the slim model will.
 
 Example:
     >>> import torch, torch.nn as nn
-    >>> from prunekit.plan import PruningPlan
+    >>> from prunekit.engine.plan import PruningPlan
     >>> m = nn.Linear(4, 3)
     >>> _ = apply_plan(m, PruningPlan({"weight": {0: [1]}, "bias": {0: [1]}},
     ...                              {"weight": [3, 4], "bias": [3]}))
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 
-from prunekit.plan import PruningPlan, atomic_write
+from prunekit.engine.plan import PruningPlan, atomic_write
 
 __all__ = ["apply_plan", "remove_masks", "get_plan", "is_sparse", "reapply_masks",
            "save_sparse", "load_sparse"]

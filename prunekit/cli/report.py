@@ -18,7 +18,7 @@ import io
 import json
 from pathlib import Path
 
-from prunekit.workspace import Workspace
+from prunekit.workflow.workspace import Workspace
 
 __all__ = ["write_report", "summary_text", "load_results"]
 
@@ -309,7 +309,7 @@ def render_html(res: dict) -> str:
 
 def write_report(workspace: str | Path, output: str | Path | None = None) -> Path:
     """Write the HTML report (default ``WORKSPACE/report.html``); returns its path."""
-    from prunekit.plan import atomic_write
+    from prunekit.engine.plan import atomic_write
 
     res = load_results(workspace)
     path = Path(output) if output else Path(workspace) / "report.html"

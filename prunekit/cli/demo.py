@@ -1,6 +1,6 @@
 """``prunekit demo``: the whole workflow on a small ResNet-style CNN, end to end.
 
-Train the baseline :class:`~prunekit.demo_model.DemoNet` on scikit-learn's 8x8 digits (no
+Train the baseline :class:`~prunekit.models.demo.DemoNet` on scikit-learn's 8x8 digits (no
 download), run the sensitivity analysis, prune iteratively (prune -> fine-tune steps) to the
 MACs target, transform the last step into the slim model and compare it with the baseline:
 test accuracy, MACs, parameters, measured CPU latency and file size. ``--dataset cifar10``,
@@ -26,7 +26,7 @@ _DEFAULT_EPOCHS = {"digits": 20, "mnist": 3, "fashion-mnist": 8, "cifar10": 30}
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``demo`` sub-command to ``sub``."""
-    from prunekit.config import TORCHVISION_DATASETS
+    from prunekit.cli.job import TORCHVISION_DATASETS
 
     p = sub.add_parser(
         "demo", help="the whole workflow on a small CNN: train, ana, iterative pruning, slim, before/after table",
@@ -84,7 +84,7 @@ def _data(args: argparse.Namespace):
     import torch
     from torch.utils.data import DataLoader, TensorDataset, random_split
 
-    from prunekit.loading import digits_tensors, torchvision_datasets
+    from prunekit.cli.build import digits_tensors, torchvision_datasets
 
     if args.dataset == "digits":
         d = digits_tensors(args.seed, val_fraction=0.2)  # 360 validation images: steadier step verdicts
@@ -106,8 +106,8 @@ def _data(args: argparse.Namespace):
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     import torch
 
-    from prunekit.config import ConfigError
-    from prunekit.criteria import CRITERIA
+    from prunekit.cli.job import ConfigError
+    from prunekit.engine.criteria import CRITERIA
 
     if args.criterion not in CRITERIA or CRITERIA[args.criterion].needs_grads:
         usable = sorted(n for n, c in CRITERIA.items() if not c.needs_grads)
@@ -138,13 +138,13 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     import torch
 
     import prunekit
-    from prunekit.config import AnaConfig, IterativeConfig, PruneConfig
-    from prunekit.demo_model import DemoNet
-    from prunekit.evaluation import make_eval_fn
-    from prunekit.finetune import FinetuneConfig, finetune
-    from prunekit.iterative import IterativePruner
-    from prunekit.report import _text_table, write_report
-    from prunekit.workspace import Workspace
+    from prunekit.cli.job import AnaConfig, IterativeConfig, PruneConfig
+    from prunekit.cli.report import _text_table, write_report
+    from prunekit.models.demo import DemoNet
+    from prunekit.workflow.evaluation import make_eval_fn
+    from prunekit.workflow.finetune import FinetuneConfig, finetune
+    from prunekit.workflow.iterative import IterativePruner
+    from prunekit.workflow.workspace import Workspace
 
     t_start = time.perf_counter()
     say = lambda m: print(m, file=out, flush=True)

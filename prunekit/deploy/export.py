@@ -15,7 +15,7 @@ The batch axis (dim 0 of every input) is dynamic in ``pt2`` and ``onnx``. With `
 (the default) every file is loaded back and its outputs compared with the PyTorch model's on
 the example inputs and on a batch of another size:
 
-    max|export(x) - model(x)| <= tol * (1 + max|model(x)|),  tol = 1e-4 (:data:`prunekit.pruner.TOL`)
+    max|export(x) - model(x)| <= tol * (1 + max|model(x)|),  tol = 1e-4 (:data:`prunekit.engine.equivalence.TOLERANCE`)
 
 A file that fails the check raises :class:`ExportCheckError`; an op an exporter cannot handle
 raises :class:`ExportError` naming the op.
@@ -46,9 +46,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from prunekit import sparse
-from prunekit.plan import atomic_write
-from prunekit.pruner import TOL, max_error
+from prunekit.engine import sparse
+from prunekit.engine.equivalence import TOLERANCE, max_error
+from prunekit.engine.plan import atomic_write
 
 __all__ = ["export", "export_onnx", "export_pt2", "export_safetensors", "check_export", "ExportError",
            "ExportCheckError", "FORMATS", "DEFAULT_OPSET", "ONNX_EXPORTERS"]
@@ -170,7 +170,7 @@ def _quiet():
 # ----- the three exporters -------------------------------------------------------------------
 def export_safetensors(model: nn.Module, directory: str | os.PathLike) -> Path:
     """``model.safetensors`` + ``spec.json`` of a slim model made by :func:`prunekit.to_slim`."""
-    from prunekit.slim import save_slim, slim_spec
+    from prunekit.engine.slim import save_slim, slim_spec
 
     try:
         slim_spec(model)
@@ -323,7 +323,7 @@ def _loaded_runner(fmt: str, path: Path, model: nn.Module,
     # a copy of the slim model whose floating tensors were set to NaN (a missing tensor shows)
     from safetensors.torch import load_model
 
-    from prunekit.slim import load_slim
+    from prunekit.engine.slim import load_slim
 
     if factory is not None:
         rebuilt = load_slim(factory(), path.parent)
@@ -342,7 +342,7 @@ def _loaded_runner(fmt: str, path: Path, model: nn.Module,
     return run
 
 
-def check_export(fmt: str, path: str | os.PathLike, model: nn.Module, example_inputs: Any, *, tol: float = TOL,
+def check_export(fmt: str, path: str | os.PathLike, model: nn.Module, example_inputs: Any, *, tol: float = TOLERANCE,
                  dynamic_batch: bool = True, factory: Callable[[], nn.Module] | None = None) -> dict:
     """Reload an export and compare it with ``model``; raises :class:`ExportCheckError` on a mismatch.
 
@@ -382,7 +382,7 @@ def check_export(fmt: str, path: str | os.PathLike, model: nn.Module, example_in
 
 # ----- front door ----------------------------------------------------------------------------
 def export(model: nn.Module, example_inputs: Any, directory: str | os.PathLike,
-           formats: Iterable[str] = FORMATS, *, check: bool = True, tol: float = TOL, dynamic_batch: bool = True,
+           formats: Iterable[str] = FORMATS, *, check: bool = True, tol: float = TOLERANCE, dynamic_batch: bool = True,
            opset: int = DEFAULT_OPSET, onnx_exporter: str = "torchscript",
            factory: Callable[[], nn.Module] | None = None) -> dict[str, Path]:
     """Export a slim model into ``directory`` in each of ``formats``, checking each file.

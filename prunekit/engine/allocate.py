@@ -2,7 +2,7 @@
 
 MACs are predicted per layer: a layer whose weight's output dim belongs to group ``a`` and
 input dim to group ``b`` keeps ``(1 - r_a) * (1 - r_b)`` of its MACs. The prediction only
-steers the search; :func:`prunekit.prune.prune` measures the result and corrects.
+steers the search; :func:`prunekit.workflow.prune.prune` measures the result and corrects.
 
 Example:
     >>> m = MacsModel([100.0, 50.0], [[0], [0, 1]], total=150.0, n_groups=2)
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from prunekit.counting import Counts
+from prunekit.engine.counting import Counts
 from prunekit.graph.groups import ChannelGroup
 
 __all__ = ["MacsModel", "equal_loss", "greedy", "uniform", "global_ranking", "perturbed_loss"]

@@ -20,7 +20,7 @@ A killed run, started again with the same arguments, resumes from the last finis
 and, inside a step, from the last finished epoch. Every file is written to a temp name and
 renamed, so nothing half-written is ever read back.
 
-Under ``torchrun`` (see :mod:`prunekit.distributed`) every process runs the loop: ana's
+Under ``torchrun`` (see :mod:`prunekit.workflow.distributed`) every process runs the loop: ana's
 points are split over the processes, each step fine-tunes in ``DistributedDataParallel``,
 rank 0 alone writes the workspace (a directory every node can read) and transforms, checks
 and evaluates the slim model; the other processes load it from ``final/``.
@@ -44,20 +44,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
-from prunekit import distributed as pdist
-from prunekit import sparse
-from prunekit.ana import Sensitivity, ana
-from prunekit.config import AnaConfig, IterativeConfig, PruneConfig
-from prunekit.counting import count
-from prunekit.finetune import FinetuneConfig, finetune
-from prunekit.plan import PruningPlan
-from prunekit.prune import prune
-from prunekit.pruner import TOL, max_error
-from prunekit.slim import save_slim, to_slim
-from prunekit.workspace import Workspace, model_fingerprint
+from prunekit.cli.job import AnaConfig, IterativeConfig, PruneConfig
+from prunekit.engine import sparse
+from prunekit.engine.counting import count
+from prunekit.engine.equivalence import checked_slim
+from prunekit.engine.plan import PruningPlan
+from prunekit.engine.slim import save_slim, to_slim
+from prunekit.workflow import distributed as pdist
+from prunekit.workflow.ana import Sensitivity, ana
+from prunekit.workflow.finetune import FinetuneConfig, finetune
+from prunekit.workflow.prune import prune
+from prunekit.workflow.workspace import Workspace, model_fingerprint
 
 __all__ = ["IterativePruner", "IterativeResult", "iterative_prune", "IterativeConfig", "STATE"]
 
@@ -136,7 +135,7 @@ class IterativePruner:
         criterion: Importance criterion for ana and prune.
         lower_is_better: The metric is a loss.
         train_fn: ``train_fn(model, epoch)``: your own training epoch (see
-            :func:`prunekit.finetune.finetune`).
+            :func:`prunekit.workflow.finetune.finetune`).
         loss_fn: Loss of the built-in loop (default cross-entropy).
         log: Where messages go.
     """
@@ -331,7 +330,7 @@ class IterativePruner:
         metric = ft.best_metric if ft.best_metric is not None else float(self.eval_fn(model))
         slim = to_slim(model)
         c = count(slim, self.inputs)
-        from prunekit.sparse import save_sparse
+        from prunekit.engine.sparse import save_sparse
 
         if pdist.is_main():
             save_sparse(model, d / "model")
@@ -360,7 +359,7 @@ class IterativePruner:
     def _load_result(self, state: dict, last_dir: Path | None, baseline: dict, notes: list[str],
                      final: dict) -> IterativeResult:
         """The result on ranks other than 0: the slim model rank 0 saved in ``final/``."""
-        from prunekit.slim import load_slim
+        from prunekit.engine.slim import load_slim
 
         slim = load_slim(copy.deepcopy(self.template), self.ws.path("final")).eval()
         return IterativeResult(slim, self._final_sparse(last_dir), baseline, state["attempts"], final, notes,
@@ -368,13 +367,7 @@ class IterativePruner:
 
     def _finish(self, state: dict, last_dir: Path | None, baseline: dict, notes: list[str]) -> IterativeResult:
         sparse_model = self._final_sparse(last_dir)
-        slim = to_slim(sparse_model).eval()
-        with torch.no_grad():
-            from prunekit.graph.trace import call_model
-
-            err = max_error(call_model(sparse_model, self.inputs), call_model(slim, self.inputs))
-        if not err <= TOL:
-            raise RuntimeError(f"the slim model differs from the sparse model (relative error {err:.3g})")
+        slim, err = checked_slim(sparse_model, self.inputs)
         final_dir = self.ws.path("final")
         save_slim(slim, final_dir)
         c = count(slim, self.inputs)

@@ -1,4 +1,4 @@
-"""Evaluation functions for :func:`prunekit.ana`: a metric over (a bounded part of) a loader.
+"""Evaluation functions for :func:`prunekit.workflow.ana`: a metric over (a bounded part of) a loader.
 
 ``make_eval_fn(loader, ...)`` returns ``eval_fn(model) -> float``. It evaluates in eval mode
 under ``torch.no_grad()`` and restores the model's mode afterwards. ``max_batches`` or
@@ -102,7 +102,7 @@ def _n_batches(loader: Iterable, max_batches: int | None, fraction: float | None
 def make_eval_fn(loader: Iterable, metric: str | Metric = "accuracy", max_batches: int | None = None,
                  fraction: float | None = None, device: str | torch.device | None = None
                  ) -> Callable[[nn.Module], float]:
-    """An ``eval_fn(model) -> float`` for :func:`prunekit.ana` over (part of) ``loader``.
+    """An ``eval_fn(model) -> float`` for :func:`prunekit.workflow.ana` over (part of) ``loader``.
 
     Args:
         loader: A re-iterable of ``(inputs, target)`` batches (a ``DataLoader``, a list);
@@ -116,7 +116,7 @@ def make_eval_fn(loader: Iterable, metric: str | Metric = "accuracy", max_batche
 
     Returns:
         ``eval_fn(model) -> float``, with ``eval_fn.lower_is_better`` set for the built-in
-        metrics (pass the same ``lower_is_better`` to :func:`prunekit.ana`).
+        metrics (pass the same ``lower_is_better`` to :func:`prunekit.workflow.ana`).
     """
     if isinstance(metric, str):
         if metric not in METRICS:
@@ -180,7 +180,7 @@ def make_bn_calibration(loader: Iterable, max_batches: int | None = None,
     Pruning shifts every activation's statistics; re-estimating them (a cumulative average
     over the batches, no gradient step, nothing else changes) makes a pruned model's accuracy
     a far better guide to what fine-tuning will recover (adaptive BatchNorm, as in EagleEye
-    and the reference optimizer's one-step search). For :func:`prunekit.prune`'s ``calibrate``.
+    and the reference optimizer's one-step search). For :func:`prunekit.workflow.prune`'s ``calibrate``.
 
     Args:
         loader: A re-iterable of ``(inputs, target)`` batches or of bare inputs.

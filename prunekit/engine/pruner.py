@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,40 +26,15 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from prunekit import slim, sparse
-from prunekit.criteria import CRITERIA, group_scores
+from prunekit.engine import slim, sparse
+from prunekit.engine.criteria import CRITERIA, group_scores
+from prunekit.engine.equivalence import TOLERANCE, check_equivalence, equivalence_error, max_error
+from prunekit.engine.plan import PruningPlan
+from prunekit.engine.prepare import prepare
 from prunekit.graph.groups import ChannelGroup, build_groups
 from prunekit.graph.trace import ATTENTION_MODES, Tracer, call_model, run_on_meta, single_thread, trace
-from prunekit.plan import PruningPlan
-from prunekit.prepare import prepare
 
-__all__ = ["Pruner", "max_error", "TOL", "ABS_TOL", "REL_TOL"]
-
-#: Slim == sparse tolerance (float32): |slim - sparse| <= TOL * (1 + max|sparse|), i.e.
-#: ``max_error(sparse_out, slim_out) <= TOL``.
-TOL = 1e-4
-ABS_TOL = REL_TOL = TOL  # the same bound written as ABS_TOL + REL_TOL * max|sparse|
-
-
-def max_error(a: Any, b: Any) -> float:
-    """Largest ``|a - b| / (1 + max|a|)`` over all tensors of two output structures."""
-    fa, fb = tree_flatten(a)[0], tree_flatten(b)[0]
-    ta = [t for t in fa if isinstance(t, torch.Tensor)]
-    tb = [t for t in fb if isinstance(t, torch.Tensor)]
-    if len(ta) != len(tb):
-        return math.inf
-    worst = 0.0
-    for x, y in zip(ta, tb):
-        if x.shape != y.shape:
-            return math.inf
-        if not x.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(x, y) else math.inf)
-            continue
-        x, y = x.detach().double(), y.detach().double()
-        scale = 1.0 + float(x.abs().max()) if x.numel() else 1.0
-        worst = max(worst, float((x - y).abs().max()) / scale if x.numel() else 0.0)
-    return worst
-
+__all__ = ["Pruner"]
 
 def _check_inputs(model: nn.Module, example_inputs: Any) -> None:
     if not isinstance(model, nn.Module):
@@ -77,7 +51,7 @@ class Pruner:
         model: Any ``nn.Module`` that runs forward on ``example_inputs``.
         example_inputs: A tensor, a tuple of positional args, or a dict of keyword args.
         ignore: Module names (or modules) whose tensors must keep every channel.
-        criterion: Default importance criterion (see :data:`prunekit.criteria.CRITERIA`).
+        criterion: Default importance criterion (see :data:`prunekit.engine.criteria.CRITERIA`).
         attention: Where a reshape splits a width into ``(heads, head_dim)``: ``"heads"``
             prunes whole heads (each head's slices of q, k, v and the output projection
             together; grouped-query attention removes a key/value head with its query heads),
@@ -107,7 +81,7 @@ class Pruner:
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.attention = attention
-        #: modules switched to prunable drop-in subclasses (see :mod:`prunekit.prepare`)
+        #: modules switched to prunable drop-in subclasses (see :mod:`prunekit.engine.prepare`)
         self.prepared = prepare(model)
         t0 = time.perf_counter()
         try:
@@ -255,35 +229,21 @@ class Pruner:
         return self.model
 
     def transform(self, check: bool = True) -> nn.Module:
-        """The slim model of the (sparse) model; checks slim == sparse on the example inputs."""
+        """The slim model of the (sparse) model; checks slim == sparse on the example inputs.
+
+        Raises:
+            EquivalenceError: the slim model fails or differs (see :mod:`prunekit.engine.equivalence`).
+        """
         slim_model = slim.to_slim(self.model)
         if check:
-            try:
-                err = self.equivalence_error(slim_model)
-            except Exception as exc:  # e.g. a width hard-coded in forward (x.reshape(n, 4, 4))
-                raise RuntimeError(
-                    f"the slim model fails on the example inputs ({type(exc).__name__}: {exc}); "
-                    "run Pruner.validate() to find and freeze the groups responsible") from exc
-            if not err <= min(ABS_TOL, REL_TOL):  # max_error is |d| / (1 + max|sparse|)
-                raise RuntimeError(
-                    f"the slim model differs from the sparse model (relative error {err:.3g}); "
-                    "run Pruner.validate() to find and freeze the groups responsible")
+            check_equivalence(self.model, slim_model, self.example_inputs)
         return slim_model
 
     def equivalence_error(self, slim_model: nn.Module) -> float:
         """Relative max difference between sparse and slim outputs on the example inputs."""
-        with torch.no_grad():
-            was = self.model.training
-            self.model.eval()
-            slim_model.eval()
-            try:
-                a = call_model(self.model, self.example_inputs)
-                b = call_model(slim_model, self.example_inputs)
-            finally:
-                self.model.train(was)
-        return max_error(a, b)
+        return equivalence_error(self.model, slim_model, self.example_inputs)
 
-    def validate(self, ratio: float = 0.5, tol: float = min(ABS_TOL, REL_TOL)) -> list[ChannelGroup]:
+    def validate(self, ratio: float = 0.5, tol: float = TOLERANCE) -> list[ChannelGroup]:
         """Prune copies and freeze every group whose slim model does not match its sparse model.
 
         Catches what tracing cannot see, such as a width stored in a plain attribute

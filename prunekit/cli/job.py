@@ -6,26 +6,33 @@ stage's options. Unknown keys are errors that list the valid ones; the resolved 
 saved in the workspace as ``config.yaml``.
 
 Example:
-    >>> cfg = Config.from_dict({"model": {"factory": "prunekit.demo_model:DemoNet"},
+    >>> cfg = Config.from_dict({"model": {"factory": "prunekit.models.demo:DemoNet"},
     ...                         "data": {"dataset": "digits"}, "run": {"target": 0.5, "steps": 2}})
     >>> cfg.run.schedule_ratios()
     [0.25, 0.5]
     >>> Config.from_dict({"modle": {}})
     Traceback (most recent call last):
     ...
-    prunekit.config.ConfigError: unknown key 'modle' in the config (did you mean 'model'?); valid keys: ...
+    prunekit.cli.job.ConfigError: unknown key 'modle' in the config (did you mean 'model'?); valid keys: ...
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunekit.finetune import FinetuneConfig
+from prunekit.workflow.options import (
+    AnaConfig,
+    ConfigError,
+    FinetuneConfig,
+    IterativeConfig,
+    PruneConfig,
+    check_int,
+    check_keys,
+    check_ref,
+)
 
 __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "AnaConfig", "PruneConfig", "IterativeConfig",
            "check_keys", "load_config", "apply_overrides", "TORCHVISION_DATASETS", "BUILTIN_DATASETS"]
@@ -34,44 +41,6 @@ __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "AnaConfig", "P
 TORCHVISION_DATASETS = ("cifar10", "mnist", "fashion-mnist")
 BUILTIN_DATASETS = ("digits",) + TORCHVISION_DATASETS
 VERSION = 1
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix (the message says how)."""
-
-
-def check_keys(data: Any, cls: type, where: str) -> None:
-    """Raise :class:`ConfigError` for keys of ``data`` that ``cls`` (a dataclass) lacks."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"'{where}' must be a mapping of options, got {type(data).__name__}: {data!r:.60}")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            name = f"{where}.{key}" if where != "config" else str(key)
-            raise ConfigError(f"unknown key '{name}' in the config{hint}; valid keys: {', '.join(valid)}")
-
-
-def _fraction(name: str, v: Any, allow_none: bool = True) -> None:
-    if v is None and allow_none:
-        return
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1:
-        raise ConfigError(f"{name} must be a fraction in [0, 1), got {v!r}")
-
-
-def _int(name: str, v: Any, minimum: int = 0, allow_none: bool = False) -> None:
-    if v is None and allow_none:
-        return
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {v!r}")
-
-
-def _ref(name: str, v: Any, allow_none: bool = True) -> None:
-    if v is None and allow_none:
-        return
-    if not isinstance(v, str) or v.count(":") != 1 or not all(v.split(":")):
-        raise ConfigError(f"{name} must name a Python object as 'package.module:name', got {v!r}")
 
 
 @dataclass
@@ -93,7 +62,7 @@ class ModelConfig:
     input_shape: list[int] | None = None
 
     def __post_init__(self) -> None:
-        _ref("model.factory", self.factory)
+        check_ref("model.factory", self.factory)
         if not isinstance(self.kwargs, dict):
             raise ConfigError(f"model.kwargs must be a mapping, got {self.kwargs!r}")
         if self.input_shape is not None and (not isinstance(self.input_shape, (list, tuple)) or not all(
@@ -135,119 +104,14 @@ class DataConfig:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown data.dataset {self.dataset!r}{hint}; choose one of {list(BUILTIN_DATASETS)}"
                               " or give data.loaders: 'module:function'")
-        _ref("data.loaders", self.loaders)
+        check_ref("data.loaders", self.loaders)
         if not isinstance(self.kwargs, dict):
             raise ConfigError(f"data.kwargs must be a mapping, got {self.kwargs!r}")
-        _int("data.batch_size", self.batch_size, 1)
-        _int("data.num_workers", self.num_workers, 0)
-        _int("data.eval_batches", self.eval_batches, 1, allow_none=True)
+        check_int("data.batch_size", self.batch_size, 1)
+        check_int("data.num_workers", self.num_workers, 0)
+        check_int("data.eval_batches", self.eval_batches, 1, allow_none=True)
         if not isinstance(self.download, bool):
             raise ConfigError(f"data.download must be true or false, got {self.download!r}")
-
-
-@dataclass
-class AnaConfig:
-    """Sensitivity analysis (see :func:`prunekit.ana.ana`)."""
-
-    ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
-    collapse: float | None = 0.5
-    forced: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.ratios, (list, tuple)) or not self.ratios or not all(
-                isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r < 1 for r in self.ratios):
-            raise ConfigError(f"ana.ratios must be a non-empty list of fractions in (0, 1), got {self.ratios!r}")
-        self.ratios = [float(r) for r in self.ratios]
-        if self.collapse is not None and (isinstance(self.collapse, bool) or
-                                          not isinstance(self.collapse, numbers.Real) or self.collapse <= 0):
-            raise ConfigError(f"ana.collapse must be a positive number or null, got {self.collapse!r}")
-
-
-@dataclass
-class PruneConfig:
-    """One pruning (see :func:`prunekit.prune.prune`); ``run`` sets the ratio per step."""
-
-    removal_ratio: float | None = None
-    threshold: float | None = None
-    max_ratio: float = 0.9
-    round_to: int = 1
-    fallback: str = "uniform"
-    tolerance: float = 0.01
-    #: ``prunekit prune`` only: evaluate this many variants of the allocation, keep the best
-    search: int = 0
-    #: ``prunekit prune`` only: re-estimate BatchNorm statistics on this many training batches
-    #: (each search candidate before it is evaluated, and the result); 0: never
-    calibrate_batches: int = 0
-
-    def __post_init__(self) -> None:
-        _int("prune.search", self.search, 0)
-        _int("prune.calibrate_batches", self.calibrate_batches, 0)
-        _fraction("prune.removal_ratio", self.removal_ratio)
-        _fraction("prune.max_ratio", self.max_ratio, allow_none=False)
-        if self.threshold is not None and (isinstance(self.threshold, bool) or
-                                           not isinstance(self.threshold, numbers.Real) or self.threshold < 0):
-            raise ConfigError(f"prune.threshold must be a non-negative number, got {self.threshold!r}")
-        if self.removal_ratio is not None and self.threshold is not None:
-            raise ConfigError("give prune.removal_ratio or prune.threshold, not both")
-        _int("prune.round_to", self.round_to, 1)
-        if self.fallback not in ("uniform", "global"):
-            raise ConfigError(f"prune.fallback must be 'uniform' or 'global', got {self.fallback!r}")
-        _fraction("prune.tolerance", self.tolerance, allow_none=False)
-
-    def kwargs(self) -> dict:
-        """Keyword arguments for :func:`prunekit.prune.prune` other than the goal."""
-        return {"max_ratio": self.max_ratio, "round_to": self.round_to, "fallback": self.fallback,
-                "tolerance": self.tolerance}
-
-
-@dataclass
-class IterativeConfig:
-    """The iterative loop (see :class:`prunekit.iterative.IterativePruner`).
-
-    Attributes:
-        target: Final fraction of MACs to remove; the steps approach it evenly.
-        steps: Number of prune -> fine-tune steps.
-        schedule: Explicit increasing removal ratios, one per step (overrides ``target`` and
-            ``steps``).
-        max_drop: Largest tolerated drop of the metric below the baseline after a step's
-            fine-tuning, in the metric's units (0.01: one point of accuracy). ``None``: any.
-        max_retries: Retries of a step that misses ``max_drop``, each with a smaller increment.
-        retry_factor: Each retry multiplies the step's increment by this.
-    """
-
-    target: float | None = 0.5
-    steps: int = 3
-    schedule: list[float] | None = None
-    max_drop: float | None = None
-    max_retries: int = 2
-    retry_factor: float = 0.5
-
-    def __post_init__(self) -> None:
-        _fraction("run.target", self.target)
-        _int("run.steps", self.steps, 1)
-        if self.schedule is not None:
-            if not isinstance(self.schedule, (list, tuple)) or not self.schedule:
-                raise ConfigError(f"run.schedule must be a non-empty list of removal ratios, got {self.schedule!r}")
-            for r in self.schedule:
-                _fraction("every run.schedule value", r, allow_none=False)
-            self.schedule = [float(r) for r in self.schedule]
-            if any(b <= a for a, b in zip(self.schedule, self.schedule[1:])) or self.schedule[0] <= 0:
-                raise ConfigError(f"run.schedule must increase strictly from above 0, got {self.schedule}")
-        elif self.target is None or self.target <= 0:
-            raise ConfigError("give run.target (final MACs removal ratio, e.g. 0.5) or run.schedule")
-        if self.max_drop is not None and (isinstance(self.max_drop, bool) or
-                                          not isinstance(self.max_drop, numbers.Real) or self.max_drop < 0):
-            raise ConfigError(f"run.max_drop must be a non-negative number or null, got {self.max_drop!r}")
-        _int("run.max_retries", self.max_retries, 0)
-        if isinstance(self.retry_factor, bool) or not isinstance(self.retry_factor, numbers.Real) \
-                or not 0 < self.retry_factor < 1:
-            raise ConfigError(f"run.retry_factor must be in (0, 1), got {self.retry_factor!r}")
-
-    def schedule_ratios(self) -> list[float]:
-        """The removal ratio of each step."""
-        if self.schedule is not None:
-            return list(self.schedule)
-        return [round(self.target * (k + 1) / self.steps, 6) for k in range(self.steps)]
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "ana": AnaConfig, "prune": PruneConfig,
@@ -263,7 +127,7 @@ class Config:
         metric: ``'accuracy'``, ``'loss'`` or ``'module:function'`` (``metric(output, target)``).
         lower_is_better: For a custom metric that is a loss.
         excludes: Module names whose channels are never pruned.
-        criterion: Importance criterion (see ``prunekit.criteria.CRITERIA``).
+        criterion: Importance criterion (see ``prunekit.engine.criteria.CRITERIA``).
         seed: Seed of everything random.
     """
 
@@ -282,7 +146,7 @@ class Config:
     run: IterativeConfig = field(default_factory=IterativeConfig)
 
     def __post_init__(self) -> None:
-        from prunekit.criteria import CRITERIA
+        from prunekit.engine.criteria import CRITERIA
 
         for name, cls in _SECTIONS.items():
             value = getattr(self, name)
@@ -293,12 +157,12 @@ class Config:
         if not isinstance(self.workspace, str) or not self.workspace:
             raise ConfigError(f"workspace must be a directory name, got {self.workspace!r}")
         if self.metric not in ("accuracy", "loss"):
-            _ref("metric (one of 'accuracy', 'loss' or 'module:function')", self.metric, allow_none=False)
+            check_ref("metric (one of 'accuracy', 'loss' or 'module:function')", self.metric, allow_none=False)
         if not isinstance(self.excludes, (list, tuple)) or not all(isinstance(e, str) for e in self.excludes):
             raise ConfigError(f"excludes must be a list of module names, got {self.excludes!r}")
         if self.criterion not in CRITERIA:
             raise ConfigError(f"unknown criterion {self.criterion!r}; choose one of {sorted(CRITERIA)}")
-        _int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0)
         if self.version != VERSION:
             raise ConfigError(f"config version {self.version!r} is not supported (this prunekit reads {VERSION})")
 

@@ -9,7 +9,7 @@ Every evaluated point is written to the workspace at once (atomically); a second
 reuses the results unless ``forced=True``, and an interrupted run resumes where it stopped.
 The results are invalidated, with a message, when the model, the excludes, the ratios or
 the criterion change. ``rank``/``world_size`` split the work over processes; their results
-merge in the same workspace. Under ``torchrun`` (see :mod:`prunekit.distributed`) they default
+merge in the same workspace. Under ``torchrun`` (see :mod:`prunekit.workflow.distributed`) they default
 to the process group's: each rank evaluates its share of the groups and writes
 ``ana.rank<r>.json``, then rank 0 merges everything into ``ana.json`` and every rank gets the
 whole result. A rank that dies loses only its unfinished points: a rerun, on any number of
@@ -36,10 +36,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from prunekit import distributed as pdist
-from prunekit import sparse
-from prunekit.pruner import Pruner
-from prunekit.workspace import Workspace, model_fingerprint
+from prunekit.engine import sparse
+from prunekit.engine.pruner import Pruner
+from prunekit.workflow import distributed as pdist
+from prunekit.workflow.workspace import Workspace, model_fingerprint
 
 __all__ = ["ana", "Sensitivity", "DEFAULT_RATIOS"]
 
@@ -197,7 +197,7 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
         example_inputs: Inputs for tracing (a tensor, a tuple of args or a dict of kwargs).
         eval_fn: ``eval_fn(model, *args) -> number``; higher is better unless
             ``lower_is_better``. Bound its cost yourself (a few batches), or build it with
-            :func:`prunekit.evaluation.make_eval_fn` (``max_batches`` / ``fraction``).
+            :func:`prunekit.workflow.evaluation.make_eval_fn` (``max_batches`` / ``fraction``).
         args: Extra positional arguments for ``eval_fn``.
         workspace: Directory (or :class:`Workspace`) for ``ana.json``.
         excludes: Module names whose channels are never pruned.

@@ -10,7 +10,7 @@ Usage::
     prunekit run -c config.yaml            # ana -> (prune -> finetune) x steps -> slim
     prunekit report WORKSPACE              # HTML report + terminal summary
 
-The workflow verbs live in :mod:`prunekit.commands`, the demo in :mod:`prunekit.demo`.
+The workflow verbs live in :mod:`prunekit.cli.verbs`, the demo in :mod:`prunekit.cli.demo`.
 """
 
 from __future__ import annotations
@@ -67,19 +67,19 @@ def _group_label(group) -> str:
     return first + (f" (+{len(modules) - 1} more)" if len(modules) > 1 else "")
 
 
-# ----- the workflow verbs (prunekit.commands) and the demo (prunekit.demo) ----------------
+# ----- the workflow verbs (prunekit.cli.verbs) and the demo (prunekit.cli.demo) ----------------
 def _register_workflow(sub: argparse._SubParsersAction) -> None:
-    from prunekit import commands, demo
+    from prunekit.cli import demo, verbs
 
-    commands.register(sub)
+    verbs.register(sub)
     demo.register(sub)
 
 
-# ----- the deployment verbs: transform and bench (prunekit.deploy_cli) ---------------------
+# ----- the deployment verbs: transform and bench (prunekit.cli.deploy) ---------------------
 def _register_deploy(sub: argparse._SubParsersAction) -> None:
-    from prunekit import deploy_cli
+    from prunekit.cli import deploy
 
-    deploy_cli.register(sub)
+    deploy.register(sub)
 
 
 # ----- entry point -----------------------------------------------------------------------

@@ -167,7 +167,7 @@ def bench(models: dict[str, nn.Module], example_input_fn: Callable[[int], torch.
     tmp = None
     with _torch_threads(threads):
         if "onnxruntime" in backends:
-            from prunekit.export import check_export, export_onnx, onnx_session
+            from prunekit.deploy.export import check_export, export_onnx, onnx_session
 
             if onnx_dir is None:
                 tmp = tempfile.TemporaryDirectory(prefix="prunekit-bench-")

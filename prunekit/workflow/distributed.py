@@ -3,8 +3,8 @@
 Under ``torchrun`` (the environment variables ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``
 are set) :func:`init_if_needed` starts the process group (NCCL for CUDA tensors and gloo for
 CPU tensors when every process has its own GPU, gloo otherwise);
-:func:`prunekit.finetune.finetune`, :func:`prunekit.ana.ana` and
-:class:`prunekit.iterative.IterativePruner` call it themselves, so the same script or CLI
+:func:`prunekit.workflow.finetune.finetune`, :func:`prunekit.workflow.ana.ana` and
+:class:`prunekit.workflow.iterative.IterativePruner` call it themselves, so the same script or CLI
 verb runs on one process or on many. Without those variables every helper here is a no-op
 and a single process runs as before.
 
@@ -254,15 +254,15 @@ def transform_ddp(model: nn.Module) -> nn.Module:
 
     Example:
         >>> import torch.nn as nn
-        >>> from prunekit.plan import PruningPlan
-        >>> from prunekit.sparse import apply_plan
+        >>> from prunekit.engine.plan import PruningPlan
+        >>> from prunekit.engine.sparse import apply_plan
         >>> m = apply_plan(nn.Linear(4, 3), PruningPlan({"weight": {0: [1]}, "bias": {0: [1]}},
         ...                                             {"weight": [3, 4], "bias": [3]}))
         >>> transform_ddp(m).out_features  # alone: the slim model itself
         2
     """
-    from prunekit import sparse
-    from prunekit.slim import to_slim
+    from prunekit.engine import sparse
+    from prunekit.engine.slim import to_slim
 
     def slim(module: nn.Module) -> nn.Module:
         plan = sparse.get_plan(module).to_dict()

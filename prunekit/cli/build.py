@@ -1,12 +1,12 @@
 """Build what a config names: the model (factory + checkpoint), the data loaders, the metric.
 
-Every failure a user can fix becomes a :class:`prunekit.config.ConfigError` that says what
+Every failure a user can fix becomes a :class:`prunekit.cli.job.ConfigError` that says what
 to change: a factory that cannot be imported, a checkpoint that does not match the model,
 a data set root that does not exist.
 
 Example:
-    >>> from prunekit.config import ModelConfig
-    >>> build_model(ModelConfig(factory="prunekit.demo_model:DemoNet", kwargs={"width": 4})).fc.in_features
+    >>> from prunekit.cli.job import ModelConfig
+    >>> build_model(ModelConfig(factory="prunekit.models.demo:DemoNet", kwargs={"width": 4})).fc.in_features
     8
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from prunekit.config import TORCHVISION_DATASETS, Config, ConfigError, DataConfig, ModelConfig
+from prunekit.cli.job import TORCHVISION_DATASETS, Config, ConfigError, DataConfig, ModelConfig
 
 __all__ = ["import_object", "build_model", "load_checkpoint", "build_loaders", "build_eval_fn",
            "example_inputs", "digits_tensors", "torchvision_datasets"]
@@ -210,7 +210,7 @@ def build_loaders(cfg: DataConfig, seed: int = 0, search: Iterable[str | Path] =
 
 def build_eval_fn(cfg: Config, loader: Iterable, search: Iterable[str | Path] = ()) -> tuple[Callable, bool]:
     """``(eval_fn, lower_is_better)`` for the config's metric over ``data.eval_batches`` batches."""
-    from prunekit.evaluation import make_eval_fn
+    from prunekit.workflow.evaluation import make_eval_fn
 
     metric: Any = cfg.metric
     if metric not in ("accuracy", "loss"):
@@ -219,7 +219,7 @@ def build_eval_fn(cfg: Config, loader: Iterable, search: Iterable[str | Path] = 
             raise ConfigError(f"metric {cfg.metric!r} is not callable as metric(output, target)")
     fn = make_eval_fn(loader, metric, max_batches=cfg.data.eval_batches)
     lower = cfg.lower_is_better if cfg.lower_is_better is not None else bool(fn.lower_is_better)
-    from prunekit import distributed
+    from prunekit.workflow import distributed
 
     if distributed.active():  # torchrun: the batches are split over the processes, the sums reduced
         fn = distributed.shard_eval_fn(loader, lambda batches: make_eval_fn(batches, metric), cfg.data.eval_batches)

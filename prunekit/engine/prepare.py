@@ -31,13 +31,13 @@ def _lazy(module: str, attr: str) -> Callable[[nn.Module], bool]:
 
 #: "module.QualName" -> fn(module) that switches it in place; returns whether it did.
 PREPARERS: dict[str, Callable[[nn.Module], bool]] = {
-    "torchvision.models.swin_transformer.ShiftedWindowAttention": _lazy("prunekit.nn.swin", "prepare_swin_attention"),
-    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": _lazy("prunekit.nn.swin",
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": _lazy("prunekit.integrations.swin", "prepare_swin_attention"),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": _lazy("prunekit.integrations.swin",
                                                                           "prepare_swin_attention"),
 }
 #: module-path prefix -> fn(module), tried on every module of that package.
 PACKAGE_PREPARERS: dict[str, Callable[[nn.Module], bool]] = {
-    "transformers.": _lazy("prunekit.hf", "prepare_module"),
+    "transformers.": _lazy("prunekit.integrations.hf", "prepare_module"),
 }
 
 

@@ -3,7 +3,7 @@
 A small built-in training loop (SGD with momentum or AdamW, cosine or step decay, linear
 warm-up, optional label smoothing, CUDA mixed precision) that evaluates after every epoch
 and keeps the best weights. Pruned channels stay at zero throughout: the sparse engine masks
-their gradients and re-zeroes them after every optimizer step (see :mod:`prunekit.sparse`).
+their gradients and re-zeroes them after every optimizer step (see :mod:`prunekit.engine.sparse`).
 
 With a ``workspace`` every finished epoch leaves a checkpoint (model, optimizer, scheduler,
 history; written to a temp file then renamed), so a killed run resumes from the last
@@ -11,7 +11,7 @@ finished epoch and ends with the same weights an uninterrupted run would have. E
 reseeds torch's RNG with ``seed + epoch``, which makes the shuffling of a ``DataLoader``
 (and dropout) independent of where the run was interrupted.
 
-Under ``torchrun`` (see :mod:`prunekit.distributed`) the model trains in
+Under ``torchrun`` (see :mod:`prunekit.workflow.distributed`) the model trains in
 ``DistributedDataParallel``: each process gets ``1/N`` of every batch (a
 ``DistributedSampler``, the global batch and the schedule unchanged), losses and metrics are
 summed over the processes, only rank 0 writes the workspace, and a checkpoint resumes on any
@@ -35,7 +35,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,110 +44,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
-from prunekit import distributed as pdist
-from prunekit import sparse
+from prunekit.engine import sparse
 from prunekit.graph.trace import call_model
-from prunekit.workspace import Workspace
+from prunekit.workflow import distributed as pdist
+from prunekit.workflow.options import FinetuneConfig
+from prunekit.workflow.workspace import Workspace
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "atomic_torch_save"]
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "prunekit-finetune"
-
-
-def _positive(name: str, v: Any, integer: bool = False, zero: bool = False) -> None:
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(v, bool) or not isinstance(v, kind) or (v < 0 if zero else v <= 0) or \
-            (not integer and math.isnan(v)):
-        what = "int" if integer else "number"
-        raise ValueError(f"{name} must be a {'non-negative' if zero else 'positive'} {what}, got {v!r}")
-
-
-@dataclass
-class FinetuneConfig:
-    """Options of the built-in fine-tuning loop (all validated on construction).
-
-    Attributes:
-        epochs: Training epochs.
-        optimizer: ``'sgd'`` (with ``momentum``, Nesterov) or ``'adamw'``.
-        lr: Peak learning rate (after warm-up).
-        momentum: SGD momentum.
-        weight_decay: Weight decay (decoupled for AdamW).
-        schedule: ``'cosine'`` (to 0 at the end), ``'step'`` (times ``gamma`` every
-            ``step_epochs``) or ``'constant'``.
-        step_epochs, gamma: Step decay period and factor.
-        warmup_epochs: Linear warm-up from ``lr / 10``, in epochs (fractions allowed).
-        label_smoothing: Cross-entropy label smoothing in [0, 1).
-        amp: Mixed precision: ``None`` uses it where the device supports it well (CUDA), off
-            on CPU; ``True`` forces autocast (bfloat16 on CPU).
-        lr_trial: Candidate learning rates to try for ``trial_batches`` batches each before
-            training; the best (by ``eval_fn``) is used. Empty: use ``lr``.
-        trial_batches: Training batches per candidate in the learning-rate trial.
-        max_batches: Cap on training batches per epoch (``None``: the whole loader).
-        restore_best: Load the best epoch's weights at the end (else keep the last).
-        seed: Base seed; epoch ``e`` runs with ``torch.manual_seed(seed + e)``.
-        device: Where to train (``None``: where the model is).
-        progress: Show tqdm progress bars with ETA.
-    """
-
-    epochs: int = 5
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    step_epochs: int = 30
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    amp: bool | None = None
-    lr_trial: list[float] = field(default_factory=list)
-    trial_batches: int = 20
-    max_batches: int | None = None
-    restore_best: bool = True
-    seed: int = 0
-    device: str | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        _positive("epochs", self.epochs, integer=True, zero=True)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        _positive("lr", self.lr)
-        _positive("momentum", self.momentum, zero=True)
-        _positive("weight_decay", self.weight_decay, zero=True)
-        _positive("step_epochs", self.step_epochs, integer=True)
-        _positive("gamma", self.gamma)
-        _positive("warmup_epochs", self.warmup_epochs, zero=True)
-        _positive("trial_batches", self.trial_batches, integer=True)
-        if self.max_batches is not None:
-            _positive("max_batches", self.max_batches, integer=True)
-        if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, numbers.Real) \
-                or not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.amp not in (None, True, False):
-            raise ValueError(f"amp must be true, false or null (automatic), got {self.amp!r}")
-        if isinstance(self.lr_trial, (int, float)):
-            raise ValueError(f"lr_trial must be a list of learning rates, got {self.lr_trial!r}")
-        self.lr_trial = [float(v) for v in self.lr_trial]
-        for v in self.lr_trial:
-            _positive("every lr_trial value", v)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FinetuneConfig:
-        from prunekit.config import check_keys
-
-        check_keys(data, cls, "finetune")
-        return cls(**data)
 
 
 @dataclass
@@ -355,7 +261,7 @@ def finetune(model: nn.Module, train_loader: Iterable | None, eval_fn: Callable[
         model: The model; pruned channels stay at zero through training.
         train_loader: Re-iterable ``(inputs, target)`` batches (not needed with ``train_fn``).
         eval_fn: ``eval_fn(model) -> number`` run after every epoch (e.g.
-            :func:`prunekit.evaluation.make_eval_fn`); ``None``: no evaluation, the last
+            :func:`prunekit.workflow.evaluation.make_eval_fn`); ``None``: no evaluation, the last
             epoch is kept.
         config: :class:`FinetuneConfig` (defaults if ``None``).
         workspace: Directory for ``checkpoint.pt`` (per epoch) and ``best.pt``.
@@ -363,7 +269,7 @@ def finetune(model: nn.Module, train_loader: Iterable | None, eval_fn: Callable[
             0-based); it replaces the built-in loop, while evaluation, the best weights and
             the per-epoch checkpoints stay (your optimizer's state is yours to keep). Under
             ``torchrun`` it gets the ``DistributedDataParallel`` model; split your data with
-            :func:`prunekit.distributed.shard_loader`.
+            :func:`prunekit.workflow.distributed.shard_loader`.
         loss_fn: ``loss_fn(output, target) -> scalar`` for the built-in loop (default:
             cross-entropy with ``label_smoothing``).
         lower_is_better: The metric is a loss.

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from prunekit import sparse
-from prunekit.allocate import MacsModel, equal_loss, global_ranking, greedy, perturbed_loss, uniform
-from prunekit.ana import Sensitivity, _evaluate_point, group_label
-from prunekit.counting import count
-from prunekit.plan import PruningPlan
-from prunekit.pruner import Pruner
-from prunekit.slim import to_slim
-from prunekit.workspace import Workspace
+from prunekit.engine import sparse
+from prunekit.engine.allocate import MacsModel, equal_loss, global_ranking, greedy, perturbed_loss, uniform
+from prunekit.engine.counting import count
+from prunekit.engine.plan import PruningPlan
+from prunekit.engine.pruner import Pruner
+from prunekit.engine.slim import to_slim
+from prunekit.workflow.ana import Sensitivity, _evaluate_point, group_label
+from prunekit.workflow.workspace import Workspace
 
 __all__ = ["prune", "PruneResult", "FALLBACKS"]
 
@@ -148,7 +148,7 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
             sensitivity results' ``lower_is_better``).
         eval_args: Extra positional arguments for ``eval_fn``.
         calibrate: ``calibrate(model)`` run on each candidate before it is evaluated and on
-            the result, e.g. :func:`prunekit.evaluation.make_bn_calibration` to re-estimate
+            the result, e.g. :func:`prunekit.workflow.evaluation.make_bn_calibration` to re-estimate
             BatchNorm statistics.
         seed: Seeds the search's variants.
     """

@@ -1,0 +1,1 @@
+"""Deployment: export slim models (ONNX, TorchScript, ExportedProgram, safetensors) and time them."""
