@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     import torch
 
     from prunekit.deploy.bench import environment
-    from prunekit.engine.plan import atomic_write
+    from prunekit.utils.files import atomic_write
 
     data = json.loads(out.read_text()) if out.exists() else {"models": {}}
     if args.table:

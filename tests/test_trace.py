@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from prunekit import Pruner
 from prunekit.graph import trace as T
-from prunekit.graph.trace import _META_SHAPE, _shadow, trace
+from prunekit.graph.trace import _META_SHAPE, shadow_model, trace
 from zoo import ZOO, build
 
 
@@ -99,7 +99,7 @@ class _Cache(nn.Module):
 
 def test_shadow_shares_weights_and_isolates_caches():
     model = _Cache()
-    shadow = _shadow(model)
+    shadow = shadow_model(model)
     assert shadow.conv.weight is model.conv.weight
     assert shadow.alias[0] is shadow.conv and shadow.conv is not model.conv
     trace(model, torch.randn(1, 3, 8, 8), mode="meta")
@@ -125,7 +125,7 @@ class _SelfCopying(nn.Module):
 
 def test_shadow_respects_a_module_own_deepcopy():
     model = nn.Sequential(_SelfCopying(), nn.ReLU())
-    shadow = _shadow(model)
+    shadow = shadow_model(model)
     assert model[0].copies == 1 and shadow[0] is not model[0]
     trace(model, torch.randn(1, 3, 8, 8), mode="meta")
 

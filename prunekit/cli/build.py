@@ -5,16 +5,14 @@ to change: a factory that cannot be imported, a checkpoint that does not match t
 a data set root that does not exist.
 
 Example:
-    >>> from prunekit.cli.job import ModelConfig
+    >>> from prunekit.utils.refs import resolve
+from prunekit.cli.job import ModelConfig
     >>> build_model(ModelConfig(factory="prunekit.models.demo:DemoNet", kwargs={"width": 4})).fc.in_features
     8
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from prunekit.cli.job import TORCHVISION_DATASETS, Config, ConfigError, DataConfig, ModelConfig
+from prunekit.utils.refs import resolve
 
 __all__ = ["import_object", "build_model", "load_checkpoint", "build_loaders", "build_eval_fn",
            "example_inputs", "digits_tensors", "torchvision_datasets"]
@@ -30,28 +29,8 @@ __all__ = ["import_object", "build_model", "load_checkpoint", "build_loaders", "
 
 def import_object(ref: str, what: str, search: Iterable[str | Path] = ()) -> Any:
     """``'package.module:name'`` -> the object; ``search`` directories go on ``sys.path``."""
-    module, _, name = ref.partition(":")
-    for d in search:
-        d = str(Path(d).resolve())
-        if d not in sys.path:
-            sys.path.insert(0, d)
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import the {what} {ref!r}: {exc}. Check the module name, and that its "
-                          "package is installed or its directory is on PYTHONPATH (the config file's "
-                          "directory and the current directory are searched too)") from exc
-    except Exception as exc:  # noqa: BLE001  (the user's module fails while importing)
-        raise ConfigError(f"importing module {module!r} for the {what} failed: {type(exc).__name__}: {exc}") from exc
-    obj = mod
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, names, n=3)
-            hint = f"; did you mean {close}?" if close else ""
-            raise ConfigError(f"cannot import the {what} {ref!r}: {module!r} has no attribute {part!r}{hint}")
-        obj = getattr(obj, part)
-    return obj
+    return resolve(ref, what, search, error=ConfigError,
+                   where=" (the config file's directory and the current directory are searched too)")
 
 
 def build_model(cfg: ModelConfig, search: Iterable[str | Path] = ()) -> nn.Module:
@@ -101,6 +80,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, factory: str = "the fact
         raise ConfigError(f"model.checkpoint {path} does not exist")
     sd = _state_dict(path)
     own = model.state_dict()
+    for k in own:  # a BatchNorm's step counter, not a weight: checkpoints often leave it out
+        if k not in sd and k.endswith("num_batches_tracked"):
+            sd[k] = own[k]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}"

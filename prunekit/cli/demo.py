@@ -139,8 +139,9 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
 
     import prunekit
     from prunekit.cli.job import AnaConfig, IterativeConfig, PruneConfig
-    from prunekit.cli.report import _text_table, write_report
+    from prunekit.cli.report import text_table, write_report
     from prunekit.models.demo import DemoNet
+    from prunekit.utils.text import human
     from prunekit.workflow.evaluation import make_eval_fn
     from prunekit.workflow.finetune import FinetuneConfig, finetune
     from prunekit.workflow.iterative import IterativePruner
@@ -194,7 +195,7 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     size_a = ws.path("final/model.safetensors").stat().st_size
     b, f = res.baseline, res.final
     pct = lambda x, y: f"{100 * (y - x) / x:+.1f}%"
-    h = _human
+    h = human
     table = [["test accuracy", f"{acc_b:.2%}", f"{acc_a:.2%}", f"{100 * (acc_a - acc_b):+.2f} pt"],
              ["MACs / image", h(b["macs"]), h(f["macs"]), pct(b["macs"], f["macs"])],
              ["parameters", h(b["params"]), h(f["params"]), pct(b["params"], f["params"])],
@@ -217,7 +218,7 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     for n in res.notes:
         say(f"note: {n}")
     say("")
-    say(_text_table(table, ["", "baseline", "pruned (slim)", "change"]))
+    say(text_table(table, ["", "baseline", "pruned (slim)", "change"]))
     say("")
     say(f"slim == sparse on the example input: relative error {f['equivalence_error']:.1e}")
     say(f"slim model: {ws.path('final')} (model.safetensors + spec.json); load it with prunekit.load_slim("
@@ -228,13 +229,6 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     say(f"report: {report} (prunekit report {ws.root})")
     say(f"demo finished in {wall:.1f} s")
     return 0
-
-
-def _human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:g}"
 
 
 def _size(n: int) -> str:

@@ -16,30 +16,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
+
+from prunekit.utils.refs import resolve
 
 __all__ = ["register", "cmd_transform", "cmd_bench", "load_factory"]
 
 
 def load_factory(ref: str, kwargs: dict | None = None):
     """``'package.module:callable'`` -> a zero-argument function building the model."""
-    module, sep, attr = ref.partition(":")
-    if not sep or not module or not attr:
-        raise ValueError(f"--factory must look like package.module:callable, got {ref!r}")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # factories in the current directory, like python -m
-    try:
-        obj: Any = importlib.import_module(module)
-    except ImportError as exc:
-        raise ValueError(f"cannot import {module!r} for --factory {ref}: {exc}") from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{module!r} has no attribute {attr!r} (--factory {ref})")
-        obj = getattr(obj, part)
+    obj = resolve(ref, f"--factory {ref}")
     if not callable(obj):
         raise ValueError(f"--factory {ref} is not callable")
     kwargs = dict(kwargs or {})
@@ -273,7 +264,7 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         r["macs"] = macs[r["model"]]
         r["macs_ratio"] = macs["original"] / max(macs[r["model"]], 1)
     if args.json:
-        from prunekit.engine.plan import atomic_write
+        from prunekit.utils.files import atomic_write
 
         atomic_write(args.json, json.dumps({"environment": env, "rows": rows}, indent=1))
         print(f"rows written to {args.json}", file=out)

@@ -28,45 +28,6 @@ def _version() -> str:
     return __version__
 
 
-# ----- formatting ------------------------------------------------------------------------
-def _human(n: float) -> str:
-    """``1234567 -> '1.23 M'``."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:g}"
-
-
-def _table(rows: Sequence[Sequence[str]], header: Sequence[str], align: str | None = None) -> str:
-    """Plain-text table; ``align`` has one ``l`` or ``r`` per column (default: ``l`` then ``r``)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(str(c).ljust(w) if a == "l" else str(c).rjust(w)
-                         for c, w, a in zip(cells, widths, align)).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths).rstrip(), *(line(r) for r in rows)])
-
-
-def _pct_change(before: float, after: float) -> str:
-    return f"{100.0 * (after - before) / before:+.1f}%" if before else ""
-
-
-def _shorten(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:n - 3] + "..."
-
-
-def _group_label(group) -> str:
-    """``'stage2.0.conv2 (+7 more)'``: the first layer producing the group's channels, if any."""
-    modules = list(dict.fromkeys(m.module for m in group.members if m.name.endswith("weight")))
-    producers = [m.module for m in group.members if m.name.endswith("weight") and m.dim == 0]
-    if not modules:
-        return "-"
-    first = producers[0] if producers else modules[0]
-    return first + (f" (+{len(modules) - 1} more)" if len(modules) > 1 else "")
-
-
 # ----- the workflow verbs (prunekit.cli.verbs) and the demo (prunekit.cli.demo) ----------------
 def _register_workflow(sub: argparse._SubParsersAction) -> None:
     from prunekit.cli import demo, verbs

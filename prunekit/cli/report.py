@@ -18,9 +18,10 @@ import io
 import json
 from pathlib import Path
 
+from prunekit.utils.text import human, table
 from prunekit.workflow.workspace import Workspace
 
-__all__ = ["write_report", "summary_text", "load_results"]
+__all__ = ["write_report", "summary_text", "load_results", "text_table"]
 
 
 def load_results(workspace: str | Path) -> dict:
@@ -45,13 +46,6 @@ def load_results(workspace: str | Path) -> dict:
     return res
 
 
-def _h(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:g}"
-
-
 def _bytes(n: float) -> str:
     for unit, scale in (("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
@@ -70,8 +64,8 @@ def _final_rows(res: dict) -> list[list[str]]:
     b, f = s["baseline"], s["final"]
     pct = lambda x, y: f"{100 * (y - x) / x:+.1f}%" if x else ""
     rows = [["metric", f"{b['metric']:.4f}", f"{f['metric']:.4f}", f"{f['metric'] - b['metric']:+.4f}"],
-            ["MACs / sample", _h(b["macs"]), _h(f["macs"]), pct(b["macs"], f["macs"])],
-            ["parameters", _h(b["params"]), _h(f["params"]), pct(b["params"], f["params"])]]
+            ["MACs / sample", human(b["macs"]), human(f["macs"]), pct(b["macs"], f["macs"])],
+            ["parameters", human(b["params"]), human(f["params"]), pct(b["params"], f["params"])]]
     if "file_bytes" in f:
         rows.append(["file size", _bytes(f["baseline_file_bytes"]), _bytes(f["file_bytes"]),
                      pct(f["baseline_file_bytes"], f["file_bytes"])])
@@ -99,21 +93,19 @@ def _layers(res: dict) -> list[dict]:
     return rows
 
 
-def _text_table(rows: list[list[str]], head: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
+def text_table(rows: list[list[str]], head: list[str]) -> str:
+    """A report table as plain text (first column left-aligned)."""
+    return table(rows, head)
 
 
 def _step_rows(baseline: dict | None, attempts: list[dict]) -> list[list[str]]:
     rows = []
     if baseline:
-        rows.append(["baseline", "", _h(baseline["macs"]), "", _h(baseline["params"]), f"{baseline['metric']:.4f}",
-                     ""])
+        rows.append(["baseline", "", human(baseline["macs"]), "", human(baseline["params"]),
+                     f"{baseline['metric']:.4f}", ""])
     for a in attempts:
         rows.append([f"step {a['step']}" + (f" retry {a['try']}" if a["try"] else ""), f"{a['ratio']:.3f}",
-                     _h(a["macs"]), f"-{a['macs_reduction']:.1%}", _h(a["params"]), f"{a['metric']:.4f}",
+                     human(a["macs"]), f"-{a['macs_reduction']:.1%}", human(a["params"]), f"{a['metric']:.4f}",
                      "accepted" if a["accepted"] else "rejected"])
     return rows
 
@@ -127,11 +119,11 @@ def summary_text(workspace: str | Path) -> str:
     lines = [f"prunekit workspace {res['root']}"]
     final = _final_rows(res)
     if final:
-        lines += ["", _text_table(final, ["", "before", "after", "change"])]
+        lines += ["", text_table(final, ["", "before", "after", "change"])]
     baseline, attempts, notes = _attempts(res)
     if attempts:
         lines += ["", ("steps (unfinished run)" if "partial" in res else "steps"),
-                  _text_table(_step_rows(baseline, attempts), _STEP_HEAD)]
+                  text_table(_step_rows(baseline, attempts), _STEP_HEAD)]
     lines += [f"note: {n}" for n in notes]
     sens = res.get("sensitivity")
     if sens:
@@ -140,8 +132,8 @@ def summary_text(workspace: str | Path) -> str:
     if "plan" in res and not attempts:
         meta = res["plan"].get("meta", {})
         if "macs_before" in meta:
-            lines.append(f"prune: MACs {_h(meta['macs_before'])} -> {_h(meta['macs_after'])}, params "
-                         f"{_h(meta['params_before'])} -> {_h(meta['params_after'])} ({meta.get('method')})")
+            lines.append(f"prune: MACs {human(meta['macs_before'])} -> {human(meta['macs_after'])}, params "
+                         f"{human(meta['params_before'])} -> {human(meta['params_after'])} ({meta.get('method')})")
     return "\n".join(lines)
 
 
@@ -309,7 +301,7 @@ def render_html(res: dict) -> str:
 
 def write_report(workspace: str | Path, output: str | Path | None = None) -> Path:
     """Write the HTML report (default ``WORKSPACE/report.html``); returns its path."""
-    from prunekit.engine.plan import atomic_write
+    from prunekit.utils.files import atomic_write
 
     res = load_results(workspace)
     path = Path(output) if output else Path(workspace) / "report.html"

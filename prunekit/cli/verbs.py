@@ -126,7 +126,7 @@ class _Job:
         self.search.append(Path.cwd())
         self.ws = Workspace(self.cfg.workspace)
         self.ws.root.mkdir(parents=True, exist_ok=True)
-        from prunekit.engine.plan import atomic_write
+        from prunekit.utils.files import atomic_write
         from prunekit.workflow import distributed as pdist
 
         if pdist.is_main():
@@ -231,9 +231,8 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
         raise _config_error(str(exc)) from exc
     if prev is not None:
         from prunekit.engine.sparse import apply_plan
-        from prunekit.workflow.iterative import _contains
 
-        if not _contains(res.plan, prev):
+        if not res.plan.contains(prev):
             apply_plan(job.model, prev)  # merges: the earlier pruned channels stay pruned
             print("merged the earlier plan: the new one did not contain every earlier pruned channel", file=out)
     metric = job.eval_fn(job.model)

@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from prunekit.engine import sparse
 from prunekit.engine.equivalence import TOLERANCE, max_error
-from prunekit.engine.plan import atomic_write
+from prunekit.utils.files import atomic_write
 
 __all__ = ["export", "export_onnx", "export_pt2", "export_safetensors", "check_export", "ExportError",
            "ExportCheckError", "FORMATS", "DEFAULT_OPSET", "ONNX_EXPORTERS"]

@@ -69,7 +69,7 @@ def count(model: nn.Module, example_inputs: Any, meta: bool = True) -> Counts:
     With ``meta=True`` the model runs on the meta device (shapes only: instant even for
     huge models); models whose forward needs real values are then run for real.
     """
-    from prunekit.graph.trace import _meta_call, _meta_stand_ins, _shadow, single_thread
+    from prunekit.graph.trace import meta_call, meta_stand_ins, shadow_model, single_thread
 
     was = model.training
     model.eval()
@@ -78,11 +78,11 @@ def count(model: nn.Module, example_inputs: Any, meta: bool = True) -> Counts:
         if meta:
             try:
                 with single_thread(), torch.no_grad():
-                    shadow = _shadow(model).eval()  # caches filled on meta stay out of the model
-                    stand_ins = _meta_stand_ins(shadow)
+                    shadow = shadow_model(model).eval()  # caches filled on meta stay out of the model
+                    stand_ins = meta_stand_ins(shadow)
                     mode = FlopCounterMode(display=False, depth=None)
                     with mode, _NoFastPath():
-                        _meta_call(shadow, stand_ins, example_inputs)
+                        meta_call(shadow, stand_ins, example_inputs)
             except Exception:  # noqa: BLE001 - data-dependent forward: count for real
                 mode = None
         if mode is None:

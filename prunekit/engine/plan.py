@@ -12,34 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["PruningPlan", "atomic_write"]
+from prunekit.utils.files import atomic_write
+
+__all__ = ["PruningPlan"]
 
 FORMAT = "prunekit-plan"
 VERSION = 1
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so a killed process never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -68,6 +51,11 @@ class PruningPlan:
         for d, idx in self.pruned.get(name, {}).items():
             shape[d] -= len(idx)
         return shape
+
+    def contains(self, other: PruningPlan) -> bool:
+        """Whether every index ``other`` removes is removed here too (a later step keeps earlier cuts)."""
+        return all(set(idx) <= set(self.pruned.get(name, {}).get(d, []))
+                   for name, dims in other.pruned.items() for d, idx in dims.items())
 
     def merge(self, other: PruningPlan) -> PruningPlan:
         """Union of two plans over the same original model."""

@@ -8,36 +8,34 @@ the same parameters, state-dict names and outputs. :class:`prunekit.Pruner` call
 
 Example:
     >>> import torch.nn as nn
+
+from prunekit.utils.refs import lazy_attr
     >>> prepare(nn.Sequential(nn.Linear(2, 2)))
     []
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
+from functools import partial
 
 import torch.nn as nn
+
+from prunekit.utils.refs import lazy_attr
+
+_swin = partial(lazy_attr, "prunekit.integrations.swin")  # torchvision Swin, imported on first use
 
 __all__ = ["prepare", "PREPARERS", "PACKAGE_PREPARERS"]
 
 
-def _lazy(module: str, attr: str) -> Callable[[nn.Module], bool]:
-    def fn(mod: nn.Module) -> bool:
-        return bool(getattr(importlib.import_module(module), attr)(mod))
-
-    return fn
-
-
 #: "module.QualName" -> fn(module) that switches it in place; returns whether it did.
 PREPARERS: dict[str, Callable[[nn.Module], bool]] = {
-    "torchvision.models.swin_transformer.ShiftedWindowAttention": _lazy("prunekit.integrations.swin", "prepare_swin_attention"),
-    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": _lazy("prunekit.integrations.swin",
-                                                                          "prepare_swin_attention"),
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": _swin("prepare_swin_attention"),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": _swin("prepare_swin_attention"),
 }
 #: module-path prefix -> fn(module), tried on every module of that package.
 PACKAGE_PREPARERS: dict[str, Callable[[nn.Module], bool]] = {
-    "transformers.": _lazy("prunekit.integrations.hf", "prepare_module"),
+    "transformers.": lazy_attr("prunekit.integrations.hf", "prepare_module"),
 }
 
 

@@ -22,16 +22,20 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import importlib
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from prunekit.engine import sparse
-from prunekit.engine.plan import PruningPlan, atomic_write
+from prunekit.engine.plan import PruningPlan
+from prunekit.utils.files import atomic_write
+from prunekit.utils.refs import lazy_attr
+
+_swin = partial(lazy_attr, "prunekit.integrations.swin")  # torchvision Swin, imported on first use
 
 __all__ = ["to_slim", "register_updater", "slim_spec", "apply_spec", "save_slim", "load_slim", "head_split"]
 
@@ -138,31 +142,21 @@ def _torchvision_vit(mod, old):
     mod.hidden_dim = mod.conv_proj.out_channels
 
 
-def _lazy(module: str, attr: str) -> Callable[[nn.Module, dict], None]:
-    """An updater that lives in a module imported on first use (optional dependencies)."""
-
-    def fn(mod: nn.Module, old: dict) -> None:
-        getattr(importlib.import_module(module), attr)(mod, old)
-
-    return fn
-
-
 #: updaters for classes we do not import, by "module.QualName"; run on every match after
 #: the per-tensor updaters, for attributes derived from child layers. ``old`` holds the
 #: shapes before pruning of the module's own tensors (``"weight"``) and of its
 #: descendants' (``"qkv.weight"``).
 NAMED_UPDATERS: dict[str, Callable[[nn.Module, dict], None]] = {
     "torchvision.models.vision_transformer.VisionTransformer": _torchvision_vit,
-    "torchvision.models.swin_transformer.ShiftedWindowAttention": _lazy("prunekit.integrations.swin", "update_swin_attention"),
-    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": _lazy("prunekit.integrations.swin",
-                                                                          "update_swin_attention"),
-    "prunekit.integrations.swin.PrunedShiftedWindowAttention": _lazy("prunekit.integrations.swin", "update_swin_attention"),
-    "prunekit.integrations.swin.PrunedShiftedWindowAttentionV2": _lazy("prunekit.integrations.swin", "update_swin_attention"),
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": _swin("update_swin_attention"),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": _swin("update_swin_attention"),
+    "prunekit.integrations.swin.PrunedShiftedWindowAttention": _swin("update_swin_attention"),
+    "prunekit.integrations.swin.PrunedShiftedWindowAttentionV2": _swin("update_swin_attention"),
 }
 #: updaters for every module of a package, by module-path prefix; run children first, after
 #: the named updaters (e.g. Hugging Face attention attributes and ``config`` fields).
 PACKAGE_UPDATERS: dict[str, Callable[[nn.Module, dict], None]] = {
-    "transformers.": _lazy("prunekit.integrations.hf", "update_module"),
+    "transformers.": lazy_attr("prunekit.integrations.hf", "update_module"),
 }
 
 _CONTEXT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prunekit_slim_context", default=None)

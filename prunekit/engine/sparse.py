@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 
-from prunekit.engine.plan import PruningPlan, atomic_write
+from prunekit.engine.plan import PruningPlan
+from prunekit.utils.files import atomic_write
 
 __all__ = ["apply_plan", "remove_masks", "get_plan", "is_sparse", "reapply_masks",
            "save_sparse", "load_sparse"]

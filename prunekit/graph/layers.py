@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
-from prunekit.graph.trace import Labels, Tracer, _arg, register_rule
+from prunekit.graph.trace import Labels, Tracer, arg, register_rule
 
 
 def _couple(tr: Tracer, x_ids: torch.Tensor | None, w_ids: torch.Tensor | None, what: str) -> None:
@@ -48,9 +48,9 @@ def _fix_other_dims(tr: Tracer, t: torch.Tensor | None, used: tuple[int, ...], w
 @register_rule("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                "conv_transpose3d")
 def _conv(tr: Tracer, name, func, args, kwargs, out):
-    x, w = args[0], _arg(args, kwargs, 1, "weight")
-    bias = _arg(args, kwargs, 2, "bias")
-    groups = _arg(args, kwargs, 6, "groups", 1)
+    x, w = args[0], arg(args, kwargs, 1, "weight")
+    bias = arg(args, kwargs, 2, "bias")
+    groups = arg(args, kwargs, 6, "groups", 1)
     nsp = int(name[-2])
     cdim = x.ndim - nsp - 1
     lab = tr.get(x)
@@ -105,8 +105,8 @@ def _conv(tr: Tracer, name, func, args, kwargs, out):
 
 @register_rule("linear")
 def _linear(tr: Tracer, name, func, args, kwargs, out):
-    x, w = args[0], _arg(args, kwargs, 1, "weight")
-    bias = _arg(args, kwargs, 2, "bias")
+    x, w = args[0], arg(args, kwargs, 1, "weight")
+    bias = arg(args, kwargs, 2, "bias")
     lab = tr.get(x)
     last = x.ndim - 1
     _fix_other_dims(tr, w, (0, 1), "'linear'")
@@ -136,15 +136,15 @@ def _per_channel(tr: Tracer, name: str, x, cdim: int, params, out, zero: bool) -
 @register_rule("batch_norm", "instance_norm")
 def _batch_norm(tr, name, func, args, kwargs, out):
     x = args[0]
-    rm, rv = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
-    w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
+    rm, rv = arg(args, kwargs, 1, "running_mean"), arg(args, kwargs, 2, "running_var")
+    w, b = arg(args, kwargs, 3, "weight"), arg(args, kwargs, 4, "bias")
     zero = w is not None and b is not None
     _per_channel(tr, name, x, 1 if x.ndim > 1 else 0, (rm, rv, w, b), out, zero)
 
 
 @register_rule("prelu")
 def _prelu(tr, name, func, args, kwargs, out):
-    x, w = args[0], _arg(args, kwargs, 1, "weight")
+    x, w = args[0], arg(args, kwargs, 1, "weight")
     _per_channel(tr, name, x, 1 if x.ndim >= 2 else 0, (w,), out, True)
 
 
@@ -172,9 +172,9 @@ def _masked_norm(tr: Tracer, name: str, x, dim: int, w, b, groups: int, out) -> 
 
 @register_rule("layer_norm", "rms_norm")
 def _layer_norm(tr, name, func, args, kwargs, out):
-    x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape")
-    w = _arg(args, kwargs, 2, "weight")
-    b = _arg(args, kwargs, 3, "bias") if name == "layer_norm" else None
+    x, shape = args[0], arg(args, kwargs, 1, "normalized_shape")
+    w = arg(args, kwargs, 2, "weight")
+    b = arg(args, kwargs, 3, "bias") if name == "layer_norm" else None
     k = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
     lab = tr.get(x)
     for d in range(x.ndim - k, x.ndim - 1):
@@ -187,14 +187,14 @@ def _layer_norm(tr, name, func, args, kwargs, out):
 
 @register_rule("group_norm")
 def _group_norm(tr, name, func, args, kwargs, out):
-    x, g = args[0], _arg(args, kwargs, 1, "num_groups")
-    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    x, g = args[0], arg(args, kwargs, 1, "num_groups")
+    w, b = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
     _masked_norm(tr, name, x, 1, w, b, g, out)
 
 
 @register_rule("embedding")
 def _embedding(tr, name, func, args, kwargs, out):
-    idx, w = args[0], _arg(args, kwargs, 1, "weight")
+    idx, w = args[0], arg(args, kwargs, 1, "weight")
     tr.fix_labels(tr.get(idx), "'embedding' indices carry channels")
     ids = tr.dim_ids(w, 1)
     tr.set(out, {out.ndim - 1: (ids, tr.zero(w, 1))} if ids is not None else {})
@@ -303,9 +303,9 @@ def _einsum(tr, name, func, args, kwargs, out):
 
 @register_rule("scaled_dot_product_attention")
 def _sdpa(tr, name, func, args, kwargs, out):
-    q, k, v = args[0], _arg(args, kwargs, 1, "key"), _arg(args, kwargs, 2, "value")
-    mask = _arg(args, kwargs, 3, "attn_mask")
-    scale = _arg(args, kwargs, 6, "scale")
+    q, k, v = args[0], arg(args, kwargs, 1, "key"), arg(args, kwargs, 2, "value")
+    mask = arg(args, kwargs, 3, "attn_mask")
+    scale = arg(args, kwargs, 6, "scale")
     if mask is not None:
         tr.fix_labels(tr.get(mask), "'scaled_dot_product_attention' mask carries channels")
     if scale is None:
@@ -319,7 +319,7 @@ def _sdpa(tr, name, func, args, kwargs, out):
     sq = batch[n - (q.ndim - 2):] + "LE"
     sk = batch[n - (k.ndim - 2):] + "SE"
     sv = batch[n - (v.ndim - 2):] + "SV"
-    if _arg(args, kwargs, 7, "enable_gqa", False) and k.ndim > 2 and k.shape[-3] != q.shape[-3]:
+    if arg(args, kwargs, 7, "enable_gqa", False) and k.ndim > 2 and k.shape[-3] != q.shape[-3]:
         # grouped-query attention: query head i reads key/value head i // (Hq / Hkv); seen
         # as repeated key/value heads, a group's query heads go with their key/value head
         k, v = (_repeat_heads(tr, t, q.shape[-3] // t.shape[-3]) for t in (k, v))

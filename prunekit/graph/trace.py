@@ -201,9 +201,19 @@ class Tracer(TorchFunctionMode):
         elif t in self.labels:
             del self.labels[t]
 
-    def union(self, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        if a is not None and b is not None:
-            self.book.union(a, b)
+    def union(self, a: torch.Tensor | None, b: torch.Tensor | None,
+              reason: str = "coupled with channels that cannot be pruned (zero padding, a concat with "
+                            "a fixed tensor, ...)") -> None:
+        """Couple ``a[i]`` with ``b[i]``. Where one side is ``-1`` (a position no prunable
+        channel occupies, like the zeros a channel ``pad`` adds), the other side is fixed:
+        it lines up with a channel that always stays."""
+        if a is None or b is None:
+            return
+        self.book.union(a, b)
+        a, b = a.reshape(-1), b.reshape(-1)
+        lone = (a < 0) != (b < 0)
+        if bool(lone.any()):
+            self.fix(torch.where(a < 0, b, a)[lone], reason)
 
     def fix(self, ids: torch.Tensor | None, reason: str) -> None:
         if ids is not None:
@@ -300,12 +310,12 @@ def _same_shape(inplace_at: int | None = None, plain: Callable[[tuple, dict], bo
     """Output like the first argument (the argument itself when the call is in-place)."""
 
     def run(args, kwargs):
-        x = _arg(args, kwargs, 0, "input")
+        x = arg(args, kwargs, 0, "input")
         if not (isinstance(x, torch.Tensor) and x.is_meta and type(x) is torch.Tensor):
             return None
         if plain is not None and not plain(args, kwargs):
             return None
-        if inplace_at is not None and _arg(args, kwargs, inplace_at, "inplace", False):
+        if inplace_at is not None and arg(args, kwargs, inplace_at, "inplace", False):
             return x
         return torch.empty_like(x)
 
@@ -313,7 +323,7 @@ def _same_shape(inplace_at: int | None = None, plain: Callable[[tuple, dict], bo
 
 
 def _meta_linear(args, kwargs):
-    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    x, w, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.is_meta and w.is_meta
             and x.ndim >= 1 and w.ndim == 2 and x.shape[-1] == w.shape[1] and x.dtype == w.dtype
             and (b is None or (isinstance(b, torch.Tensor) and b.is_meta and b.shape == w.shape[:1]
@@ -322,7 +332,7 @@ def _meta_linear(args, kwargs):
     return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device="meta")
 
 
-def _arg(args: tuple, kwargs: dict, pos: int, name: str, default: Any = None) -> Any:
+def arg(args: tuple, kwargs: dict, pos: int, name: str, default: Any = None) -> Any:
     """Argument ``name`` of a torch call, given by keyword or at position ``pos``."""
     if name in kwargs:
         return kwargs[name]
@@ -334,31 +344,31 @@ def _fits(p: Any, n: int) -> bool:
 
 
 def _eval_batch_norm(args, kwargs) -> bool:
-    x = _arg(args, kwargs, 0, "input")
+    x = arg(args, kwargs, 0, "input")
     c = x.shape[1] if x.ndim > 1 else -1
-    return (not _arg(args, kwargs, 5, "training", False) and x.ndim > 1
-            and all(_fits(_arg(args, kwargs, i, k), c)
+    return (not arg(args, kwargs, 5, "training", False) and x.ndim > 1
+            and all(_fits(arg(args, kwargs, i, k), c)
                     for i, k in enumerate(("running_mean", "running_var", "weight", "bias"), 1)))
 
 
 def _layer_norm_fits(args, kwargs) -> bool:
-    x, shape = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
+    x, shape = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "normalized_shape")
     if not isinstance(shape, (list, tuple, torch.Size)) or len(shape) != 1 or x.ndim < 1:
         return False
     n = x.shape[-1]
-    return (tuple(shape) == (n,) and _fits(_arg(args, kwargs, 2, "weight"), n)
-            and _fits(_arg(args, kwargs, 3, "bias"), n))
+    return (tuple(shape) == (n,) and _fits(arg(args, kwargs, 2, "weight"), n)
+            and _fits(arg(args, kwargs, 3, "bias"), n))
 
 
 def _group_norm_fits(args, kwargs) -> bool:
-    x, g = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "num_groups")
+    x, g = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "num_groups")
     c = x.shape[1] if x.ndim > 1 else -1
     return (isinstance(g, int) and g > 0 and c > 0 and c % g == 0
-            and _fits(_arg(args, kwargs, 2, "weight"), c) and _fits(_arg(args, kwargs, 3, "bias"), c))
+            and _fits(arg(args, kwargs, 2, "weight"), c) and _fits(arg(args, kwargs, 3, "bias"), c))
 
 
 def _no_dtype(args, kwargs) -> bool:
-    return _arg(args, kwargs, 3, "dtype") is None
+    return arg(args, kwargs, 3, "dtype") is None
 
 
 #: On the meta device torch computes even a ReLU's output through Python meta kernels
@@ -486,7 +496,7 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
     return nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
 
 
-def _meta_stand_ins(model: nn.Module) -> dict[str, torch.Tensor]:
+def meta_stand_ins(model: nn.Module) -> dict[str, torch.Tensor]:
     by_id: dict[int, torch.Tensor] = {}
     out = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
@@ -496,7 +506,7 @@ def _meta_stand_ins(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _meta_call(model: nn.Module, stand_ins: dict, example_inputs: Any) -> Any:
+def meta_call(model: nn.Module, stand_ins: dict, example_inputs: Any) -> Any:
     inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, example_inputs)
     args, kwargs = (((), inputs) if isinstance(inputs, dict) else
                     (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {}))
@@ -509,12 +519,12 @@ def run_on_meta(model: nn.Module, example_inputs: Any) -> Any:
     model.eval()
     try:
         with torch.no_grad():
-            return _meta_call(model, _meta_stand_ins(model), example_inputs)
+            return meta_call(model, meta_stand_ins(model), example_inputs)
     finally:
         model.train(was)
 
 
-def _shadow(model: nn.Module) -> nn.Module:
+def shadow_model(model: nn.Module) -> nn.Module:
     """A copy of the module tree that shares every parameter and buffer: a meta or fake run
     may leave meta/fake tensors in Python-level caches (anchor grids, masks), which must not
     end up in the user's model."""
@@ -551,11 +561,11 @@ def _trace(model: nn.Module, example_inputs: Any, mode: str, attention: str = "a
 
     originals = None
     if mode != "real":
-        shadow = _shadow(model)
+        shadow = shadow_model(model)
         originals = {id(c): o for c, o in zip(shadow.modules(), model.modules())}
         model = shadow
 
-    stand_ins = _meta_stand_ins(model) if mode == "meta" else None
+    stand_ins = meta_stand_ins(model) if mode == "meta" else None
     tr = Tracer(model, stand_ins, attention)
     tr.originals = originals or {}  # shadow module id -> the user's module (handlers get the latter)
     was_training = {m: m.training for m in model.modules()}
@@ -568,7 +578,7 @@ def _trace(model: nn.Module, example_inputs: Any, mode: str, attention: str = "a
         tr.meta = mode == "meta"
         if mode == "meta":
             with torch.no_grad(), _custom_handlers(tr, model), tr:
-                out = _meta_call(model, stand_ins, example_inputs)
+                out = meta_call(model, stand_ins, example_inputs)
         elif mode == "fake":
             fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
             inputs = _fake_inputs(fake_mode, example_inputs)

@@ -431,7 +431,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, **kwargs) -> Path:
 
     import transformers
 
-    from prunekit.engine.plan import atomic_write
+    from prunekit.utils.files import atomic_write
 
     directory = Path(directory)
     model.save_pretrained(directory, **kwargs)

@@ -283,7 +283,7 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
                 state.setdefault("collapsed", []).append(key)
             else:
                 plan = pruner.plan({g.id: r})
-                state["points"][key] = _evaluate_point(model, plan, prior, eval_fn, args)
+                state["points"][key] = evaluate_point(model, plan, prior, eval_fn, args)
                 if collapse is not None and rel(state["points"][key]) > collapse:
                     collapsed[g.id] = state["points"][key]
             _save(ws, fname, config, state)
@@ -318,7 +318,7 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
 
 
 @torch.no_grad()
-def _evaluate_point(model, plan, prior, eval_fn, args, calibrate=None) -> float:
+def evaluate_point(model, plan, prior, eval_fn, args, calibrate=None) -> float:
     """The metric of ``model`` pruned by ``plan`` (after ``calibrate(model)``, evaluated in eval
     mode), then the model as it was: weights, and with ``calibrate`` every buffer and the mode."""
     saved = {name: sparse.get_tensor(model, name).detach().clone() for name in plan.pruned}

@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,11 +43,12 @@ from torch.utils._pytree import tree_map
 
 from prunekit.engine import sparse
 from prunekit.graph.trace import call_model
+from prunekit.utils.files import atomic_torch_save
 from prunekit.workflow import distributed as pdist
 from prunekit.workflow.options import FinetuneConfig
 from prunekit.workflow.workspace import Workspace
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "atomic_torch_save"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "prunekit-finetune"
@@ -75,21 +73,6 @@ class FinetuneResult:
     lr: float
     trial: dict[float, float] = field(default_factory=dict)
     resumed_from: int = 0
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same directory, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _model_device(model: nn.Module) -> torch.device:

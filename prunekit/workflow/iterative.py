@@ -46,7 +46,6 @@ from typing import Any
 
 import torch.nn as nn
 
-from prunekit.cli.job import AnaConfig, IterativeConfig, PruneConfig
 from prunekit.engine import sparse
 from prunekit.engine.counting import count
 from prunekit.engine.equivalence import checked_slim
@@ -55,6 +54,7 @@ from prunekit.engine.slim import save_slim, to_slim
 from prunekit.workflow import distributed as pdist
 from prunekit.workflow.ana import Sensitivity, ana
 from prunekit.workflow.finetune import FinetuneConfig, finetune
+from prunekit.workflow.options import AnaConfig, IterativeConfig, PruneConfig
 from prunekit.workflow.prune import prune
 from prunekit.workflow.workspace import Workspace, model_fingerprint
 
@@ -313,7 +313,7 @@ class IterativePruner:
         notes = list(res.notes)
         if prev_dir is not None:
             prev = PruningPlan.load(prev_dir / "model" / "plan.json")
-            if not _contains(res.plan, prev):
+            if not res.plan.contains(prev):
                 sparse.apply_plan(model, prev)  # merges: earlier pruned channels stay pruned
                 notes.append("the new plan did not contain every earlier pruned channel; merged the previous plan")
         plan = sparse.get_plan(model)
@@ -383,14 +383,6 @@ class IterativePruner:
                    "attempts": state["attempts"], "notes": notes, "layers": layer_table(self.template, slim)}
         self.ws.write_json("summary.json", summary)
         return IterativeResult(slim, sparse_model, baseline, state["attempts"], final, notes, self.ws.root)
-
-
-def _contains(plan: PruningPlan, prev: PruningPlan) -> bool:
-    for name, dims in prev.pruned.items():
-        for d, idx in dims.items():
-            if not set(idx) <= set(plan.pruned.get(name, {}).get(d, [])):
-                return False
-    return True
 
 
 def layer_table(before: nn.Module, after: nn.Module) -> list[dict]:

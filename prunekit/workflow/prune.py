@@ -25,7 +25,7 @@ from prunekit.engine.counting import count
 from prunekit.engine.plan import PruningPlan
 from prunekit.engine.pruner import Pruner
 from prunekit.engine.slim import to_slim
-from prunekit.workflow.ana import Sensitivity, _evaluate_point, group_label
+from prunekit.workflow.ana import Sensitivity, evaluate_point, group_label
 from prunekit.workflow.workspace import Workspace
 
 __all__ = ["prune", "PruneResult", "FALLBACKS"]
@@ -299,7 +299,7 @@ def _search(model, best, reach, n, eval_fn, eval_args, calibrate, sensitivity, c
         for cand, kind in tqdm(found, desc="search", unit="candidate", leave=False):
             if cand[0] > tolerance and cand is not best:
                 continue  # off the MACs target: not comparable
-            score = _evaluate_point(model, cand[2], None, eval_fn, eval_args, calibrate)
+            score = evaluate_point(model, cand[2], None, eval_fn, eval_args, calibrate)
             scored.append((sign * score, kind, cand))
     finally:
         model.train(was)

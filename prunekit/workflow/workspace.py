@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from prunekit.engine.plan import atomic_write
+from prunekit.utils.files import atomic_write
 
 __all__ = ["Workspace", "model_fingerprint"]
 
