@@ -266,11 +266,13 @@ def test_collapse_stops_a_curve_early(tmp_path):
         assert lost and curve[float(r)] == lost[0], f"collapsed point {key} should repeat the collapsed value: {curve}"
 
 
-def test_table_plot_and_progress(tmp_path, capsys):
+def test_table_plot_and_progress(tmp_path, capsys, monkeypatch):
     model, x, loader = demo()
-    sens, _ = run_ana(model, x, Counting(loader), tmp_path, progress=True)
+    monkeypatch.setattr("prunekit.workflow.progress.interactive", lambda: True)  # as on a terminal
+    sens, logs = run_ana(model, x, Counting(loader), tmp_path, progress=True)
     err = capsys.readouterr().err
     assert "ana" in err and "<" in err, f"a progress bar with an ETA (elapsed<remaining) is expected: {err!r:.300}"
+    assert not [m for m in logs if m.startswith("ana: group")], "a bar replaces the per-group lines"
     assert (tmp_path / "sensitivity.png").stat().st_size > 1000, "sensitivity.png should be written"
     data = json.loads((tmp_path / "sensitivity.json").read_text())
     assert Sensitivity.from_dict(data).curves == sens.curves, "sensitivity.json should round-trip"

@@ -74,7 +74,49 @@ def test_channel_zero_pad_shortcut_pruner(ratio):
 def test_channel_zero_pad_shortcut_prune_to_macs():
     model = _randomised(OptionAResNet())
     x = torch.randn(2, 3, 16, 16)
-    res = prunekit.prune(model, x, removal_ratio=0.5, log=lambda _: None)
+    lines: list[str] = []
+    res = prunekit.prune(model, x, removal_ratio=0.5, log=lines.append)
+    # prune() validates first: the rules must already be right, so validation freezes nothing
+    assert not [line for line in lines if "froze" in line], lines
     slim = prunekit.to_slim(model)
     assert_equivalent(run(model, x), run(slim, x), "option-A ResNet pruned to 50% of MACs")
     assert res.macs_after < res.macs_before and prunekit.count(slim, x).macs == res.macs_after
+
+
+class ChunkAfterConcat(nn.Module):
+    """A concat of a prunable conv output with the (never prunable) image, then cut in two."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a = nn.Conv2d(3, 5, 3, padding=1)
+        self.b = nn.Conv2d(3, 7 if how == "split" else 6, 1)
+        self.head = nn.Conv2d(7, 4, 1) if how == "split" else nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), x], 1)  # 5 prunable channels, then 3 fixed ones
+        if self.how == "chunk":
+            h1, h2 = y.chunk(2, 1)
+            return self.head(h1 * torch.sigmoid(h2))
+        if self.how == "split":  # a 1-channel piece, then the rest: python-int sizes
+            h1, h2 = torch.split(y, [1, 7], 1)
+            return self.head(torch.cat([h2, h1], 1)[:, :7] + F.relu(self.b(x)))
+        h1, h2 = torch.cat([F.relu(self.b(x)), y], 1).split(7, 1)  # 6 + 8 = 14: two of 7
+        return self.head(F.relu(h1[:, :4] + h2[:, 3:]))
+
+
+@pytest.mark.parametrize("how", ["chunk", "split", "split_int"])
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.8])
+def test_equal_split_of_partly_pruned_concat(how, ratio):
+    torch.manual_seed(0)
+    model = ChunkAfterConcat(how).eval()
+    x = torch.randn(2, 3, 6, 6)
+    pruner = prunekit.Pruner(model, x)
+    pruner.prune(ratio)
+    slim = prunekit.to_slim(model)
+    assert_equivalent(run(model, x), run(slim, x), f"{how} of a partly pruned concat at {ratio}")
+    a = next(g for g in pruner.groups if any(m.name == "a.weight" and m.dim == 0 for m in g.members))
+    if how == "chunk":  # channel k of one half goes with channel k of the other; the image's partners stay
+        assert a.n_prunable == 1, a.describe()
+    else:  # cut at python-int sizes: nothing of the cut tensor is prunable
+        assert a.n_prunable == 0, a.describe()

@@ -154,6 +154,8 @@ def test_every_criterion_prunes_correctly(criterion, case):
     if prunekit.CRITERIA[criterion].needs_grads:
         pruner.accumulate_gradients([(inputs, None)], lambda out, _: sum(o.pow(2).mean() for o in
                                                                           (out if isinstance(out, tuple) else (out,))))
+    if prunekit.CRITERIA[criterion].needs_activations:
+        pruner.collect_activations([inputs])
     for g in pruner.prunable_groups:
         s = pruner.scores(g)
         assert s.shape == (g.n_units,), f"{criterion}: {s.shape} scores for {g.n_units} units"

@@ -199,8 +199,9 @@ def test_run_under_torchrun_matches_one_process(tmp_path, checkpoint, capsys):
 def test_rank_that_dies_in_ana_loses_only_its_unfinished_points(tmp_path, checkpoint, capsys):
     import dist_worker
 
+    # the full analysis: one metric call per point is what the dying metric counts (the fast one batches them)
     cfg = write_config(tmp_path, checkpoint, metric="dist_worker:dying_accuracy",
-                       ana={"ratios": [0.2, 0.4, 0.6], "collapse": None})
+                       ana={"ratios": [0.2, 0.4, 0.6], "collapse": None, "fast": False})
     proc = torchrun(["-m", "prunekit", "ana", "-c", str(cfg), "--no-progress"], tmp_path,
                     env={"PRUNEKIT_TEST_DIE_RANK": "1", "PRUNEKIT_TEST_DIE_AFTER": "1"})
     assert proc.returncode != 0, "rank 1 should have died: " + _tail(proc)
@@ -222,7 +223,8 @@ def test_rank_that_dies_in_ana_loses_only_its_unfinished_points(tmp_path, checkp
 
     ref = tmp_path / "ref"
     ref.mkdir()
-    assert main(["ana", "-c", str(write_config(ref, checkpoint, ana={"ratios": [0.2, 0.4, 0.6], "collapse": None})),
+    assert main(["ana", "-c", str(write_config(ref, checkpoint, ana={"ratios": [0.2, 0.4, 0.6], "collapse": None,
+                                                                    "fast": False})),
                  "--no-progress"]) == 0
     assert _points(ws) == pytest.approx(_points(ref / "ws"), abs=1e-6)
 

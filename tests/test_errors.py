@@ -365,6 +365,71 @@ def test_validate_freezes_what_tracing_cannot_see(name, error):
     assert_equivalent(run(model, x), run(slim, x), f"{name}: slim vs sparse after validate()")
 
 
+class CachedGrid(nn.Module):
+    """Caches a tensor as a plain attribute in its first forward (as a detector caches anchors) and
+    reuses it while the input shape stays: a meta-device run then mixes meta and cpu tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 1)
+        self.grid = torch.empty(0)
+        self.shape = None
+
+    def forward(self, x):
+        y = self.head(F.relu(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        if self.shape != y.shape:
+            self.grid = torch.arange(y.shape[-1], dtype=y.dtype).expand(y.shape[-2:])
+            self.shape = y.shape
+        return y + self.grid
+
+
+def test_validate_ignores_device_mismatch_of_cached_tensors():
+    """Regression: after one forward, the structural pass met the cached grid (cpu) on the meta
+    device, counted ``Tensor on device meta is not on the expected device cpu!`` as a shape error
+    ("expected") and froze every group, silently."""
+    from prunekit.engine.pruner import is_device_error, is_shape_error
+
+    torch.manual_seed(0)
+    model, x = CachedGrid().eval(), torch.randn(2, 3, 8, 8)
+    model(x)  # the first forward caches self.grid on the cpu
+    pruner = prunekit.Pruner(model, x)
+    n = len(pruner.prunable_groups)
+    assert n == 2, pruner.summary()
+    frozen = pruner.validate(0.5)
+    assert frozen == [], f"validate() froze {[g.reasons[0] for g in frozen]}"
+    assert len(pruner.prunable_groups) == n
+    slim = pruner.prune(0.5, mode="slim")
+    assert shrunk(model, slim)
+    exc = RuntimeError("Tensor on device meta is not on the expected device cpu!")
+    assert is_device_error(exc) and not is_shape_error(exc)
+    assert is_shape_error(RuntimeError("Expected weight of size [8, 16, 3, 3], got input of 12 channels"))
+
+
+class OnlyHardCoded(nn.Module):
+    """One prunable group, and its width is hard-coded in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)).reshape(x.shape[0], 4, 4).reshape(x.shape[0], 16))
+
+
+def test_validate_that_freezes_everything_warns():
+    torch.manual_seed(0)
+    model, x = OnlyHardCoded().eval(), torch.randn(2, 6)
+    pruner = prunekit.Pruner(model, x)
+    with pytest.warns(UserWarning, match=r"validation froze all \d+ prunable channel groups") as rec:
+        frozen = pruner.validate(0.5)
+    assert frozen and not pruner.prunable_groups
+    assert "first reasons: validation" not in str(rec[0].message)  # the reasons themselves, not prefixes
+    assert "the slim model fails" in str(rec[0].message) and pruner.warnings[-1] == str(rec[0].message)
+
+
 def test_transform_enforces_the_stated_tolerance(monkeypatch):
     """``|d| <= TOLERANCE * (1 + M)``; max_error is ``|d| / (1 + M)``: 1.5x the bound is refused."""
     model, x = chain()

@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 
 import prunekit
-from prunekit.cli.job import AnaConfig, IterativeConfig
+from prunekit.engine import sparse
 from prunekit.engine.plan import PruningPlan
 from prunekit.workflow.evaluation import make_eval_fn
 from prunekit.workflow.finetune import FinetuneConfig
 from prunekit.workflow.iterative import IterativePruner
+from prunekit.workflow.options import AnaConfig, IterativeConfig
 from tinyjob import TinyNet, loaders, trained
 
 X = torch.zeros(1, 1, 8, 8)
@@ -27,7 +28,8 @@ def run(ws, model=None, eval_fn=None, **kw):
     model = model or trained()
     train, evald = loaders()
     kw.setdefault("config", IterativeConfig(schedule=[0.3, 0.5]))
-    return IterativePruner(model, X, eval_fn or make_eval_fn(evald), train, workspace=ws, finetune=FT, ana=ANA,
+    kw.setdefault("finetune", FT)
+    return IterativePruner(model, X, eval_fn or make_eval_fn(evald), train, workspace=ws, ana=ANA,
                            log=kw.pop("log", QUIET), **kw).run()
 
 
@@ -63,6 +65,17 @@ def test_steps_keep_earlier_channels_pruned_and_write_artifacts(reference):
     assert prunekit.max_error(res.model(x), slim(x)) <= 1e-6, "the saved slim model differs from the returned one"
     assert "step" in res.table() and "slim" in res.table()
     assert not list(tmp_path.rglob("*.tmp")), "temp files left behind"
+    # slim fine-tuning: every step's model is a slim model that rebuilds from the original architecture, and its
+    # plan over the original is the previous one composed with the step's own plan over the previous slim model
+    assert [a["finetune_on"] for a in res.attempts] == ["slim", "slim"]
+    step2 = tmp_path / res.attempts[1]["dir"] / "model"
+    composed = plans[0].compose(PruningPlan.load(step2 / "step_plan.json"))
+    assert pruned_units(composed) == second, "plan.json is not step 1's plan composed with step 2's own"
+    tuned = prunekit.load_slim(TinyNet(), step2).eval()
+    assert prunekit.max_error(res.model(x), tuned(x)) <= 1e-6, "the final model is not step 2's fine-tuned model"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {r["name"]: r["out_before"] for r in summary["layers"]}["conv3"] == 16, "layer table lost the original"
+    assert summary["finetune_on"] == "slim" and summary["epochs_per_step"] == [FT.epochs] * 2
 
 
 class Kill(Exception):
@@ -92,18 +105,101 @@ def test_resume_after_kill_mid_step_gives_the_same_result(tmp_path, reference):
     res = run(ws, log=logs.append)
     assert any("resuming fine-tuning after epoch 1" in m for m in logs), logs
     assert any("resuming: 1 finished step" in m for m in logs), logs
-    strip = lambda atts: [{k: v for k, v in a.items() if k not in ("seconds", "history")} for a in atts]
+    strip = lambda atts: [{k: v for k, v in a.items() if not k.endswith("seconds") and k != "history"} for a in atts]
     assert strip(res.attempts) == strip(ref.attempts), "the resumed run's steps differ from the uninterrupted run's"
     assert res.final["metric"] == ref.final["metric"] and res.final["macs"] == ref.final["macs"]
     for k, v in ref.model.state_dict().items():
         assert torch.equal(v, res.model.state_dict()[k]), f"{k}: resumed and uninterrupted slim models differ"
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compose_and_from_slim_are_the_bookkeeping_of_two_slim_steps(seed):
+    """to_slim twice == to_slim once with the composed plan; from_slim inverts to_slim exactly."""
+    torch.manual_seed(seed)
+    model, x = TinyNet().eval(), torch.randn(2, 1, 8, 8)
+    first = prunekit.Pruner(model, X, criterion="random").plan(0.3)
+    slim1 = prunekit.to_slim(model, first)
+    second = prunekit.Pruner(slim1, X, criterion="random").plan(0.4)
+    twice = prunekit.to_slim(slim1, second).eval()
+    composed = first.compose(second)
+    once = prunekit.to_slim(model, composed).eval()
+    assert prunekit.max_error(twice(x), once(x)) == 0.0
+    assert composed.contains(first) and prunekit.slim_spec(once)["shapes"] == {
+        n: list(twice.state_dict()[n].shape) for n in composed.pruned}
+    back = prunekit.to_slim(sparse.from_slim(TinyNet(), twice, composed)).eval()
+    for k, v in twice.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    with pytest.raises(ValueError, match="compose plans in order"):
+        second.compose(first)
+
+
+def test_slim_and_sparse_finetuning_end_with_the_same_model(tmp_path):
+    """The two ways to fine-tune prune the same channels and train to the same weights (float rounding)."""
+    ft = FinetuneConfig(epochs=1, lr=0.02, progress=False, restore_best=False)
+    out = {mode: run(tmp_path / mode, finetune=ft, config=IterativeConfig(schedule=[0.3, 0.5], finetune_on=mode))
+           for mode in ("slim", "sparse")}
+    plans = {mode: [pruned_units(PruningPlan.load(tmp_path / mode / a["dir"] / "model" / "plan.json"))
+                    for a in res.attempts] for mode, res in out.items()}
+    assert plans["slim"] == plans["sparse"], "slim and sparse fine-tuning pruned other channels"
+    assert [a["macs"] for a in out["slim"].attempts] == [a["macs"] for a in out["sparse"].attempts]
+    x = torch.randn(8, 1, 8, 8)
+    assert prunekit.max_error(out["slim"].model(x), out["sparse"].model(x)) <= 1e-4
+    assert (tmp_path / "sparse" / out["sparse"].attempts[1]["dir"] / "model" / "README.txt").exists()
+    assert (tmp_path / "slim" / out["slim"].attempts[1]["dir"] / "model" / "spec.json").exists()
+    assert out["slim"].attempts[1]["params"] < out["slim"].attempts[0]["params"]
+
+
+def test_total_epochs_are_split_over_the_steps_and_the_test_metric_is_reported(tmp_path):
+    epochs: list[tuple[str, int]] = []
+
+    def train_fn(model, epoch):
+        epochs.append((type(model).__name__, epoch))
+
+    cfg = IterativeConfig(schedule=[0.3, 0.5], total_epochs=3, max_drop=0.5)
+    res = run(tmp_path, config=cfg, train_fn=train_fn, test_fn=lambda m: 0.25)
+    assert [len(a["history"]) for a in res.attempts] == [1, 2] == [a["epochs"] for a in res.attempts]
+    assert len(epochs) == 3
+    assert any("split over 2 steps as 1 + 2 epochs" in n for n in res.notes), res.notes
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["test_metric"] == 0.25 == res.test_metric == summary["baseline"]["test_metric"]
+    assert [a["test_metric"] for a in res.attempts] == [0.25, 0.25] and all(a["accepted"] for a in res.attempts)
+    assert "test" in res.table().splitlines()[0]
+    assert IterativeConfig(steps=3, total_epochs=2).epochs_per_step(5) == [0, 1, 1]
+    assert IterativeConfig(steps=2).epochs_per_step(5) == [5, 5]
+
+
+@pytest.mark.parametrize("batches", [0, 2])
+def test_batchnorm_statistics_are_reestimated_after_every_prune_step(tmp_path, batches):
+    template = trained()
+    cfg = IterativeConfig(schedule=[0.3], calibrate_batches=batches)
+    res = run(tmp_path, model=template, config=cfg, finetune=FinetuneConfig(epochs=0, progress=False))
+    plan = PruningPlan.load(tmp_path / res.attempts[0]["dir"] / "model" / "plan.json")
+    kept = plan.keep_index("bn1.running_mean", 0) if "bn1.running_mean" in plan.pruned else slice(None)
+    same = torch.equal(res.model.bn1.running_mean, template.bn1.running_mean[kept])
+    assert same == (batches == 0), "BatchNorm statistics should change exactly when calibration is on"
+
+
+def test_reanalyse_measures_each_step_on_its_slim_model(tmp_path):
+    cfg = IterativeConfig(schedule=[0.3, 0.5], reanalyse=True)
+    res = run(tmp_path, model=TinyNet(), eval_fn=nonzero_fraction, config=cfg, train_fn=lambda m, epoch: None)
+    again = json.loads((tmp_path / res.attempts[0]["dir"] / "ana" / "sensitivity.json").read_text())
+    first = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert sum(again["sizes"].values()) < sum(first["sizes"].values()), (again["sizes"], first["sizes"])
+    assert res.attempts[1]["macs"] < res.attempts[0]["macs"]
+    with pytest.raises(ValueError, match="run.reanalyse .* needs run.finetune_on: slim"):
+        IterativeConfig(reanalyse=True, finetune_on="sparse")
+    with pytest.raises(ValueError, match="run.finetune_on must be one of slim, sparse, got 'dense'"):
+        IterativeConfig(finetune_on="dense")
+
+
+WEIGHTS = sum(p.numel() for n, p in TinyNet().named_parameters() if n.endswith("weight") and p.dim() > 1)
+
+
 def nonzero_fraction(model: nn.Module) -> float:
-    """A metric that falls as channels go (it ignores training): the share of non-zero weights."""
+    """A metric that falls as channels go (it ignores training): the share of the original model's
+    weights that are left and non-zero (the same for a sparse model and its slim model)."""
     ws = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
-    total = sum(p.numel() for p in ws)
-    return sum(int((p != 0).sum()) for p in ws) / total
+    return sum(int((p != 0).sum()) for p in ws) / WEIGHTS
 
 
 def test_a_step_that_loses_too_much_is_retried_with_a_smaller_increment(tmp_path):
@@ -158,17 +254,19 @@ def test_an_accepted_smaller_increment_continues_to_the_planned_ratio(tmp_path):
     assert res.final["macs_reduction"] > res.attempts[1]["macs_reduction"] > 0, res.attempts
 
 
-def test_a_new_plan_that_drops_earlier_channels_is_merged(tmp_path):
-    """With the random criterion the larger plan need not contain the earlier one: it is merged."""
+@pytest.mark.parametrize("finetune_on", ["sparse", "slim"])
+def test_earlier_pruned_channels_stay_pruned_with_the_random_criterion(tmp_path, finetune_on):
+    """Sparse: the larger plan over the original model need not contain the earlier one, so it is merged.
+    Slim: the next step prunes the slim model, so the composed plan contains the earlier one by construction."""
     torch.manual_seed(0)
     res = run(tmp_path, model=TinyNet(), eval_fn=nonzero_fraction, train_fn=lambda m, epoch: None,
-              criterion="random", config=IterativeConfig(schedule=[0.3, 0.6]))
+              criterion="random", config=IterativeConfig(schedule=[0.3, 0.6], finetune_on=finetune_on))
     plans = [PruningPlan.load(tmp_path / a["dir"] / "model" / "plan.json") for a in res.attempts]
     first, second = pruned_units(plans[0]), pruned_units(plans[1])
     for key, idx in first.items():
         assert idx <= second.get(key, set()), f"{key}: earlier pruned channels came back"
     merged = any("merged the previous plan" in n for n in res.notes)
-    assert merged, f"expected the random criterion to need a merge: {res.notes}"
+    assert merged == (finetune_on == "sparse"), f"expected a merge only when fine-tuning sparse: {res.notes}"
 
 
 def test_no_step_meets_the_tolerance_keeps_the_baseline(tmp_path):

@@ -106,8 +106,32 @@ def hf_llama(mask: bool = False, **kw):
     return T.LlamaForCausalLM(cfg), inputs
 
 
+def hf_falcon():
+    import transformers as T
+
+    cfg = T.FalconConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_kv_heads=2,
+                         new_decoder_architecture=True, max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
+    return T.FalconForCausalLM(cfg), {"input_ids": _ids(), "use_cache": False}
+
+
+def hf_bloom():
+    import transformers as T
+
+    cfg = T.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    return T.BloomForCausalLM(cfg), {"input_ids": _ids(), "use_cache": False}
+
+
+def hf_swin():
+    import transformers as T
+
+    cfg = T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                       num_labels=3)
+    return T.SwinForImageClassification(cfg), _img(32)
+
+
 TORCHVISION = {"tv_vit": tv_vit, "tv_swin": tv_swin, "tv_swin_v2": lambda: tv_swin(v2=True)}
-HF = {"bert": hf_bert, "hf_vit": hf_vit, "gpt2": hf_gpt2, "llama": hf_llama}
+HF = {"bert": hf_bert, "hf_vit": hf_vit, "gpt2": hf_gpt2, "llama": hf_llama, "falcon": hf_falcon, "bloom": hf_bloom,
+      "hf_swin": hf_swin}
 #: fragments of tensor names that must shrink: (attention, MLP, residual)
 EXPECT = {
     "tv_vit": ("self_attention.in_proj_weight", "mlp.0.weight", "conv_proj.weight"),
@@ -117,6 +141,9 @@ EXPECT = {
     "hf_vit": ("attention.q_proj.weight", "mlp.fc1.weight", "patch_embeddings.projection.weight"),
     "gpt2": ("attn.c_attn.weight", "mlp.c_fc.weight", "wte.weight"),
     "llama": ("self_attn.k_proj.weight", "mlp.up_proj.weight", "embed_tokens.weight"),
+    "falcon": ("self_attention.query_key_value.weight", "mlp.dense_h_to_4h.weight", "word_embeddings.weight"),
+    "bloom": ("self_attention.query_key_value.weight", "mlp.dense_h_to_4h.weight", "word_embeddings.weight"),
+    "hf_swin": ("attention.q_proj.weight", "mlp.fc1.weight", "patch_embeddings.projection.weight"),
 }
 HEAD_DIM_FIXED = {"llama"}  # rotary embeddings slice head_dim: only whole heads can go
 
@@ -401,6 +428,39 @@ def test_save_pretrained_uniform_reloads_natively(name, tmp_path):
     slim.save_pretrained(tmp_path)
     loaded = type(slim).from_pretrained(tmp_path)
     assert_identical(run(slim, inputs), run(loaded, inputs), f"{name}: natively reloaded slim model")
+
+
+@needs_hf
+@pytest.mark.parametrize("name", ["falcon", "bloom", "hf_swin"])
+def test_fused_qkv_and_per_stage_configs_reload(name, tmp_path):
+    """Falcon (new decoder architecture: key/value groups with their query heads), Bloom (alibi,
+    pruned head_dim) and HF Swin (per-stage num_heads): save_pretrained and reload give the slim
+    model; the plain class reloads it natively only where the config states it exactly (never a
+    model that loads and computes something else)."""
+    import transformers as T
+
+    from prunekit.integrations import hf
+
+    model, inputs = _build(name)
+    pruner = prunekit.Pruner(model, inputs)
+    assert not pruner.warnings, pruner.warnings
+    pruner.prune(0.5)
+    slim = prunekit.to_slim(model)
+    want = run(slim, inputs)
+    out = hf.save_pretrained(slim, tmp_path / f"slim_{name}")
+    auto = T.AutoModelForImageClassification if name == "hf_swin" else T.AutoModelForCausalLM
+    assert_identical(want, run(hf.from_pretrained(auto, out), inputs), f"{name}: prunekit reload")
+    if (out / hf.REMOTE_FILE).exists():
+        assert_identical(want, run(auto.from_pretrained(out, trust_remote_code=True), inputs), f"{name}: remote code")
+    try:
+        plain = type(slim).from_pretrained(out)
+    except (ValueError, RuntimeError, OSError):
+        assert name != "falcon", "Falcon's config states the pruned widths: it must reload natively"
+        return
+    assert_identical(want, run(plain, inputs), f"{name}: the plain class loaded a model that computes otherwise")
+    if name == "falcon":
+        attn = plain.transformer.h[0].self_attention
+        assert (attn.num_heads, attn.num_kv_heads) == (slim.config.num_attention_heads, slim.config.num_kv_heads)
 
 
 @needs_hf

@@ -34,6 +34,21 @@ class TinyNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class IntWidthNet(TinyNet):
+    """TinyNet whose forward holds conv3's width in a Python int (``reshape(n, self.hidden, -1)``): tracing
+    cannot see it, so only validation can keep conv3's channels (else the slim model fails in ``fc``)."""
+
+    def __init__(self, width: int = 8, num_classes: int = 4) -> None:
+        super().__init__(width, num_classes)
+        self.hidden = 2 * width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(x + self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.reshape(x.shape[0], self.hidden, -1).mean(2))
+
+
 def tensors(n: int = 192, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 8, 8, generator=g) * 0.5

@@ -14,6 +14,7 @@ from prunekit.cli.job import ModelConfig
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch.nn as nn
 from prunekit.cli.job import TORCHVISION_DATASETS, Config, ConfigError, DataConfig, ModelConfig
 from prunekit.utils.refs import resolve
 
-__all__ = ["import_object", "build_model", "load_checkpoint", "build_loaders", "build_eval_fn",
+__all__ = ["import_object", "build_model", "load_checkpoint", "Loaders", "build_loaders", "build_eval_fn",
            "example_inputs", "digits_tensors", "torchvision_datasets"]
 
 
@@ -53,15 +54,12 @@ def build_model(cfg: ModelConfig, search: Iterable[str | Path] = ()) -> nn.Modul
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from prunekit.utils.files import load_safetensors, torch_load
 
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"cannot read the checkpoint {path}: {type(exc).__name__}: {str(exc)[:300]}. Save a "
-                          "state dict (torch.save(model.state_dict(), path)) or a .safetensors file") from exc
+    fix = "save a state dict (torch.save(model.state_dict(), path)) or a .safetensors file, or fix model.checkpoint"
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, "checkpoint", fix)
+    obj = torch_load(path, "checkpoint", fix, map_location="cpu")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -125,8 +123,12 @@ _TV = {  # name -> (torchvision class, mean, std)
 }
 
 
-def torchvision_datasets(name: str, root: str | Path | None, download: bool = False):
-    """``(train, test)`` torchvision data sets with the usual transforms (augmentation for CIFAR-10)."""
+def torchvision_datasets(name: str, root: str | Path | None, download: bool = False, train_plain: bool = False):
+    """``(train, test)`` torchvision data sets with the usual transforms (augmentation for CIFAR-10).
+
+    ``train_plain``: also the training images with the test transform (no augmentation), for a
+    validation split held out of them: ``(train, test, train_plain)``.
+    """
     if name not in TORCHVISION_DATASETS:
         raise ConfigError(f"unknown data set {name!r}; choose one of {list(TORCHVISION_DATASETS)}")
     if root is None:
@@ -149,62 +151,92 @@ def torchvision_datasets(name: str, root: str | Path | None, download: bool = Fa
     try:
         train = cls(str(root), train=True, download=download, transform=train_tf)
         test = cls(str(root), train=False, download=download, transform=T.Compose(norm))
+        plain = cls(str(root), train=True, download=False, transform=T.Compose(norm)) if train_plain else None
     except RuntimeError as exc:
         raise ConfigError(f"{name} is not in {root} ({exc}). Set data.download: true (or --download) where a "
                           f"network is available, or copy the {name} files there") from exc
     except OSError as exc:  # download attempted without a network
         raise ConfigError(f"could not download {name} into {root}: {exc}. Copy the files there by hand") from exc
-    return train, test
+    return (train, test, plain) if train_plain else (train, test)
 
 
 def _loader(ds, batch_size: int, shuffle: bool, workers: int):
     from torch.utils.data import DataLoader
 
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      drop_last=shuffle and len(ds) > batch_size)  # no training batch of one (BatchNorm)
 
 
-def build_loaders(cfg: DataConfig, seed: int = 0, search: Iterable[str | Path] = ()) -> tuple[Iterable, Iterable]:
-    """``(train_loader, eval_loader)`` for the data a config names."""
-    from torch.utils.data import TensorDataset
+@dataclass
+class Loaders:
+    """The three splits of a job: ``train`` fine-tunes; ``val`` (held out of the training data) is
+    what ana, the best-epoch choice and the prune search see; ``test`` is only reported (``None``
+    where the data has none)."""
+
+    train: Iterable
+    val: Iterable
+    test: Iterable | None = None
+
+
+def build_loaders(cfg: DataConfig, seed: int = 0, search: Iterable[str | Path] = (),
+                  log: Callable[[str], None] | None = None) -> Loaders:
+    """The train, validation and test loaders of the data a config names."""
+    from torch.utils.data import Subset, TensorDataset
 
     if cfg.loaders:
-        fn = import_object(cfg.loaders, "data loaders function", search)
-        try:
-            out = fn(**cfg.kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"data.loaders {cfg.loaders!r} does not accept data.kwargs {cfg.kwargs}: {exc}") from exc
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            raise ConfigError(f"data.loaders {cfg.loaders!r} must return (train_loader, eval_loader), got "
-                              f"{type(out).__name__}")
-        return out[0], out[1]
+        return _custom_loaders(cfg, search)
+    if cfg.dataset == "imagefolder":
+        from prunekit.cli.images import image_folder_loaders
+
+        return Loaders(*image_folder_loaders(cfg, seed, log))
     if cfg.dataset == "digits":
-        d = digits_tensors(seed)
-        train = TensorDataset(*[torch.cat([a, b]) for a, b in zip(d["train"], d["val"])])
-        return (_loader(train, cfg.batch_size, True, cfg.num_workers),
-                _loader(TensorDataset(*d["test"]), cfg.batch_size, False, cfg.num_workers))
+        d = digits_tensors(seed, cfg.val_fraction, cfg.test_fraction)
+        return Loaders(*[_loader(TensorDataset(*d[k]), cfg.batch_size, k == "train", cfg.num_workers)
+                         for k in ("train", "val", "test")])
     if cfg.dataset in TORCHVISION_DATASETS:
-        train, test = torchvision_datasets(cfg.dataset, cfg.root, cfg.download)
-        return (_loader(train, cfg.batch_size, True, cfg.num_workers),
-                _loader(test, cfg.batch_size, False, cfg.num_workers))
-    raise ConfigError("the config names no data: set data.dataset (one of digits, cifar10, mnist, fashion-mnist) "
-                      "or data.loaders: 'module:function' returning (train_loader, eval_loader)")
+        from prunekit.cli.images import split_by_class
+
+        train, test, plain = torchvision_datasets(cfg.dataset, cfg.root, cfg.download, train_plain=True)
+        val_idx, train_idx = split_by_class(torch.as_tensor(train.targets), [cfg.val_fraction], seed)
+        return Loaders(_loader(Subset(train, train_idx.tolist()), cfg.batch_size, True, cfg.num_workers),
+                       _loader(Subset(plain, val_idx.tolist()), cfg.batch_size, False, cfg.num_workers),
+                       _loader(test, cfg.batch_size, False, cfg.num_workers))
+    raise ConfigError("the config names no data: set data.dataset (one of digits, imagefolder, cifar10, mnist, "
+                      "fashion-mnist) or data.loaders: 'module:function' returning (train_loader, val_loader[, "
+                      "test_loader])")
 
 
-def build_eval_fn(cfg: Config, loader: Iterable, search: Iterable[str | Path] = ()) -> tuple[Callable, bool]:
-    """``(eval_fn, lower_is_better)`` for the config's metric over ``data.eval_batches`` batches."""
+def _custom_loaders(cfg: DataConfig, search: Iterable[str | Path]) -> Loaders:
+    fn = import_object(cfg.loaders, "data loaders function", search)
+    try:
+        out = fn(**cfg.kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"data.loaders {cfg.loaders!r} does not accept data.kwargs {cfg.kwargs}: {exc}") from exc
+    if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+        what = f"{len(out)} items" if isinstance(out, (tuple, list)) else type(out).__name__
+        raise ConfigError(f"data.loaders {cfg.loaders!r} must return (train_loader, val_loader) or (train_loader, "
+                          f"val_loader, test_loader), got {what}")
+    return Loaders(*out)
+
+
+def build_eval_fn(cfg: Config, loader: Iterable, search: Iterable[str | Path] = (),
+                  whole: bool = False) -> tuple[Callable, bool]:
+    """``(eval_fn, lower_is_better)`` for the config's metric over ``data.eval_batches`` batches
+    (``whole``: over the whole loader, as the test split is evaluated)."""
     from prunekit.workflow.evaluation import make_eval_fn
 
     metric: Any = cfg.metric
-    if metric not in ("accuracy", "loss"):
+    if metric not in ("accuracy", "loss", "perplexity"):
         metric = import_object(metric, "metric", search)
         if not callable(metric):
             raise ConfigError(f"metric {cfg.metric!r} is not callable as metric(output, target)")
-    fn = make_eval_fn(loader, metric, max_batches=cfg.data.eval_batches)
+    limit = None if whole else cfg.data.eval_batches
+    fn = make_eval_fn(loader, metric, max_batches=limit)
     lower = cfg.lower_is_better if cfg.lower_is_better is not None else bool(fn.lower_is_better)
     from prunekit.workflow import distributed
 
     if distributed.active():  # torchrun: the batches are split over the processes, the sums reduced
-        fn = distributed.shard_eval_fn(loader, lambda batches: make_eval_fn(batches, metric), cfg.data.eval_batches)
+        fn = distributed.shard_eval_fn(loader, lambda batches: make_eval_fn(batches, metric), limit)
     return fn, lower
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import time
 from typing import TextIO
+
+from prunekit.cli.errors import CliError, guard
 
 __all__ = ["register", "measure_latency"]
 
@@ -56,7 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for digits, whose model is too small to gain from more)")
     p.add_argument("--output", metavar="DIR", default=None, help="also save the slim model into DIR")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", metavar="DEVICE", default=None,
+                   help="where to train and prune (cpu, cuda; default cpu); latency is always measured on the CPU")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (one line per ana group and fine-tuning epoch instead)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -103,33 +107,29 @@ def _data(args: argparse.Namespace):
     return train, val, test, channels, f"{args.dataset} ({len(tr)} train, {n_val} validation, {len(test_ds)} test)"
 
 
+@guard("demo", resumable=True)
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     import torch
 
-    from prunekit.cli.job import ConfigError
     from prunekit.engine.criteria import CRITERIA
 
     if args.criterion not in CRITERIA or CRITERIA[args.criterion].needs_grads:
         usable = sorted(n for n, c in CRITERIA.items() if not c.needs_grads)
-        print(f"prunekit demo: unknown or unsupported criterion {args.criterion!r}; choose one of {usable}",
-              file=sys.stderr)
-        return 2
+        raise CliError(f"unknown or unsupported criterion {args.criterion!r}; choose one of {usable}")
     for name, v, lo, hi in (("--target", args.target, 0.0, 1.0), ("--max-drop", args.max_drop, 0.0, 1.0)):
         if not lo < v < hi:
-            print(f"prunekit demo: {name} must be in ({lo:g}, {hi:g}), got {v}", file=sys.stderr)
-            return 2
+            raise CliError(f"{name} must be in ({lo:g}, {hi:g}), got {v}")
     for name, v in (("--steps", args.steps), ("--finetune-epochs", args.finetune_epochs), ("--width", args.width),
                     ("--blocks", args.blocks)):
         if v < 1:
-            print(f"prunekit demo: {name} must be at least 1, got {v}", file=sys.stderr)
-            return 2
+            raise CliError(f"{name} must be at least 1, got {v}")
+    from prunekit.utils.devices import check_device
+
+    check_device(args.device, "--device")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or (1 if args.dataset == "digits" else threads))
     try:
         return _demo(args, out)
-    except ConfigError as exc:
-        print(f"prunekit demo: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         torch.set_num_threads(threads)
 
@@ -152,9 +152,7 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     ws = Workspace(args.workspace)
     if args.fresh and ws.root.exists():
         if not (ws.exists("demo.json") or ws.exists("iterative.json") or not any(ws.root.iterdir())):
-            print(f"prunekit demo: --fresh would delete {ws.root}, which is not a demo workspace; not deleting it",
-                  file=sys.stderr)
-            return 2
+            raise CliError(f"--fresh would delete {ws.root}, which is not a demo workspace; not deleting it")
         shutil.rmtree(ws.root)
     train, val, test, channels, data_name = _data(args)
     torch.manual_seed(args.seed)
@@ -169,15 +167,16 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
 
     # 1. the baseline (resumable like any fine-tuning)
     t0 = time.perf_counter()
+    model.to(args.device or "cpu")
     base_cfg = FinetuneConfig(epochs=epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-4, warmup_epochs=1,
-                              seed=args.seed, progress=progress)
+                              seed=args.seed, device=args.device, progress=progress)
     finetune(model, train, val_acc, base_cfg, workspace=ws.path("baseline-training"), log=say)
     say(f"baseline trained ({epochs} epochs) in {time.perf_counter() - t0:.1f} s")
 
     # 2.-4. ana, iterative prune -> fine-tune, slim
-    x1 = next(iter(test))[0][:1]  # MACs and latency per image
+    x1 = next(iter(test))[0][:1].to(args.device or "cpu")  # MACs and latency per image
     ft_cfg = FinetuneConfig(epochs=args.finetune_epochs, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
-                            seed=args.seed, progress=progress)
+                            seed=args.seed, device=args.device, progress=progress)
     res = IterativePruner(model, x1, val_acc, train, workspace=ws,
                           config=IterativeConfig(target=args.target, steps=args.steps, max_drop=args.max_drop),
                           finetune=ft_cfg, ana=AnaConfig(), prune=PruneConfig(), criterion=args.criterion,
@@ -186,6 +185,7 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
 
     # 5. before / after
     acc_b, acc_a = test_acc(model), test_acc(slim)
+    model, slim, x1 = model.cpu(), slim.cpu(), x1.cpu()  # the table's latency is CPU latency
     lat = measure_latency({"baseline": model, "slim": slim}, x1)
     xb = torch.cat([b[0] for b in test])[:256]
     lat_b = measure_latency({"baseline": model, "slim": slim}, xb, repeats=60)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from prunekit.cli.errors import CliError, guard
 from prunekit.utils.refs import resolve
 
 __all__ = ["register", "cmd_transform", "cmd_bench", "load_factory"]
@@ -72,8 +73,12 @@ def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="builds the original (unpruned) model, e.g. torchvision.models:resnet18")
     p.add_argument("--kwargs", type=_json_dict, default={}, metavar="JSON",
                    help='keyword arguments for the factory, e.g. \'{"num_classes": 10}\'')
-    p.add_argument("--input-shape", type=_shape, default=(3, 224, 224), metavar="CxHxW",
-                   help="shape of one input without the batch axis (3x224x224); any rank, e.g. 16 or 3x32x32")
+    p.add_argument("--input-shape", type=_shape, default=None, metavar="CxHxW",
+                   help="shape of one input without the batch axis, any rank, e.g. 16 or 3x32x32 (default: the "
+                        "example input recorded in SPARSE_DIR/plan.json, else the workspace's config.yaml "
+                        "model.input_shape; refused when neither has one)")
+    p.add_argument("--device", metavar="DEVICE", help="where to build and check the slim model (cpu, cuda; "
+                                                      "default cpu); exports are written from the CPU")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -141,54 +146,76 @@ def _bench_args(p: argparse.ArgumentParser, src) -> None:
                    help="seconds per configuration; cuts --repeats for slow models (at least 3 repeats)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and ONNX Runtime (default: torch's current count)")
+    p.add_argument("--device", metavar="DEVICE", default=None,
+                   help="time on this device only (cpu, cuda; default: cpu, plus cuda where available)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON")
 
 
-def _err(verb: str, msg: str, code: int = 2) -> int:
-    print(f"prunekit {verb}: {msg}", file=sys.stderr)
-    return code
+def _transform_shape(args: argparse.Namespace, src: Path, out: TextIO) -> tuple[int, ...]:
+    """``--input-shape``, else the example input recorded with the sparse model or in its workspace's config."""
+    if args.input_shape is not None:
+        return tuple(args.input_shape)
+    from prunekit.engine.plan import PruningPlan
+
+    shape = PruningPlan.load(src / "plan.json").meta.get("input_shape")
+    where = f"{src / 'plan.json'} (the example input prune saw)"
+    config = src.parent / "config.yaml"
+    if not shape and config.is_file():
+        import yaml
+
+        from prunekit.utils.files import reading
+
+        with reading(config, "workspace config", "give --input-shape, or run the verb that wrote it again"):
+            data = yaml.safe_load(config.read_text()) or {}
+        shape = (data.get("model") or {}).get("input_shape") if isinstance(data, dict) else None
+        where = f"{config} (model.input_shape)"
+    if not shape or len(shape) < 2:
+        raise CliError(f"give --input-shape, the shape of one input without the batch axis (e.g. 3x32x32): "
+                       f"{src}/plan.json records no example input and {config} has no model.input_shape")
+    print(f"input shape {'x'.join(map(str, shape[1:]))} from {where}", file=out)
+    return tuple(int(d) for d in shape[1:])
 
 
+@guard("transform")
 def cmd_transform(args: argparse.Namespace, out: TextIO) -> int:
     import torch
 
-    from prunekit.deploy.export import ExportError, export
+    from prunekit.deploy.export import export
     from prunekit.engine.counting import count
-    from prunekit.engine.equivalence import TOLERANCE, EquivalenceError, checked_slim
+    from prunekit.engine.equivalence import TOLERANCE, checked_slim
     from prunekit.engine.sparse import load_sparse
+    from prunekit.utils.devices import check_device
+    from prunekit.utils.files import ArtifactError
 
     if args.batch < 1:
-        return _err("transform", f"--batch must be >= 1, got {args.batch}")
+        raise CliError(f"--batch must be >= 1, got {args.batch}")
+    device = check_device(args.device, "--device") or torch.device("cpu")
     src = Path(args.sparse_dir)
     if not (src / "plan.json").exists() or not (src / "model.safetensors").exists():
-        return _err("transform", f"{src} is not a sparse model directory (model.safetensors + plan.json, "
-                                 "written by prunekit.save_sparse or 'prunekit prune')")
+        raise CliError(f"{src} is not a sparse model directory (model.safetensors + plan.json, written by "
+                       "prunekit.save_sparse or 'prunekit prune')")
+    shape = _transform_shape(args, src, out)
     try:
         factory = load_factory(args.factory, args.kwargs)
         model = factory().eval()
-    except Exception as exc:  # noqa: BLE001
-        return _err("transform", f"cannot build the model: {exc}")
+    except Exception as exc:  # noqa: BLE001  (the user's factory)
+        raise CliError(f"cannot build the model: {' '.join(str(exc).split())}") from exc
     try:
         load_sparse(model, src)
-    except Exception as exc:  # noqa: BLE001
-        return _err("transform", f"{src} does not load into {args.factory}(): {exc}")
-    x = torch.randn(args.batch, *args.input_shape, generator=torch.Generator().manual_seed(0))
-    try:
-        slim, err = checked_slim(model, x)
-    except EquivalenceError as exc:
-        return _err("transform", f"{exc} (input shape {tuple(x.shape)}, --input-shape)", 1)
+    except ArtifactError:
+        raise  # a damaged file, not the wrong architecture
+    except (RuntimeError, ValueError) as exc:
+        raise CliError(f"{src} does not load into {args.factory}(): {' '.join(str(exc).split())[:300]}") from exc
+    model.to(device)
+    x = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    slim, err = checked_slim(model, x)  # EquivalenceError: a one-line error naming the input shape
     one = x[:1]
     before, after = count(model, one), count(slim, one)
     print(f"slim model of {src}: MACs {before.macs / 1e6:.2f} M -> {after.macs / 1e6:.2f} M "
           f"({before.macs / max(after.macs, 1):.2f}x fewer), params {before.params:,} -> {after.params:,}; "
-          f"slim vs sparse error {err:.2e} (<= {TOLERANCE:g})", file=out)
-    try:
-        paths = export(slim, x, args.output, args.formats, check=not args.no_check, opset=args.opset,
-                       dynamic_batch=not args.static_batch, onnx_exporter=args.onnx_exporter, factory=factory)
-    except ExportError as exc:
-        return _err("transform", str(exc), 1)
-    except (ImportError, ValueError) as exc:
-        return _err("transform", str(exc))
+          f"slim vs sparse error {err:.2e} (<= {TOLERANCE:g}) on input {tuple(x.shape)}", file=out)
+    paths = export(slim.cpu(), x.cpu(), args.output, args.formats, check=not args.no_check, opset=args.opset,
+                   dynamic_batch=not args.static_batch, onnx_exporter=args.onnx_exporter, factory=factory)
     manifest = json.loads((Path(args.output) / "export.json").read_text())
     checks = (manifest.get("check") or {}).get("results", {})
     for fmt, path in paths.items():
@@ -207,26 +234,28 @@ def _torchvision_factory(name: str, kwargs: dict):
     return lambda: torchvision.models.get_model(name, weights=None, **kwargs)
 
 
+@guard("bench")
 def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     import torch
 
     from prunekit.deploy.bench import bench, environment
     from prunekit.engine.counting import count
     from prunekit.engine.slim import load_slim
+    from prunekit.utils.devices import check_device
+    from prunekit.utils.files import ArtifactError
     from prunekit.workflow.prune import prune
 
     if not args.removal_ratio and not args.slim:
-        return _err("bench", "give --removal-ratio and/or --slim: something to compare the original with")
+        raise CliError("give --removal-ratio and/or --slim: something to compare the original with")
     if args.repeats < 1 or args.warmup < 0 or min(args.batch_sizes) < 1 or args.round_to < 1:
-        return _err("bench", "--repeats, --batch-sizes and --round-to must be >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        return _err("bench", f"--threads must be >= 1, got {args.threads}")
+        raise CliError("--repeats, --batch-sizes and --round-to must be >= 1, --warmup >= 0")
+    devices = [str(check_device(args.device, "--device"))] if args.device else None
     try:
         factory = (_torchvision_factory(args.model, args.kwargs) if args.model
                    else load_factory(args.factory, args.kwargs))
         original = factory().eval()
-    except Exception as exc:  # noqa: BLE001
-        return _err("bench", f"cannot build the model: {exc}")
+    except Exception as exc:  # noqa: BLE001  (the user's factory)
+        raise CliError(f"cannot build the model: {' '.join(str(exc).split())}") from exc
     threads = args.threads or torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
     shape = tuple(args.input_shape)
@@ -243,15 +272,18 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     for d in args.slim:
         try:
             models[Path(d).name or d] = load_slim(factory(), d).eval()
+        except (ArtifactError, FileNotFoundError):
+            raise
         except Exception as exc:  # noqa: BLE001
-            return _err("bench", f"cannot load the slim model {d} into the original architecture: {exc}")
+            raise CliError(f"cannot load the slim model {d} into the original architecture: "
+                           f"{' '.join(str(exc).split())[:300]}") from exc
     macs = {}
     for name, m in models.items():
         try:
             macs[name] = count(m, one).macs
         except Exception as exc:  # noqa: BLE001
-            return _err("bench", f"{name} does not run on an input of shape {tuple(one.shape)} (--input-shape): "
-                                 f"{type(exc).__name__}: {exc}")
+            raise CliError(f"{name} does not run on an input of shape {tuple(one.shape)} (--input-shape): "
+                           f"{type(exc).__name__}: {exc}") from exc
     print("MACs per item: " + ", ".join(
         f"{n} {v / 1e6:.1f} M ({macs['original'] / max(v, 1):.2f}x fewer)" if n != "original" else
         f"{n} {v / 1e6:.1f} M" for n, v in macs.items()), file=out)
@@ -259,7 +291,7 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     print(f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, {env['cpu_count']} CPUs, {threads} threads"
           + (f", GPU {env['gpu']}" if env["gpu"] else ""), file=out)
     rows = bench(models, inputs, args.batch_sizes, args.backends, warmup=args.warmup, repeats=args.repeats,
-                 time_budget=args.time_budget, threads=threads, out=out)
+                 time_budget=args.time_budget, threads=threads, devices=devices, out=out)
     for r in rows:
         r["macs"] = macs[r["model"]]
         r["macs_ratio"] = macs["original"] / max(macs[r["model"]], 1)

@@ -5,12 +5,16 @@ Usage::
     prunekit --version
     prunekit demo                          # the whole workflow on a small CNN and the digits
     prunekit ana -c config.yaml            # sensitivity analysis
+    prunekit groups -c config.yaml         # dry run: the channel groups, what is prunable and why not
     prunekit prune -c config.yaml --removal-ratio 0.5
     prunekit finetune -c config.yaml       # fine-tune the pruned sparse model
     prunekit run -c config.yaml            # ana -> (prune -> finetune) x steps -> slim
     prunekit report WORKSPACE              # HTML report + terminal summary
 
-The workflow verbs live in :mod:`prunekit.cli.verbs`, the demo in :mod:`prunekit.cli.demo`.
+The workflow verbs live in :mod:`prunekit.cli.verbs`, the demo in :mod:`prunekit.cli.demo`, the
+deployment verbs in :mod:`prunekit.cli.deploy`. Every verb goes through one error guard
+(:func:`prunekit.cli.errors.guard`): a problem the user can fix is one line on stderr,
+``prunekit <verb>: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
@@ -65,13 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    try:
-        return args.func(args, sys.stdout)
-    except SystemExit as exc:
-        if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
-            return 2
-        return exc.code if isinstance(exc.code, int) else 1
+    return args.func(args, sys.stdout)  # every verb is wrapped by prunekit.cli.errors.guard: errors are one line
 
 
 if __name__ == "__main__":

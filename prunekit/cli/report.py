@@ -31,12 +31,13 @@ def load_results(workspace: str | Path) -> dict:
         raise FileNotFoundError(f"workspace {ws.root} does not exist")
     res: dict = {"root": str(ws.root)}
     for key, name in (("sensitivity", "sensitivity.json"), ("summary", "summary.json"), ("state", "iterative.json"),
-                      ("demo", "demo.json"), ("plan", "plan.json")):
+                      ("demo", "demo.json"), ("plan", "plan.json"), ("prune", "prune.json"),
+                      ("finetune", "finetune.json")):
         if ws.exists(name):
             res[key] = ws.read_json(name)
     if ws.exists("config.yaml"):
         res["config"] = ws.path("config.yaml").read_text()
-    if not any(k in res for k in ("sensitivity", "summary", "state", "plan", "demo")):
+    if not any(k in res for k in ("sensitivity", "summary", "state", "plan", "demo", "prune", "finetune")):
         raise ValueError(f"{ws.root} holds no prunekit results (sensitivity.json, plan.json, iterative.json, "
                          "summary.json); run 'prunekit ana', 'prune' or 'run' with this workspace first")
     if "summary" not in res and "state" in res:  # an unfinished run: its steps so far
@@ -60,16 +61,51 @@ def _final_rows(res: dict) -> list[list[str]]:
         return demo["table"]
     s = res.get("summary")
     if not s:
-        return []
+        return _verb_rows(res)
     b, f = s["baseline"], s["final"]
     pct = lambda x, y: f"{100 * (y - x) / x:+.1f}%" if x else ""
-    rows = [["metric", f"{b['metric']:.4f}", f"{f['metric']:.4f}", f"{f['metric'] - b['metric']:+.4f}"],
-            ["MACs / sample", human(b["macs"]), human(f["macs"]), pct(b["macs"], f["macs"])],
-            ["parameters", human(b["params"]), human(f["params"]), pct(b["params"], f["params"])]]
+    test = b.get("test_metric") is not None and f.get("test_metric") is not None  # reported only, never chosen on
+    rows = [["metric" + (" (validation)" if test else ""), f"{b['metric']:.4f}", f"{f['metric']:.4f}",
+             f"{f['metric'] - b['metric']:+.4f}"]]
+    if test:
+        rows.append(["test metric", f"{b['test_metric']:.4f}", f"{f['test_metric']:.4f}",
+                     f"{f['test_metric'] - b['test_metric']:+.4f}"])
+    rows += [["MACs / sample", human(b["macs"]), human(f["macs"]), pct(b["macs"], f["macs"])],
+             ["parameters", human(b["params"]), human(f["params"]), pct(b["params"], f["params"])]]
     if "file_bytes" in f:
         rows.append(["file size", _bytes(f["baseline_file_bytes"]), _bytes(f["file_bytes"]),
                      pct(f["baseline_file_bytes"], f["file_bytes"])])
     return rows
+
+
+def _finetune_of_plan(res: dict) -> dict | None:
+    """``finetune.json`` if it fine-tuned the model ``prune.json`` describes (else ``None``)."""
+    ft, pr = res.get("finetune"), res.get("prune")
+    return ft if ft and pr and ft.get("plan") == pr.get("plan") else None
+
+
+def _verb_rows(res: dict) -> list[list[str]]:
+    """Before/after of the single verbs (``prune``, then ``finetune``), from ``prune.json`` / ``finetune.json``."""
+    pr = res.get("prune")
+    if not pr:
+        return []
+    b, p, ft = pr["baseline"], pr["pruned"], _finetune_of_plan(res)
+    pct = lambda x, y: f"{100 * (y - x) / x:+.1f}%" if x else ""
+    rows = [["metric after pruning (no fine-tuning)", f"{b['metric']:.4f}", f"{p['metric']:.4f}",
+             f"{p['metric'] - b['metric']:+.4f}"]]
+    if ft is not None and ft.get("best_metric") is not None:
+        rows.append([f"metric after fine-tuning ({len(ft['history'])} epochs, best {ft['best_epoch']})",
+                     f"{b['metric']:.4f}", f"{ft['best_metric']:.4f}", f"{ft['best_metric'] - b['metric']:+.4f}"])
+    rows += [["MACs / sample", human(b["macs"]), human(p["macs"]), pct(b["macs"], p["macs"])],
+             ["parameters", human(b["params"]), human(p["params"]), pct(b["params"], p["params"])]]
+    return rows
+
+
+def _finetune_notes(res: dict) -> list[str]:
+    ft = res.get("finetune")
+    if ft and res.get("prune") and _finetune_of_plan(res) is None:
+        return ["finetune.json was made for an earlier pruning plan: run 'prunekit finetune' again for this one"]
+    return []
 
 
 def _attempts(res: dict) -> tuple[dict | None, list[dict], list[str]]:
@@ -111,6 +147,14 @@ def _step_rows(baseline: dict | None, attempts: list[dict]) -> list[list[str]]:
 
 
 _STEP_HEAD = ["step", "ratio", "MACs", "MACs change", "params", "metric", "verdict"]
+_EPOCH_HEAD = ["epoch", "loss", "metric", "lr", "seconds"]
+
+
+def _epoch_rows(ft: dict) -> list[list[str]]:
+    """One row per epoch of ``finetune.json``'s history."""
+    fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+    return [[str(h["epoch"]), fmt(h.get("loss"), ".4f"), fmt(h.get("metric"), ".4f"), fmt(h.get("lr"), ".3g"),
+             fmt(h.get("seconds"), ".1f")] for h in ft.get("history", [])]
 
 
 def summary_text(workspace: str | Path) -> str:
@@ -124,7 +168,10 @@ def summary_text(workspace: str | Path) -> str:
     if attempts:
         lines += ["", ("steps (unfinished run)" if "partial" in res else "steps"),
                   text_table(_step_rows(baseline, attempts), _STEP_HEAD)]
-    lines += [f"note: {n}" for n in notes]
+    lines += [f"note: {n}" for n in notes + _finetune_notes(res)]
+    ft = _finetune_of_plan(res)
+    if ft is not None and not attempts:
+        lines += ["", "fine-tuning (prunekit finetune)", text_table(_epoch_rows(ft), _EPOCH_HEAD)]
     sens = res.get("sensitivity")
     if sens:
         lines += ["", f"sensitivity: {len(sens['curves'])} channel groups analysed at ratios {sens['ratios']} "
@@ -277,7 +324,16 @@ def render_html(res: dict) -> str:
         hist = _plot_history(attempts)
         if hist:
             parts.append(_img(hist, "fine-tuning curves"))
-    parts += [f'<p class="note">{e(n)}</p>' for n in notes]
+    parts += [f'<p class="note">{e(n)}</p>' for n in notes + _finetune_notes(res)]
+    ft = _finetune_of_plan(res)
+    if ft is not None and not attempts:
+        parts += ["<h2>Fine-tuning</h2>",
+                  f"<p>{len(ft['history'])} epochs of <code>prunekit finetune</code> (lr {ft['lr']:g}) from "
+                  f"{e(ft['input'])}: metric {ft['before']:.4f} before, best {ft['best_metric']:.4f} at epoch "
+                  f"{ft['best_epoch']}.</p>", _html_table(_epoch_rows(ft), _EPOCH_HEAD)]
+        curve = _plot_history([{"step": "finetune", "try": 0, "history": ft["history"]}])
+        if curve:
+            parts.append(_img(curve, "fine-tuning curve"))
     layers = _layers(res)
     if layers:
         rows = [[r["name"], str(r["out_before"]), str(r["out_after"]),

@@ -6,6 +6,9 @@
 - :mod:`prunekit.engine.slim`: the slim model (channels removed) and its spec.
 - :mod:`prunekit.engine.equivalence`: the slim == sparse check and its tolerance.
 - :mod:`prunekit.engine.criteria`: channel importance criteria (a registry).
+- :mod:`prunekit.engine.calibration`: layer-input statistics of calibration batches, bias compensation.
+- :mod:`prunekit.engine.depth`: removable residual blocks / layers, their influence, their removal.
+- :mod:`prunekit.engine.experts`: mixture-of-experts layers: expert usage, removal, router masks.
 - :mod:`prunekit.engine.counting`: MACs and parameters.
 - :mod:`prunekit.engine.allocate`: per-group ratios for a MACs target.
 - :mod:`prunekit.engine.prepare`: module substitutions before tracing.

@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +65,22 @@ class _NoFastPath(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def _frozen(tensors) -> Iterator[None]:
+    """Parameters that require no grad while counting. Under ``no_grad`` a view of a parameter
+    (``self.cls_token.expand(b, -1, -1)``, CaiT) still says ``requires_grad`` but has no grad
+    function, and the module tracker inside the FLOP counter asserts on such module inputs;
+    with nothing requiring grad it registers no backward hooks at all."""
+    flipped = [t for t in tensors if t.requires_grad]
+    for t in flipped:
+        t.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for t in flipped:
+            t.requires_grad_(True)
+
+
 def count(model: nn.Module, example_inputs: Any, meta: bool = True) -> Counts:
     """Count MACs (matmul, conv, attention ... via ``torch.utils.flop_counter``) and params.
 
@@ -78,16 +96,16 @@ def count(model: nn.Module, example_inputs: Any, meta: bool = True) -> Counts:
         if meta:
             try:
                 with single_thread(), torch.no_grad():
-                    shadow = shadow_model(model).eval()  # caches filled on meta stay out of the model
+                    shadow = shadow_model(model, meta=True).eval()  # caches filled on meta stay out of the model
                     stand_ins = meta_stand_ins(shadow)
                     mode = FlopCounterMode(display=False, depth=None)
-                    with mode, _NoFastPath():
+                    with _frozen(stand_ins.values()), mode, _NoFastPath():
                         meta_call(shadow, stand_ins, example_inputs)
             except Exception:  # noqa: BLE001 - data-dependent forward: count for real
                 mode = None
         if mode is None:
             mode = FlopCounterMode(display=False, depth=None)
-            with torch.no_grad(), mode, _NoFastPath():
+            with torch.no_grad(), _frozen(model.parameters()), mode, _NoFastPath():
                 call_model(model, example_inputs)
     finally:
         model.train(was)

@@ -6,7 +6,13 @@ pruned first. Register your own with :func:`register_criterion`.
 
 Example:
     >>> sorted(CRITERIA)
-    ['bn_scale', 'fpgm', 'l1', 'l2', 'random', 'taylor']
+    ['activation', 'bn_scale', 'fluctuation', 'fpgm', 'l1', 'l2', 'random', 'taylor']
+
+``activation`` and ``fluctuation`` read the input statistics of calibration batches
+(:func:`prunekit.engine.calibration.collect_input_stats`, run by
+:meth:`prunekit.Pruner.collect_activations`): they score a group by the input channels of its
+consumers (linear layers, convolutions) and, where no member of a group has statistics
+(a head of ``nn.MultiheadAttention``, whose projections run without their modules), by ``l2``.
 """
 
 from __future__ import annotations
@@ -31,22 +37,27 @@ class Criterion:
         score: ``score(tensor, dim, name, grads) -> Tensor[size]`` or ``None`` to skip
             a tensor (it then does not vote).
         needs_grads: Whether :meth:`prunekit.Pruner.accumulate_gradients` must run first.
+        needs_activations: Whether :meth:`prunekit.Pruner.collect_activations` must run first;
+            the fourth argument of ``score`` is then ``{weight name: InputStats}`` instead of
+            the gradients.
     """
 
     name: str
     description: str
     score: Callable[..., torch.Tensor | None]
     needs_grads: bool = False
+    needs_activations: bool = False
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, description: str, needs_grads: bool = False):
-    """Decorator registering ``fn(tensor, dim, name, grads)`` as a criterion."""
+def register_criterion(name: str, description: str, needs_grads: bool = False, needs_activations: bool = False):
+    """Decorator registering ``fn(tensor, dim, name, data)`` as a criterion (``data``: the
+    gradients, or with ``needs_activations`` the calibration input statistics)."""
 
     def deco(fn):
-        CRITERIA[name] = Criterion(name, description, fn, needs_grads)
+        CRITERIA[name] = Criterion(name, description, fn, needs_grads, needs_activations)
         return fn
 
     return deco
@@ -89,27 +100,56 @@ def _fpgm(t, dim, name, grads):
     return torch.cdist(rows, rows).sum(1)
 
 
+def _consumer_stats(dim: int, name: str, stats: dict):
+    """The input statistics of ``name`` when ``dim`` is its consumer's input dim, else None."""
+    st = stats.get(name)
+    return st if st is not None and st.in_dim == dim else None
+
+
+@register_criterion("activation", "mean |input activation| of every consumer channel over calibration batches "
+                    "(needs calibration data)", needs_activations=True)
+def _activation(t, dim, name, stats):
+    st = _consumer_stats(dim, name, stats)
+    return None if st is None else st.mean_abs.float()
+
+
+@register_criterion("fluctuation", "FLAP: variance of every input channel over calibration samples times the "
+                    "squared norm of its weight column (needs calibration data)", needs_activations=True)
+def _fluctuation(t, dim, name, stats):
+    st = _consumer_stats(dim, name, stats)
+    if st is None:
+        return None
+    return (st.var * _rows(t, dim).double().pow(2).sum(1)).float()
+
+
 @register_criterion("random", "uniformly random (a baseline)")
 def _random(t, dim, name, grads):
     return torch.rand(t.shape[dim])
 
 
 def group_scores(group: ChannelGroup, tensors: dict[str, torch.Tensor], criterion: str = "l2",
-                 grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """One score per unit of ``group``; each member's scores are divided by their mean."""
+                 grads: dict[str, torch.Tensor] | None = None, activations: dict | None = None) -> torch.Tensor:
+    """One score per unit of ``group``; each member's scores are divided by their mean.
+
+    ``activations``: ``{weight name: InputStats}`` for the criteria that need them.
+    """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
     crit = CRITERIA[criterion]
     if crit.needs_grads and not grads:
         raise ValueError(f"criterion {criterion!r} needs gradients: call "
                          "Pruner.accumulate_gradients(batches, loss_fn) first")
+    if crit.needs_activations and not activations:
+        raise ValueError(f"criterion {criterion!r} needs calibration data: call Pruner.collect_activations(batches) "
+                         "first, or pass calibration=<loader> to prune/ana")
+    data = activations if crit.needs_activations else (grads or {})
     total = torch.zeros(group.n_units, dtype=torch.float64)
     votes = 0
     for m in group.members:
         t = tensors.get(m.name)
         if t is None:
             continue
-        s = crit.score(t, m.dim, m.name, grads or {})
+        s = crit.score(t, m.dim, m.name, data)
         if s is None:
             continue
         s = s.double()
@@ -119,5 +159,5 @@ def group_scores(group: ChannelGroup, tensors: dict[str, torch.Tensor], criterio
         total += per_unit / count.clamp(min=1)
         votes += 1
     if votes == 0 and criterion != "l2":
-        return group_scores(group, tensors, "l2", grads)
+        return group_scores(group, tensors, "l2")
     return total

@@ -8,8 +8,6 @@ the same parameters, state-dict names and outputs. :class:`prunekit.Pruner` call
 
 Example:
     >>> import torch.nn as nn
-
-from prunekit.utils.refs import lazy_attr
     >>> prepare(nn.Sequential(nn.Linear(2, 2)))
     []
 """
@@ -36,6 +34,7 @@ PREPARERS: dict[str, Callable[[nn.Module], bool]] = {
 #: module-path prefix -> fn(module), tried on every module of that package.
 PACKAGE_PREPARERS: dict[str, Callable[[nn.Module], bool]] = {
     "transformers.": lazy_attr("prunekit.integrations.hf", "prepare_module"),
+    "timm.": lazy_attr("prunekit.integrations.timm_models", "prepare_module"),
 }
 
 

@@ -19,14 +19,16 @@ from __future__ import annotations
 import copy
 import difflib
 import time
+import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from prunekit.engine import slim, sparse
+from prunekit.engine import experts, slim, sparse
 from prunekit.engine.criteria import CRITERIA, group_scores
 from prunekit.engine.equivalence import TOLERANCE, check_equivalence, equivalence_error, max_error
 from prunekit.engine.plan import PruningPlan
@@ -77,6 +79,8 @@ class Pruner:
         self.example_inputs = example_inputs
         self.criterion = criterion
         self.grads: dict[str, torch.Tensor] = {}
+        #: ``{weight name: InputStats}`` from :meth:`collect_activations` (activation criteria, compensation)
+        self.activations: dict = {}
         ignore_names = self._resolve_ignore(ignore)
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -102,6 +106,7 @@ class Pruner:
                     self.tracer.book.fix(sp.ids, "residual=False: LayerNorm/RMSNorm-normalised widths stay")
         with single_thread():
             self.groups: list[ChannelGroup] = build_groups(self.tracer)
+        experts.align_groups(self.groups, model)  # stacked expert weights keep 16-byte strides
         self.build_seconds = time.perf_counter() - t0
         self.warnings = list(self.tracer.warnings)
 
@@ -150,7 +155,30 @@ class Pruner:
 
     def scores(self, group: ChannelGroup, criterion: str | None = None) -> torch.Tensor:
         """Importance of each unit of ``group`` (lower is pruned first)."""
-        return group_scores(group, self._tensors(), criterion or self.criterion, self.grads)
+        return group_scores(group, self._tensors(), criterion or self.criterion, self.grads, self.activations)
+
+    def collect_activations(self, batches: Iterable[Any], max_batches: int | None = None) -> dict:
+        """Record the input statistics of every linear/conv layer over calibration ``batches``
+        (for the ``activation`` and ``fluctuation`` criteria and bias compensation).
+
+        Args:
+            batches: ``(inputs, target)`` pairs or bare model inputs (tensor, tuple, dict).
+            max_batches: Use at most this many.
+
+        Returns:
+            ``{weight name: InputStats}``, also kept in :attr:`activations`.
+
+        Example:
+            >>> import torch, torch.nn as nn
+            >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+            >>> p = Pruner(m, torch.randn(2, 4))
+            >>> _ = p.collect_activations([torch.randn(16, 4)])
+            >>> plan = p.plan(0.5, criterion="fluctuation")
+        """
+        from prunekit.engine.calibration import collect_input_stats
+
+        self.activations = collect_input_stats(self.model, batches, max_batches)
+        return self.activations
 
     def accumulate_gradients(self, batches: Iterable[Any], loss_fn: Callable[[Any, Any], torch.Tensor]) -> None:
         """Sum gradients over a few batches for the ``taylor`` criterion.
@@ -247,63 +275,112 @@ class Pruner:
         """Prune copies and freeze every group whose slim model does not match its sparse model.
 
         Catches what tracing cannot see, such as a width stored in a plain attribute
-        (``x.reshape(n, self.hidden_dim, -1)``) that no updater knows. Returns the frozen groups.
+        (``x.reshape(n, self.hidden_dim, -1)``) that no updater knows. A cheap structural pass
+        on the meta device comes first (only shape errors count there: a tensor the model
+        cached as a plain attribute, such as a detector's anchors, may sit on another device,
+        which says nothing about a group), then a numeric pass on real tensors bisects the
+        remaining groups. Warns (:class:`UserWarning`, also in :attr:`warnings`) when every
+        prunable group ends up frozen. Returns the frozen groups.
+
+        Example:
+            >>> import torch, torch.nn as nn
+            >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+            >>> Pruner(m, torch.randn(1, 3, 8, 8)).validate()
+            []
         """
-        def ok(subset: list[ChannelGroup], meta: bool) -> tuple[bool, str]:
-            plan = self.plan(ratio, groups=subset)
-            if not plan.pruned:
-                return True, ""
-            if meta:  # structure only: does the slim model run at all? (no arithmetic)
-                slim_model = slim.to_slim(self.model, plan)
-                try:
-                    run_on_meta(slim_model, self.example_inputs)
-                    return True, ""
-                except Exception as exc:  # noqa: BLE001
-                    if not _is_shape_error(exc):
-                        return True, ""  # meta cannot run it; the real check decides
-                    return False, f"the slim model fails: {type(exc).__name__}: {str(exc)[:200]}"
-            with slim._without_masks(self.model):
-                model = copy.deepcopy(self.model)
-            sparse.apply_plan(model, plan)
-            try:
-                with torch.no_grad():
-                    model.eval()
-                    a = call_model(model, self.example_inputs)
-                    slim_model = slim.to_slim(model, inplace=True)
-                    b = call_model(slim_model, self.example_inputs)
-                err = max_error(a, b)
-                return err <= tol, f"slim and sparse outputs differ by {err:.3g}"
-            except Exception as exc:  # noqa: BLE001
-                return False, f"the slim model fails: {type(exc).__name__}: {str(exc)[:200]}"
-
-        bad: list[tuple[ChannelGroup, str]] = []
-
-        def search(subset: list[ChannelGroup], meta: bool) -> None:
-            good, why = ok(subset, meta)
-            if good:
-                return
-            if len(subset) == 1:
-                bad.append((subset[0], why))
-                return
-            mid = len(subset) // 2
-            search(subset[:mid], meta)
-            search(subset[mid:], meta)
-
-        # cheap structural pass on the meta device, then the numeric pass on real tensors
-        for meta in (True, False):
-            cands = [g for g in self.prunable_groups if g.id not in {b.id for b, _ in bad}]
+        prunable = self.prunable_groups
+        bad: dict[int, _Verdict] = {}
+        for meta in (True, False):  # structural pass on the meta device, then the numeric pass
+            cands = [g for g in prunable if g.id not in bad]
             if cands:
-                search(cands, meta)
-        for g, why in bad:
+                self._bisect(cands, lambda sub, m=meta: self._check_subset(sub, ratio, tol, m), bad)
+        frozen = [g for g in prunable if g.id in bad]
+        for g in frozen:
             g.fixed[:] = True
-            g.reasons.insert(0, f"validation: {why}")
-        return [g for g, _ in bad]
+            g.reasons.insert(0, f"validation: {bad[g.id].why}")
+        if prunable and len(frozen) == len(prunable):
+            self._warn_all_frozen(frozen, bad)
+        return frozen
+
+    @staticmethod
+    def _bisect(subset: list[ChannelGroup], check: Callable[[list[ChannelGroup]], _Verdict],
+                bad: dict[int, _Verdict]) -> None:
+        """Record in ``bad`` every group of ``subset`` that fails ``check`` on its own (bisection)."""
+        verdict = check(subset)
+        if verdict.ok:
+            return
+        if len(subset) == 1:
+            bad[subset[0].id] = verdict
+            return
+        mid = len(subset) // 2
+        Pruner._bisect(subset[:mid], check, bad)
+        Pruner._bisect(subset[mid:], check, bad)
+
+    def _check_subset(self, subset: list[ChannelGroup], ratio: float, tol: float, meta: bool) -> _Verdict:
+        """Does the slim model with ``subset`` pruned at ``ratio`` run (meta) / match its sparse model?"""
+        plan = self.plan(ratio, groups=subset, criterion="l2")  # any channels do; l2 needs no data
+        if not plan.pruned:
+            return _Verdict(True)
+        if meta:  # structure only: does the slim model run at all? (no arithmetic)
+            try:
+                run_on_meta(slim.to_slim(self.model, plan), self.example_inputs)
+            except Exception as exc:  # noqa: BLE001
+                if is_shape_error(exc):
+                    return _Verdict(False, f"the slim model fails: {type(exc).__name__}: {str(exc)[:200]}")
+            return _Verdict(True)  # ran, or meta cannot run it for another reason: the numeric pass decides
+        with slim._without_masks(self.model):
+            model = copy.deepcopy(self.model)
+        sparse.apply_plan(model, plan)
+        try:
+            with torch.no_grad():
+                model.eval()
+                a = call_model(model, self.example_inputs)
+                b = call_model(slim.to_slim(model, inplace=True), self.example_inputs)
+            err = max_error(a, b)
+            return _Verdict(err <= tol, f"slim and sparse outputs differ by {err:.3g}")
+        except Exception as exc:  # noqa: BLE001
+            return _Verdict(False, f"the slim model fails: {type(exc).__name__}: {str(exc)[:200]}")
+
+    def _warn_all_frozen(self, frozen: list[ChannelGroup], bad: dict[int, _Verdict]) -> None:
+        reasons = list(dict.fromkeys(bad[g.id].why for g in frozen))
+        msg = (f"validation froze all {len(frozen)} prunable channel groups, nothing can be pruned; "
+               f"first reasons: {'; '.join(reasons[:3])}. If these are not real width mismatches, "
+               "report them; Pruner.freeze() / ignore= keep chosen groups instead")
+        self.warnings.append(msg)
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
 
-def _is_shape_error(exc: Exception) -> bool:
+@dataclass
+class _Verdict:
+    """One validation check: did the slim model pass, and why not."""
+
+    ok: bool
+    why: str = ""
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """``exc`` complains that tensors sit on different devices (meta vs cpu, cuda vs cpu).
+
+    Example:
+        >>> is_device_error(RuntimeError("Tensor on device meta is not on the expected device cpu!"))
+        True
+    """
     msg = str(exc)
-    return isinstance(exc, (RuntimeError, ValueError, IndexError)) and any(
-        k in msg for k in ("shape", "size", "dimension", "expected", "Expected", "mismatch", "invalid"))
+    return "device" in msg and any(k in msg for k in ("meta", "cpu", "cuda", "same device", "expected device"))
+
+
+def is_shape_error(exc: BaseException) -> bool:
+    """``exc`` is a shape/size mismatch (the kind a wrongly sliced slim model raises), not a device mismatch.
+
+    Example:
+        >>> is_shape_error(RuntimeError("shape '[1, 8, 4]' is invalid for input of size 24"))
+        True
+        >>> is_shape_error(RuntimeError("Tensor on device meta is not on the expected device cpu!"))
+        False
+    """
+    msg = str(exc)
+    return (isinstance(exc, (RuntimeError, ValueError, IndexError)) and not is_device_error(exc) and any(
+        k in msg for k in ("shape", "size", "dimension", "expected", "Expected", "mismatch", "invalid")))
 
 
 def _check_ratio(r: float) -> None:

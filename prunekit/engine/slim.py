@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from prunekit.engine import sparse
+from prunekit.engine import depth, experts, sparse
+from prunekit.engine.calibration import add_biases
 from prunekit.engine.plan import PruningPlan
-from prunekit.utils.files import atomic_write
+from prunekit.utils.files import atomic_write, load_weights, read_json
 from prunekit.utils.refs import lazy_attr
 
 _swin = partial(lazy_attr, "prunekit.integrations.swin")  # torchvision Swin, imported on first use
@@ -157,13 +158,17 @@ NAMED_UPDATERS: dict[str, Callable[[nn.Module, dict], None]] = {
 #: the named updaters (e.g. Hugging Face attention attributes and ``config`` fields).
 PACKAGE_UPDATERS: dict[str, Callable[[nn.Module, dict], None]] = {
     "transformers.": lazy_attr("prunekit.integrations.hf", "update_module"),
+    "timm.": lazy_attr("prunekit.integrations.timm_models", "update_module"),
+    "prunekit.integrations.timm_models.": lazy_attr("prunekit.integrations.timm_models", "update_module"),
+    "ultralytics.": lazy_attr("prunekit.integrations.ultralytics", "update_module"),
 }
 
 _CONTEXT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prunekit_slim_context", default=None)
 
 
 def update_context() -> dict | None:
-    """For updaters: ``{"model", "names", "old_shapes", "head_splits"}`` of the update running."""
+    """For updaters: ``{"model", "names", "old_shapes", "head_splits", "structure"}`` of the update running
+    (``structure``: the removed ``blocks`` and ``added_biases`` of the plan or spec, where there are any)."""
     return _CONTEXT.get()
 
 
@@ -212,7 +217,8 @@ def _update_modules(model: nn.Module, names, old_shapes: dict[str, list[int]], m
     mods = list(model.named_modules())
     token = _CONTEXT.set({"head_splits": dict((meta or {}).get("head_splits", {})),
                           "names": {id(m): n for n, m in mods}, "model": model,
-                          "old_shapes": {n: old_shapes[n] for n in names}})
+                          "old_shapes": {n: old_shapes[n] for n in names},
+                          "structure": {k: (meta or {})[k] for k in ("blocks", "added_biases") if (meta or {}).get(k)}})
     try:
         for mod_name, mod in mods:  # parents with attributes derived from children
             fn = NAMED_UPDATERS.get(f"{type(mod).__module__}.{type(mod).__qualname__}")
@@ -238,7 +244,7 @@ def _old_below(mod_name: str, names, old_shapes: dict[str, list[int]]) -> dict[s
 
 @contextlib.contextmanager
 def _without_masks(model: nn.Module):
-    state = getattr(model, sparse._ATTR, None)
+    state = sparse.bound_state(model)
     if state is None:
         yield
         return
@@ -276,8 +282,15 @@ def to_slim(model: nn.Module, plan: PruningPlan | None = None, inplace: bool = F
                 new = new.index_select(d, plan.keep_index(name, d).to(t.device))
             _resize(slim, name, new.clone())
     _update_modules(slim, list(plan.pruned), plan.shapes, plan.meta)
+    _remove_structure(slim, plan.meta, plan.shapes)
     object.__setattr__(slim, "_prunekit_spec", slim_spec_from_plan(plan))
     return slim
+
+
+def _remove_structure(model: nn.Module, meta: dict, old_shapes: dict[str, list[int]]) -> None:
+    """After slicing: expert counts follow the router rows, removed blocks go (see :mod:`prunekit.engine.depth`)."""
+    experts.update_moe(model, old_shapes)
+    depth.remove_blocks(model, meta.get("blocks", []))
 
 
 def slim_spec_from_plan(plan: PruningPlan) -> dict:
@@ -286,6 +299,9 @@ def slim_spec_from_plan(plan: PruningPlan) -> dict:
             "original_shapes": {n: plan.shapes[n] for n in plan.pruned}}
     if plan.meta.get("head_splits"):
         spec["head_splits"] = plan.meta["head_splits"]
+    for key in ("blocks", "added_biases"):  # removed blocks, biases created by compensation
+        if plan.meta.get(key):
+            spec[key] = plan.meta[key]
     return spec
 
 
@@ -302,6 +318,7 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
     if spec.get("format") != SPEC_FORMAT:
         raise ValueError(f"not a prunekit slim spec (format={spec.get('format')!r})")
     old = {}
+    add_biases(model, spec.get("added_biases", {}))
     for name, shape in spec["shapes"].items():
         try:
             t = sparse.get_tensor(model, name)
@@ -315,6 +332,7 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
         old[name] = list(t.shape)
         _resize(model, name, torch.empty(shape, dtype=t.dtype, device=t.device))
     _update_modules(model, list(spec["shapes"]), old, spec)
+    _remove_structure(model, spec, old)
     object.__setattr__(model, "_prunekit_spec", spec)
     return model
 
@@ -334,12 +352,17 @@ def save_slim(model: nn.Module, directory: str | Path) -> Path:
 
 
 def load_slim(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Rebuild a slim model: ``model`` is a fresh instance of the original architecture."""
-    from safetensors.torch import load_model
+    """Rebuild a slim model, in eval mode: ``model`` is a fresh instance of the original architecture.
 
+    Example:
+        >>> slim = load_slim(torchvision.models.resnet18(), "resnet18-slim")  # doctest: +SKIP
+        >>> slim.training  # doctest: +SKIP
+        False
+    """
     directory = Path(directory)
     if not (directory / "spec.json").exists():
         raise FileNotFoundError(f"{directory} has no spec.json; save it with prunekit.save_slim")
-    apply_spec(model, json.loads((directory / "spec.json").read_text()))
-    load_model(model, str(directory / "model.safetensors"))
-    return model
+    fix = "save the slim model again (prunekit.save_slim, or the prunekit verb that wrote it)"
+    apply_spec(model, read_json(directory / "spec.json", "slim model spec", fix))
+    load_weights(model, directory / "model.safetensors", "slim model weights", fix)
+    return model.eval()

@@ -3,7 +3,9 @@
 :func:`apply_plan` zeroes every pruned slice (producer rows and consumer columns alike),
 masks the gradients of those slices, re-zeroes them after every optimizer step, and makes
 LayerNorm/GroupNorm layers that normalise over pruned channels use the kept ones only, so
-the sparse model computes exactly what the slim model will.
+the sparse model computes exactly what the slim model will. A deep copy or a pickle of a sparse
+model (an EMA, a training checkpoint) carries the plan; the copy's masks attach on first use
+(:func:`bound_state`).
 
 Example:
     >>> import torch, torch.nn as nn
@@ -26,13 +28,16 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 
+from prunekit.engine import depth, experts
+from prunekit.engine.calibration import add_biases
 from prunekit.engine.plan import PruningPlan
-from prunekit.utils.files import atomic_write
+from prunekit.utils.files import atomic_write, load_weights
 
-__all__ = ["apply_plan", "remove_masks", "get_plan", "is_sparse", "reapply_masks",
+__all__ = ["apply_plan", "remove_masks", "get_plan", "is_sparse", "reapply_masks", "from_slim", "bound_state",
            "save_sparse", "load_sparse"]
 
 _ATTR = "_prunekit_sparse"
+_PLAN_KEY = "prunekit_sparse_plan"  # how a copied or unpickled sparse model holds its plan
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -137,16 +142,20 @@ class SparseState:
             owners = [m for m in model.modules()
                       if any(id(p) in norm_keep for p in m._parameters.values() if p is not None)]
             for m in dict.fromkeys([model, *owners]):
-                self.handles.append(m.register_forward_pre_hook(self._enter))
-                self.handles.append(m.register_forward_hook(self._exit, always_call=True))
+                _NORM_OWNERS[m] = self
+                self.handles.append(m.register_forward_pre_hook(_norm_enter))
+                self.handles.append(m.register_forward_hook(_norm_exit, always_call=True))
+        # removed blocks return their input, removed experts get no tokens (same shapes)
+        self.handles += depth.bypass_hooks(model, self.plan.meta.get("blocks", []))
+        self.handles += experts.router_mask_hooks(model, self.plan.meta.get("routers", {}))
         _LIVE.add(self)
 
-    def _enter(self, mod, args):
+    def enter_norms(self) -> None:
         self._depth += 1
         if self._depth == 1:
             self.mode.__enter__()
 
-    def _exit(self, mod, args, out):
+    def exit_norms(self) -> None:
         self._depth -= 1
         if self._depth == 0:
             self.mode.__exit__(None, None, None)
@@ -155,7 +164,33 @@ class SparseState:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for m, state in list(_NORM_OWNERS.items()):
+            if state is self:
+                del _NORM_OWNERS[m]
         _LIVE.discard(self)
+
+    def __reduce__(self):
+        """Deep copies and pickles of a sparse model carry only the plan, as a plain dict (no hooks, no
+        reference to the original model, no prunekit class: a pickled checkpoint loads without prunekit);
+        :func:`bound_state` attaches it to the copy the first time prunekit touches the copy."""
+        return (dict, ({_PLAN_KEY: self.plan.to_dict()},))
+
+
+#: module -> the state whose masked norms it runs. The module hooks are plain functions that look the
+#: state up here, so a deep copy or a pickle of the model copies inert hooks (its modules are not here).
+_NORM_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _norm_enter(mod: nn.Module, args) -> None:
+    state = _NORM_OWNERS.get(mod)
+    if state is not None:
+        state.enter_norms()
+
+
+def _norm_exit(mod: nn.Module, args, out) -> None:
+    state = _NORM_OWNERS.get(mod)
+    if state is not None:
+        state.exit_norms()
 
 
 def _after_step(optimizer, args, kwargs) -> None:
@@ -181,7 +216,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
         if list(t.shape) != list(shape):
             raise ValueError(f"plan does not match the model: {name} has shape {list(t.shape)}, "
                              f"the plan expects {shape}; was the plan made for another model?")
-    old = getattr(model, _ATTR, None)
+    old = bound_state(model)
     if old is not None:
         old.detach()
         plan = old.plan.merge(plan)
@@ -191,12 +226,33 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     return model
 
 
+def bound_state(model: nn.Module) -> SparseState | None:
+    """The sparse state of ``model`` with its masks attached to ``model`` itself (None: not sparse).
+
+    A deep copy (an EMA, a ``best`` snapshot) or an unpickled checkpoint of a sparse model holds
+    only its plan; this attaches it (zeroes, gradient masks, optimizer-step hook) to the copy.
+
+    Example:
+        >>> import copy, torch.nn as nn
+        >>> m = apply_plan(nn.Linear(4, 3), PruningPlan({"weight": {0: [1]}}, {"weight": [3, 4]}))
+        >>> twin = copy.deepcopy(m)
+        >>> bound_state(twin).model_ref() is twin
+        True
+    """
+    state = getattr(model, _ATTR, None)
+    if isinstance(state, dict) and _PLAN_KEY in state:
+        object.__delattr__(model, _ATTR)
+        apply_plan(model, PruningPlan.from_dict(state[_PLAN_KEY]))
+        state = getattr(model, _ATTR)
+    return state
+
+
 def is_sparse(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
 def get_plan(model: nn.Module) -> PruningPlan:
-    state = getattr(model, _ATTR, None)
+    state = bound_state(model)
     if state is None:
         raise ValueError("this model is not sparse: prune it first (Pruner.prune(..., mode='sparse'))")
     return state.plan
@@ -204,14 +260,14 @@ def get_plan(model: nn.Module) -> PruningPlan:
 
 def reapply_masks(model: nn.Module) -> None:
     """Zero the pruned slices again (e.g. after loading weights by hand)."""
-    state = getattr(model, _ATTR, None)
+    state = bound_state(model)
     if state is not None:
         state.reapply()
 
 
 def remove_masks(model: nn.Module) -> PruningPlan | None:
     """Detach masks and hooks (weights keep their zeros). Returns the plan."""
-    state = getattr(model, _ATTR, None)
+    state = bound_state(model)
     if state is None:
         return None
     state.detach()
@@ -235,11 +291,47 @@ def save_sparse(model: nn.Module, directory: str | Path) -> Path:
 
 def load_sparse(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load weights and masks saved by :func:`save_sparse` into a freshly built ``model``."""
-    from safetensors.torch import load_model
-
     directory = Path(directory)
     if not (directory / "plan.json").exists():
         raise FileNotFoundError(f"{directory} has no plan.json; save it with prunekit.save_sparse")
-    plan = PruningPlan.load(directory / "plan.json")
-    load_model(model, str(directory / "model.safetensors"))
+    fix = "save the sparse model again (prunekit.save_sparse, or the prunekit verb that wrote it)"
+    plan = PruningPlan.load(directory / "plan.json", fix)
+    add_biases(model, plan.meta.get("added_biases", {}))  # made by bias compensation
+    load_weights(model, directory / "model.safetensors", "sparse model weights", fix)
+    return apply_plan(model, plan)
+
+
+@torch.no_grad()
+def from_slim(model: nn.Module, slim_model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """Make ``model`` the sparse model whose slim model is ``slim_model``; the inverse of ``to_slim``.
+
+    ``model`` is an instance of the original architecture (its values are overwritten),
+    ``slim_model`` the slim model of ``plan`` (for instance trained as such). Every tensor of
+    ``slim_model`` is copied into ``model``: the kept channels at their original indices, the
+    pruned ones zero; then ``plan`` is applied, so ``to_slim(model)`` has ``slim_model``'s
+    values exactly.
+
+    Example:
+        >>> m = nn.Linear(4, 3)
+        >>> plan = PruningPlan({"weight": {0: [1]}, "bias": {0: [1]}}, {"weight": [3, 4], "bias": [3]})
+        >>> slim = nn.Linear(4, 2)
+        >>> _ = from_slim(m, slim, plan)
+        >>> bool((m.weight[[0, 2]] == slim.weight).all()), float(m.weight[1].detach().abs().sum())
+        (True, 0.0)
+    """
+    if is_sparse(model):
+        raise ValueError("from_slim fills a model of the original architecture; this one is already sparse")
+    source = slim_model.state_dict()
+    for name, t in model.state_dict().items():
+        if name not in source:
+            raise ValueError(f"the slim model has no tensor {name!r}: it is not a slim model of this architecture")
+        value = source[name].to(t.device)
+        for d in sorted(plan.pruned.get(name, {})):
+            shape = list(value.shape)
+            shape[d] = plan.shapes[name][d]
+            value = value.new_zeros(shape).index_copy_(d, plan.keep_index(name, d).to(t.device), value)
+        if list(value.shape) != list(t.shape):
+            raise ValueError(f"{name}: the slim model's tensor has shape {list(source[name].shape)}, which the plan "
+                             f"does not expand to the original {list(t.shape)}; was the plan made for this model?")
+        t.copy_(value)
     return apply_plan(model, plan)

@@ -58,6 +58,9 @@ class ChannelGroup:
     fixed: torch.Tensor
     reasons: list[str] = field(default_factory=list)
     norm: bool = False  # a LayerNorm/GroupNorm normalises over these channels
+    #: channel counts stay multiples of this whatever ``round_to`` says (kernel alignment, e.g.
+    #: the 16-byte strides of ``grouped_mm`` expert weights)
+    align: int = 1
 
     @property
     def n_units(self) -> int:
@@ -83,6 +86,13 @@ class ChannelGroup:
         per_unit = max((m.size // self.n_units for m in self.members if m.size % self.n_units == 0), default=1)
         return round_to // math.gcd(round_to, per_unit)
 
+    def _align_step(self) -> int:
+        """Units to keep in steps of, so that every member's channel count is a multiple of ``align``."""
+        if self.align <= 1:
+            return 1
+        per_unit = min((m.size // self.n_units for m in self.members if m.size % self.n_units == 0), default=1)
+        return self.align // math.gcd(self.align, max(per_unit, 1))
+
     def select(self, ratio: float, scores: torch.Tensor, round_to: int = 1) -> torch.Tensor:
         """Units to remove: the ``floor(ratio * n_units)`` lowest-scored prunable ones.
 
@@ -91,7 +101,7 @@ class ChannelGroup:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}; 0.5 removes half the channels")
         k = min(int(math.floor(ratio * self.n_units + 1e-9)), self.n_prunable, self.n_units - 1)
-        step = self.round_step(round_to)
+        step = math.lcm(self.round_step(round_to), self._align_step())
         if step > 1:  # keep a multiple of step units (never below step)
             keep = max(step, int(math.ceil((self.n_units - k) / step)) * step)
             k = max(0, min(k, self.n_units - keep))

@@ -262,9 +262,22 @@ def _matmul(tr, name, func, args, kwargs, out):
     contract(tr, name, specs, [a, b], so, out)
 
 
+@register_rule("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
+def _grouped_mm(tr, name, func, args, kwargs, out):
+    """Mixture-of-experts ``grouped_mm(x (S, K), w (E, K, N), offs)``: rows of ``x`` grouped by
+    expert; ``K`` couples ``x`` with every expert's weight, ``N`` is the output width. The
+    experts dim stays here: whole experts go with their router rows (:mod:`prunekit.engine.experts`)."""
+    x, w = args[0], arg(args, kwargs, 1, "weight", arg(args, kwargs, 1, "mat_b"))
+    if not isinstance(w, torch.Tensor) or w.ndim != 3 or x.ndim != 2:
+        raise ValueError(f"'{name}' with a {getattr(w, 'ndim', None)}-d weight and a {x.ndim}-d input")
+    contract(tr, name, ["sk", "ekn"], [x, w], "sn", out)
+    tr.fix(tr.dim_ids(w, 0), f"'{name}': the experts dim (remove whole experts, router rows with them)")
+
+
 @register_rule("addmm", "baddbmm", "addbmm")
 def _addmm(tr, name, func, args, kwargs, out):
-    inp, a, b = args[0], args[1], args[2]
+    pair = ("mat1", "mat2") if name == "addmm" else ("batch1", "batch2")  # Bloom: alibi.baddbmm(batch1=q, ...)
+    inp, a, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, pair[0]), arg(args, kwargs, 2, pair[1])
     specs, so = _matmul_specs(a, b)
     contract(tr, name, specs, [a, b], so, out)
     prod_lab = tr.get(out)
@@ -306,8 +319,6 @@ def _sdpa(tr, name, func, args, kwargs, out):
     q, k, v = args[0], arg(args, kwargs, 1, "key"), arg(args, kwargs, 2, "value")
     mask = arg(args, kwargs, 3, "attn_mask")
     scale = arg(args, kwargs, 6, "scale")
-    if mask is not None:
-        tr.fix_labels(tr.get(mask), "'scaled_dot_product_attention' mask carries channels")
     if scale is None:
         for t in (q, k):
             ent = tr.get(t).get(t.ndim - 1)
@@ -328,6 +339,12 @@ def _sdpa(tr, name, func, args, kwargs, out):
     scores = torch.empty(*bshape, q.shape[-2], k.shape[-2])
     sb = batch[n - len(bshape):] + "LS"
     contract(tr, name, [sq, sk], [q, k], sb, scores)
+    if isinstance(mask, torch.Tensor) and tr.get(mask):
+        # the mask is added to the scores: a per-head bias (Swin's relative position table)
+        # loses the heads the query loses
+        from prunekit.graph.rules import elementwise
+
+        elementwise(tr, name, [scores, mask], [scores], "add")
     contract(tr, name, [sb, sv], [scores, v], batch + "LV", out)
     res = dict(tr.get(out))
     ent = tr.get(q).get(q.ndim - 2)

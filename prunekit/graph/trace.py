@@ -514,20 +514,31 @@ def meta_call(model: nn.Module, stand_ins: dict, example_inputs: Any) -> Any:
 
 
 def run_on_meta(model: nn.Module, example_inputs: Any) -> Any:
-    """Run ``model`` with weights and inputs on the meta device: shapes only, no arithmetic."""
+    """Run ``model`` with weights and inputs on the meta device: shapes only, no arithmetic.
+
+    It runs on a :func:`shadow_model` (``meta=True``): tensors the model cached in plain attributes
+    are meta there too, and what the run caches stays out of ``model``.
+    """
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return meta_call(model, meta_stand_ins(model), example_inputs)
+            shadow = shadow_model(model, meta=True)
+            return meta_call(shadow, meta_stand_ins(shadow), example_inputs)
     finally:
         model.train(was)
 
 
-def shadow_model(model: nn.Module) -> nn.Module:
+def shadow_model(model: nn.Module, meta: bool = False) -> nn.Module:
     """A copy of the module tree that shares every parameter and buffer: a meta or fake run
     may leave meta/fake tensors in Python-level caches (anchor grids, masks), which must not
-    end up in the user's model."""
+    end up in the user's model.
+
+    ``meta=True``: floating-point tensors held in plain attributes (a detector's cached anchors
+    and strides, rotary tables) become meta tensors of the same shape in the copy, so a run on
+    the meta device does not mix devices. Integer and bool ones (indices, masks that decide
+    control flow) stay real.
+    """
     memo: dict[int, Any] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     if any(isinstance(m, torch.jit.ScriptModule) or hasattr(type(m), "__deepcopy__") for m in model.modules()):
         return copy.deepcopy(model, memo)  # modules that copy themselves their own way
@@ -545,6 +556,8 @@ def shadow_model(model: nn.Module) -> nn.Module:
                 state[k] = dict(v)  # the same tensors; functional_call swaps them in the copy only
             elif v is None or isinstance(v, _IMMUTABLE):
                 state[k] = v
+            elif meta and type(v) is torch.Tensor and v.is_floating_point():
+                state[k] = torch.empty_like(v, device="meta")
             elif isinstance(v, dict) and not v and type(v) in (dict, collections.OrderedDict):
                 state[k] = type(v)()  # the many empty hook dicts
             else:
@@ -561,7 +574,7 @@ def _trace(model: nn.Module, example_inputs: Any, mode: str, attention: str = "a
 
     originals = None
     if mode != "real":
-        shadow = shadow_model(model)
+        shadow = shadow_model(model, meta=mode == "meta")
         originals = {id(c): o for c, o in zip(shadow.modules(), model.modules())}
         model = shadow
 

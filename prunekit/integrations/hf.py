@@ -53,8 +53,12 @@ _HEAD_DIM = ("attention_head_size", "head_dim", "head_size")
 _KV_HEADS = ("num_key_value_heads", "num_kv_heads")
 _UP = ("gate_proj", "up_proj", "fc1", "c_fc", "w1", "w3", "dense_h_to_4h")
 #: config fields that may change; recorded (original values) under ``config.prunekit``
-CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-                 "n_inner")
+CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "head_dim",
+                 "intermediate_size", "ffn_hidden_size", "n_inner", "num_hidden_layers", "layer_types",
+                 "num_local_experts", "num_experts",
+                 "n_routed_experts", "moe_intermediate_size")
+#: config fields that give the MLP width, first match wins
+_INTER_FIELDS = ("intermediate_size", "ffn_hidden_size", "n_inner")
 #: largest relative difference accepted when switching an RMSNorm to ``F.rms_norm``
 RMSNORM_TOL = 1e-5
 
@@ -99,6 +103,11 @@ def attention_sizes(mod: nn.Module) -> dict[str, int] | None:
     (None when ``mod`` does not look like one)."""
     proj = _projections(mod)
     h_attr, d_attr = _first_attr(mod, _HEADS), _first_attr(mod, _HEAD_DIM)
+    if proj is None and _fused_heads(mod):  # Falcon, Bloom
+        heads, dim = getattr(mod, h_attr), getattr(mod, d_attr)
+        kv_attr = _first_attr(mod, _KV_HEADS)
+        return {"heads": heads, "head_dim": dim, "kv_heads": getattr(mod, kv_attr) if kv_attr else heads,
+                "width": heads * dim}
     if proj is None or (h_attr is None and d_attr is None):
         return None
     heads = getattr(mod, h_attr) if h_attr else None
@@ -146,6 +155,7 @@ def _update_attention(mod: nn.Module, proj, old: dict) -> None:
         setattr(mod, h_attr, heads)
     if d_attr:
         setattr(mod, d_attr, dim)
+    _note_head_dim(mod, dim0, dim)
     if kv_attr:
         setattr(mod, kv_attr, kv)
     if isinstance(getattr(mod, "num_key_value_groups", None), int) and kv:
@@ -172,6 +182,47 @@ def _update_mlp(mod: nn.Module) -> None:
         mod.hidden_size = in_w
 
 
+def _note_head_dim(mod: nn.Module, was: int, now: int) -> None:
+    """Record, for the config update, that ``mod`` lost part of every head: a model built from
+    a config stating the new widths would compute a different attention scale from them."""
+    ctx = _slim.update_context()
+    if ctx is not None and now != was:
+        ctx.setdefault("head_dim_pruned", set()).add(ctx["names"].get(id(mod), ""))
+
+
+def _fused_heads(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a Falcon/Bloom-style attention: one ``query_key_value`` projection
+    with ``num_heads`` and ``head_dim`` attributes."""
+    qkv = getattr(mod, "query_key_value", None)
+    return (isinstance(qkv, nn.Module) and _out_in(qkv) is not None and _first_attr(mod, _HEADS) is not None
+            and _first_attr(mod, _HEAD_DIM) is not None)
+
+
+def _update_fused_heads(mod: nn.Module, old: dict) -> None:
+    """Falcon-style ``query_key_value``: rows laid out per key/value group as (group, query heads
+    of the group + key + value, head_dim) in the new decoder architecture, (head, q/k/v, head_dim)
+    otherwise; ``num_heads``, ``num_kv_heads`` and ``head_dim`` follow the weight."""
+    w_new = mod.query_key_value.weight.shape[0]
+    w_old = old.get("query_key_value.weight", [w_new])[0]
+    if w_new == w_old or getattr(mod, "multi_query", False) and not getattr(mod, "new_decoder_architecture", False):
+        return
+    heads0, dim0 = mod.num_heads, mod.head_dim
+    new_arch = bool(getattr(mod, "new_decoder_architecture", False))
+    groups0 = mod.num_kv_heads if new_arch else heads0
+    per = heads0 // groups0 + 2 if new_arch else 3  # rows of head_dim per group
+    choice = _slim.head_split(mod) or ("heads" if w_new % (per * dim0) == 0 else "head_dim")
+    groups, dim = (w_new // (per * dim0), dim0) if choice == "heads" else (groups0, w_new // (per * groups0))
+    mod.head_dim = dim
+    _note_head_dim(mod, dim0, dim)
+    mod.num_heads = groups * (per - 2) if new_arch else groups
+    mod.num_kv_heads = groups
+    dense = getattr(mod, "dense", None)
+    if isinstance(getattr(dense, "weight", None), torch.Tensor):
+        for a in ("hidden_size", "split_size"):
+            if isinstance(getattr(mod, a, None), int):
+                setattr(mod, a, dense.weight.shape[0])
+
+
 def update_module(mod: nn.Module, old: dict) -> None:
     """Slim updater for every module of the ``transformers`` package (children first)."""
     if _is_conv1d(mod):
@@ -180,6 +231,8 @@ def update_module(mod: nn.Module, old: dict) -> None:
     proj = _projections(mod)
     if proj is not None and (_first_attr(mod, _HEADS) or _first_attr(mod, _HEAD_DIM)):
         _update_attention(mod, proj, old)
+    elif _fused_heads(mod):
+        _update_fused_heads(mod, old)
     else:
         _update_mlp(mod)
     ctx = _slim.update_context()
@@ -201,13 +254,23 @@ def _residual_width(model: nn.Module) -> tuple[int, int] | None:
     old_shapes = ctx.get("old_shapes", {})
     for m in model.modules():
         proj = _projections(m)
-        if proj is None or not (_first_attr(m, _HEADS) or _first_attr(m, _HEAD_DIM)):
+        fused = proj is None and _fused_heads(m)
+        if not fused and (proj is None or not (_first_attr(m, _HEADS) or _first_attr(m, _HEAD_DIM))):
             continue
         pre = names.get(id(m), "")
         pre = pre + "." if pre else ""
         old = {k[len(pre):]: v for k, v in old_shapes.items() if k.startswith(pre)}
+        if fused:
+            return _out_in(m.query_key_value, old.get("query_key_value.weight"))[1], _out_in(m.query_key_value)[1]
         return _widths(m, proj, old)[2], _widths(m, proj, None)[2]
     return None
+
+
+def _settable(cfg: Any, field: str) -> bool:
+    """Whether config ``field`` can be assigned (not a read-only property such as Falcon's
+    ``head_dim``, which the config derives from ``hidden_size`` and the heads)."""
+    attr = getattr(type(cfg), field, None)
+    return not (isinstance(attr, property) and attr.fset is None)
 
 
 def _update_config(model: nn.Module, old: dict) -> None:
@@ -221,9 +284,10 @@ def _update_config(model: nn.Module, old: dict) -> None:
     splits = {("<root>" if k == here else k[len(pre):]): v for k, v in ctx.get("head_splits", {}).items()
               if k == here or k.startswith(pre) or (not here and k == "<root>")}
     record = dict(getattr(cfg, "prunekit", None) or {})
-    original = record.get("original") or {f: getattr(cfg, f) for f in CONFIG_FIELDS if hasattr(cfg, f)}
+    original = record.get("original") or {f: getattr(cfg, f) for f in CONFIG_FIELDS
+                                          if hasattr(cfg, f) and _settable(cfg, f)}
     hidden0 = original.get("hidden_size", getattr(cfg, "hidden_size", None))
-    inter0 = original.get("intermediate_size") or original.get("n_inner") or (4 * hidden0 if hidden0 else None)
+    inter0 = next((original[f] for f in _INTER_FIELDS if original.get(f)), None) or (4 * hidden0 if hidden0 else None)
     attn, inter = [], []
     for name, m in model.named_modules():
         sizes = attention_sizes(m)
@@ -234,31 +298,42 @@ def _update_config(model: nn.Module, old: dict) -> None:
         if was is not None and was == (inter0, hidden0):  # an MLP's first projection
             inter.append(_out_in(m)[0])
     residual = _residual_width(model)
-    layers_uniform = True
+    # head widths pruned: the config keeps the original sizes (a model built from the new ones
+    # would take its attention scale from the pruned head_dim); prunekit's loaders rebuild it
+    head_dim_pruned = bool(record.get("head_dim_pruned")) or any(
+        n == here or n.startswith(pre) for n in ctx.get("head_dim_pruned", ()))
+    layers_uniform = not head_dim_pruned
+
+    # per-stage lists (HF Swin's num_heads): the config states one value per stage, not per layer
+    per_stage = isinstance(getattr(cfg, "num_attention_heads", None), (list, tuple))
 
     def set_if_uniform(field: str, values: list[int]) -> None:
         nonlocal layers_uniform
         if not values:
             return
-        if len(set(values)) == 1:
-            if hasattr(cfg, field) or field in ("head_dim",):
-                setattr(cfg, field, values[0])
-        else:
-            layers_uniform = False
+        now = getattr(cfg, field, None)
+        if head_dim_pruned:
+            return
+        if len(set(values)) != 1 or isinstance(now, (list, tuple)) or not _settable(cfg, field):
+            # a read-only field (Falcon's derived head_dim) or a per-stage list cannot state it
+            layers_uniform = layers_uniform and len(set(values)) == 1 and now == values[0]
+        elif hasattr(cfg, field) or (field == "head_dim" and not per_stage):
+            setattr(cfg, field, values[0])
 
     if residual is not None and hidden0 is not None and residual[0] == getattr(cfg, "hidden_size", None):
         set_if_uniform("hidden_size", [residual[1]])
     set_if_uniform("num_attention_heads", [a["heads"] for a in attn])
-    if hasattr(cfg, "num_key_value_heads"):
-        set_if_uniform("num_key_value_heads", [a["kv_heads"] for a in attn])
+    kv_field = next((f for f in _KV_HEADS if hasattr(cfg, f)), None)
+    if kv_field is not None:
+        set_if_uniform(kv_field, [a["kv_heads"] for a in attn])
     dims = [a["head_dim"] for a in attn]
     if dims and (hasattr(cfg, "head_dim") or len(set(dims)) == 1):
         set_if_uniform("head_dim", dims)
     if inter0 is not None:
-        field = "intermediate_size" if hasattr(cfg, "intermediate_size") else "n_inner"
-        set_if_uniform(field, inter)
+        set_if_uniform(next((f for f in _INTER_FIELDS if hasattr(cfg, f)), "n_inner"), inter)
     record["original"] = original
     record["uniform"] = layers_uniform
+    record["head_dim_pruned"] = head_dim_pruned
     record["spec"] = _compose_spec(record.get("spec"), model, old_shapes, splits)
     cfg.prunekit = record
 
@@ -277,7 +352,23 @@ def _compose_spec(prev: dict | None, model: nn.Module, old_shapes: dict, head_sp
     spec = {"format": _slim.SPEC_FORMAT, "version": 1, "shapes": shapes, "original_shapes": original}
     if splits:
         spec["head_splits"] = splits
+    _add_structure(spec, prev or {}, model)
     return spec
+
+
+def _add_structure(spec: dict, prev: dict, model: nn.Module) -> None:
+    """The removed layers and compensation biases of the update running (names relative to ``model``)."""
+    ctx = _slim.update_context() or {}
+    here = ctx.get("names", {}).get(id(model), "")
+    pre = here + "." if here else ""
+    structure = ctx.get("structure", {})
+    blocks = list(prev.get("blocks", [])) + [b[len(pre):] for b in structure.get("blocks", []) if b.startswith(pre)]
+    biases = {**prev.get("added_biases", {}),
+              **{k[len(pre):]: v for k, v in structure.get("added_biases", {}).items() if k.startswith(pre)}}
+    if blocks:
+        spec["blocks"] = list(dict.fromkeys(blocks))
+    if biases:
+        spec["added_biases"] = biases
 
 
 # ----- preparing: hand-written RMSNorm -> F.rms_norm -----------------------------------
@@ -344,7 +435,8 @@ def from_pretrained(cls: Any, directory: str | Path, **kwargs) -> nn.Module:
         def __init__(self, cfg, *args, **kw):
             orig = copy.deepcopy(cfg)
             for field, value in record["original"].items():
-                setattr(orig, field, value)
+                if _settable(orig, field):  # read-only fields (Falcon's head_dim) follow the others
+                    setattr(orig, field, value)
             super().__init__(orig, *args, **kw)
             _slim.apply_spec(self, spec)
 

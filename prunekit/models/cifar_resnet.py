@@ -17,7 +17,7 @@ Example:
     >>> model(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
     >>> sum(p.numel() for p in model.parameters())
-    272474
+    269722
     >>> cifar_resnet(depth=8, width=4).layer3[0].shortcut
     PadShortcut(in_planes=8, planes=16)
 """

@@ -5,6 +5,14 @@ For every prunable channel group and every ratio, the group alone is pruned in s
 ``eval_fn(model, *args)`` is called, and the model is restored. The group is the unit:
 coupled layers (both sides of a residual) are always measured together.
 
+When ``eval_fn`` was built by :func:`prunekit.workflow.evaluation.make_eval_fn`, ana runs the
+forward itself and, by default, analyses fast (:mod:`prunekit.workflow.fast_ana`): the
+unpruned activations before each group are reused, points stop early once their loss is known
+well enough, and only the ratios where a curve bends are evaluated (the others interpolated).
+The result says how every point was obtained (:attr:`Sensitivity.details`, ``cost``).
+``fast=False`` evaluates every point in full; an opaque ``eval_fn`` always is. ``workers``
+forks processes that share the groups on this machine's cores.
+
 Every evaluated point is written to the workspace at once (atomically); a second call
 reuses the results unless ``forced=True``, and an interrupted run resumes where it stopped.
 The results are invalidated, with a message, when the model, the excludes, the ratios or
@@ -39,6 +47,11 @@ import torch.nn as nn
 from prunekit.engine import sparse
 from prunekit.engine.pruner import Pruner
 from prunekit.workflow import distributed as pdist
+from prunekit.workflow import fast_ana
+from prunekit.workflow.evaluation import EvalSpec
+from prunekit.workflow.options import FastAnaConfig
+from prunekit.workflow.progress import bar as progress_bar
+from prunekit.workflow.validation import group_label, validated_pruner
 from prunekit.workflow.workspace import Workspace, model_fingerprint
 
 __all__ = ["ana", "Sensitivity", "DEFAULT_RATIOS"]
@@ -58,6 +71,17 @@ class Sensitivity:
         curves: ``{group_id: {ratio: metric}}``.
         labels: ``{group_id: readable name}`` (the group's first layer).
         sizes: ``{group_id: number of channels}``.
+        details: ``{group_id: {ratio: info}}``: how each point was obtained. ``info["how"]`` is
+            ``full`` (measured on every batch), ``early_stop`` (measured until a stop rule held:
+            ``info["stop"]`` is ``precise`` or ``collapsed``; the value is the baseline minus
+            the paired drop), ``interpolated`` (between measured ratios) or ``collapsed`` (the
+            curve's collapsed value); ``images`` and ``batches`` count what the point used.
+            Empty for results written before these were recorded.
+        cost: What the analysis did: ``method`` (``fast``/``full``), ``points``,
+            ``evaluated``, ``early_stop``, ``interpolated``, ``collapsed``, and for the fast
+            analysis ``images`` (every image put through the model: baseline, cache captures,
+            checks and points), ``image_equivalents`` (the same counted by the share of the
+            model's MACs that ran), ``prefix_groups``, ``batched_groups`` and ``fallbacks``.
     """
 
     baseline: float
@@ -66,6 +90,17 @@ class Sensitivity:
     curves: dict[int, dict[float, float]]
     labels: dict[int, str] = field(default_factory=dict)
     sizes: dict[int, int] = field(default_factory=dict)
+    details: dict[int, dict[float, dict]] = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)
+
+    def estimated(self) -> dict[int, dict[float, str]]:
+        """``{group_id: {ratio: how}}`` of the points that were not measured on every batch."""
+        out: dict[int, dict[float, str]] = {}
+        for g, pts in self.details.items():
+            for r, info in pts.items():
+                if info.get("how", "full") != "full":
+                    out.setdefault(g, {})[r] = info["how"]
+        return out
 
     def loss(self, gid: int, ratio: float) -> float:
         """Relative metric loss of pruning group ``gid`` alone at ``ratio`` (interpolated).
@@ -103,13 +138,18 @@ class Sensitivity:
         """A text table of the curves, most sensitive groups first."""
         ratios = self.ratios
         head = f"{'group':>5}  {'layer':<40} {'ch':>5}  " + " ".join(f"{r:>6.0%}" for r in ratios)
+        est = self.estimated()
+        note = "" if not est else ("; ~: interpolated, *: estimated on part of the batches, "
+                                   "^: collapsed (not evaluated)")
         lines = [f"baseline metric {self.baseline:.4g} ({'lower' if self.lower_is_better else 'higher'} is better);"
-                 " cells: metric after pruning that group alone", head, "-" * len(head)]
+                 f" cells: metric after pruning that group alone{note}", head, "-" * len(head)]
+        marks = {"interpolated": "~", "early_stop": "*", "collapsed": "^"}
         for gid in self.order()[:limit]:
             cells = []
             for r in ratios:
                 v = self.curves[gid].get(r)
-                cells.append(f"{v:>6.3g}" if v is not None else f"{'-':>6}")
+                mark = marks.get(est.get(gid, {}).get(r, ""), "")
+                cells.append(f"{mark + format(v, '.3g'):>6}" if v is not None else f"{'-':>6}")
             label = self.labels.get(gid, "")[:40]
             lines.append(f"{gid:>5}  {label:<40} {self.sizes.get(gid, 0):>5}  " + " ".join(cells))
         return "\n".join(lines)
@@ -142,14 +182,18 @@ class Sensitivity:
         return {"baseline": self.baseline, "lower_is_better": self.lower_is_better, "ratios": self.ratios,
                 "curves": {str(g): {str(r): v for r, v in c.items()} for g, c in self.curves.items()},
                 "labels": {str(g): v for g, v in self.labels.items()},
-                "sizes": {str(g): v for g, v in self.sizes.items()}}
+                "sizes": {str(g): v for g, v in self.sizes.items()},
+                "details": {str(g): {str(r): v for r, v in c.items()} for g, c in self.details.items()},
+                "cost": self.cost}
 
     @classmethod
     def from_dict(cls, d: dict) -> Sensitivity:
         return cls(d["baseline"], d["lower_is_better"], list(d["ratios"]),
                    {int(g): {float(r): v for r, v in c.items()} for g, c in d["curves"].items()},
                    {int(g): v for g, v in d.get("labels", {}).items()},
-                   {int(g): v for g, v in d.get("sizes", {}).items()})
+                   {int(g): v for g, v in d.get("sizes", {}).items()},
+                   {int(g): {float(r): v for r, v in c.items()} for g, c in d.get("details", {}).items()},
+                   dict(d.get("cost", {})))
 
 
 def _score(eval_fn: Callable, model: nn.Module, args: Sequence) -> float:
@@ -165,23 +209,26 @@ def _score(eval_fn: Callable, model: nn.Module, args: Sequence) -> float:
     return value
 
 
-def group_label(group) -> str:
-    m = group.members[0]
-    return m.module or m.name
+def _group_line(group, ratios: Sequence[float], points: dict, mine: list) -> str:
+    """``ana: group 3 (layer1.0.conv1, 64 ch) 2/9: 30% -> 0.91, 60% -> 0.84``."""
+    done = 1 + next(i for i, g in enumerate(mine) if g.id == group.id)
+    cells = ", ".join(f"{r:.0%} -> {points[f'{group.id}/{r}']:.4g}" for r in ratios if f"{group.id}/{r}" in points)
+    return f"ana: group {group.id} ({group_label(group)}, {group.n_units} ch) {done}/{len(mine)}: {cells}"
 
 
-def _config(pruner: Pruner, excludes, ratios, criterion, lower_is_better, collapse) -> dict:
+def _config(pruner: Pruner, excludes, ratios, criterion, lower_is_better, collapse, method: Any = "full") -> dict:
     return {"model": model_fingerprint(pruner.model), "excludes": sorted(excludes), "ratios": list(ratios),
             "criterion": criterion, "lower_is_better": lower_is_better, "collapse": collapse,
-            "groups": [[m.name for m in g.members][:4] + [g.n_units] for g in pruner.prunable_groups]}
+            "groups": [[m.name for m in g.members][:4] + [g.n_units] for g in pruner.prunable_groups],
+            "method": method}
 
 
 def _explain(old: dict, new: dict) -> str:
-    keys = ("model", "excludes", "ratios", "criterion", "lower_is_better", "collapse", "groups")
+    keys = ("model", "excludes", "ratios", "criterion", "lower_is_better", "collapse", "groups", "method")
     what = [k for k in keys if old.get(k) != new.get(k)]
     names = {"model": "the model's weights or architecture", "excludes": "the excludes", "ratios": "the ratios",
              "criterion": "the criterion", "lower_is_better": "the metric direction", "collapse": "collapse",
-             "groups": "the channel groups"}
+             "groups": "the channel groups", "method": "the analysis method (fast or full, or its settings)"}
     return ", ".join(names[w] for w in what) or "the configuration"
 
 
@@ -189,7 +236,8 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
         workspace: str | Workspace, excludes: Iterable[str] = (), ratios: Sequence[float] = DEFAULT_RATIOS,
         criterion: str = "l2", forced: bool = False, lower_is_better: bool = False,
         collapse: float | None = 0.5, rank: int | None = None, world_size: int | None = None, progress: bool = True,
-        pruner: Pruner | None = None, log: Callable[[str], None] = print) -> Sensitivity:
+        pruner: Pruner | None = None, log: Callable[[str], None] = print, fast: bool | FastAnaConfig = True,
+        workers: int = 1, calibration: Iterable[Any] | None = None) -> Sensitivity:
     """Measure each prunable group's sensitivity; resumable, cached in ``workspace``.
 
     Args:
@@ -213,9 +261,19 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
         progress: Show a progress bar with ETA (tqdm).
         pruner: Reuse an existing :class:`Pruner` for ``model``.
         log: Where messages go.
+        fast: The fast analysis (:mod:`prunekit.workflow.fast_ana`: cached activations before
+            each group, several variants per forward, early-stopped points, adaptive ratios),
+            used where ``eval_fn`` was built by :func:`~prunekit.workflow.evaluation.make_eval_fn`:
+            ``True`` (its defaults), a :class:`~prunekit.workflow.options.FastAnaConfig`, or
+            ``False`` to evaluate every point in full. Changing it recomputes the cached points.
+        workers: Processes (forked, on this machine's cores) that share the groups; each
+            writes ``ana.rank<i>.json`` and this process merges them.
+        calibration: Calibration batches (model inputs) for the ``activation`` / ``fluctuation``
+            criteria (:meth:`prunekit.Pruner.collect_activations`).
 
     Returns:
-        The :class:`Sensitivity` over all groups evaluated so far (all ranks).
+        The :class:`Sensitivity` over all groups evaluated so far (all ranks), with what was
+        estimated and how (:attr:`Sensitivity.details`, :attr:`Sensitivity.cost`).
     """
     ratios = sorted({float(r) for r in ratios})  # ascending: a collapsed curve stays collapsed
     if not ratios or any(not 0 < r < 1 for r in ratios):
@@ -236,8 +294,13 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
             "a metric in the wrong direction makes every loss look like zero")
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     excludes = list(excludes)
-    pruner = pruner or Pruner(model, example_inputs, ignore=excludes, criterion=criterion)
-    config = _config(pruner, excludes, ratios, criterion, lower_is_better, collapse)
+    pruner = pruner or validated_pruner(model, example_inputs, ignore=excludes, criterion=criterion, log=log)
+    if calibration is not None and not pruner.activations:
+        pruner.collect_activations(calibration)  # for the activation criteria
+    prior = sparse.get_plan(model) if sparse.is_sparse(model) else None
+    share = _Share(model, eval_fn, tuple(args), pruner, ratios, collapse, prior, lower_is_better, log,
+                   _fast_config(fast), example_inputs)
+    config = _config(pruner, excludes, ratios, criterion, lower_is_better, collapse, share.method())
     fname = "ana.json" if world_size == 1 else f"ana.rank{rank}.json"
     if together:  # rank 0 reads (and cleans) the workspace, measures the baseline, tells the others
         state = None
@@ -247,53 +310,25 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
                     p.unlink()
             state = _load(ws, config, forced, log)
             if "baseline" not in state:
-                state["baseline"] = _score(eval_fn, model, args)
+                state["baseline"] = share.baseline()
                 _save(ws, fname, config, state)
         state = pdist.broadcast_object(state)
     else:
         state = _load(ws, config, forced, log)
     if "baseline" not in state:
-        state["baseline"] = _score(eval_fn, model, args)
+        state["baseline"] = share.baseline()
         _save(ws, fname, config, state)
     groups = pruner.prunable_groups
     mine = [g for i, g in enumerate(groups) if i % world_size == rank]
     todo = [(g, r) for g in mine for r in ratios if f"{g.id}/{r}" not in state["points"]]
-    prior = sparse.get_plan(model) if sparse.is_sparse(model) else None
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="ana", unit="pt")
-    rel = Sensitivity(state["baseline"], lower_is_better, ratios, {})._rel
-    collapsed: dict[int, float] = {}  # group -> metric at which its curve collapsed (also when resuming)
-    for g in mine if collapse is not None else ():
-        for r in ratios:
-            v = state["points"].get(f"{g.id}/{r}")
-            if v is None:
-                break
-            if rel(v) > collapse:
-                collapsed[g.id] = v
-                break
-    t0 = time.perf_counter()
-    try:
-        for g, r in todo:
-            key = f"{g.id}/{r}"
-            if g.id in collapsed:
-                state["points"][key] = collapsed[g.id]
-                state.setdefault("collapsed", []).append(key)
-            else:
-                plan = pruner.plan({g.id: r})
-                state["points"][key] = evaluate_point(model, plan, prior, eval_fn, args)
-                if collapse is not None and rel(state["points"][key]) > collapse:
-                    collapsed[g.id] = state["points"][key]
-            _save(ws, fname, config, state)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
-    _save(ws, fname, config, state)
+    source = f"rank{rank}of{world_size}" if world_size > 1 else "main"
+    if workers > 1 and world_size == 1 and todo:
+        t0 = time.perf_counter()
+        _in_workers(share, ws, config, state, workers, progress)
+        state = _load(ws, config, False, lambda m: None)
+        state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
+    else:
+        _points(share, ws, fname, config, state, mine, source, progress)
     if together:  # every rank's points are in its file: rank 0 merges, the others get the result
         pdist.barrier()
         merged = pdist.broadcast_object(_merge(ws, config, state) if rank == 0 else None)
@@ -306,8 +341,10 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
             sens.curves[g.id] = pts
             sens.labels[g.id] = group_label(g)
             sens.sizes[g.id] = g.n_units
+            sens.details[g.id] = {r: merged.get("info", {}).get(f"{g.id}/{r}", {"how": "full"}) for r in pts}
+    sens.cost = _cost(merged, config["method"], [f"{g}/{r}" for g, c in sens.curves.items() for r in c])
     if not together or rank == 0:
-        ws.write_json("sensitivity.json", sens.to_dict())
+        ws.write_json("sensitivity.json", {**sens.to_dict(), "config": config})  # which model it describes
         if sens.curves:
             tmp = ws.path(".sensitivity.tmp.png")
             if sens.plot(str(tmp)):
@@ -315,6 +352,210 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
     if together:
         pdist.barrier()  # the workspace is complete when any rank returns
     return sens
+
+
+def _full_points(sh: _Share, state: dict, mine: list, todo: list, save: Callable[[], None], bar) -> None:
+    """Every point in full: ``eval_fn`` on the pruned model (after a curve collapses, its value)."""
+    model, eval_fn, args, pruner, ratios, collapse, log = (sh.model, sh.eval_fn, sh.args, sh.pruner, sh.ratios,
+                                                           sh.collapse, sh.log)
+    lower_is_better, prior = sh.lower_is_better, sh.prior
+    rel = Sensitivity(state["baseline"], lower_is_better, ratios, {})._rel
+    collapsed: dict[int, float] = {}  # group -> metric at which its curve collapsed (also when resuming)
+    for g in mine if collapse is not None else ():
+        for r in ratios:
+            v = state["points"].get(f"{g.id}/{r}")
+            if v is None:
+                break
+            if rel(v) > collapse:
+                collapsed[g.id] = v
+                break
+    try:
+        for g, r in todo:
+            key = f"{g.id}/{r}"
+            if g.id in collapsed:
+                state["points"][key] = collapsed[g.id]
+                state.setdefault("collapsed", []).append(key)
+                state.setdefault("info", {})[key] = {"how": "collapsed"}
+            else:
+                plan = pruner.plan({g.id: r})
+                state["points"][key] = evaluate_point(model, plan, prior, eval_fn, args)
+                state.setdefault("info", {})[key] = {"how": "full"}
+                if collapse is not None and rel(state["points"][key]) > collapse:
+                    collapsed[g.id] = state["points"][key]
+            save()
+            if bar is not None:
+                bar.update(1)
+            elif r == ratios[-1]:  # no bar (--no-progress, no terminal): one line per group
+                log(_group_line(g, ratios, state["points"], mine))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@dataclass
+class _Share:
+    """What evaluating a share of the points needs (here, in a forked worker or on a torchrun rank)."""
+
+    model: nn.Module
+    eval_fn: Callable
+    args: tuple
+    pruner: Pruner
+    ratios: list[float]
+    collapse: float | None
+    prior: Any
+    lower_is_better: bool
+    log: Callable[[str], None]
+    fast: FastAnaConfig
+    example_inputs: Any
+    analysis: Any = None  # the FastAnalysis, or why not (a str), once asked for
+
+    def method(self) -> Any:
+        """``"full"``, or the fast settings that change the results (part of the cache's config)."""
+        if not self.fast.enabled or not isinstance(getattr(self.eval_fn, "evaluation", None), EvalSpec) or self.args:
+            return "full"
+        keep = ("early_stop", "confidence", "tolerance", "rel_tolerance", "min_images", "adaptive", "stride",
+                "interp_tolerance")
+        return {"fast": {k: getattr(self.fast, k) for k in keep}}
+
+    def fast_analysis(self) -> fast_ana.FastAnalysis | None:
+        """The fast analysis (built once: it measures the baseline), or ``None`` where it does not apply."""
+        if self.analysis is None:
+            self.analysis = _INHERITED.get((id(self.model), id(self.eval_fn))) or fast_ana.FastAnalysis.create(
+                self.model, self.example_inputs, self.eval_fn, self.args, self.pruner, self.fast,
+                self.lower_is_better, self.collapse, self.prior, self.log)
+            if isinstance(self.analysis, str) and self.method() != "full":
+                self.log(f"fast ana does not apply: {self.analysis}")
+        return self.analysis if isinstance(self.analysis, fast_ana.FastAnalysis) else None
+
+    def baseline(self) -> float:
+        fa = self.fast_analysis()
+        return fa.baseline if fa is not None else _score(self.eval_fn, self.model, self.args)
+
+
+#: a forked worker's fast analysis: the parent's batches and baseline, ``{(id(model), id(eval_fn)): analysis}``
+_INHERITED: dict[tuple[int, int], Any] = {}
+
+
+def _fast_config(fast: bool | FastAnaConfig) -> FastAnaConfig:
+    if isinstance(fast, FastAnaConfig):
+        return fast
+    if isinstance(fast, bool):
+        return FastAnaConfig(enabled=fast)
+    raise TypeError(f"fast must be True, False or a FastAnaConfig, got {type(fast).__name__}: {fast!r:.60}")
+
+
+def _points(sh: _Share, ws: Workspace, fname: str, config: dict, state: dict, mine: list, source: str,
+            progress: bool) -> None:
+    """Evaluate the missing points of the groups ``mine``, saving ``state`` to ``fname`` after each."""
+    todo = [(g, r) for g in mine for r in sh.ratios if f"{g.id}/{r}" not in state["points"]]
+    t0 = time.perf_counter()
+    if todo:
+        bar = progress_bar(len(todo), "ana", "pt", enabled=progress)
+        fa = sh.fast_analysis()
+        if fa is not None:
+            _fast_points(fa, sh, state, mine, lambda: _save(ws, fname, config, state), bar)
+            _add_overhead(state, source, fa.take_cost())
+        else:
+            _full_points(sh, state, mine, todo, lambda: _save(ws, fname, config, state), bar)
+    state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
+    _save(ws, fname, config, state)
+
+
+def _add_overhead(state: dict, source: str, cost: dict) -> None:
+    """Add a process's images (baseline, captures, checks, points) to its entry of ``state["overhead"]``."""
+    mine = state.setdefault("overhead", {}).setdefault(source, {})
+    for k, v in cost.items():
+        mine[k] = {**mine.get(k, {}), **v} if isinstance(v, dict) else mine.get(k, 0) + v
+
+
+def _fast_points(fa: fast_ana.FastAnalysis, sh: _Share, state: dict, mine: list, save: Callable[[], None],
+                 bar) -> None:
+    """The fast analysis of the groups ``mine`` (in forward order, so cached activations grow forward)."""
+    info, collapsed = state.setdefault("info", {}), state.setdefault("collapsed", [])
+    try:
+        for g in fa.order(mine):
+            keys = [f"{g.id}/{r}" for r in sh.ratios]
+            if all(k in state["points"] for k in keys):
+                continue
+            known = {i: (state["points"][k], info.get(k, {})) for i, k in enumerate(keys) if k in state["points"]}
+
+            def emit(i: int, res: fast_ana.PointResult, keys=keys) -> None:
+                key, new = keys[i], keys[i] not in state["points"]
+                state["points"][key], info[key] = res.value, res.info()
+                if (res.how == "collapsed") != (key in collapsed):
+                    collapsed.append(key) if res.how == "collapsed" else collapsed.remove(key)
+                save()
+                if bar is not None and new:
+                    bar.update(1)
+
+            fa.analyse(g, sh.ratios, known, emit)
+            if bar is None:
+                sh.log(_group_line(g, sh.ratios, state["points"], mine))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _in_workers(sh: _Share, ws: Workspace, config: dict, state: dict, workers: int, progress: bool) -> None:
+    """Fork ``workers`` processes that share the groups (each on its share of the cores)."""
+    import multiprocessing
+    import os
+    import traceback
+
+    if next((t.device.type for t in sh.model.parameters()), "cpu") != "cpu":
+        raise ValueError(f"workers={workers} forks processes on this machine's CPU cores; the model is on "
+                         "an accelerator: use workers=1 (or torchrun, one process per device)")
+    fa = sh.fast_analysis()  # built here once: the workers inherit its batches and baseline
+    if fa is not None:
+        _add_overhead(state, "main", fa.take_cost())
+        _INHERITED[(id(sh.model), id(sh.eval_fn))] = fa
+    threads = max(1, torch.get_num_threads() // workers)
+    groups = sh.pruner.prunable_groups
+
+    def work(r: int) -> None:
+        code = 0
+        try:
+            torch.set_num_threads(threads)
+            mine = groups[r::workers]
+            _points(sh, ws, f"ana.rank{r}.json", config, state, mine, f"worker{r}of{workers}", False)
+        except BaseException:  # noqa: BLE001 - reported by the parent as a failed worker
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=work, args=(r,), daemon=True) for r in range(workers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    _INHERITED.clear()
+    failed = [r for r, proc in enumerate(procs) if proc.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"ana workers {failed} of {workers} failed (see their messages above); the points they "
+                           "finished are saved in the workspace: run ana again to resume")
+
+
+def _cost(merged: dict, method: Any, keys: list[str]) -> dict:
+    """What the analysis evaluated and estimated: points by ``how``, images, early stops, fallbacks."""
+    info = merged.get("info", {})
+    hows = [info.get(k, {}).get("how", "full") for k in keys]
+    out: dict[str, Any] = {"method": "full" if method == "full" else "fast", "points": len(keys),
+                           "evaluated": sum(h in fast_ana.EVALUATED for h in hows), "full": hows.count("full"),
+                           "early_stop": hows.count("early_stop"), "interpolated": hows.count("interpolated"),
+                           "collapsed": hows.count("collapsed"),
+                           "stopped_precise": sum(info.get(k, {}).get("stop") == "precise" for k in keys),
+                           "stopped_collapsed": sum(info.get(k, {}).get("stop") == "collapsed" for k in keys),
+                           "seconds": round(merged.get("seconds", 0.0), 3)}
+    over = merged.get("overhead", {})
+    if over:
+        for name in ("images", "image_equivalents", "baseline_images", "capture_images", "verify_images",
+                     "prefix_groups", "batched_groups"):
+            out[name] = sum(v.get(name, 0) for v in over.values())
+        out["image_equivalents"] = round(out["image_equivalents"], 1)
+        out["point_images"] = sum(info.get(k, {}).get("images", 0) for k in keys)
+        out["fallbacks"] = {g: why for v in over.values() for g, why in v.get("fallbacks", {}).items()}
+    return out
 
 
 @torch.no_grad()
@@ -350,18 +591,18 @@ def _load(ws: Workspace, config: dict, forced: bool, log) -> dict:
     state: dict = {"points": {}}
     if ws.exists("ana.json"):
         data = ws.read_json("ana.json")
-        if data.get("format") != FORMAT:
-            log(f"{ws.path('ana.json')} is not a prunekit analysis; starting a new one")
-            return fresh
-        if data.get("config") != config:
-            log(f"cached sensitivity analysis in {ws.root} is stale ({_explain(data.get('config', {}), config)} "
-                "changed); recomputing")
-            for p in ws.glob("ana.rank*.json"):
-                p.unlink()
+        if data.get("format") != FORMAT or data.get("config") != config:
+            why = ("is not a prunekit analysis" if data.get("format") != FORMAT else
+                   f"is stale ({_explain(data.get('config', {}), config)} changed)")
+            old = ws.set_aside(["ana.json", "sensitivity.json", "sensitivity.png",
+                                *(p.name for p in ws.glob("ana.rank*.json"))], "ana")
+            log(f"the sensitivity analysis in {ws.root} {why}; measuring it again (the old one is kept in {old})")
             return fresh
         state["points"].update(data.get("points", {}))
         state["collapsed"] = list(data.get("collapsed", []))
         state["seconds"] = data.get("seconds", 0.0)
+        state["info"] = dict(data.get("info", {}))
+        state["overhead"] = dict(data.get("overhead", {}))
         if "baseline" in data:
             state["baseline"] = data["baseline"]
     for p in ws.glob("ana.rank*.json"):  # this and other ranks' results (also before any merge)
@@ -369,6 +610,8 @@ def _load(ws: Workspace, config: dict, forced: bool, log) -> dict:
         if other.get("format") == FORMAT and other.get("config") == config:
             state["points"].update(other.get("points", {}))
             state["collapsed"] = sorted(set(state.get("collapsed", [])) | set(other.get("collapsed", [])))
+            state.setdefault("info", {}).update(other.get("info", {}))
+            state.setdefault("overhead", {}).update(other.get("overhead", {}))
             if "baseline" in other:
                 state.setdefault("baseline", other["baseline"])
     done = len(state["points"])
@@ -382,13 +625,17 @@ def _save(ws: Workspace, fname: str, config: dict, state: dict) -> None:
 
 
 def _merge(ws: Workspace, config: dict, state: dict) -> dict:
-    merged = {**state, "points": {}, "collapsed": set(state.get("collapsed", []))}
-    for p in ws.glob("ana*.json"):
+    merged = {**state, "points": {}, "collapsed": set(state.get("collapsed", [])), "info": {}, "overhead": {}}
+    for p in sorted(ws.glob("ana*.json"), key=lambda p: p.name != "ana.json"):  # the ranks' files last: newer
         other = ws.read_json(p.name)
         if other.get("format") == FORMAT and other.get("config") == config:
             merged["points"].update(other.get("points", {}))
             merged["collapsed"] |= set(other.get("collapsed", []))
+            merged["info"].update(other.get("info", {}))
+            merged["overhead"].update(other.get("overhead", {}))
     merged["points"].update(state["points"])  # this run's points win (forced=True recomputed them)
+    merged["info"].update(state.get("info", {}))
+    merged["overhead"].update(state.get("overhead", {}))
     merged["collapsed"] = sorted(k for k in merged["collapsed"] if k in merged["points"])
     ws.write_json("ana.json", {"format": FORMAT, "version": 1, "config": config, **merged})
     return merged

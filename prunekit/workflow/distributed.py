@@ -409,7 +409,7 @@ def shard_eval_fn(loader: Iterable, build: Callable[[Iterable], Callable[[nn.Mod
             raise ValueError("the evaluation loader yielded no batches; nothing to evaluate")
         return weighted / samples
 
-    for attr in ("lower_is_better", "metric"):
+    for attr in ("lower_is_better", "metric", "evaluation"):  # evaluation: ana runs the forward (fast ana)
         if hasattr(full, attr):
             setattr(eval_fn, attr, getattr(full, attr))
     eval_fn.collective = True  # type: ignore[attr-defined]

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from prunekit.graph.trace import call_model
 
-__all__ = ["make_eval_fn", "make_bn_calibration", "accuracy", "METRICS"]
+__all__ = ["make_eval_fn", "make_bn_calibration", "accuracy", "METRICS", "EvalSpec", "batch_size"]
 
 Metric = Callable[[Any, Any], Any]
 
@@ -74,7 +75,8 @@ def _to(batch: Any, device: torch.device | None) -> Any:
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
 
 
-def _batch_size(target: Any) -> int:
+def batch_size(target: Any) -> int:
+    """The number of samples in a batch: the first dim of its first tensor (1 without one)."""
     ts = [t for t in tree_flatten(target)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
     return int(ts[0].shape[0]) if ts else 1
 
@@ -99,29 +101,109 @@ def _n_batches(loader: Iterable, max_batches: int | None, fraction: float | None
     return None
 
 
+def _per_sample_accuracy(output: Any, target: torch.Tensor) -> torch.Tensor:
+    logits = _logits(output, "accuracy")
+    return (logits.argmax(1) == target).double().reshape(target.shape[0], -1).mean(1)
+
+
+def _per_sample_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(_logits(output, "loss").double(), target, reduction="none")
+    return ce.reshape(target.shape[0], -1).mean(1)
+
+
+_PER_SAMPLE = {"accuracy": _per_sample_accuracy, "loss": _per_sample_loss}
+
+
+@dataclass
+class EvalSpec:
+    """What an evaluator built by :func:`make_eval_fn` evaluates, so that ana can run the forward itself.
+
+    Attributes:
+        loader: The re-iterable of ``(inputs, target)`` batches.
+        metric: ``metric(output, target) -> batch mean``.
+        name: The metric's name (``'accuracy'``, ``'loss'`` or the callable's name).
+        lower_is_better: The built-in metric's direction (``None`` for a callable).
+        limit: At most this many batches are evaluated (``None``: all).
+        device: Where the batches go (``None``: the model's device).
+
+    Example:
+        >>> spec = make_eval_fn([(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))], "accuracy").evaluation
+        >>> [tuple(x.shape) for x, _ in spec.batches(None)], spec.binary
+        ([(4, 3)], True)
+    """
+
+    loader: Iterable
+    metric: Metric
+    name: str
+    lower_is_better: bool | None
+    limit: int | None
+    device: torch.device | None
+
+    @property
+    def binary(self) -> bool:
+        """Per-sample values are 0 or 1 (top-1 accuracy): a Wilson bound applies."""
+        return self.name == "accuracy" and self.metric is _accuracy
+
+    def batches(self, model_device: torch.device | None) -> Iterator[tuple[Any, Any]]:
+        """The evaluated ``(inputs, target)`` pairs, moved to the device."""
+        dev = self.device if self.device is not None else model_device
+        for i, batch in enumerate(self.loader):
+            if self.limit is not None and i >= self.limit:
+                break
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                what = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else type(batch).__name__
+                raise ValueError(f"each batch must be a pair (inputs, target), got {what}")
+            yield _to(batch[0], dev), _to(batch[1], dev)
+
+    def batch_value(self, output: Any, target: Any) -> float:
+        """The metric's batch mean, checked to be a number."""
+        value = self.metric(output, target)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"metric {self.name!r} must return a number, got {type(value).__name__}")
+        return float(value)
+
+    def per_sample(self, output: Any, target: Any) -> torch.Tensor | None:
+        """One value per sample (float64, on the CPU) for the built-in metrics, else ``None``."""
+        fn = _PER_SAMPLE.get(self.name) if self.metric is METRICS.get(self.name, (None,))[0] else None
+        return None if fn is None or not isinstance(target, torch.Tensor) else fn(output, target).cpu()
+
+
 def make_eval_fn(loader: Iterable, metric: str | Metric = "accuracy", max_batches: int | None = None,
-                 fraction: float | None = None, device: str | torch.device | None = None
-                 ) -> Callable[[nn.Module], float]:
+                 fraction: float | None = None, device: str | torch.device | None = None,
+                 seq_len: int | None = None) -> Callable[[nn.Module], float]:
     """An ``eval_fn(model) -> float`` for :func:`prunekit.workflow.ana` over (part of) ``loader``.
 
     Args:
         loader: A re-iterable of ``(inputs, target)`` batches (a ``DataLoader``, a list);
             ``inputs`` is a tensor, a tuple of positional args or a dict of keyword args.
         metric: ``'accuracy'`` (top-1, higher is better), ``'loss'`` (cross-entropy, lower
-            is better) or ``metric(output, target) -> number``, the mean over the batch.
-            Batch values are averaged weighted by batch size.
+            is better), ``'perplexity'`` (causal language models over token batches, lower is
+            better; see :mod:`prunekit.workflow.perplexity`) or ``metric(output, target) ->
+            number``, the mean over the batch. Batch values are averaged weighted by batch size.
         max_batches: Evaluate on at most this many batches (the first ones).
         fraction: Evaluate on the first ``ceil(fraction * len(loader))`` batches, in (0, 1].
         device: Move the batches there; default: the device of the model's parameters.
+        seq_len: ``'perplexity'`` only: tokens per window (longer sequences are split); default:
+            the first batch's length. Stated by ``eval_fn.seq_len`` and ``eval_fn.describe()``.
 
     Returns:
         ``eval_fn(model) -> float``, with ``eval_fn.lower_is_better`` set for the built-in
-        metrics (pass the same ``lower_is_better`` to :func:`prunekit.workflow.ana`).
+        metrics (pass the same ``lower_is_better`` to :func:`prunekit.workflow.ana`) and
+        ``eval_fn.evaluation``, an :class:`EvalSpec`: with it ana runs the forward itself
+        (the fast analysis, see :mod:`prunekit.workflow.fast_ana`).
     """
+    if metric == "perplexity":
+        from prunekit.workflow.perplexity import make_perplexity_fn
+
+        return make_perplexity_fn(loader, seq_len, _n_batches(loader, max_batches, fraction), device)
+    if seq_len is not None:
+        raise ValueError(f"seq_len is an option of metric 'perplexity', not of {metric!r}")
     if isinstance(metric, str):
         if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)} or pass a callable "
-                             "metric(output, target) -> number")
+            raise ValueError(f"unknown metric {metric!r}; choose one of {sorted([*METRICS, 'perplexity'])} or pass "
+                             "a callable metric(output, target) -> number")
         fn, lower = METRICS[metric]
         name = metric
     elif callable(metric):
@@ -130,30 +212,18 @@ def make_eval_fn(loader: Iterable, metric: str | Metric = "accuracy", max_batche
         raise TypeError(f"metric must be a name in {sorted(METRICS)} or a callable, got {type(metric).__name__}")
     if isinstance(loader, (torch.Tensor, str, bytes)) or not isinstance(loader, Iterable):
         raise TypeError(f"loader must be an iterable of (inputs, target) batches, got {type(loader).__name__}")
-    limit = _n_batches(loader, max_batches, fraction)
-    dev = torch.device(device) if device is not None else None
+    spec = EvalSpec(loader, fn, name, lower, _n_batches(loader, max_batches, fraction),
+                    torch.device(device) if device is not None else None)
 
     def eval_fn(model: nn.Module) -> float:
-        target_dev = dev if dev is not None else _model_device(model)
         was = model.training
         model.eval()
         total, n, seen = 0.0, 0, 0
         try:
             with torch.no_grad():
-                for i, batch in enumerate(loader):
-                    if limit is not None and i >= limit:
-                        break
-                    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                        what = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else type(batch).__name__
-                        raise ValueError(f"each batch must be a pair (inputs, target), got {what}")
-                    inputs, target = _to(batch[0], target_dev), _to(batch[1], target_dev)
-                    value = fn(call_model(model, inputs), target)
-                    if isinstance(value, torch.Tensor) and value.numel() == 1:
-                        value = value.item()
-                    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                        raise TypeError(f"metric {name!r} must return a number, got {type(value).__name__}")
-                    k = _batch_size(target)
-                    total += float(value) * k
+                for inputs, target in spec.batches(_model_device(model)):
+                    k = batch_size(target)
+                    total += spec.batch_value(call_model(model, inputs), target) * k
                     n += k
                     seen += 1
         finally:
@@ -164,6 +234,7 @@ def make_eval_fn(loader: Iterable, metric: str | Metric = "accuracy", max_batche
 
     eval_fn.lower_is_better = lower  # type: ignore[attr-defined]
     eval_fn.metric = name  # type: ignore[attr-defined]
+    eval_fn.evaluation = spec  # type: ignore[attr-defined]
     return eval_fn
 
 

@@ -22,11 +22,13 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ConfigError", "check_keys", "check_fraction", "check_int", "check_ref", "AnaConfig", "PruneConfig",
-           "IterativeConfig", "FinetuneConfig", "OPTIMIZERS", "SCHEDULES"]
+__all__ = ["ConfigError", "check_keys", "check_fraction", "check_int", "check_ref", "AnaConfig", "FastAnaConfig",
+           "PruneConfig", "IterativeConfig", "FinetuneConfig", "OPTIMIZERS", "SCHEDULES", "FINETUNE_ON"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+#: what the iterative loop fine-tunes after each prune step (see :class:`IterativeConfig`)
+FINETUNE_ON = ("slim", "sparse")
 
 
 class ConfigError(ValueError):
@@ -68,12 +70,85 @@ def check_ref(name: str, v: Any, allow_none: bool = True) -> None:
 
 
 @dataclass
+class FastAnaConfig:
+    """The fast sensitivity analysis (see :mod:`prunekit.workflow.fast_ana`); ``ana.fast`` in a job.
+
+    It applies when the evaluator was built by :func:`prunekit.workflow.evaluation.make_eval_fn`
+    (then ana runs the forward itself); an opaque ``eval_fn`` is evaluated in full.
+
+    Attributes:
+        enabled: Use the fast analysis where it applies (``False``: every point in full).
+        prefix: Evaluate a group's variants from the cached unpruned activations before the
+            group's first layer (where the forward is a sequence of modules up to there).
+        variants: Pruned variants per forward, each on its own slice of a batch: ``0``
+            chooses (1 on the CPU, 8 on an accelerator).
+        early_stop: Stop a point's evaluation once its loss is known well enough or is
+            clearly past ``collapse`` (a confidence bound on the paired metric drop).
+        confidence: Two-sided confidence of that bound, in (0, 1).
+        tolerance: Accept a point once the bound's half-width is at most this relative loss
+            (0.01: 1% of the baseline metric) ...
+        rel_tolerance: ... or at most this fraction of the point's own loss.
+        min_images: Never stop a point before this many images.
+        adaptive: Evaluate every ``stride``-th ratio, then bisect only where the curve changes
+            by more than ``2 * interp_tolerance`` between evaluated ratios; the others are
+            interpolated (marked as estimated).
+        stride: The coarse grid's step, in ratios (1: every ratio).
+        interp_tolerance: Largest error (relative loss) accepted for an interpolated point on
+            a monotone curve.
+        cache_mb: Memory for the cached activations and the evaluation batches, in MiB.
+        verify: Check each group's first fast forward against the plain sparse model (falls
+            back to the plain forward for that group when they differ).
+
+    Example:
+        >>> FastAnaConfig(tolerance=0.02).stride
+        2
+    """
+
+    enabled: bool = True
+    prefix: bool = True
+    variants: int = 0
+    early_stop: bool = True
+    confidence: float = 0.9
+    tolerance: float = 0.01
+    rel_tolerance: float = 0.25
+    min_images: int = 128
+    adaptive: bool = True
+    stride: int = 2
+    interp_tolerance: float = 0.02
+    cache_mb: int = 2048
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "prefix", "early_stop", "adaptive", "verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ana.fast.{name} must be true or false, got {getattr(self, name)!r}")
+        for name, minimum in (("variants", 0), ("min_images", 1), ("stride", 1), ("cache_mb", 0)):
+            check_int(f"ana.fast.{name}", getattr(self, name), minimum)
+        if not _number(self.confidence) or not 0 < self.confidence < 1:
+            raise ConfigError(f"ana.fast.confidence must be in (0, 1), got {self.confidence!r}")
+        for name in ("tolerance", "rel_tolerance", "interp_tolerance"):
+            v = getattr(self, name)
+            if not _number(v) or v < 0:
+                raise ConfigError(f"ana.fast.{name} must be a non-negative number, got {v!r}")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+
+
+@dataclass
 class AnaConfig:
-    """Sensitivity analysis (see :func:`prunekit.workflow.ana.ana`)."""
+    """Sensitivity analysis (see :func:`prunekit.workflow.ana.ana`).
+
+    ``fast`` is a :class:`FastAnaConfig` (or its fields as a mapping, or ``false`` for the full
+    analysis); ``workers`` processes share the groups on this machine.
+    """
 
     ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     collapse: float | None = 0.5
     forced: bool = False
+    fast: FastAnaConfig | bool = field(default_factory=FastAnaConfig)
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratios, (list, tuple)) or not self.ratios or not all(
@@ -83,6 +158,14 @@ class AnaConfig:
         if self.collapse is not None and (isinstance(self.collapse, bool) or
                                           not isinstance(self.collapse, numbers.Real) or self.collapse <= 0):
             raise ConfigError(f"ana.collapse must be a positive number or null, got {self.collapse!r}")
+        if isinstance(self.fast, dict):
+            check_keys(self.fast, FastAnaConfig, "ana.fast")
+            self.fast = FastAnaConfig(**self.fast)
+        elif isinstance(self.fast, bool):
+            self.fast = FastAnaConfig(enabled=self.fast)
+        elif not isinstance(self.fast, FastAnaConfig):
+            raise ConfigError(f"ana.fast must be true, false or a mapping of FastAnaConfig options, got {self.fast!r}")
+        check_int("ana.workers", self.workers, 1)
 
 
 @dataclass
@@ -98,12 +181,28 @@ class PruneConfig:
     #: ``prunekit prune`` only: evaluate this many variants of the allocation, keep the best
     search: int = 0
     #: ``prunekit prune`` only: re-estimate BatchNorm statistics on this many training batches
-    #: (each search candidate before it is evaluated, and the result); 0: never
+    #: (each search candidate before it is evaluated, and the result); 0: never. The same
+    #: batches are the calibration data of one-shot pruning (the ``activation`` /
+    #: ``fluctuation`` criteria, ``compensate``, ``remove_blocks``, ``remove_experts``)
     calibrate_batches: int = 0
+    #: ``prunekit prune`` only: fold removed channels' mean contributions into the next layers' biases
+    compensate: bool = False
+    #: ``prunekit prune`` only: remove this many whole residual blocks / transformer layers
+    remove_blocks: int = 0
+    #: ``prunekit prune`` only: which blocks go, ``'influence'`` (calibration) or ``'metric'`` (evaluated)
+    block_criterion: str = "influence"
+    #: ``prunekit prune`` only: remove this many experts of every mixture-of-experts layer
+    remove_experts: int = 0
 
     def __post_init__(self) -> None:
         check_int("prune.search", self.search, 0)
         check_int("prune.calibrate_batches", self.calibrate_batches, 0)
+        check_int("prune.remove_blocks", self.remove_blocks, 0)
+        check_int("prune.remove_experts", self.remove_experts, 0)
+        if not isinstance(self.compensate, bool):
+            raise ConfigError(f"prune.compensate must be true or false, got {self.compensate!r}")
+        if self.block_criterion not in ("influence", "metric"):
+            raise ConfigError(f"prune.block_criterion must be 'influence' or 'metric', got {self.block_criterion!r}")
         check_fraction("prune.removal_ratio", self.removal_ratio)
         check_fraction("prune.max_ratio", self.max_ratio, allow_none=False)
         if self.threshold is not None and (isinstance(self.threshold, bool) or
@@ -121,6 +220,19 @@ class PruneConfig:
         return {"max_ratio": self.max_ratio, "round_to": self.round_to, "fallback": self.fallback,
                 "tolerance": self.tolerance}
 
+    def oneshot_kwargs(self) -> dict:
+        """The one-shot and structure options of :func:`prunekit.workflow.prune.prune` (``prunekit prune``)."""
+        return {"compensate": self.compensate, "remove_blocks": self.remove_blocks,
+                "block_criterion": self.block_criterion, "remove_experts": self.remove_experts}
+
+    def needs_calibration(self, criterion: str) -> bool:
+        """Whether these options (with ``criterion``) read calibration batches."""
+        from prunekit.engine.criteria import CRITERIA
+
+        crit = CRITERIA.get(criterion)
+        return bool(self.compensate or self.remove_experts or (crit is not None and crit.needs_activations)
+                    or (self.remove_blocks and self.block_criterion == "influence"))
+
 
 @dataclass
 class IterativeConfig:
@@ -135,6 +247,19 @@ class IterativeConfig:
             fine-tuning, in the metric's units (0.01: one point of accuracy). ``None``: any.
         max_retries: Retries of a step that misses ``max_drop``, each with a smaller increment.
         retry_factor: Each retry multiplies the step's increment by this.
+        finetune_on: ``'slim'`` (default): every step transforms to the slim model, fine-tunes
+            it and prunes the next step on it, so an epoch costs what the pruned model costs.
+            ``'sparse'``: fine-tune the sparse model (original shapes, pruned channels held at
+            zero; every epoch costs what the unpruned model costs). Same result up to float
+            rounding; the workspace keeps plans over the original model either way.
+        total_epochs: The whole run's fine-tuning budget, split over the steps (the later
+            steps get the remainder), so runs compare at an equal budget; ``None``: every step
+            fine-tunes ``finetune.epochs``. A retry fine-tunes its step's share again.
+        calibrate_batches: Re-estimate the BatchNorm statistics on this many training batches
+            after every prune step, before fine-tuning (needs a train loader); 0: never.
+        reanalyse: Run ana again before every step after the first, on the slim model the step
+            starts from (``finetune_on: slim`` only); ``False``: the first analysis, its curves
+            read from the channels each group has left.
     """
 
     target: float | None = 0.5
@@ -143,6 +268,10 @@ class IterativeConfig:
     max_drop: float | None = None
     max_retries: int = 2
     retry_factor: float = 0.5
+    finetune_on: str = "slim"
+    total_epochs: int | None = None
+    calibrate_batches: int = 20
+    reanalyse: bool = False
 
     def __post_init__(self) -> None:
         check_fraction("run.target", self.target)
@@ -164,12 +293,35 @@ class IterativeConfig:
         if isinstance(self.retry_factor, bool) or not isinstance(self.retry_factor, numbers.Real) \
                 or not 0 < self.retry_factor < 1:
             raise ConfigError(f"run.retry_factor must be in (0, 1), got {self.retry_factor!r}")
+        if self.finetune_on not in FINETUNE_ON:
+            raise ConfigError(f"run.finetune_on must be one of {', '.join(FINETUNE_ON)}, got {self.finetune_on!r}")
+        check_int("run.total_epochs", self.total_epochs, 0, allow_none=True)
+        check_int("run.calibrate_batches", self.calibrate_batches, 0)
+        if not isinstance(self.reanalyse, bool):
+            raise ConfigError(f"run.reanalyse must be true or false, got {self.reanalyse!r}")
+        if self.reanalyse and self.finetune_on != "slim":
+            raise ConfigError("run.reanalyse analyses each step's slim model: it needs run.finetune_on: slim, "
+                              f"got {self.finetune_on!r}")
 
     def schedule_ratios(self) -> list[float]:
         """The removal ratio of each step."""
         if self.schedule is not None:
             return list(self.schedule)
         return [round(self.target * (k + 1) / self.steps, 6) for k in range(self.steps)]
+
+    def epochs_per_step(self, epochs: int) -> list[int]:
+        """Fine-tuning epochs of each step: ``total_epochs`` split evenly (the remainder to the
+        last steps), or ``epochs`` for every step when ``total_epochs`` is not set.
+
+        Example:
+            >>> IterativeConfig(steps=3, total_epochs=10).epochs_per_step(5)
+            [3, 3, 4]
+        """
+        n = len(self.schedule_ratios())
+        if self.total_epochs is None:
+            return [epochs] * n
+        base, extra = divmod(self.total_epochs, n)
+        return [base + (1 if k >= n - extra else 0) for k in range(n)]
 
 
 
@@ -196,6 +348,11 @@ class FinetuneConfig:
         step_epochs, gamma: Step decay period and factor.
         warmup_epochs: Linear warm-up from ``lr / 10``, in epochs (fractions allowed).
         label_smoothing: Cross-entropy label smoothing in [0, 1).
+        distill_weight: Knowledge distillation from the unpruned model (the CLI passes it as
+            the teacher): the loss is ``(1 - w) * loss + w * distillation loss``, ``w`` in [0, 1];
+            0: off.
+        distill_temperature: Softmax temperature of the soft targets (the KL term is scaled
+            by its square).
         amp: Mixed precision: ``None`` uses it where the device supports it well (CUDA), off
             on CPU; ``True`` forces autocast (bfloat16 on CPU).
         lr_trial: Candidate learning rates to try for ``trial_batches`` batches each before
@@ -218,6 +375,8 @@ class FinetuneConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0
     amp: bool | None = None
     lr_trial: list[float] = field(default_factory=list)
     trial_batches: int = 20
@@ -245,6 +404,10 @@ class FinetuneConfig:
         if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, numbers.Real) \
                 or not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, numbers.Real) \
+                or not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"distill_weight must be in [0, 1] (0: no distillation), got {self.distill_weight!r}")
+        _positive("distill_temperature", self.distill_temperature)
         if self.amp not in (None, True, False):
             raise ValueError(f"amp must be true, false or null (automatic), got {self.amp!r}")
         if isinstance(self.lr_trial, (int, float)):

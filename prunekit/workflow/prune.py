@@ -21,14 +21,20 @@ import torch.nn as nn
 
 from prunekit.engine import sparse
 from prunekit.engine.allocate import MacsModel, equal_loss, global_ranking, greedy, perturbed_loss, uniform
+from prunekit.engine.calibration import compensate as compensate_biases
 from prunekit.engine.counting import count
+from prunekit.engine.criteria import CRITERIA
+from prunekit.engine.equivalence import checked_slim
 from prunekit.engine.plan import PruningPlan
 from prunekit.engine.pruner import Pruner
 from prunekit.engine.slim import to_slim
-from prunekit.workflow.ana import Sensitivity, evaluate_point, group_label
-from prunekit.workflow.workspace import Workspace
+from prunekit.workflow.ana import Sensitivity, evaluate_point
+from prunekit.workflow.progress import bar as progress_bar
+from prunekit.workflow.structure import plan_structure
+from prunekit.workflow.validation import group_label, validated_pruner
+from prunekit.workflow.workspace import Workspace, model_fingerprint
 
-__all__ = ["prune", "PruneResult", "FALLBACKS"]
+__all__ = ["prune", "PruneResult", "FALLBACKS", "matching_sensitivity"]
 
 FALLBACKS = ("uniform", "global")
 STRATEGIES = ("equal_loss", "greedy")
@@ -74,11 +80,13 @@ def _max_ratios(pruner: Pruner, max_ratio: float | dict) -> dict[int, float]:
         out = {g.id: 0.9 for g in pruner.prunable_groups}
         for k, v in max_ratio.items():
             ids = [k] if isinstance(k, int) else [g.id for g in pruner.groups if group_label(g) == k]
-            if not ids or ids[0] not in out and isinstance(k, int):
-                raise ValueError(f"max_ratio names {k!r}, which is not a prunable group id or layer; "
+            if not ids or isinstance(k, int) and not 0 <= k < len(pruner.groups):
+                raise ValueError(f"max_ratio names {k!r}, which is not a group id or layer; "
                                  f"use an id from pruner.prunable_groups or a layer name")
             for i in ids:
-                out[i] = _check(v, "max_ratio")
+                _check(v, "max_ratio")
+                if i in out:  # a cap on a group that stays (e.g. frozen by validation) changes nothing
+                    out[i] = float(v)
         return out
     v = _check(max_ratio, "max_ratio")
     return {g.id: v for g in pruner.prunable_groups}
@@ -110,13 +118,41 @@ def _load_spec(spec: Any, pruner: Pruner) -> PruningPlan | dict[int, float]:
     raise TypeError(f"spec must be a PruningPlan, a plan.json path or {{group: ratio}}, got {type(spec).__name__}")
 
 
+def matching_sensitivity(ws: Workspace | None, sensitivity: Sensitivity | None, pruner: Pruner,
+                          analysed: nn.Module) -> Sensitivity | None:
+    """The given curves, else the workspace's ``sensitivity.json``; refused when made for another model."""
+    where = "the sensitivity results"
+    config = None
+    if sensitivity is None and ws is not None and ws.exists("sensitivity.json"):
+        data = ws.read_json("sensitivity.json")
+        sensitivity, config, where = Sensitivity.from_dict(data), data.get("config"), str(ws.path("sensitivity.json"))
+    if sensitivity is None:
+        return None
+    fix = "run ana for this model (prunekit ana, same workspace), or use another workspace"
+    mine = {g.id: (group_label(g), g.n_units) for g in pruner.groups}  # excluded here but analysed: still a group
+    for g, label in sensitivity.labels.items():
+        theirs = (label, sensitivity.sizes.get(g, mine.get(g, (None, None))[1]))
+        if mine.get(g) != theirs:
+            ours = mine.get(g, ("(no such group)", 0))
+            raise ValueError(f"{where} were measured on another model: its channel group {g} is {label!r} with "
+                             f"{theirs[1]} channels, this model's is {ours[0]!r} with {ours[1]}; {fix}")
+    if config and config.get("model") != model_fingerprint(analysed):
+        raise ValueError(f"{where} were measured on other weights of this architecture (another checkpoint); "
+                         f"{fix}. To prune a fine-tuned model further, pass baseline= the model ana analysed "
+                         "(prunekit prune --start-from does)")
+    return sensitivity
+
+
 def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None = None,
           threshold: float | None = None, spec: Any = None, workspace: str | Workspace | None = None,
           sensitivity: Sensitivity | None = None, excludes: Iterable[str] = (), max_ratio: float | dict = 0.9,
           round_to: int = 1, mode: str = "sparse", criterion: str = "l2", fallback: str = "uniform",
           strategy: str = "equal_loss", search: int = 0, eval_fn: Callable[..., float] | None = None,
           eval_args: Sequence = (), calibrate: Callable[[nn.Module], Any] | None = None, seed: int = 0,
-          tolerance: float = 0.01, log: Callable[[str], None] = print) -> PruneResult:
+          tolerance: float = 0.01, keep_pruned: PruningPlan | None = None, baseline: nn.Module | None = None,
+          calibration: Iterable[Any] | None = None, compensate: bool = False, remove_blocks: int = 0,
+          block_criterion: str = "influence", remove_experts: int = 0,
+          log: Callable[[str], None] = print) -> PruneResult:
     """Prune ``model`` to a MACs reduction (``removal_ratio``) or a tolerated loss (``threshold``).
 
     Args:
@@ -151,6 +187,28 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
             the result, e.g. :func:`prunekit.workflow.evaluation.make_bn_calibration` to re-estimate
             BatchNorm statistics.
         seed: Seeds the search's variants.
+        keep_pruned: An earlier plan of this model (a fine-tuned step): its pruned channels stay pruned;
+            it is merged into the result, and the counts are those of the merged plan.
+        baseline: The model ana analysed when ``model`` carries other weights (a fine-tuned step);
+            the workspace's ``sensitivity.json`` must describe it (default: ``model``).
+        calibration: Calibration batches (``(inputs, target)`` pairs or bare model inputs, a few
+            hundred samples) for one-shot pruning: the ``activation`` / ``fluctuation``
+            criteria, ``compensate``, the ``influence`` of blocks and the routing weight of
+            experts are measured on them.
+        compensate: Fold each removed input channel's mean contribution into its consumer's
+            bias (FLAP's bias compensation, see :mod:`prunekit.engine.calibration`), in the
+            sparse model as in the slim one; needs ``calibration``.
+        remove_blocks: Remove this many whole residual blocks / transformer layers (see
+            :mod:`prunekit.engine.depth`); with ``removal_ratio`` the width pruning makes up the
+            rest of the MACs target, alone it is depth pruning only.
+        block_criterion: Which blocks go: ``'influence'`` (ShortGPT's ``1 - cos(input,
+            output)`` on ``calibration``) or ``'metric'`` (``eval_fn`` with each block removed).
+        remove_experts: Remove this many experts of every mixture-of-experts layer (least
+            routing weight on ``calibration``, else on the example inputs).
+
+    Raises:
+        ValueError: The workspace's sensitivity results were measured on another model.
+        EquivalenceError: The slim model of the result would fail or differ (never returned).
     """
     if isinstance(search, bool) or not isinstance(search, int) or search < 0:
         raise ValueError(f"search must be a number of candidate allocations >= 0, got {search!r}")
@@ -162,7 +220,9 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     given = [x is not None for x in (removal_ratio, threshold, spec)]
-    if sum(given) != 1:
+    if not any(given) and (remove_blocks or remove_experts):
+        spec = {}  # blocks / experts only: no channel is pruned
+    elif sum(given) != 1:
         raise ValueError("give exactly one of removal_ratio (fraction of MACs to remove), threshold "
                          "(tolerated relative metric loss) or spec (a pruning plan)")
     if removal_ratio is not None:
@@ -178,16 +238,16 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
         raise ValueError("the model is already sparse; prune the original model, or transform this one "
                          "first (prunekit.to_slim) and prune the slim model")
     ws = workspace if isinstance(workspace, Workspace) or workspace is None else Workspace(workspace)
-    pruner = Pruner(model, example_inputs, ignore=excludes, criterion=criterion)
+    pruner = validated_pruner(model, example_inputs, ignore=excludes, criterion=criterion, log=log)
     before = count(model, example_inputs)
     notes: list[str] = []
-    if sensitivity is None and ws is not None and ws.exists("sensitivity.json"):
-        sensitivity = Sensitivity.from_dict(ws.read_json("sensitivity.json"))
-    if sensitivity is not None:
-        known = {g.id: group_label(g) for g in pruner.groups}  # excluded here but analysed: still the same group
-        if any(known.get(g) != lab for g, lab in sensitivity.labels.items()):
-            notes.append("the sensitivity results do not match this model's groups; ignoring them")
-            sensitivity = None
+    _collect_activations(pruner, criterion, calibration, compensate)
+    structure = plan_structure(model, example_inputs, pruner, remove_blocks=remove_blocks,
+                               block_criterion=block_criterion, remove_experts=remove_experts, calibration=calibration,
+                               eval_fn=eval_fn, eval_args=eval_args,
+                               lower_is_better=bool(getattr(eval_fn, "lower_is_better", False)))
+    notes += structure.notes
+    sensitivity = matching_sensitivity(ws, sensitivity, pruner, baseline if baseline is not None else model)
     caps = _max_ratios(pruner, max_ratio)
     predicted = None
     if spec is not None:
@@ -198,7 +258,7 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
         method = "spec"
     else:
         mm = MacsModel.from_counts(before, pruner.groups)
-        cands = [g.id for g in pruner.prunable_groups]
+        cands = [g.id for g in pruner.prunable_groups if g.id not in structure.inside]
         if threshold is not None and sensitivity is None:
             raise ValueError("threshold mode needs sensitivity results: run ana first (same workspace)")
         if sensitivity is not None:
@@ -222,14 +282,16 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
         def reach(how: str, loss: Callable[[int, float], float] | None = None) -> tuple:
             """(gap, ratios, plan, achieved): the measured MACs closest to the goal."""
             best = None  # the closest attempt, not merely the last one
-            target = before.macs * (1 - goal) if goal is not None else None
+            # the removed blocks and experts save MACs the width allocation does not predict
+            target = before.macs * (1 - goal) + structure.macs_saved if goal is not None else None
             for _ in range(6):
                 if loss is not None:
                     ratios = equal_loss(mm, cands, loss, caps, target)
                 else:
                     ratios = allocate(target, how)
                 plan = pruner.plan(ratios, round_to=round_to) if ratios else pruner.plan(0.0)
-                macs_after, _ = _measure(model, plan, example_inputs) if plan.pruned else (before.macs, 0)
+                macs_after, _ = _measure(model, structure.combine(plan), example_inputs) \
+                    if plan.pruned or structure.macs_saved else (before.macs, 0)
                 achieved = 1 - macs_after / before.macs
                 gap = abs(achieved - goal) if goal is not None else 0.0
                 if best is None or gap < best[0]:
@@ -261,17 +323,30 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
             notes.append(f"reached a MACs reduction of {achieved:.3f} for a requested {goal:.3f}")
         if method == "sensitivity":
             predicted = sum(sensitivity.loss(g, r) for g, r in ratios.items())
+    if keep_pruned is not None and not plan.contains(keep_pruned):  # earlier pruned channels stay pruned
+        plan = PruningPlan(plan.merge(keep_pruned).pruned, {**keep_pruned.shapes, **plan.shapes}, plan.meta)
+        notes.append("merged the earlier plan: the new one did not contain every earlier pruned channel")
     plan.meta.update({"method": method, "ratios": {str(k): v for k, v in ratios.items()},
                       "removal_ratio": removal_ratio, "threshold": threshold, "round_to": round_to,
                       "predicted_loss": predicted,
                       "labels": {str(g): group_label(pruner.groups[g]) for g in ratios}})
+    if isinstance(example_inputs, torch.Tensor):  # for 'prunekit transform' (the shape of the example input)
+        plan.meta["input_shape"] = list(example_inputs.shape)
+    plan = structure.combine(plan)
+    if compensate:
+        plan = compensate_biases(model, plan, pruner.activations)
+        notes.append(f"bias compensation: {len(plan.meta['compensated'])} layers")
     sparse.apply_plan(model, plan)
     if calibrate is not None:
         calibrate(model)
-    slim = to_slim(model)
+    slim, _ = checked_slim(model, example_inputs)  # never a slim model that does not run or match
     after = count(slim, example_inputs)
     plan.meta.update({"macs_before": before.macs, "macs_after": after.macs,
                       "params_before": before.params, "params_after": after.params})
+    merged = 1 - after.macs / before.macs if before.macs else 0.0
+    if keep_pruned is not None and removal_ratio is not None and merged > removal_ratio + tolerance:
+        notes.append(f"with the earlier pruned channels the MACs reduction is {merged:.3f} (requested "
+                     f"{removal_ratio:.3f}): the counts are those of the merged plan")
     if ws is not None:
         plan.save(ws.path("plan.json"))
     for n in notes:
@@ -281,10 +356,23 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
                        predicted, notes)
 
 
+def _collect_activations(pruner: Pruner, criterion: str, calibration: Iterable[Any] | None,
+                         compensate: bool) -> None:
+    """Input statistics on ``calibration`` where the criterion or the compensation needs them."""
+    if not isinstance(compensate, bool):
+        raise ValueError(f"compensate must be true or false, got {compensate!r}")
+    needs = [w for w, on in ((f"criterion {criterion!r}", CRITERIA[criterion].needs_activations),
+                             ("compensate=True", compensate)) if on]
+    if not needs:
+        return
+    if calibration is None:
+        raise ValueError(f"{' and '.join(needs)} need calibration batches: pass calibration=<a loader or list of "
+                         "model inputs> (a few hundred samples; e.g. calibration=[example_inputs] for a try)")
+    pruner.collect_activations(calibration)
+
+
 def _search(model, best, reach, n, eval_fn, eval_args, calibrate, sensitivity, cands, seed, tolerance, hows):
     """Evaluate the computed allocation and ``n`` variants at the same MACs; keep the best."""
-    from tqdm.auto import tqdm
-
     gen = torch.Generator().manual_seed(seed)
     sign = -1.0 if sensitivity.lower_is_better else 1.0
     found = [(best, "computed")]
@@ -295,14 +383,19 @@ def _search(model, best, reach, n, eval_fn, eval_args, calibrate, sensitivity, c
     scored = []
     was = model.training
     model.eval()
+    bar = progress_bar(len(found), "search", "candidate", leave=False)
     try:
-        for cand, kind in tqdm(found, desc="search", unit="candidate", leave=False):
+        for cand, kind in found:
+            if bar is not None:
+                bar.update(1)
             if cand[0] > tolerance and cand is not best:
                 continue  # off the MACs target: not comparable
             score = evaluate_point(model, cand[2], None, eval_fn, eval_args, calibrate)
             scored.append((sign * score, kind, cand))
     finally:
         model.train(was)
+        if bar is not None:
+            bar.close()
     top = max(scored, key=lambda t: t[0])  # first of equals: the computed allocation wins ties
     first = scored[0][0]
     return top[2], (f"search: {len(scored)} allocations at the target evaluated; kept the {top[1]} one "
