@@ -89,7 +89,7 @@ def prunekit_row(net, x, target: float) -> tuple[dict, object]:
     after = prunekit.count(slim, x)
     return {"tool": "prunekit", "target": target, "ok": True, "equiv_err": err, "macs_after": after.macs,
             "params_after": after.params, "macs_reduction": res.macs_reduction, "seconds": time.perf_counter() - t0,
-            "prunable_groups": len(res.plan.meta.get("groups", {}))}, slim
+            "pruned_groups": len(res.plan.meta.get("groups", {}))}, slim
 
 
 # ----- Torch-Pruning (in a subprocess: it may crash, hang or take all memory) ----------------------

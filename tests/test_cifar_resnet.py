@@ -93,25 +93,11 @@ def run_job(tmp_path, **finetune) -> tuple[int, str]:
     return rc, out.getvalue()
 
 
-def test_option_a_resnet_prunes_end_to_end_through_prunekit_run(tmp_path):
-    rc, out = run_job(tmp_path)
-    assert rc == 0, out
-    assert "test accuracy (reported only" in out, out
-    summary = json.loads((tmp_path / "ws" / "summary.json").read_text())
-    final = summary["final"]
-    assert final["equivalence_error"] <= TOLERANCE, final
-    assert final["macs_reduction"] >= 0.3, final
-    layers = {r["name"]: r for r in summary["layers"]}
-    # the residual stream (conv1 -> layer1 -> padded shortcut -> layer2 ...) prunes too, not only inner widths
-    assert layers["conv1"]["out_after"] < layers["conv1"]["out_before"], layers["conv1"]
-    slim = prunekit.load_slim(cifar_resnet(**KWARGS), tmp_path / "ws" / "final").eval()
-    assert slim(torch.randn(2, 3, 8, 8)).shape == (2, 3)
-
-
-def test_run_distils_from_the_baseline(tmp_path, monkeypatch):
-    """finetune.distill_weight in the config: every step of ``prunekit run`` fine-tunes with the unpruned model as
-    its teacher."""
+def test_option_a_resnet_prunes_end_to_end_through_prunekit_run(tmp_path, monkeypatch):
+    """``prunekit run`` prunes the option-A ResNet (its residual stream too) to a slim model equal to the sparse
+    one, reports the test split apart, and distils every step from the unpruned model (finetune.distill_weight)."""
     import prunekit.workflow.finetune as ft_module
+    import prunekit.workflow.iterative as it_module
 
     teachers = []
     original = ft_module.finetune
@@ -121,13 +107,22 @@ def test_run_distils_from_the_baseline(tmp_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(ft_module, "finetune", spy)
-    import prunekit.workflow.iterative as it_module
-
     monkeypatch.setattr(it_module, "finetune", spy)
     rc, out = run_job(tmp_path, distill_weight=0.5, distill_temperature=2.0)
     assert rc == 0, out
-    assert teachers and all(t is not None and not is_sparse(t) for t in teachers), teachers
+    assert "test accuracy (reported only" in out, out
+    summary = json.loads((tmp_path / "ws" / "summary.json").read_text())
+    final = summary["final"]
+    assert final["equivalence_error"] <= TOLERANCE, final
+    assert final["macs_reduction"] >= 0.3, final
+    assert final["test_metric"] is not None and summary["baseline"]["test_metric"] is not None
+    layers = {r["name"]: r for r in summary["layers"]}
+    # the residual stream (conv1 -> layer1 -> padded shortcut -> layer2 ...) prunes too, not only inner widths
+    assert layers["conv1"]["out_after"] < layers["conv1"]["out_before"], layers["conv1"]
+    slim = prunekit.load_slim(cifar_resnet(**KWARGS), tmp_path / "ws" / "final").eval()
+    assert slim(torch.randn(2, 3, 8, 8)).shape == (2, 3)
     base = cifar_resnet(**KWARGS)
     base.load_state_dict(torch.load(tmp_path / "net.pt"))
+    assert len(teachers) == 2 and all(t is not None and not is_sparse(t) for t in teachers), teachers
     for t in teachers:
         assert all(torch.equal(v, base.state_dict()[k]) for k, v in t.state_dict().items()), "not the baseline"

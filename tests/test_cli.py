@@ -27,7 +27,7 @@ def test_unknown_command_is_an_error(capsys):
     assert main(["nope"]) == 2
 
 
-@pytest.mark.parametrize("verb", ["ana", "prune", "finetune", "run", "report", "demo"])
+@pytest.mark.parametrize("verb", ["ana", "groups", "prune", "finetune", "run", "report", "demo"])
 def test_every_verb_explains_itself(verb, capsys):
     assert main([verb, "--help"]) == 0
     out = capsys.readouterr().out

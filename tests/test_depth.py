@@ -338,3 +338,12 @@ def test_remove_experts_errors():
         prunekit.prune(model, x, remove_experts=3, **QUIET)
     with pytest.raises(ValueError, match="no mixture-of-experts layer"):
         prunekit.prune(llama(2), x, remove_experts=1, **QUIET)
+
+
+def test_plans_with_removed_blocks_do_not_compose():
+    a = prunekit.PruningPlan({}, {}, {"blocks": ["1"]})
+    b = prunekit.PruningPlan({"w": {0: [0]}}, {"w": [2]})
+    with pytest.raises(ValueError, match="cannot be composed"):
+        a.compose(b)
+    merged = a.merge(prunekit.PruningPlan({}, {}, {"blocks": ["3"], "routers": {"g.weight": [1]}}))
+    assert merged.meta["blocks"] == ["1", "3"] and merged.meta["routers"] == {"g.weight": [1]}

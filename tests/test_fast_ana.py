@@ -328,6 +328,18 @@ def test_a_fast_forward_that_differs_falls_back(tmp_path, monkeypatch):
     assert sens.curves == ref.curves, "after the fallback every point is what the plain forward gives"
 
 
+def test_caches_built_group_by_group_when_they_do_not_fit_at_once(tmp_path, monkeypatch):
+    model, x, loader = demo()
+    fn = make_eval_fn(loader, "accuracy")
+    cfg = FastAnaConfig(early_stop=False, adaptive=False)
+    at_once, _ = run(model, x, fn, tmp_path / "once", ratios=(0.5,), fast=cfg)
+    assert at_once.cost["capture_images"] == 0, "kept during the baseline pass"
+    monkeypatch.setattr(fast_ana.Collector, "caches", lambda self: {})  # as if over the budget
+    stepwise, _ = run(model, x, fn, tmp_path / "steps", ratios=(0.5,), fast=cfg)
+    assert stepwise.cost["capture_images"] > 0 and stepwise.cost["prefix_groups"] == at_once.cost["prefix_groups"]
+    assert stepwise.curves == at_once.curves, "each cache is captured from the one before"
+
+
 def test_batched_variants_in_ana_match_one_at_a_time(tmp_path):
     model, x, loader = demo()
     fn = make_eval_fn(loader, "loss")
@@ -360,10 +372,14 @@ def test_paired_stats_and_stop_bounds():
 
 
 def test_curve_planner_bisects_where_the_curve_bends():
-    p = fast_ana.CurvePlanner(9, stride=2, interp_tolerance=0.02, collapse=0.5)
-    assert p.next({}) == [0, 2, 4, 6, 8]
-    assert p.next({0: 0.0, 2: 0.01, 4: 0.02, 6: 0.3}) == [8], "the coarse grid first"
-    assert p.next({0: 0.0, 2: 0.01, 4: 0.02, 6: 0.3, 8: 0.45}) == [5, 7], "then where the loss rises fast"
+    p = fast_ana.CurvePlanner(RATIOS, stride=2, interp_tolerance=0.01, collapse=0.5)
+    assert p.next({}) == [0, 2, 4, 6, 8], "the coarse grid first"
+    straight = {i: 0.05 * (i + 1) for i in (0, 2, 4, 6, 8)}  # a straight line: interpolation is exact
+    assert p.next(straight) == []
+    bent = {0: 0.0, 2: 0.0, 4: 0.02, 6: 0.3, 8: 0.45}  # flat, then a knee between 0.5 and 0.7
+    assert p.next(bent) == [5, 7], "the gaps next to the knee"
+    bent.update({5: 0.1, 7: 0.38})
+    assert p.next(bent) == []
     rel = {0: 0.0, 2: 0.01, 4: 0.02, 6: 0.6}  # 6 collapsed: 8 is never needed
     assert p.next(rel) == [5], "only the gap into the collapse is refined"
     rel[5] = 0.2
@@ -372,6 +388,9 @@ def test_curve_planner_bisects_where_the_curve_bends():
     fill = p.fill(values, rel)
     assert fill[1] == (pytest.approx(0.995), "interpolated") and fill[3][1] == "interpolated"
     assert fill[7] == (values[6], "collapsed") and fill[8] == (values[6], "collapsed")
+    uneven = fast_ana.CurvePlanner([0.1, 0.2, 0.5], stride=2, interp_tolerance=0.01, collapse=None)
+    assert uneven.fill({0: 1.0, 2: 0.6}, {0: 0.0, 2: 0.4})[1] == (pytest.approx(0.9), "interpolated"), \
+        "interpolated along the ratio, not the index"
 
 
 def test_fast_config_errors_name_the_option(tmp_path):

@@ -40,7 +40,7 @@ def folder(tmp_path) -> Path:
 
 
 def data_cfg(root: Path, **kw) -> DataConfig:
-    return DataConfig(dataset="imagefolder", root=str(root), batch_size=8, **kw)
+    return DataConfig(dataset="imagefolder", root=str(root), **{"batch_size": 8, **kw})
 
 
 def labels(loader) -> list[int]:
@@ -151,6 +151,14 @@ def test_folder_errors(tmp_path, layout, message):
 def test_config_errors(change, message):
     with pytest.raises(ConfigError, match=message):
         Config.from_dict({"data": {"dataset": "imagefolder", "root": ".", **change}})
+
+
+def test_first_evaluation_batches_mix_the_classes(folder):
+    """An evaluation bounded to its first batches (data.eval_batches) must not see one class only."""
+    data = build_loaders(data_cfg(folder, val_fraction=0.5, batch_size=4))  # 5 val and 4 test images per class
+    for loader in (data.val, data.test):
+        _, y = next(iter(loader))
+        assert len(set(y.tolist())) > 1, f"the first batch holds one class only: {y.tolist()}"
 
 
 def test_split_by_class_shares():

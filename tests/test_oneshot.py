@@ -286,7 +286,8 @@ def test_cli_one_shot_prune_with_compensation(tmp_path, capsys):
     cfg = write_config(tmp_path, criterion="fluctuation", prune={"compensate": True})
     assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.4"]) == 2
     err = capsys.readouterr().err
-    assert "criterion 'fluctuation' and prune.compensate read calibration batches" in err and "--calibrate-batches" in err
+    assert "criterion 'fluctuation' and prune.compensate read calibration batches" in err
+    assert "--calibrate-batches" in err
     assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.4", "--calibrate-batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "bias compensation" in out, out

@@ -156,6 +156,39 @@ def test_round_to_is_honoured(name, round_to, tmp_path):
     assert json.dumps(saved).count(f'"round_to": {round_to}'), "plan.json should record round_to"
 
 
+class _ConcatNeck(torch.nn.Module):
+    """Two producers concatenated into two consumers (as YOLO's neck): one group, two segments."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 32, 1)
+        self.b = torch.nn.Conv2d(3, 24, 1)
+        self.c = torch.nn.Conv2d(56, 4, 1)
+        self.d = torch.nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        a, b = self.a(x), torch.relu(self.b(x))
+        return self.c(torch.cat([a * 10, b], 1)) + self.d(b)  # a's channels score far higher (L2)
+
+
+def test_round_to_holds_for_every_producer_of_a_concatenation():
+    """Regression: round_to counted the channels a group keeps in total, so a concatenation's producers
+    kept widths such as 27 and 5 (not multiples of 8: slow NCHWc kernels in ONNX Runtime)."""
+    torch.manual_seed(0)
+    model, x = _ConcatNeck().eval(), torch.randn(1, 3, 4, 4)
+    pruner = prunekit.Pruner(model, x)
+    group = next(g for g in pruner.prunable_groups if any(m.name == "a.weight" for m in g.members))
+    assert len(group.segments()) == 2 and group.n_units == 56
+    for ratio in (0.2, 0.3, 0.5, 0.7):
+        plan = pruner.plan(ratio, round_to=8)
+        slim = prunekit.to_slim(model, plan)
+        widths = (slim.a.out_channels, slim.b.out_channels)
+        assert all(w % 8 == 0 and w >= 8 for w in widths), f"ratio {ratio}: producer widths {widths}"
+        assert slim.c.in_channels == sum(widths)
+        assert abs((56 - sum(widths)) - ratio * 56) <= 8, f"ratio {ratio}: removed {56 - sum(widths)} of 56"
+    assert (slim.a.out_channels, slim.b.out_channels) != (32, 24)
+
+
 def test_round_to_counts_channels_not_heads():
     """A head is head_dim channels: round_to=16 with head_dim 8 keeps an even number of heads,
     and round_to=8 any number (every head count is a multiple of 8 channels)."""

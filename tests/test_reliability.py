@@ -50,7 +50,7 @@ def _int_width_checkpoint(tmp_path: Path) -> Path:
 def test_a_width_in_a_python_int_is_frozen_before_ana_and_run_finishes(tmp_path, capsys):
     """Before: ana passed, then run crashed in step 1 (mat1 and mat2 shapes cannot be multiplied)."""
     cfg = write_config(tmp_path, model={"factory": "tinyjob:IntWidthNet", "checkpoint": str(_int_width_checkpoint(
-        tmp_path))}, run={"schedule": [0.2, 0.3], "max_drop": 0.9})
+        tmp_path))}, run={"schedule": [0.3], "max_drop": 0.9})
     assert main(["ana", "-c", str(cfg), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "validation froze group" in out and "(conv3, 16 channels)" in out and "the slim model fails" in out, out

@@ -151,10 +151,11 @@ def split_by_class(targets: torch.Tensor, fractions: Sequence[float], seed: int)
     """Positions of ``targets`` split into ``len(fractions) + 1`` parts, each class in those shares.
 
     Part ``k`` takes ``round(fractions[k] * n_c)`` of the ``n_c`` images of every class (a seeded
-    permutation), the last part the rest; every part comes back sorted.
+    permutation), the last part the rest. Every part comes back in a seeded random order, so
+    that its first batches (an evaluation bounded by ``data.eval_batches``) mix the classes.
 
     Example:
-        >>> [p.tolist() for p in split_by_class(torch.tensor([0, 0, 0, 0, 1, 1]), [0.5], seed=0)]
+        >>> [sorted(p.tolist()) for p in split_by_class(torch.tensor([0, 0, 0, 0, 1, 1]), [0.5], seed=0)]
         [[0, 1, 4], [2, 3, 5]]
     """
     g = torch.Generator().manual_seed(seed)
@@ -168,7 +169,8 @@ def split_by_class(targets: torch.Tensor, fractions: Sequence[float], seed: int)
             parts[k].append(idx[start:start + m])
             start += m
         parts[-1].append(idx[start:])
-    return [torch.cat(p).sort().values if p else torch.zeros(0, dtype=torch.long) for p in parts]
+    out = [torch.cat(p) if p else torch.zeros(0, dtype=torch.long) for p in parts]
+    return [p[torch.randperm(len(p), generator=g)] for p in out]
 
 
 def _folder(path: Path, image_size: int | None) -> Dataset:
@@ -258,7 +260,7 @@ def image_folder_splits(root: str | Path, *, val_fraction: float = 0.1, test_fra
             raise ConfigError(f"{root}/train and {root}/test hold different classes: {train_src.classes} vs "
                               f"{test_src.classes}")
         val_idx, train_idx = split_by_class(train_src.targets, [val_fraction], seed)
-        test = FolderImages(test_src, torch.arange(len(test_src.targets)))
+        test = FolderImages(test_src, split_by_class(test_src.targets, [], seed)[0])  # the classes mixed
     else:
         train_src = decode_folder(root, **opts)
         test_idx, val_idx, train_idx = split_by_class(train_src.targets, [test_fraction, val_fraction], seed)

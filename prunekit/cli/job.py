@@ -94,8 +94,10 @@ class DataConfig:
             val_loader)`` or ``(train_loader, val_loader, test_loader)`` of ``(inputs, target)``
             batches.
         kwargs: Keyword arguments for ``loaders``.
-        batch_size: Batch size of the built-in data sets.
-        num_workers: DataLoader workers of the built-in data sets.
+        batch_size: Batch size of the built-in data sets. It does not reach a ``loaders``
+            function (pass it in ``kwargs``): given next to ``loaders`` it is refused.
+        num_workers: DataLoader workers of the built-in data sets (refused next to ``loaders``,
+            like ``batch_size``).
         eval_batches: Evaluate on at most this many validation batches in ana and after each
             epoch (``None``: the whole validation loader; the test split is always evaluated whole).
         val_fraction: Share of the training images held out for validation (per class, seeded);

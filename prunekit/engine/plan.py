@@ -91,6 +91,10 @@ class PruningPlan:
             >>> c.pruned, c.shapes
             ({'w': {0: [1, 2]}, 'v': {0: [0]}}, {'w': [4, 2], 'v': [2]})
         """
+        for plan in (self, later):
+            if plan.meta.get("blocks") or plan.meta.get("routers"):  # renumbered layers / experts
+                raise ValueError("plans that remove whole blocks or experts cannot be composed (the slim model "
+                                 "renumbers its layers and experts); prune the original model with both removals")
         pruned = {k: {d: list(v) for d, v in dims.items()} for k, dims in self.pruned.items()}
         shapes = {k: list(v) for k, v in self.shapes.items()}
         for name, dims in later.pruned.items():

@@ -111,6 +111,8 @@ class ChannelGroup:
         s[self.fixed] = math.inf
         order = torch.argsort(s, stable=True)
         chosen = order[:k]
+        if step > 1:
+            pass
         spare = order[k:][torch.isfinite(s[order[k:]])].tolist()
         for m in self.members:  # at least one channel of every member survives
             gone = torch.isin(m.unit, chosen)
@@ -126,6 +128,40 @@ class ChannelGroup:
                         chosen = trial
                         break
         return chosen.sort().values
+
+    def segments(self) -> list[torch.Tensor]:
+        """The units grouped by which members hold them (one segment unless members hold different units).
+
+        A concatenation's consumer spans the units of several producers, which then share one group; each
+        producer's units form a segment, and every member's units are a union of whole segments.
+        """
+        holds = torch.zeros(len(self.members), self.n_units, dtype=torch.bool)
+        for i, m in enumerate(self.members):
+            holds[i, m.unit[m.unit >= 0].long()] = True
+        _, inverse = torch.unique(holds.T, dim=0, return_inverse=True)
+        return [torch.nonzero(inverse == j).flatten() for j in range(int(inverse.max()) + 1)]
+
+    def _round_segments(self, chosen: torch.Tensor, scores: torch.Tensor, step: int) -> torch.Tensor:
+        """Move ``chosen`` so every segment keeps a multiple of ``step`` units (nearest count, at least ``step``;
+        a segment of ``step`` units or fewer keeps them all): then every member's width is a multiple too."""
+        segments = self.segments()
+        if len(segments) < 2:
+            return chosen
+        gone = torch.zeros(self.n_units, dtype=torch.bool)
+        gone[chosen] = True
+        for seg in segments:
+            n, kept = seg.numel(), int((~gone[seg]).sum())
+            if kept == n:
+                continue
+            down, up = max(step, kept // step * step), min(n, -(-kept // step) * step)
+            free = seg[~gone[seg] & torch.isfinite(scores[seg])]  # could still go
+            want = up if n <= step or kept - down > up - kept or kept - down > free.numel() else down
+            if want > kept:  # bring back the best removed units of this segment
+                back = seg[gone[seg]]
+                gone[back[torch.argsort(scores[back], descending=True, stable=True)[:want - kept]]] = False
+            elif want < kept:  # remove the next-lowest units of this segment
+                gone[free[torch.argsort(scores[free], stable=True)[:kept - want]]] = True
+        return torch.nonzero(gone).flatten()
 
     def pruned_indices(self, units: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
         """Per member, the tensor indices removed when ``units`` go."""

@@ -413,7 +413,7 @@ class _Share:
         """``"full"``, or the fast settings that change the results (part of the cache's config)."""
         if not self.fast.enabled or not isinstance(getattr(self.eval_fn, "evaluation", None), EvalSpec) or self.args:
             return "full"
-        keep = ("early_stop", "confidence", "tolerance", "rel_tolerance", "min_images", "adaptive", "stride",
+        keep = ("early_stop", "confidence", "tolerance", "rel_tolerance", "min_images", "chunk", "adaptive", "stride",
                 "interp_tolerance")
         return {"fast": {k: getattr(self.fast, k) for k in keep}}
 

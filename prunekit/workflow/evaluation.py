@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
+from prunekit.engine.calibration import calibration_inputs
 from prunekit.graph.trace import call_model
 
 __all__ = ["make_eval_fn", "make_bn_calibration", "accuracy", "METRICS", "EvalSpec", "batch_size"]
@@ -144,6 +145,11 @@ class EvalSpec:
         """Per-sample values are 0 or 1 (top-1 accuracy): a Wilson bound applies."""
         return self.name == "accuracy" and self.metric is _accuracy
 
+    @property
+    def samplewise(self) -> bool:
+        """A built-in metric: the batch value is the mean of per-sample values, so batches may be re-split."""
+        return self.name in _PER_SAMPLE and self.metric is METRICS[self.name][0]
+
     def batches(self, model_device: torch.device | None) -> Iterator[tuple[Any, Any]]:
         """The evaluated ``(inputs, target)`` pairs, moved to the device."""
         dev = self.device if self.device is not None else model_device
@@ -166,8 +172,9 @@ class EvalSpec:
 
     def per_sample(self, output: Any, target: Any) -> torch.Tensor | None:
         """One value per sample (float64, on the CPU) for the built-in metrics, else ``None``."""
-        fn = _PER_SAMPLE.get(self.name) if self.metric is METRICS.get(self.name, (None,))[0] else None
-        return None if fn is None or not isinstance(target, torch.Tensor) else fn(output, target).cpu()
+        if not self.samplewise or not isinstance(target, torch.Tensor):
+            return None
+        return _PER_SAMPLE[self.name](output, target).cpu()
 
 
 def make_eval_fn(loader: Iterable, metric: str | Metric = "accuracy", max_batches: int | None = None,
@@ -285,8 +292,7 @@ def make_bn_calibration(loader: Iterable, max_batches: int | None = None,
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
-                inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-                call_model(model, _to(inputs, dev))
+                call_model(model, _to(calibration_inputs(batch), dev))
         finally:
             for m, mom in zip(norms, saved):
                 m.momentum = mom

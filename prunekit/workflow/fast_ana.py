@@ -615,19 +615,23 @@ class PairedStats:
 class CurvePlanner:
     """Coarse grid, then bisection where the curve bends; the rest interpolated or collapsed.
 
-    ``rel[i]`` is the relative loss at ratio index ``i`` of the points evaluated so far.
+    ``rel[i]`` is the relative loss at ``ratios[i]`` of the points evaluated so far. A gap
+    between two evaluated ratios is bisected when linear interpolation could be off by more
+    than ``interp_tolerance`` there: the curvature at its ends (second differences, with the
+    unpruned model at ratio 0, loss 0) times ``width**2 / 8``, never more than half the
+    change across the gap (the most a monotone curve can be off).
 
     Example:
-        >>> p = CurvePlanner(9, stride=4, interp_tolerance=0.02, collapse=0.5)
+        >>> p = CurvePlanner([0.1, 0.2, 0.3, 0.4, 0.5], stride=2, interp_tolerance=0.01, collapse=0.5)
         >>> p.next({})
-        [0, 4, 8]
-        >>> p.next({0: 0.0, 4: 0.01, 8: 0.3})
-        [6]
+        [0, 2, 4]
+        >>> p.next({0: 0.0, 2: 0.01, 4: 0.3})  # flat, then steep: the bend is between 0.3 and 0.5
+        [3]
     """
 
-    def __init__(self, n: int, stride: int, interp_tolerance: float, collapse: float | None) -> None:
-        self.n, self.tol, self.collapse = n, interp_tolerance, collapse
-        self.grid = sorted(set(range(0, n, max(1, stride))) | {n - 1})
+    def __init__(self, ratios: Sequence[float], stride: int, interp_tolerance: float, collapse: float | None) -> None:
+        self.ratios, self.n, self.tol, self.collapse = list(ratios), len(ratios), interp_tolerance, collapse
+        self.grid = sorted(set(range(0, self.n, max(1, stride))) | {self.n - 1})
 
     def collapsed_at(self, rel: dict[int, float]) -> int:
         """The first evaluated index past ``collapse`` (``n`` if none)."""
@@ -642,7 +646,20 @@ class CurvePlanner:
         if coarse:
             return coarse
         done = sorted(i for i in rel if i <= c)
-        return [(i + j) // 2 for i, j in zip(done, done[1:]) if j - i >= 2 and abs(rel[j] - rel[i]) > 2 * self.tol]
+        xs = [0.0] + [self.ratios[i] for i in done]
+        ys = [0.0] + [rel[i] for i in done]
+        bend = [0.0] * len(xs)  # |second derivative| at each evaluated point
+        for k in range(1, len(xs) - 1):
+            left = (ys[k] - ys[k - 1]) / (xs[k] - xs[k - 1])
+            right = (ys[k + 1] - ys[k]) / (xs[k + 1] - xs[k])
+            bend[k] = abs(2 * (right - left) / (xs[k + 1] - xs[k - 1]))
+        out = []
+        for k, (i, j) in enumerate(zip(done, done[1:]), start=1):
+            width = xs[k + 1] - xs[k]
+            err = min(max(bend[k], bend[k + 1]) * width ** 2 / 8, abs(ys[k + 1] - ys[k]) / 2)
+            if j - i >= 2 and err > self.tol:
+                out.append((i + j) // 2)
+        return out
 
     def fill(self, values: dict[int, float], rel: dict[int, float]) -> dict[int, tuple[float, str]]:
         """Values (and ``how``) for the indices not evaluated, or past the collapse."""
@@ -658,7 +675,8 @@ class CurvePlanner:
                 if lo is None or hi is None:
                     out[i] = (values[lo if hi is None else hi], "interpolated")
                 else:
-                    out[i] = (values[lo] + (values[hi] - values[lo]) * (i - lo) / (hi - lo), "interpolated")
+                    t = (self.ratios[i] - self.ratios[lo]) / (self.ratios[hi] - self.ratios[lo])
+                    out[i] = (values[lo] + (values[hi] - values[lo]) * t, "interpolated")
         return out
 
 
@@ -778,11 +796,20 @@ class FastAnalysis:
             if used > self.budget:
                 return (f"the evaluation batches need more than ana.fast.cache_mb={self.cfg.cache_mb} MiB: "
                         "every point is evaluated in full (raise cache_mb or evaluate fewer batches)")
-            self.batches.append(_Batch(inputs, target, batch_size(target), None, math.nan))
+            self.batches += [_Batch(i, t, batch_size(t), None, math.nan) for i, t in self._split(inputs, target)]
         if not self.batches:
             raise ValueError("the loader yielded no batches; nothing to evaluate")
         self.budget -= used
         return None
+
+    def _split(self, inputs: Any, target: Any) -> list[tuple[Any, Any]]:
+        """A batch as chunks of ``cfg.chunk`` samples (built-in metrics, every tensor batch-first), else whole."""
+        k, size = self.cfg.chunk, batch_size(target)
+        leaves = [t for t in tree_flatten((inputs, target))[0] if isinstance(t, torch.Tensor)]
+        if not k or size <= k or not self.spec.samplewise or any(t.dim() == 0 or t.shape[0] != size for t in leaves):
+            return [(inputs, target)]
+        cut = lambda tree, a: tree_map(lambda t: t[a:a + k] if isinstance(t, torch.Tensor) else t, tree)  # noqa: E731
+        return [(cut(inputs, a), cut(target, a)) for a in range(0, size, k)]
 
     def _measure_baseline(self) -> None:
         """The baseline metric, per sample, and (where they fit the budget) every group's cached activations."""
@@ -844,7 +871,7 @@ class FastAnalysis:
         """Evaluate ``group``'s curve at ``ratios``; ``known`` holds the points saved before
         (``{index: (value, info)}``); ``emit(index, result)`` saves one point."""
         stride = self.cfg.stride if self.cfg.adaptive else 1
-        planner = CurvePlanner(len(ratios), stride, self.cfg.interp_tolerance, self.collapse)
+        planner = CurvePlanner(ratios, stride, self.cfg.interp_tolerance, self.collapse)
         values = {i: v for i, (v, info) in known.items() if info.get("how", "full") in EVALUATED}
         rel = {i: self.rel(v) for i, v in values.items()}
         mode = None
@@ -973,7 +1000,7 @@ class FastAnalysis:
         self.cost["verify_images"] += batch.size
         self.cost["images"] += batch.size
         self.cost["image_equivalents"] += batch.size
-        err = max_error(plain, fast_out)
+        err = max_error(plain, fast_out)  # the whole batch: a chunk is small (cfg.chunk)
         if not err <= TOLERANCE:
             raise _Mismatch(f"the fast forward differs from the plain sparse one (error {err:.2g} > {TOLERANCE:g})")
 

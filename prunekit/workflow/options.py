@@ -89,6 +89,8 @@ class FastAnaConfig:
             (0.01: 1% of the baseline metric) ...
         rel_tolerance: ... or at most this fraction of the point's own loss.
         min_images: Never stop a point before this many images.
+        chunk: Images per forward (the evaluation batches re-split, for the built-in
+            metrics), so a point can stop every ``chunk`` images; ``0`` keeps the loader's batches.
         adaptive: Evaluate every ``stride``-th ratio, then bisect only where the curve changes
             by more than ``2 * interp_tolerance`` between evaluated ratios; the others are
             interpolated (marked as estimated).
@@ -112,6 +114,7 @@ class FastAnaConfig:
     tolerance: float = 0.01
     rel_tolerance: float = 0.25
     min_images: int = 128
+    chunk: int = 64
     adaptive: bool = True
     stride: int = 2
     interp_tolerance: float = 0.02
@@ -122,7 +125,7 @@ class FastAnaConfig:
         for name in ("enabled", "prefix", "early_stop", "adaptive", "verify"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ana.fast.{name} must be true or false, got {getattr(self, name)!r}")
-        for name, minimum in (("variants", 0), ("min_images", 1), ("stride", 1), ("cache_mb", 0)):
+        for name, minimum in (("variants", 0), ("min_images", 1), ("chunk", 0), ("stride", 1), ("cache_mb", 0)):
             check_int(f"ana.fast.{name}", getattr(self, name), minimum)
         if not _number(self.confidence) or not 0 < self.confidence < 1:
             raise ConfigError(f"ana.fast.confidence must be in (0, 1), got {self.confidence!r}")
