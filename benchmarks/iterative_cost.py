@@ -257,7 +257,7 @@ def verdicts(runs: list[dict], timing: list[dict], targets: list[float]) -> list
         out.append(f"-{t:.0%} MACs: slim / sparse whole-run time {ratio:.2f}x{met}, CPU time {cpu:.2f}x; test "
                    "accuracy sparse - slim "
                    f"{100 * gap:+.2f} points over {len(pairs)} seed(s) (target within {100 * ACC_GAP:.1f}: "
-                   f"{'met' if abs(gap) <= ACC_GAP else 'MISSED'})")
+                   f"{'met' if abs(gap) <= ACC_GAP + 1e-9 else 'MISSED'})")
     for r in timing:
         out.append(f"-{r['target']:.0%} step {r['step']} (MACs -{r['macs_reduction']:.1%}), CPU time: finetune / plain "
                    f"loop on the slim model {r['ratio_finetune_vs_plain']:.2f}x (target <= {LOOP_RATIO}: "

@@ -2,12 +2,13 @@
 
 Each model comes from its Ultralytics YAML (random weights, 80 classes), gets BatchNorm statistics
 from one batch of random images (healthy output scales, so the equivalence check is not vacuous) and
-one eval forward pass (the ``Detect`` head caches its anchors, as in every trained model). Then, at
-30% and 50% fewer MACs (``--imgsz``, default 320):
+one eval forward pass (the ``Detect`` head caches its anchors, as in every trained model), and runs in
+``export_mode`` (the heads return their decoded predictions, as in the ONNX files). Then, at 30% and 50%
+fewer MACs (``--imgsz``, default 320):
 
 - **prunekit**: ``prunekit.workflow.prune.prune(model, x, removal_ratio=r, round_to=8)`` (uniform
-  allocation, L2), then ``checked_slim``; "equiv. err" is ``max|slim - sparse| / (1 + max|sparse|)`` over
-  every output (decoded boxes and the raw head outputs).
+  allocation, L2), then ``checked_slim``; "equiv. err" is ``max|slim - sparse| / (1 + max|sparse|)`` on
+  the predictions (``tests/test_ultralytics.py`` also checks the raw head outputs).
 - **Torch-Pruning 1.6.1** as its README shows a new user: ``tp.pruner.MetaPruner(model, x,
   importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=p, ignored_layers=[detect_head],
   round_to=8).step()``, ``p`` bisected until the measured MACs are within 1 point of the target. Each
@@ -52,6 +53,8 @@ def build(name: str, imgsz: int, seed: int = 0):
     import torch
     from ultralytics.nn.tasks import DetectionModel
 
+    from prunekit.integrations.ultralytics import export_mode
+
     torch.manual_seed(seed)
     net = DetectionModel(f"{name}.yaml", verbose=False)
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -66,6 +69,7 @@ def build(name: str, imgsz: int, seed: int = 0):
     x = torch.randn(1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(seed + 2))
     with torch.no_grad():
         net.eval()(x)
+    export_mode(net)  # the deployed outputs (decoded predictions), as ONNX runs it
     return net, x
 
 

@@ -8,6 +8,7 @@ baseline accuracy is about 0.87 and pruning lowers it smoothly.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
@@ -43,15 +44,24 @@ def data(model, n: int = 1024, batch: int = 64, shape=(1, 8, 8), seed: int = 0):
     return x[:2], [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
 
 
+@functools.cache
 def demo(seed: int = 0, width: int = 8):
+    """A DemoNet and its data, shared by the tests (ana leaves the model as it was; the tests check it)."""
     torch.manual_seed(seed)
     model = randomize_batchnorm(DemoNet(1, 10, width=width, blocks=2)).eval()
     return (model, *data(model, seed=seed))
 
 
+@functools.cache
+def pruner_of(model, x):
+    return prunekit.Pruner(model, x)
+
+
 def run(model, x, eval_fn, ws, **kw):
+    """ana with the test defaults (and one Pruner per model: tracing once is enough)."""
     kw.setdefault("ratios", RATIOS)
     kw.setdefault("progress", False)
+    kw.setdefault("pruner", pruner_of(model, x))
     logs: list[str] = []
     sens = prunekit.ana(model, x, eval_fn, workspace=ws, log=logs.append, **kw)
     return sens, logs
@@ -79,8 +89,12 @@ def pair(tmp_path_factory):
     model, x, loader = demo()
     fn = make_eval_fn(loader, "accuracy")
     full, _ = run(model, x, fn, tmp_path_factory.mktemp("full"), fast=False)
-    fast, logs = run(model, x, fn, tmp_path_factory.mktemp("fast"))
-    return model, x, full, fast, logs
+    before = copy.deepcopy(model.state_dict())
+    ws = tmp_path_factory.mktemp("fast")
+    fast, logs = run(model, x, fn, ws)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), f"the fast analysis changed {name} of the model"
+    return model, x, full, fast, ws
 
 
 # ----- as good as the full analysis ----------------------------------------------------------
@@ -138,17 +152,33 @@ def test_fast_uses_far_fewer_images_and_says_so(pair):
     assert "~" in table and "interpolated" in table.splitlines()[0], "the table marks estimated cells"
 
 
-def test_results_on_disk_say_how_points_were_obtained(tmp_path):
-    model, x, loader = demo(1)
-    sens, _ = run(model, x, make_eval_fn(loader, "accuracy"), tmp_path)
-    data = json.loads((tmp_path / "sensitivity.json").read_text())
+def test_results_on_disk_say_how_points_were_obtained(pair):
+    *_, sens, ws = pair
+    data = json.loads((ws / "sensitivity.json").read_text())
     back = Sensitivity.from_dict(data)
     assert back.details == sens.details and back.cost == sens.cost and back.curves == sens.curves
-    saved = json.loads((tmp_path / "ana.json").read_text())
+    saved = json.loads((ws / "ana.json").read_text())
     assert set(saved["info"]) == set(saved["points"]), "every saved point says how it was obtained"
     assert saved["config"]["method"]["fast"]["tolerance"] == FastAnaConfig().tolerance
     old = {k: v for k, v in data.items() if k not in ("details", "cost")}  # written before these existed
     assert Sensitivity.from_dict(old).details == {} and Sensitivity.from_dict(old).estimated() == {}
+
+
+def test_a_sparse_model_is_analysed_on_top_of_its_masks(tmp_path):
+    model, x, loader = demo()
+    model = copy.deepcopy(model)
+    pruner = prunekit.Pruner(model, x)
+    pruner.prune({pruner.prunable_groups[1].id: 0.5})
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with torch.no_grad():
+        out = model(x)
+    sens, _ = run(model, x, make_eval_fn(loader, "accuracy"), tmp_path, ratios=(0.5,), pruner=pruner)
+    assert sens.cost["method"] == "fast" and sens.cost["prefix_groups"] > 0
+    assert prunekit.engine.sparse.is_sparse(model), "the model's own masks must be restored"
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, before[n]), f"ana changed {n} of a sparse model"
+    with torch.no_grad():
+        assert torch.equal(model(x), out), "the sparse model computes something else after ana"
 
 
 def test_opaque_eval_fn_is_evaluated_in_full(tmp_path, monkeypatch):

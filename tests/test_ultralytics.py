@@ -69,23 +69,30 @@ def _check_prunes(cfg: str):
 
 def _prune_and_check(cfg: str):
     net, x = _model(cfg)
+    full = len(prunekit.Pruner(net, x).prunable_groups)  # eval outputs: the neck's feature maps are outputs too
+    pu.export_mode(net)  # the deployed outputs: decoded predictions only
     pruner = prunekit.Pruner(net, x)
     frozen = pruner.validate(0.5)
     assert frozen == [], f"{cfg}: validation froze {[g.reasons[0] for g in frozen]}"
     for g in pruner.groups:
         if not g.prunable:
             assert any(k in g.reasons[0] for k in KEPT), f"{cfg}: group {g.id} kept for {g.reasons[0]!r}"
-    assert len(pruner.prunable_groups) >= 40, pruner.summary()
-    sparse_out = run(net, x)
+    assert len(pruner.prunable_groups) > full >= 40, pruner.summary()
     pruner.prune(0.5, round_to=8)
     slim = pruner.transform().eval()  # raises unless slim == sparse on the example inputs
+    before, after = prunekit.count(net, x), prunekit.count(slim, x)
+    assert after.macs < 0.5 * before.macs and after.params < 0.5 * before.params
+    assert_equivalent(run(net, x), run(slim, x), f"{cfg}: slim vs sparse predictions")
+    for m in (net, slim):
+        pu.export_mode(m, on=False)
     sparse_out, slim_out = run(net, x), run(slim, x)
     for key in ("boxes", "scores"):  # the raw head outputs, before decoding
         assert prunekit.max_error(sparse_out[1][key], slim_out[1][key]) <= TOLERANCE, key
         assert float(sparse_out[1][key].std()) > 0.05, f"{key}: outputs without spread make the check vacuous"
-    assert_equivalent(sparse_out, slim_out, f"{cfg}: slim vs sparse")
-    before, after = prunekit.count(net, x), prunekit.count(slim, x)
-    assert after.macs < 0.5 * before.macs and after.params < 0.5 * before.params
+    for a, b in zip(sparse_out[1]["feats"], slim_out[1]["feats"]):  # the neck's outputs (head inputs) pruned
+        assert b.shape[1] < a.shape[1] and b.shape[1] % 8 == 0
+    for m in (net, slim):
+        pu.export_mode(m)
     return net, slim, x
 
 
@@ -139,11 +146,13 @@ def test_slim_yolo_exports_and_loads_back_into_ultralytics(shapes, tmp_path):
 
 def test_map_eval_fn_leaves_the_model_alone(shapes):
     net, x = _model("yolov8n.yaml")
+    pu.export_mode(net)
     prunekit.Pruner(net, x).prune(0.3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     eval_fn = pu.make_map_eval_fn(shapes, imgsz=IMGSZ, batch=8)
     a, b = eval_fn(net), eval_fn(net)
     assert a == b and 0.0 <= a <= 1.0 and eval_fn.lower_is_better is False
+    assert net.model[-1].export is True and isinstance(run(net, x), torch.Tensor)
     after = net.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), \
         "validation fused or changed the model"
@@ -159,6 +168,7 @@ def test_train_sparse_keeps_the_masks_through_ultralytics_training(shapes, tmp_p
     best.pt carries the plan, and the fine-tuned model still equals its slim model."""
     net, x = _model("yolov8n.yaml")
     net.requires_grad_(False)  # as a model loaded from an Ultralytics checkpoint (its EMA) comes
+    pu.export_mode(net)
     pruner = prunekit.Pruner(net, x)
     pruner.prune(0.3, round_to=8)
     plan = prunekit.get_plan(net)
@@ -185,6 +195,7 @@ def test_train_sparse_keeps_the_masks_through_ultralytics_training(shapes, tmp_p
     assert isinstance((raw["ema"] or raw["model"])._prunekit_sparse, dict), "best.pt should hold the plan as a dict"
     after = eval_fn(out.model)
     assert math.isfinite(before) and math.isfinite(after) and out.metrics
+    assert out.model.model[-1].export is True and net.model[-1].export is True, "export_mode lost in training"
     slim = prunekit.to_slim(out.model).eval()
     assert_equivalent(run(out.model, x), run(slim, x), "fine-tuned sparse vs its slim model")
     with pytest.raises(ValueError, match="classes"):

@@ -112,7 +112,7 @@ class ChannelGroup:
         order = torch.argsort(s, stable=True)
         chosen = order[:k]
         if step > 1:
-            pass
+            chosen = self._round_segments(chosen, s, step)
         spare = order[k:][torch.isfinite(s[order[k:]])].tolist()
         for m in self.members:  # at least one channel of every member survives
             gone = torch.isin(m.unit, chosen)

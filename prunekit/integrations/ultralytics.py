@@ -5,6 +5,9 @@ like any other model: ``prunekit.Pruner(model, torch.randn(1, 3, 640, 640))``. T
 ``Detect`` head's box and class convolutions, the fixed DFL integral) keep their channels, so ``Detect``'s
 ``nc``, ``reg_max`` and ``no`` never change. What this module adds:
 
+- :func:`export_mode`: the heads return only their decoded predictions, as in a deployment; otherwise
+  the neck's feature maps, which an eval-mode head echoes for the loss, count as model outputs and keep
+  every channel.
 - :func:`update_module`, the slim updater of every ``ultralytics.*`` module (registered by package in
   :data:`prunekit.engine.slim.PACKAGE_UPDATERS`, imported on first use): the CSP blocks' hidden width
   ``c`` (``C2f``, ``C3k2``, ``C2PSA``, ... split their ``cv1`` output as ``(c, c)``; Ultralytics' own
@@ -27,7 +30,7 @@ helpers here pass ``plots=False``, and models built from YAML need no weights). 
 Example:
     >>> import torch, prunekit  # doctest: +SKIP
     >>> from ultralytics import YOLO  # doctest: +SKIP
-    >>> model = YOLO("yolov8n.yaml").model.eval()  # doctest: +SKIP
+    >>> model = export_mode(YOLO("yolov8n.yaml").model.eval())  # doctest: +SKIP
     >>> x = torch.randn(1, 3, 640, 640)  # doctest: +SKIP
     >>> pruner = prunekit.Pruner(model, x); pruner.validate()  # doctest: +SKIP
     >>> pruner.prune(0.3, round_to=8); slim = pruner.transform()  # doctest: +SKIP
@@ -51,7 +54,7 @@ import torch.nn as nn
 
 from prunekit.engine import sparse
 
-__all__ = ["update_module", "make_map_eval_fn", "train_sparse", "SparseTraining", "save_checkpoint",
+__all__ = ["update_module", "export_mode", "make_map_eval_fn", "train_sparse", "SparseTraining", "save_checkpoint",
            "shapes_dataset", "detection_model", "pruned_slices_off", "METRICS", "SHAPES"]
 
 #: metric names of :func:`make_map_eval_fn` -> the key in Ultralytics' validation results
@@ -89,6 +92,47 @@ def _update_detect(mod: nn.Module) -> None:
 
 
 # ----- models and data -----------------------------------------------------------------------------
+
+def _heads(net: nn.Module) -> list[nn.Module]:
+    return [m for m in net.modules() if isinstance(getattr(m, "reg_max", None), int) and hasattr(m, "export")]
+
+
+def export_mode(model: Any, on: bool = True) -> nn.Module:
+    """Make the detection heads return only their decoded predictions (or, ``on=False``, everything again).
+
+    In eval mode a ``Detect`` head returns ``(predictions, raw)``, where ``raw`` also echoes the neck's
+    feature maps (``raw["feats"]``, which the loss reads only for their shapes); as model outputs their
+    channels would all be kept. With ``export = True`` (what Ultralytics' exporter sets, what an ONNX or
+    TensorRT deployment runs) the head returns the ``(batch, 4 + classes, anchors)`` predictions alone,
+    so the neck prunes too. Training (:func:`train_sparse`) and validation (:func:`make_map_eval_fn`)
+    switch the full outputs back on while they run. Returns the ``DetectionModel``.
+
+    Example:
+        >>> model = export_mode(YOLO("yolov8n.yaml").model.eval())  # doctest: +SKIP
+        >>> model(torch.randn(1, 3, 640, 640)).shape  # doctest: +SKIP
+        torch.Size([1, 84, 8400])
+    """
+    net = detection_model(model)
+    for head in _heads(net):
+        head.export = on
+    return net
+
+
+@contextlib.contextmanager
+def _full_outputs(net: nn.Module):
+    """The heads' training/validation outputs on (``export = False``) inside the block, restored after."""
+    heads = _heads(net)
+    saved = [h.__dict__.get("export") for h in heads]
+    for h in heads:
+        h.export = False
+    try:
+        yield
+    finally:
+        for h, v in zip(heads, saved):
+            if v is None:
+                h.__dict__.pop("export", None)
+            else:
+                h.export = v
 
 def detection_model(model: Any) -> nn.Module:
     """The ``DetectionModel`` of a ``YOLO`` object (or ``model`` itself when it is one).
@@ -201,8 +245,10 @@ def make_map_eval_fn(data: str | Path, *, imgsz: int = 640, batch: int = 16, met
 
     def eval_fn(model: nn.Module) -> float:
         was = model.training
+        twin = copy.deepcopy(detection_model(model))
+        export_mode(twin, on=False)
         with _quiet(quiet):
-            stats = validator(model=copy.deepcopy(detection_model(model)))
+            stats = validator(model=twin)
         model.train(was)
         return float(stats[METRICS[metric]])
 
@@ -294,9 +340,13 @@ def train_sparse(model: Any, data: str | Path, *, epochs: int = 10, imgsz: int =
             # the trainer has just set requires_grad on every parameter: attach the gradient masks again
             trainer.add_callback("on_pretrain_routine_end", lambda tr: sparse.apply_plan(_unwrap(tr.model), plan))
             trainer.add_callback("on_model_save", lambda tr: checks.append(pruned_slices_off(tr.ema.ema, plan)))
-        trainer.train()
+        exporting = [h.export for h in _heads(net)]
+        with _full_outputs(net):
+            trainer.train()
         best_path = trainer.best if trainer.best.exists() else trainer.last
         best, _ = load_checkpoint(best_path)
+    for head, on in zip(_heads(best), exporting):
+        head.export = on  # the outputs the model had (export_mode)
     if plan is not None:
         sparse.reapply_masks(best)  # attaches the plan best.pt carries
     metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
@@ -333,7 +383,8 @@ def save_checkpoint(model: Any, path: str | Path, **extra: Any) -> Path:
                          "with train_sparse, whose best.pt keeps the plan")
     args = getattr(net, "args", None)
     args = vars(args) if hasattr(args, "__dict__") else dict(args or {})
-    ckpt = {"model": copy.deepcopy(net).half(), "train_args": args, "date": datetime.now().isoformat(),
+    twin = export_mode(copy.deepcopy(net), on=False)  # Ultralytics' own state: full outputs in eval mode
+    ckpt = {"model": twin.half(), "train_args": args, "date": datetime.now().isoformat(),
             "version": ultralytics.__version__, **extra}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
