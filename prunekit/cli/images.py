@@ -81,7 +81,7 @@ class FolderImages(Dataset):
         return self.source.targets[self.indices]
 
     def subset(self, n: int, seed: int = 0) -> FolderImages:
-        """At most ``n`` of these images, the same share of every class (seeded)."""
+        """About ``n`` of these images (rounded per class), the same share of every class (seeded)."""
         if n >= len(self):
             return self
         keep = split_by_class(self.targets, [n / len(self)], seed)[0]
@@ -187,6 +187,13 @@ def _folder(path: Path, image_size: int | None) -> Dataset:
 
 
 def _free_bytes() -> int | None:
+    """Memory available to this process (Linux: MemAvailable, which counts reclaimable page cache)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

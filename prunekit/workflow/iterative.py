@@ -28,7 +28,8 @@ Everything lives in a workspace directory::
                                                   step_plan.json) or sparse (save_sparse)
     steps/step<k>-try<a>/ana/                     with run.reanalyse: ana of that model
     baseline/model.safetensors                    the starting weights
-    final/                                        the slim model (save_slim); summary.json
+    final/                                        the slim model (save_slim)
+    summary.json                                  baseline, attempts, final, layer table
 
 A killed run, started again with the same arguments, resumes from the last finished step
 and, inside a step, from the last finished epoch. Every file is written to a temp name and
