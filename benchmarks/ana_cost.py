@@ -17,10 +17,10 @@ Models and data (nothing is downloaded; a model whose data is missing is skipped
   pretrained weights of ``../shared/data/cifar-resnet``, on the JPEG CIFAR-10 of
   ``../shared/data/cifar10``: validation images (for ana) and fine-tuning images from the train
   split (disjoint), test images from the test split, all fixed subsets (sizes below).
-- ``resnet18``: torchvision's ImageNet ResNet-18 with **random weights** (seed 0; BatchNorm
-  statistics estimated on 512 training images so the network is a sane function), on CIFAR-10
-  images upsampled to 64x64. Its labels are the unpruned model's own top-1 predictions, so its
-  "accuracy" is agreement with the unpruned model; the fine-tune distils towards those labels.
+- ``resnet18``: torchvision's ImageNet ResNet-18 architecture with a 10-class head, **from random
+  weights** (no pretrained ImageNet weights offline; a random network's predictions collapse at
+  the first pruning ratio, so it is trained first: 2 epochs on 10,000 other CIFAR-10 training
+  images, at 32x32, cached in the temp dir), on the same CIFAR-10 subsets.
 
 Usage:
     python benchmarks/ana_cost.py                       # all three models, default subsets
@@ -53,9 +53,9 @@ RESULTS = HERE / "results" / "ana_cost.json"
 SHARED = HERE.parent.parent / "shared" / "data"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZES = {  # validation (ana), test, fine-tuning images; ana batch size
-    "resnet20": dict(val=2000, test=2000, train=5000, batch=250),
-    "resnet56": dict(val=1000, test=2000, train=3000, batch=250),
-    "resnet18": dict(val=512, test=1000, train=2000, batch=128),
+    "resnet20": dict(val=2000, test=2000, train=4000, batch=250),
+    "resnet56": dict(val=500, test=2000, train=2000, batch=250),
+    "resnet18": dict(val=1000, test=2000, train=2000, batch=250, pretrain=10000, pretrain_epochs=2),
 }
 
 
@@ -104,16 +104,30 @@ def build(name: str, root: Path, sizes: dict, seed: int):
         model = {"resnet20": cifar_resnet20, "resnet56": cifar_resnet56}[name]()
         model.load_state_dict(load_file(str(SHARED / "cifar-resnet" / f"cifar_{name}.safetensors")))
         return model.eval(), val[0][:1], val, test, train
+    return resnet18(root, sizes, seed), val[0][:1], val, test, train
+
+
+def resnet18(root: Path, sizes: dict, seed: int) -> nn.Module:
+    """torchvision's ResNet-18 (10 outputs) from random weights, trained briefly on other CIFAR-10 images.
+
+    Cached in the temp dir (no pretrained ImageNet weights are available offline).
+    """
     import torchvision
 
-    up = [(F.interpolate(x, size=64, mode="bilinear", align_corners=False), y) for x, y in (val, test, train)]
+    n, epochs = sizes["pretrain"], sizes["pretrain_epochs"]
+    cache = Path(tempfile.gettempdir()) / f"prunekit-ana-cost-resnet18-{seed}-{n}-{epochs}.pt"
     torch.manual_seed(seed)
-    model = torchvision.models.resnet18()
-    make_bn_calibration(batches(up[2][0][:512], up[2][1][:512], 128))(model)
-    model.eval()
-    with torch.no_grad():  # labels: the unpruned model's own predictions
-        up = [(x, torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])) for x, _ in up]
-    return model, up[0][0][:1], *up
+    model = torchvision.models.resnet18(num_classes=10)
+    if cache.exists():
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        return model.eval()
+    x, y = load_images(root, "train", n, seed, skip=sizes["val"] + sizes["train"])
+    t0 = time.perf_counter()
+    finetune(model, batches(x, y, 128), epochs, seed, lr=0.05)
+    print(f"resnet18: trained from random weights on {n} images x {epochs} epochs in "
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    torch.save(model.state_dict(), cache)
+    return model.eval()
 
 
 # ----- one analysis, pruning, fine-tuning ------------------------------------------------
@@ -132,12 +146,12 @@ class CountingLoader:
         return len(self.data)
 
 
-def analyse(model, example, val, fast: bool, workspace: Path) -> tuple[prunekit.Sensitivity, dict]:
+def analyse(model, example, val, fast: bool, workspace: Path, workers: int = 1) -> tuple[prunekit.Sensitivity, dict]:
     loader = CountingLoader(val)
     fn = make_eval_fn(loader, "accuracy")
     t0 = time.perf_counter()
     sens = prunekit.ana(model, example, fn, workspace=workspace, criterion="l2", collapse=0.5, fast=fast,
-                        progress=False, log=lambda m: None)
+                        progress=False, log=lambda m: None, workers=workers)
     wall = time.perf_counter() - t0
     images = sens.cost["images"] if fast else loader.images
     return sens, {"wall_s": round(wall, 2), "images": images, "cost": sens.cost}
@@ -191,19 +205,28 @@ def run_model(name: str, root: Path, args) -> dict:
            "baseline_test": make_eval_fn(test_b, "accuracy")(model)}
     row["data_s"] = round(time.perf_counter() - t0, 1)
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, fast in (("full", False), ("fast", True)):
-            sens, stats = analyse(model, example, val_b, fast, Path(tmp) / kind)
+        kinds = [("full", False, 1), ("fast", True, 1)] + ([("fast_workers", True, args.workers)]
+                                                            if args.workers > 1 else [])
+        for kind, fast, workers in kinds:
+            if workers > 1:
+                torch.set_num_threads(1)  # one thread per worker process
+            sens, stats = analyse(model, example, val_b, fast, Path(tmp) / kind, workers)
+            torch.set_num_threads(args.threads)
+            stats["workers"] = workers
             row[kind] = {**stats, "groups": len(sens.curves), "baseline_val": sens.baseline}
             row[kind]["curves"] = {str(g): {str(r): round(v, 5) for r, v in c.items()} for g, c in sens.curves.items()}
             print(f"{name}: {kind} ana {stats['wall_s']} s, {stats['images']} images", file=sys.stderr)
-            same = kind == "fast" and row["full"]["ratios"] == _ratios(model, example, sens)
+            ref = "fast" if kind == "fast_workers" else "full"
+            same = kind != "full" and row[ref]["ratios"] == _ratios(model, example, sens)
             if same:  # the same allocation: the same slim model, the same fine-tune (deterministic)
-                row[kind].update({k: row["full"][k] for k in ("macs_reduction", "acc_pruned_bn", "ratios",
+                row[kind].update({k: row[ref][k] for k in ("macs_reduction", "acc_pruned_bn", "ratios",
                                                                "acc_finetuned", "finetune_s")})
-                row[kind]["same_allocation"] = True
+                row[kind]["same_allocation"] = ref == "full"
             else:
                 row[kind].update(prune_and_tune(model, example, sens, test_b, train_b, args, args.seed))
                 row[kind]["same_allocation"] = False
+    if "fast_workers" in row:
+        row["wall_x_workers"] = round(row["full"]["wall_s"] / row["fast_workers"]["wall_s"], 2)
     f, q = row["full"], row["fast"]
     row["images_x"] = round(f["images"] / q["images"], 2)
     row["wall_x"] = round(f["wall_s"] / q["wall_s"], 2)
@@ -222,20 +245,22 @@ def _ratios(model, example, sens) -> dict:
 
 # ----- report ------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
-    head = (f"{'model':<9} {'ana':<5} {'images':>8} {'wall s':>7} {'points eval/interp/coll':>24} {'early':>6} "
+    head = (f"{'model':<9} {'ana':<16} {'images':>8} {'wall s':>7} {'points eval/interp/coll':>24} {'early':>6} "
             f"{'MACs -':>7} {'acc pruned+BN':>14} {'acc fine-tuned':>15}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        for kind in ("full", "fast"):
+        for kind in [k for k in ("full", "fast", "fast_workers") if k in r]:
             a = r[kind]
             c = a["cost"]
             pts = f"{c['evaluated']}/{c['interpolated']}/{c['collapsed']}"
-            lines.append(f"{r['model']:<9} {kind:<5} {a['images']:>8} {a['wall_s']:>7.1f} {pts:>24} "
+            label = kind if kind != "fast_workers" else f"fast, {a['workers']} workers"
+            lines.append(f"{r['model']:<9} {label:<16} {a['images']:>8} {a['wall_s']:>7.1f} {pts:>24} "
                          f"{c['early_stop']:>6} {a['macs_reduction']:>7.1%} {a['acc_pruned_bn']:>14.2%} "
                          f"{a['acc_finetuned']:>15.2%}")
         lines.append(f"{'':<9} fast vs full: {r['images_x']}x fewer images, {r['wall_x']}x less wall time, "
                      f"fine-tuned accuracy {r['ft_gap_points']:+.2f} points, largest per-group ratio difference "
-                     f"{r['max_ratio_diff']}{' (same allocation)' if r['fast']['same_allocation'] else ''}")
+                     f"{r['max_ratio_diff']}{' (same allocation)' if r['fast']['same_allocation'] else ''}"
+                     + (f"; with workers {r['wall_x_workers']}x less wall time" if "wall_x_workers" in r else ""))
     return "\n".join(lines)
 
 
@@ -248,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ft-epochs", type=int, default=1, help="passes over the fine-tuning images")
     ap.add_argument("--bn-batches", type=int, default=8, help="training batches (128) for BatchNorm re-estimation")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the full and the fast analysis")
+    ap.add_argument("--workers", type=int, default=2, help="also the fast analysis in this many processes "
+                    "(one thread each); 1: not")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -6,8 +6,9 @@ each one measured with Ultralytics' own validator (mAP50-95 and mAP50 on the val
 
 1. train YOLOv8n from its YAML (``train_sparse`` on a dense model is plain Ultralytics training),
 2. ``prunekit.ana`` with ``make_map_eval_fn`` (mAP50-95) as the metric,
-3. ``prunekit.prune(removal_ratio=0.5, round_to=8)`` guided by those curves: the sparse model, measured
-   before any fine-tuning,
+3. ``prunekit.prune(removal_ratio=0.5, round_to=8)`` guided by those curves (in ``export_mode``: the
+   deployed outputs), the sparse model measured before any fine-tuning (MACs and parameters: those of
+   its slim model),
 4. ``train_sparse``: Ultralytics' trainer on the sparse model (masks kept through optimizer steps, EMA and
    checkpoints; checked at every checkpoint),
 5. the slim model: ``to_slim`` of the fine-tuned model, ONNX export checked with onnxruntime, saved as an
@@ -67,6 +68,7 @@ def run(args) -> dict:
     import prunekit
     from prunekit.deploy.export import export
     from prunekit.engine.equivalence import checked_slim
+    from prunekit.engine.sparse import is_sparse
     from prunekit.integrations import ultralytics as pu
 
     work = Path(args.work)
@@ -78,7 +80,7 @@ def run(args) -> dict:
     stages, t = [], time.time()
 
     def record(stage: str, model, seconds: float, **extra) -> None:
-        c = prunekit.count(model, x)
+        c = prunekit.count(prunekit.to_slim(model) if is_sparse(model) else model, x)  # what it will cost
         stages.append({"stage": stage, "map50_95": map50_95(model), "map50": map50(model), "macs": c.macs,
                        "params": c.params, "seconds": round(seconds, 1), **extra})
         print(stages[-1], flush=True)
@@ -87,6 +89,7 @@ def run(args) -> dict:
     dense = pu.train_sparse(DetectionModel(f"{args.model}.yaml", nc=3, verbose=False), data, epochs=args.epochs,
                             name="dense", **common).model
     record(f"dense, trained {args.epochs} epochs", dense, time.time() - t)
+    pu.export_mode(dense)  # prune for the deployed outputs: the neck's feature maps prune too
     t = time.time()
     ws = work / "ws"
     sens = prunekit.ana(dense, x, map50_95, workspace=ws, ratios=args.ratios, progress=False, log=lambda s: None)

@@ -110,7 +110,12 @@ def test_fast_agrees_with_full_ranking_and_allocation(pair):
             if a > 0.5 and b > 0.5:
                 continue  # both collapsed: the allocation never goes there
             assert abs(a - b) <= 0.08, f"group {g} at {r}: full loss {a:.3f}, fast {b:.3f}"
-    assert fast.order()[:2] == full.order()[:2], f"the most sensitive groups: {full.order()} vs {fast.order()}"
+    # the ranking: the same most sensitive group, and a rank correlation of at least 0.8 (near ties may swap)
+    assert fast.order()[0] == full.order()[0], f"the most sensitive group: {full.order()} vs {fast.order()}"
+    pos = {g: i for i, g in enumerate(fast.order())}
+    n = len(pos)
+    spearman = 1 - 6 * sum((i - pos[g]) ** 2 for i, g in enumerate(full.order())) / (n * (n * n - 1))
+    assert spearman >= 0.8, f"rankings differ: {full.order()} vs {fast.order()} (Spearman {spearman:.2f})"
     ratios = {}
     for name, sens in (("full", full), ("fast", fast)):
         res = prunekit.prune(copy.deepcopy(model), x, removal_ratio=0.5, sensitivity=sens, log=lambda m: None)
@@ -258,6 +263,14 @@ def test_workers_share_the_groups(tmp_path, pair):
         assert sens.curves[g] == pytest.approx(ref.curves[g], abs=1e-9), f"group {g} differs with workers=2"
         assert [d["how"] for d in sens.details[g].values()] == [d["how"] for d in ref.details[g].values()]
     assert sens.cost["images"] == ref.cost["images"], "the workers together put as many images through"
+
+
+def test_workers_with_an_opaque_eval_fn(tmp_path):
+    model, x, loader = demo()
+    inner = make_eval_fn(loader, "loss")
+    one, _ = run(model, x, lambda m: inner(m), tmp_path / "one", ratios=(0.5,), lower_is_better=True)
+    two, _ = run(model, x, lambda m: inner(m), tmp_path / "two", ratios=(0.5,), lower_is_better=True, workers=2)
+    assert two.cost["method"] == "full" and two.curves == one.curves
 
 
 # ----- the building blocks ---------------------------------------------------------------------

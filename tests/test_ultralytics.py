@@ -132,12 +132,17 @@ def test_slim_yolo_exports_and_loads_back_into_ultralytics(shapes, tmp_path):
     assert paths["onnx"].stat().st_size > 0
     ckpt = pu.save_checkpoint(slim, tmp_path / "slim.pt")
     yolo = ultralytics.YOLO(ckpt)
+    assert pu.detection_model(yolo) is yolo.model
+    with pytest.raises(TypeError, match="DetectionModel or YOLO"):
+        pu.detection_model(str(ckpt))
     assert yolo.model.model[-1].cv2[0][0].conv.out_channels == slim.model[-1].cv2[0][0].conv.out_channels
     img = (np.random.default_rng(0).random((IMGSZ, IMGSZ, 3)) * 255).astype(np.uint8)
     result = yolo.predict(img, imgsz=IMGSZ, verbose=False, device="cpu")
     assert result[0].boxes is not None
     metrics = yolo.val(data=str(shapes), imgsz=IMGSZ, batch=8, plots=False, verbose=False, device="cpu")
     assert 0.0 <= metrics.box.map <= 1.0
+    onnx = yolo.export(format="onnx", imgsz=IMGSZ, simplify=False, device="cpu")  # runs C2f.forward_split
+    assert ultralytics.YOLO(onnx, task="detect").predict(img, imgsz=IMGSZ, verbose=False)[0].boxes is not None
     with pytest.raises(ValueError, match="sparse"):
         net, _ = _model("yolov8n.yaml")
         prunekit.Pruner(net, x).prune(0.3)

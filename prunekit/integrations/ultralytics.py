@@ -140,10 +140,12 @@ def detection_model(model: Any) -> nn.Module:
     Raises:
         TypeError: ``model`` is neither (e.g. a path: load it with ``YOLO(path)`` first).
     """
-    inner = getattr(model, "model", None)
-    if isinstance(model, nn.Module) and hasattr(model, "yaml"):
+    from ultralytics.nn.tasks import BaseModel
+
+    if isinstance(model, BaseModel):
         return model
-    if isinstance(inner, nn.Module) and hasattr(inner, "yaml"):
+    inner = getattr(model, "model", None)
+    if isinstance(inner, BaseModel):  # a YOLO object
         return inner
     raise TypeError(f"expected an Ultralytics DetectionModel or YOLO object, got {type(model).__name__}; "
                     "build one with ultralytics.YOLO('yolov8n.yaml') or YOLO('weights.pt')")
@@ -324,7 +326,8 @@ def train_sparse(model: Any, data: str | Path, *, epochs: int = 10, imgsz: int =
 
     net = detection_model(model)
     plan = sparse.get_plan(net) if sparse.is_sparse(net) else None
-    overrides = {"model": getattr(net, "yaml_file", None) or "yolov8n.yaml", "data": str(data), "epochs": epochs,
+    cfg = (getattr(net, "yaml", None) or {}).get("yaml_file") or "yolov8n.yaml"  # only names the run
+    overrides = {"model": cfg, "data": str(data), "epochs": epochs,
                  "imgsz": imgsz, "batch": batch, "device": device, "project": str(Path(project).resolve()),
                  "name": name, "exist_ok": True, "plots": False, "workers": 0, "amp": device != "cpu",
                  **train_args}
