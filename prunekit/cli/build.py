@@ -5,8 +5,7 @@ to change: a factory that cannot be imported, a checkpoint that does not match t
 a data set root that does not exist.
 
 Example:
-    >>> from prunekit.utils.refs import resolve
-from prunekit.cli.job import ModelConfig
+    >>> from prunekit.cli.job import ModelConfig
     >>> build_model(ModelConfig(factory="prunekit.models.demo:DemoNet", kwargs={"width": 4})).fc.in_features
     8
 """
