@@ -36,8 +36,8 @@ from prunekit.engine.plan import PruningPlan
 from prunekit.graph.trace import call_model
 from prunekit.utils.devices import model_device, to_device
 
-__all__ = ["InputStats", "Consumer", "find_consumers", "collect_input_stats", "compensate", "add_biases",
-           "calibration_inputs"]
+__all__ = ["InputStats", "Consumer", "find_consumers", "collect_input_stats", "run_calibration", "compensate",
+           "add_biases", "calibration_inputs"]
 
 
 @dataclass
@@ -160,6 +160,27 @@ def _recording(model: nn.Module, consumers: dict[str, Consumer], stats: dict[str
             h.remove()
 
 
+def run_calibration(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> int:
+    """Run ``model`` in eval mode over at most ``max_batches`` calibration batches; returns how many ran.
+
+    Batches are ``(inputs, target)`` pairs or bare inputs, moved to the model's device; the
+    model's train/eval mode is restored. Hooks the caller registered see every forward.
+    """
+    dev = model_device(model)
+    was = model.training
+    model.eval()
+    seen = 0
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            call_model(model, to_device(calibration_inputs(batch), dev))
+            seen += 1
+    finally:
+        model.train(was)
+    return seen
+
+
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None,
                         consumers: dict[str, Consumer] | None = None) -> dict[str, InputStats]:
@@ -180,19 +201,8 @@ def collect_input_stats(model: nn.Module, batches: Iterable[Any], max_batches: i
     """
     consumers = find_consumers(model) if consumers is None else consumers
     stats: dict[str, InputStats] = {}
-    dev = model_device(model)
-    was = model.training
-    model.eval()
-    seen = 0
-    try:
-        with _recording(model, consumers, stats):
-            for i, batch in enumerate(batches):
-                if max_batches is not None and i >= max_batches:
-                    break
-                call_model(model, to_device(calibration_inputs(batch), dev))
-                seen += 1
-    finally:
-        model.train(was)
+    with _recording(model, consumers, stats):
+        seen = run_calibration(model, batches, max_batches)
     if not seen:
         raise ValueError("the calibration batches are empty: pass a loader (or list) of at least one batch of "
                          "model inputs, e.g. calibration=[example_inputs]")

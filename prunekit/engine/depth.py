@@ -41,10 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prunekit.engine.calibration import calibration_inputs
+from prunekit.engine.calibration import run_calibration
 from prunekit.engine.equivalence import max_error
 from prunekit.graph.trace import call_model
-from prunekit.utils.devices import model_device, to_device
 
 __all__ = ["Block", "find_blocks", "block_influence", "bypassed", "bypass_hooks", "remove_blocks", "check_blocks",
            "IDENTITY_TOL"]
@@ -231,16 +230,9 @@ def block_influence(model: nn.Module, blocks: Iterable[Block | str], batches: It
                 counts[name] += c.numel()
 
         handles.append(model.get_submodule(name).register_forward_hook(post, with_kwargs=True))
-    dev = model_device(model)
-    was = model.training
-    model.eval()
     try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            call_model(model, to_device(calibration_inputs(batch), dev))
+        run_calibration(model, batches, max_batches)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     return {n: sums[n] / max(counts[n], 1) for n in names}

@@ -32,10 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from prunekit.engine.calibration import calibration_inputs
+from prunekit.engine.calibration import run_calibration
 from prunekit.engine.plan import PruningPlan
-from prunekit.graph.trace import call_model
-from prunekit.utils.devices import model_device, to_device
 
 __all__ = ["MoeLayer", "find_moe_layers", "expert_usage", "expert_plan", "router_mask_hooks", "update_moe",
            "align_groups", "EXPERT_COUNT_FIELDS", "EXPERT_WIDTH_FIELDS", "EXPERT_ALIGN"]
@@ -124,16 +122,9 @@ def expert_usage(model: nn.Module, layers: Iterable[MoeLayer], batches: Iterable
     totals = {m.router: torch.zeros(m.num_experts, dtype=torch.float64) for m in layers}
     handles = [model.get_submodule(m.router.rpartition(".")[0]).register_forward_hook(_usage_hook(totals[m.router]))
                for m in layers]
-    dev = model_device(model)
-    was = model.training
-    model.eval()
     try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            call_model(model, to_device(calibration_inputs(batch), dev))
+        run_calibration(model, batches, max_batches)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     return totals
