@@ -6,8 +6,9 @@ runs only them, ``pytest --runslow`` runs everything.
 
 
 def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False,
-                     help="also run the tests marked slow (model-zoo sweeps)")
+    parser.addoption(
+        "--runslow", action="store_true", default=False, help="also run the tests marked slow (model-zoo sweeps)"
+    )
 
 
 def pytest_configure(config):

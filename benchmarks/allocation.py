@@ -56,14 +56,14 @@ METHODS = ("sensitivity", "search", "uniform", "global")
 
 # ----- data ------------------------------------------------------------------------------
 def batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 def split(x: torch.Tensor, y: torch.Tensor, seed: int, batch: int = 256):
     """60% train, 20% validation (for ana), 20% test (for the reported accuracy)."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_val = n_test = len(x) // 5
-    va, te, tr = perm[:n_val], perm[n_val:n_val + n_test], perm[n_val + n_test:]
+    va, te, tr = perm[:n_val], perm[n_val : n_val + n_test], perm[n_val + n_test :]
     return (x[tr], y[tr]), batches(x[va], y[va], batch), batches(x[te], y[te], batch)
 
 
@@ -79,8 +79,10 @@ def load_torchvision(name: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]
     """The training split of CIFAR-10 / Fashion-MNIST from ../shared/data, or why not."""
     import torchvision
 
-    cls, folder = {"cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py"),
-                   "fashion_mnist": (torchvision.datasets.FashionMNIST, "FashionMNIST")}[name]
+    cls, folder = {
+        "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py"),
+        "fashion_mnist": (torchvision.datasets.FashionMNIST, "FashionMNIST"),
+    }[name]
     if not (SHARED_DATA / folder).exists():
         return f"{SHARED_DATA / folder} not found (nothing is downloaded)"
     try:
@@ -103,7 +105,7 @@ def train(model, x, y, epochs: int, seed: int, lr: float = 3e-3, batch: int = 64
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(perm), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -133,32 +135,71 @@ def run_one(name: str, x, y, seed: int, args) -> dict:
 
     with tempfile.TemporaryDirectory() as ws:
         t0 = time.perf_counter()
-        sens = prunekit.ana(model, x1, counted, workspace=ws, ratios=args.ana_ratios, criterion="l2",
-                            collapse=args.collapse, progress=False, log=lambda m: None)
+        sens = prunekit.ana(
+            model,
+            x1,
+            counted,
+            workspace=ws,
+            ratios=args.ana_ratios,
+            criterion="l2",
+            collapse=args.collapse,
+            progress=False,
+            log=lambda m: None,
+        )
         ana_s = time.perf_counter() - t0
-    row = {"dataset": name, "seed": seed, "train_seconds": round(train_s, 2),
-           "baseline": {"val": val_acc(model), "test": test_acc(model)},
-           "ana": {"evaluations": calls[0], "seconds": round(ana_s, 2), "groups": len(sens.curves),
-                   "ratios": sens.ratios, "val_samples": sum(len(b[1]) for b in val)},
-           "points": []}
+    row = {
+        "dataset": name,
+        "seed": seed,
+        "train_seconds": round(train_s, 2),
+        "baseline": {"val": val_acc(model), "test": test_acc(model)},
+        "ana": {
+            "evaluations": calls[0],
+            "seconds": round(ana_s, 2),
+            "groups": len(sens.curves),
+            "ratios": sens.ratios,
+            "val_samples": sum(len(b[1]) for b in val),
+        },
+        "points": [],
+    }
     for R in args.targets:
         for method in METHODS:
             guided = method in ("sensitivity", "search")
             kw = {"search": args.search, "eval_fn": val_acc, "seed": seed} if method == "search" else {}
             t0 = time.perf_counter()
-            res = prunekit.prune(copy.deepcopy(model), x1, removal_ratio=R, criterion="l2",
-                                 sensitivity=sens if guided else None, fallback="uniform" if guided else method,
-                                 log=lambda m: None, **kw)
+            res = prunekit.prune(
+                copy.deepcopy(model),
+                x1,
+                removal_ratio=R,
+                criterion="l2",
+                sensitivity=sens if guided else None,
+                fallback="uniform" if guided else method,
+                log=lambda m: None,
+                **kw,
+            )
             seconds = time.perf_counter() - t0
             assert res.method == ("sensitivity" if guided else method), f"asked for {method}, got {res.method}"
-            point = {"target": R, "method": method, "macs_reduction": res.macs_reduction,
-                     "test": test_acc(res.model), "val": val_acc(res.model),
-                     "predicted_loss": res.predicted_loss, "prune_seconds": round(seconds, 2),
-                     "ratios": {str(g): round(r, 3) for g, r in sorted(res.ratios.items())}}
+            point = {
+                "target": R,
+                "method": method,
+                "macs_reduction": res.macs_reduction,
+                "test": test_acc(res.model),
+                "val": val_acc(res.model),
+                "predicted_loss": res.predicted_loss,
+                "prune_seconds": round(seconds, 2),
+                "ratios": {str(g): round(r, 3) for g, r in sorted(res.ratios.items())},
+            }
             if args.bn:
                 if method == "search":  # candidates compared after calibration, as they will be used
-                    res = prunekit.prune(copy.deepcopy(model), x1, removal_ratio=R, criterion="l2",
-                                         sensitivity=sens, calibrate=bn_calibrate, log=lambda m: None, **kw)
+                    res = prunekit.prune(
+                        copy.deepcopy(model),
+                        x1,
+                        removal_ratio=R,
+                        criterion="l2",
+                        sensitivity=sens,
+                        calibrate=bn_calibrate,
+                        log=lambda m: None,
+                        **kw,
+                    )
                     point["macs_reduction_bn"] = res.macs_reduction
                 bn_calibrate(res.model)  # idempotent for the search result: the same batches again
                 point["test_bn"] = test_acc(res.model)
@@ -169,8 +210,11 @@ def run_one(name: str, x, y, seed: int, args) -> dict:
 # ----- report ------------------------------------------------------------------------------
 def summarise(rows: list[dict], targets: list[float], key: str = "test") -> tuple[str, dict]:
     lines, summary = [], {}
-    what = ("test accuracy right after pruning (no fine-tuning)" if key == "test" else
-            "test accuracy after pruning + BatchNorm statistics re-estimated (no gradient step)")
+    what = (
+        "test accuracy right after pruning (no fine-tuning)"
+        if key == "test"
+        else "test accuracy after pruning + BatchNorm statistics re-estimated (no gradient step)"
+    )
     for name in dict.fromkeys(r["dataset"] for r in rows):
         mine = [r for r in rows if r["dataset"] == name]
         seeds = [r["seed"] for r in mine]
@@ -178,9 +222,11 @@ def summarise(rows: list[dict], targets: list[float], key: str = "test") -> tupl
         evals = statistics.mean(r["ana"]["evaluations"] for r in mine)
         secs = statistics.mean(r["ana"]["seconds"] for r in mine)
         lines.append(f"{name}: DemoNet, seeds {seeds}; {what}, mean over seeds (min..max); baseline {base:.2%}")
-        lines.append(f"  ana on the validation split: {evals:.0f} evaluations, {secs:.1f} s per model "
-                     f"({mine[0]['ana']['groups']} groups x {len(mine[0]['ana']['ratios'])} ratios, "
-                     f"{mine[0]['ana']['val_samples']} images)")
+        lines.append(
+            f"  ana on the validation split: {evals:.0f} evaluations, {secs:.1f} s per model "
+            f"({mine[0]['ana']['groups']} groups x {len(mine[0]['ana']['ratios'])} ratios, "
+            f"{mine[0]['ana']['val_samples']} images)"
+        )
         head = f"  {'MACs -':>6}  " + "  ".join(f"{m:>22}" for m in METHODS) + "  best        wins (seeds)"
         lines += [head, "  " + "-" * (len(head) - 2)]
         summary[name] = {"baseline_test": base, "ana_evaluations": evals, "ana_seconds": secs, "targets": {}}
@@ -194,14 +240,23 @@ def summarise(rows: list[dict], targets: list[float], key: str = "test") -> tupl
                 cells.append(f"{means[m]:>7.2%} ({min(accs):.1%}..{max(accs):.1%}) {red:>4.0%}")
             best = max(means, key=means.get)
             short = {"sensitivity": "sens", "search": "srch", "uniform": "u", "global": "g"}
-            wins = {f"{short[a]}>{short[b]}": sum(1 for r in mine if _acc(r, R, a, key) > _acc(r, R, b, key))
-                    for a in ("sensitivity", "search") for b in ("uniform", "global")}
+            wins = {
+                f"{short[a]}>{short[b]}": sum(1 for r in mine if _acc(r, R, a, key) > _acc(r, R, b, key))
+                for a in ("sensitivity", "search")
+                for b in ("uniform", "global")
+            }
             beats = " ".join(f"{k}:{v}/{len(mine)}" for k, v in wins.items())
             lines.append(f"  {R:>6.0%}  " + "  ".join(f"{c:>22}" for c in cells) + f"  {best:<11} {beats}")
-            summary[name]["targets"][str(R)] = {"mean_test": means, "best": best,
-                                                "wins_per_seed": wins, "seeds": len(mine)}
-        lines.append("  cells: mean test accuracy (min..max over seeds), achieved MACs reduction (mean); "
-                     "wins: seeds where sens(itivity) / s(ea)rch beats u(niform) / g(lobal)")
+            summary[name]["targets"][str(R)] = {
+                "mean_test": means,
+                "best": best,
+                "wins_per_seed": wins,
+                "seeds": len(mine),
+            }
+        lines.append(
+            "  cells: mean test accuracy (min..max over seeds), achieved MACs reduction (mean); "
+            "wins: seeds where sens(itivity) / s(ea)rch beats u(niform) / g(lobal)"
+        )
     return "\n".join(lines), summary
 
 
@@ -220,8 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--collapse", type=float, default=0.5, help="ana's early stop (relative loss); -1: never")
     ap.add_argument("--datasets", nargs="+", default=["digits", "cifar10", "fashion_mnist"])
     ap.add_argument("--limit", type=int, default=10000, help="images used from CIFAR-10 / Fashion-MNIST")
-    ap.add_argument("--no-bn", dest="bn", action="store_false",
-                    help="skip the second table (BatchNorm statistics re-estimated after pruning)")
+    ap.add_argument(
+        "--no-bn",
+        dest="bn",
+        action="store_false",
+        help="skip the second table (BatchNorm statistics re-estimated after pruning)",
+    )
     ap.add_argument("--search", type=int, default=8, help="variants evaluated by the 'search' method")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -254,10 +313,18 @@ def main(argv: list[str] | None = None) -> int:
         table_bn, summary["bn_recalibrated"] = summarise(rows, args.targets, "test_bn")
         print("\n" + table_bn)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    out = {"command": "python benchmarks/allocation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "torch": torch.__version__, "threads": args.threads, "epochs": args.epochs, "width": args.width,
-           "blocks": args.blocks, "collapse": args.collapse, "seconds": round(time.perf_counter() - t_all, 1),
-           "summary": summary, "runs": rows}
+    out = {
+        "command": "python benchmarks/allocation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "epochs": args.epochs,
+        "width": args.width,
+        "blocks": args.blocks,
+        "collapse": args.collapse,
+        "seconds": round(time.perf_counter() - t_all, 1),
+        "summary": summary,
+        "runs": rows,
+    }
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(args.out)

@@ -34,6 +34,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -79,7 +80,7 @@ def load_images(root: Path, split: str, n: int, seed: int, skip: int = 0) -> tup
     from torchvision.datasets import ImageFolder
 
     ds = ImageFolder(str(root / split))
-    order = torch.randperm(len(ds.samples), generator=torch.Generator().manual_seed(seed))[skip:skip + n]
+    order = torch.randperm(len(ds.samples), generator=torch.Generator().manual_seed(seed))[skip : skip + n]
     xs = np.stack([np.asarray(Image.open(ds.samples[i][0]).convert("RGB")) for i in order.tolist()])
     y = torch.tensor([ds.samples[i][1] for i in order.tolist()])
     x = torch.from_numpy(xs).permute(0, 3, 1, 2).float() / 255
@@ -87,7 +88,7 @@ def load_images(root: Path, split: str, n: int, seed: int, skip: int = 0) -> tup
 
 
 def batches(x, y, size):
-    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 # ----- models ------------------------------------------------------------------------------
@@ -124,8 +125,10 @@ def resnet18(root: Path, sizes: dict, seed: int) -> nn.Module:
     x, y = load_images(root, "train", n, seed, skip=sizes["val"] + sizes["train"])
     t0 = time.perf_counter()
     finetune(model, batches(x, y, 128), epochs, seed, lr=0.05)
-    print(f"resnet18: trained from random weights on {n} images x {epochs} epochs in "
-          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(
+        f"resnet18: trained from random weights on {n} images x {epochs} epochs in {time.perf_counter() - t0:.0f} s",
+        file=sys.stderr,
+    )
     torch.save(model.state_dict(), cache)
     return model.eval()
 
@@ -150,8 +153,18 @@ def analyse(model, example, val, fast: bool, workspace: Path, workers: int = 1) 
     loader = CountingLoader(val)
     fn = make_eval_fn(loader, "accuracy")
     t0 = time.perf_counter()
-    sens = prunekit.ana(model, example, fn, workspace=workspace, criterion="l2", collapse=0.5, fast=fast,
-                        progress=False, log=lambda m: None, workers=workers)
+    sens = prunekit.ana(
+        model,
+        example,
+        fn,
+        workspace=workspace,
+        criterion="l2",
+        collapse=0.5,
+        fast=fast,
+        progress=False,
+        log=lambda m: None,
+        workers=workers,
+    )
     wall = time.perf_counter() - t0
     images = sens.cost["images"] if fast else loader.images
     return sens, {"wall_s": round(wall, 2), "images": images, "cost": sens.cost}
@@ -168,7 +181,7 @@ def finetune(model: nn.Module, train, steps_epochs: int, seed: int, lr: float = 
     for _ in range(steps_epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -180,16 +193,32 @@ def finetune(model: nn.Module, train, steps_epochs: int, seed: int, lr: float = 
 def prune_and_tune(model, example, sens, test, train, args, seed: int) -> dict:
     test_acc = make_eval_fn(test, "accuracy")
     calibrate = make_bn_calibration(train, max_batches=args.bn_batches)
-    res = prunekit.prune(copy.deepcopy(model), example, removal_ratio=0.5, sensitivity=sens, criterion="l2",
-                         calibrate=calibrate, mode="slim", log=lambda m: None)
-    slim = res.model
-    out = {"macs_reduction": round(res.macs_reduction, 4), "acc_pruned_bn": test_acc(slim),
-           "ratios": {str(g): round(r, 3) for g, r in sorted(res.ratios.items())}}
+    res = prunekit.prune(
+        copy.deepcopy(model),
+        example,
+        removal_ratio=0.5,
+        sensitivity=sens,
+        criterion="l2",
+        calibrate=calibrate,
+        mode="slim",
+        log=lambda m: None,
+    )
+    out = {
+        "macs_reduction": round(res.macs_reduction, 4),
+        "acc_pruned_bn": test_acc(res.model),
+        "ratios": {str(g): round(r, 3) for g, r in sorted(res.ratios.items())},
+    }
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    finetune(slim, train, args.ft_epochs, seed)
-    out["finetune_s"] = round(time.perf_counter() - t0, 1)
-    out["acc_finetuned"] = test_acc(slim)
+    accs = []
+    for k in range(args.ft_seeds):  # the same slim model fine-tuned with each seed (batch order, nothing else)
+        slim = copy.deepcopy(res.model)
+        torch.manual_seed(seed + k)
+        finetune(slim, train, args.ft_epochs, seed + k)
+        accs.append(test_acc(slim))
+    out["finetune_s"] = round((time.perf_counter() - t0) / args.ft_seeds, 1)
+    out["acc_finetuned_seeds"] = accs
+    out["acc_finetuned"] = statistics.mean(accs)
+    out["acc_finetuned_std"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
     return out
 
 
@@ -201,12 +230,18 @@ def run_model(name: str, root: Path, args) -> dict:
     t0 = time.perf_counter()
     model, example, val, test, train = build(name, root, sizes, args.seed)
     val_b, test_b, train_b = batches(*val, sizes["batch"]), batches(*test, 500), batches(*train, 128)
-    row = {"model": name, "sizes": sizes, "macs": count(model, example).macs, "data_s": 0.0,
-           "baseline_test": make_eval_fn(test_b, "accuracy")(model)}
+    row = {
+        "model": name,
+        "sizes": sizes,
+        "macs": count(model, example).macs,
+        "data_s": 0.0,
+        "baseline_test": make_eval_fn(test_b, "accuracy")(model),
+    }
     row["data_s"] = round(time.perf_counter() - t0, 1)
     with tempfile.TemporaryDirectory() as tmp:
-        kinds = [("full", False, 1), ("fast", True, 1)] + ([("fast_workers", True, args.workers)]
-                                                            if args.workers > 1 else [])
+        kinds = [("full", False, 1), ("fast", True, 1)] + (
+            [("fast_workers", True, args.workers)] if args.workers > 1 else []
+        )
         for kind, fast, workers in kinds:
             if workers > 1:
                 torch.set_num_threads(1)  # one thread per worker process
@@ -219,8 +254,20 @@ def run_model(name: str, root: Path, args) -> dict:
             ref = "fast" if kind == "fast_workers" else "full"
             same = kind != "full" and row[ref]["ratios"] == _ratios(model, example, sens)
             if same:  # the same allocation: the same slim model, the same fine-tune (deterministic)
-                row[kind].update({k: row[ref][k] for k in ("macs_reduction", "acc_pruned_bn", "ratios",
-                                                               "acc_finetuned", "finetune_s")})
+                row[kind].update(
+                    {
+                        k: row[ref][k]
+                        for k in (
+                            "macs_reduction",
+                            "acc_pruned_bn",
+                            "ratios",
+                            "acc_finetuned",
+                            "acc_finetuned_seeds",
+                            "acc_finetuned_std",
+                            "finetune_s",
+                        )
+                    }
+                )
                 row[kind]["same_allocation"] = ref == "full"
             else:
                 row[kind].update(prune_and_tune(model, example, sens, test_b, train_b, args, args.seed))
@@ -231,22 +278,26 @@ def run_model(name: str, root: Path, args) -> dict:
     row["images_x"] = round(f["images"] / q["images"], 2)
     row["wall_x"] = round(f["wall_s"] / q["wall_s"], 2)
     row["ft_gap_points"] = round(100 * (q["acc_finetuned"] - f["acc_finetuned"]), 2)
-    row["max_ratio_diff"] = round(max(abs(f["ratios"].get(g, 0.0) - q["ratios"].get(g, 0.0))
-                                      for g in set(f["ratios"]) | set(q["ratios"])), 3)
+    row["max_ratio_diff"] = round(
+        max(abs(f["ratios"].get(g, 0.0) - q["ratios"].get(g, 0.0)) for g in set(f["ratios"]) | set(q["ratios"])), 3
+    )
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
 
 def _ratios(model, example, sens) -> dict:
-    res = prunekit.prune(copy.deepcopy(model), example, removal_ratio=0.5, sensitivity=sens, criterion="l2",
-                         log=lambda m: None)
+    res = prunekit.prune(
+        copy.deepcopy(model), example, removal_ratio=0.5, sensitivity=sens, criterion="l2", log=lambda m: None
+    )
     return {str(g): round(r, 3) for g, r in sorted(res.ratios.items())}
 
 
 # ----- report ------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
-    head = (f"{'model':<9} {'ana':<16} {'images':>8} {'wall s':>7} {'points eval/interp/coll':>24} {'early':>6} "
-            f"{'MACs -':>7} {'acc pruned+BN':>14} {'acc fine-tuned':>15}")
+    head = (
+        f"{'model':<9} {'ana':<16} {'images':>8} {'wall s':>7} {'points eval/interp/coll':>24} {'early':>6} "
+        f"{'MACs -':>7} {'acc pruned+BN':>14} {'acc fine-tuned (sd)':>20}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         for kind in [k for k in ("full", "fast", "fast_workers") if k in r]:
@@ -254,13 +305,17 @@ def table(rows: list[dict]) -> str:
             c = a["cost"]
             pts = f"{c['evaluated']}/{c['interpolated']}/{c['collapsed']}"
             label = kind if kind != "fast_workers" else f"fast, {a['workers']} workers"
-            lines.append(f"{r['model']:<9} {label:<16} {a['images']:>8} {a['wall_s']:>7.1f} {pts:>24} "
-                         f"{c['early_stop']:>6} {a['macs_reduction']:>7.1%} {a['acc_pruned_bn']:>14.2%} "
-                         f"{a['acc_finetuned']:>15.2%}")
-        lines.append(f"{'':<9} fast vs full: {r['images_x']}x fewer images, {r['wall_x']}x less wall time, "
-                     f"fine-tuned accuracy {r['ft_gap_points']:+.2f} points, largest per-group ratio difference "
-                     f"{r['max_ratio_diff']}{' (same allocation)' if r['fast']['same_allocation'] else ''}"
-                     + (f"; with workers {r['wall_x_workers']}x less wall time" if "wall_x_workers" in r else ""))
+            lines.append(
+                f"{r['model']:<9} {label:<16} {a['images']:>8} {a['wall_s']:>7.1f} {pts:>24} "
+                f"{c['early_stop']:>6} {a['macs_reduction']:>7.1%} {a['acc_pruned_bn']:>14.2%} "
+                f"{a['acc_finetuned']:>13.2%} ({100 * a['acc_finetuned_std']:.2f})"
+            )
+        lines.append(
+            f"{'':<9} fast vs full: {r['images_x']}x fewer images, {r['wall_x']}x less wall time, "
+            f"fine-tuned accuracy {r['ft_gap_points']:+.2f} points, largest per-group ratio difference "
+            f"{r['max_ratio_diff']}{' (same allocation)' if r['fast']['same_allocation'] else ''}"
+            + (f"; with workers {r['wall_x_workers']}x less wall time" if "wall_x_workers" in r else "")
+        )
     return "\n".join(lines)
 
 
@@ -271,11 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test", type=int, help="test images (default per model)")
     ap.add_argument("--train", type=int, help="fine-tuning images (default per model)")
     ap.add_argument("--ft-epochs", type=int, default=1, help="passes over the fine-tuning images")
+    ap.add_argument("--ft-seeds", type=int, default=3, help="fine-tunes per allocation (seeds); the mean is reported")
     ap.add_argument("--bn-batches", type=int, default=8, help="training batches (128) for BatchNorm re-estimation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the full and the fast analysis")
-    ap.add_argument("--workers", type=int, default=2, help="also the fast analysis in this many processes "
-                    "(one thread each); 1: not")
+    ap.add_argument(
+        "--workers", type=int, default=2, help="also the fast analysis in this many processes (one thread each); 1: not"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -293,9 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows[-1:]), file=sys.stderr)
     print(table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    out = {"command": "python benchmarks/ana_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "torch": torch.__version__, "threads": args.threads, "seconds": round(time.perf_counter() - t0, 1),
-           "rows": rows}
+    out = {
+        "command": "python benchmarks/ana_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rows": rows,
+    }
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(args.out)

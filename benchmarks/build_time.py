@@ -72,8 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("models", nargs="*")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--force", action="store_true")
-    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
-                    help="do not time torch-pruning next to prunekit")
+    ap.add_argument(
+        "--no-baseline", dest="baseline", action="store_false", help="do not time torch-pruning next to prunekit"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -89,8 +90,12 @@ def main(argv=None) -> int:
         if name in results and not args.force:
             continue
         extra = [] if args.baseline else ["--no-baseline"]
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--repeat", str(args.repeat), *extra],
-                              capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--repeat", str(args.repeat), *extra],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
         results[name] = json.loads(line[-1][4:]) if line else {"model": name, "error": proc.stderr[-300:]}
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,21 +103,30 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(results, indent=1))
         os.replace(tmp, out)
         r = results[name]
-        print(f"[{i + 1}/{len(names)}] {name}: prunekit {r.get('prunekit_s', float('nan')):.3f}s "
-              f"torch-pruning {r.get('torch_pruning_s', float('nan')):.3f}s", flush=True)
+        print(
+            f"[{i + 1}/{len(names)}] {name}: prunekit {r.get('prunekit_s', float('nan')):.3f}s "
+            f"torch-pruning {r.get('torch_pruning_s', float('nan')):.3f}s",
+            flush=True,
+        )
     rows = [r for r in results.values() if "prunekit_s" in r]
     ours = [r["prunekit_s"] for r in rows]
     theirs = [r["torch_pruning_s"] for r in rows if "torch_pruning_s" in r]
-    print(f"\n{len(rows)} models. prunekit median {statistics.median(ours):.3f} s, max {max(ours):.2f} s "
-          f"({max(rows, key=lambda r: r['prunekit_s'])['model']})")
+    print(
+        f"\n{len(rows)} models. prunekit median {statistics.median(ours):.3f} s, max {max(ours):.2f} s "
+        f"({max(rows, key=lambda r: r['prunekit_s'])['model']})"
+    )
     cpu = [r["prunekit_cpu_s"] for r in rows if "prunekit_cpu_s" in r]
     if cpu:
-        print(f"prunekit CPU time (single thread): median {statistics.median(cpu):.3f} s, max {max(cpu):.2f} s "
-              f"({max((r for r in rows if 'prunekit_cpu_s' in r), key=lambda r: r['prunekit_cpu_s'])['model']})")
+        print(
+            f"prunekit CPU time (single thread): median {statistics.median(cpu):.3f} s, max {max(cpu):.2f} s "
+            f"({max((r for r in rows if 'prunekit_cpu_s' in r), key=lambda r: r['prunekit_cpu_s'])['model']})"
+        )
     if theirs:
         ratios = [r["torch_pruning_s"] / r["prunekit_s"] for r in rows if "torch_pruning_s" in r]
-        print(f"torch-pruning median {statistics.median(theirs):.3f} s on {len(theirs)} models; "
-              f"median speed ratio (torch-pruning / prunekit) {statistics.median(ratios):.2f}x")
+        print(
+            f"torch-pruning median {statistics.median(theirs):.3f} s on {len(theirs)} models; "
+            f"median speed ratio (torch-pruning / prunekit) {statistics.median(ratios):.2f}x"
+        )
     return 0
 
 

@@ -84,10 +84,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="total fine-tuning epochs of every row")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-    p.add_argument("--train-subset", type=int, default=None, metavar="N",
-                   help="fine-tune on N training images (class-balanced, seed 0) instead of all 45,000")
-    p.add_argument("--test-subset", type=int, default=None, metavar="N",
-                   help="report on N test images (class-balanced) instead of all 10,000: smoke tests only")
+    p.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fine-tune on N training images (class-balanced, seed 0) instead of all 45,000",
+    )
+    p.add_argument(
+        "--test-subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="report on N test images (class-balanced) instead of all 10,000: smoke tests only",
+    )
     p.add_argument("--ana-ratios", type=float, nargs="+", default=None, help="ana's ratios (default: prunekit's)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--val-batches", type=int, default=20, help="validation batches per evaluation (ana, epochs)")
@@ -167,11 +177,20 @@ class Bench:
 
     def ft_config(self, seed: int, epochs: int | None = None, distill: bool = False) -> prunekit.FinetuneConfig:
         a = self.args
-        return prunekit.FinetuneConfig(epochs=a.epochs if epochs is None else epochs, lr=a.lr, momentum=0.9,
-                                       weight_decay=5e-4, schedule="cosine", warmup_epochs=a.warmup,
-                                       restore_best=False, seed=seed, progress=a.progress, device=a.device,
-                                       distill_weight=a.kd_weight if distill else 0.0,
-                                       distill_temperature=a.kd_temperature)
+        return prunekit.FinetuneConfig(
+            epochs=a.epochs if epochs is None else epochs,
+            lr=a.lr,
+            momentum=0.9,
+            weight_decay=5e-4,
+            schedule="cosine",
+            warmup_epochs=a.warmup,
+            restore_best=False,
+            seed=seed,
+            progress=a.progress,
+            device=a.device,
+            distill_weight=a.kd_weight if distill else 0.0,
+            distill_temperature=a.kd_temperature,
+        )
 
 
 def quiet(msg: str) -> None:
@@ -184,9 +203,16 @@ def finish(b: Bench, model: nn.Module, base: nn.Module, t0: float, history: list
     """The row: final-epoch test accuracy, measured MACs / parameters, time."""
     model.eval()
     c, c0 = prunekit.count(copy.deepcopy(model).cpu(), b.x), prunekit.count(base, b.x)
-    row = {"test_acc": float(b.test_fn(model)), "val_acc": float(b.val_fn(model)), "macs": c.macs, "params": c.params,
-           "macs_reduction": 1 - c.macs / c0.macs, "params_reduction": 1 - c.params / c0.params,
-           "seconds": round(time.perf_counter() - t0, 1), "history": history}
+    row = {
+        "test_acc": float(b.test_fn(model)),
+        "val_acc": float(b.val_fn(model)),
+        "macs": c.macs,
+        "params": c.params,
+        "macs_reduction": 1 - c.macs / c0.macs,
+        "params_reduction": 1 - c.params / c0.params,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "history": history,
+    }
     row.update(extra)
     return row
 
@@ -216,15 +242,42 @@ def row_iterative(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, 
     for f in ("ana.json", "sensitivity.json"):  # the shared analysis: its points are reused, not re-measured
         if (ana_ws / f).exists() and not (ws / f).exists():
             shutil.copy(ana_ws / f, ws / f)
-    cfg = prunekit.IterativeConfig(target=ratio, steps=b.args.steps, total_epochs=b.args.epochs,
-                                   calibrate_batches=b.args.calibrate_batches, max_drop=None)
+    cfg = prunekit.IterativeConfig(
+        target=ratio,
+        steps=b.args.steps,
+        total_epochs=b.args.epochs,
+        calibrate_batches=b.args.calibrate_batches,
+        max_drop=None,
+    )
     ana_cfg = prunekit.AnaConfig(ratios=b.args.ana_ratios) if b.args.ana_ratios else None
-    res = IterativePruner(base, b.x, b.val_fn, b.train, workspace=ws, config=cfg, ana=ana_cfg,
-                          finetune=b.ft_config(seed, distill=distill), test_fn=b.test_fn, log=quiet).run()
+    res = IterativePruner(
+        base,
+        b.x,
+        b.val_fn,
+        b.train,
+        workspace=ws,
+        config=cfg,
+        ana=ana_cfg,
+        finetune=b.ft_config(seed, distill=distill),
+        test_fn=b.test_fn,
+        log=quiet,
+    ).run()
     history = [h for a in res.attempts for h in a.get("history", [])]
-    return finish(b, res.model, base, t0, history, steps=[{k: a.get(k) for k in (
-        "step", "ratio", "metric", "test_metric", "macs_reduction", "epochs", "finetune_seconds")}
-        for a in res.attempts], notes=res.notes)
+    return finish(
+        b,
+        res.model,
+        base,
+        t0,
+        history,
+        steps=[
+            {
+                k: a.get(k)
+                for k in ("step", "ratio", "metric", "test_metric", "macs_reduction", "epochs", "finetune_seconds")
+            }
+            for a in res.attempts
+        ],
+        notes=res.notes,
+    )
 
 
 def row_kd(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
@@ -237,16 +290,33 @@ def _prune_then_tune(b: Bench, base: nn.Module, seed: int, ws: Path, **prune_kwa
     res = prunekit.prune(model, b.x, seed=seed, log=quiet, **prune_kwargs)
     slim = prunekit.to_slim(model)
     err = prunekit.max_error(model(b.x), slim(b.x))
-    return finish(b, slim, base, t0, tune(b, slim, ws / "finetune", seed), method=res.method,
-                  equivalence_error=err, macs_after_prune=res.macs_after)
+    return finish(
+        b,
+        slim,
+        base,
+        t0,
+        tune(b, slim, ws / "finetune", seed),
+        method=res.method,
+        equivalence_error=err,
+        macs_after_prune=res.macs_after,
+    )
 
 
 def row_oneshot(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
     calibrate = make_bn_calibration(b.train, max_batches=b.args.calibrate_batches)
     sens, _ = shared_ana(b, base)
     torch.manual_seed(seed)
-    return _prune_then_tune(b, base, seed, ws, removal_ratio=ratio, sensitivity=sens,
-                            search=b.args.search, eval_fn=b.val_fn, calibrate=calibrate)
+    return _prune_then_tune(
+        b,
+        base,
+        seed,
+        ws,
+        removal_ratio=ratio,
+        sensitivity=sens,
+        search=b.args.search,
+        eval_fn=b.val_fn,
+        calibrate=calibrate,
+    )
 
 
 def row_l1_uniform(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
@@ -266,8 +336,9 @@ def tp_prune(model: nn.Module, x: torch.Tensor, ratio: float, global_pruning: bo
     def pruned(r: float) -> nn.Module:
         m = copy.deepcopy(model)
         imp = tp.importance.GroupMagnitudeImportance(p=2)
-        tp.pruner.MetaPruner(m, x, importance=imp, pruning_ratio=r, global_pruning=global_pruning,
-                             ignored_layers=[m.linear]).step()
+        tp.pruner.MetaPruner(
+            m, x, importance=imp, pruning_ratio=r, global_pruning=global_pruning, ignored_layers=[m.linear]
+        ).step()
         return m
 
     lo, hi = 0.0, 0.95
@@ -297,8 +368,16 @@ def _tp_row(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, global
     if gap > 1e-5:
         raise AssertionError(f"the conv-shortcut network differs from the option-A one by {gap}")
     model, channel_ratio = tp_prune(conv, b.x, ratio, global_pruning)
-    return finish(b, model, base, t0, tune(b, model, ws / "finetune", seed), tp_version=tp.__version__,
-                  channel_ratio=round(channel_ratio, 4), shortcut_gap=gap)
+    return finish(
+        b,
+        model,
+        base,
+        t0,
+        tune(b, model, ws / "finetune", seed),
+        tp_version=tp.__version__,
+        channel_ratio=round(channel_ratio, 4),
+        shortcut_gap=gap,
+    )
 
 
 def row_tp_group(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
@@ -309,9 +388,16 @@ def row_tp_global(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) 
     return _tp_row(b, base, ratio, seed, ws, global_pruning=True)
 
 
-RUNNERS = {"dense": row_dense, "prunekit": row_iterative, "prunekit-kd": row_kd, "oneshot": row_oneshot,
-           "l1-uniform": row_l1_uniform, "l2-global": row_l2_global, "tp-group": row_tp_group,
-           "tp-global": row_tp_global}
+RUNNERS = {
+    "dense": row_dense,
+    "prunekit": row_iterative,
+    "prunekit-kd": row_kd,
+    "oneshot": row_oneshot,
+    "l1-uniform": row_l1_uniform,
+    "l2-global": row_l2_global,
+    "tp-group": row_tp_group,
+    "tp-global": row_tp_global,
+}
 
 
 # ----- results ----------------------------------------------------------------------------------------------------
@@ -348,14 +434,27 @@ def table(data: dict, settings: dict | None = None) -> str:
         spread = f" ±{statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         delta = f"{mean - dense[d] * 100:+.2f}" if d in dense and ROWS[i] != "dense" else ""
         x = v[0]
-        lines.append([f"{d}", f"-{ratio:.0%}" if ratio else "", ROWS[i] + (" *" if ROWS[i].startswith("tp") else ""),
-                      f"{mean:.2f}{spread}", delta, f"{x['macs'] / 1e6:.1f}M", f"{x['macs_reduction']:.1%}",
-                      f"{x['params'] / 1e3:.0f}k", str(len(v)), f"{statistics.mean(y['seconds'] for y in v) / 60:.1f}"])
+        lines.append(
+            [
+                f"{d}",
+                f"-{ratio:.0%}" if ratio else "",
+                ROWS[i] + (" *" if ROWS[i].startswith("tp") else ""),
+                f"{mean:.2f}{spread}",
+                delta,
+                f"{x['macs'] / 1e6:.1f}M",
+                f"{x['macs_reduction']:.1%}",
+                f"{x['params'] / 1e3:.0f}k",
+                str(len(v)),
+                f"{statistics.mean(y['seconds'] for y in v) / 60:.1f}",
+            ]
+        )
     widths = [max(len(str(r[k])) for r in [head, *lines]) for k in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(w) if k < 3 else str(c).rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
     out = [fmt(head), fmt(["-" * w for w in widths]), *(fmt(r) for r in lines)]
-    out.append("* Torch-Pruning on the same network with every zero-padding shortcut rewritten as the equal fixed "
-               "1x1 stride-2 convolution (outputs checked equal); its MACs include those convolutions.")
+    out.append(
+        "* Torch-Pruning on the same network with every zero-padding shortcut rewritten as the equal fixed "
+        "1x1 stride-2 convolution (outputs checked equal); its MACs include those convolutions."
+    )
     return "\n".join(out)
 
 
@@ -382,41 +481,73 @@ def targets(data: dict, settings: dict) -> list[str]:
         if depth == 20 and math.isclose(ratio, 0.5):
             checks = []
             if tp_best:
-                checks.append(f">= best Torch-Pruning ({tp_best[0]:.2f}) + 1.0: "
-                              f"{'met' if ours[0] >= tp_best[0] + 1.0 else 'MISSED'}")
+                checks.append(
+                    f">= best Torch-Pruning ({tp_best[0]:.2f}) + 1.0: "
+                    f"{'met' if ours[0] >= tp_best[0] + 1.0 else 'MISSED'}"
+                )
             if l1 is not None:
                 checks.append(f"> uniform L1 ({l1:.2f}): {'met' if ours[0] > l1 else 'MISSED'}")
             if dense is not None:
                 checks.append(f"within 1.0 of dense ({dense:.2f}): {'met' if ours[0] >= dense - 1.0 else 'MISSED'}")
             out.append(lead + "; " + "; ".join(checks))
         elif depth == 20 and peers:
-            out.append(lead + f"; ahead of every peer row (best {peers[1]} {peers[0]:.2f}): "
-                       f"{'met' if ours[0] > peers[0] else 'MISSED'}")
+            out.append(
+                lead + f"; ahead of every peer row (best {peers[1]} {peers[0]:.2f}): "
+                f"{'met' if ours[0] > peers[0] else 'MISSED'}"
+            )
         elif depth == 56 and math.isclose(ratio, 0.5) and dense is not None:
-            out.append(lead + f"; within 0.5 of dense ({dense:.2f}) at {settings['epochs']} epochs: "
-                       f"{'met' if ours[0] >= dense - 0.5 else 'MISSED'}")
+            out.append(
+                lead + f"; within 0.5 of dense ({dense:.2f}) at {settings['epochs']} epochs: "
+                f"{'met' if ours[0] >= dense - 0.5 else 'MISSED'}"
+            )
     return out
 
 
 # ----- main -------------------------------------------------------------------------------------------------------
 def build_bench(args: argparse.Namespace, root: Path) -> Bench:
     t0 = time.perf_counter()
-    cfg = DataConfig(dataset="imagefolder", root=str(root), batch_size=args.batch_size, val_fraction=args.val_fraction,
-                     crop_padding=4, hflip=True)
+    cfg = DataConfig(
+        dataset="imagefolder",
+        root=str(root),
+        batch_size=args.batch_size,
+        val_fraction=args.val_fraction,
+        crop_padding=4,
+        hflip=True,
+    )
     splits = image_folder_splits(root, val_fraction=args.val_fraction, seed=0, workers=2, log=quiet)
     if args.train_subset:
         splits.train = splits.train.subset(args.train_subset, seed=0)
     if args.test_subset:
         splits.test = splits.test.subset(args.test_subset, seed=0)
     train, val, test = make_loaders(splits, cfg)
-    print(f"data: {len(splits.train)} train, {len(splits.val)} validation ({args.val_batches} batches per "
-          f"evaluation), {len(splits.test)} test images; {time.perf_counter() - t0:.0f} s", flush=True)
-    settings = {k: getattr(args, k) for k in ("epochs", "train_subset", "test_subset", "val_fraction", "val_batches",
-                                              "batch_size", "lr", "warmup", "steps", "calibrate_batches", "search",
-                                              "kd_weight", "kd_temperature", "ana_ratios")}
+    print(
+        f"data: {len(splits.train)} train, {len(splits.val)} validation ({args.val_batches} batches per "
+        f"evaluation), {len(splits.test)} test images; {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "epochs",
+            "train_subset",
+            "test_subset",
+            "val_fraction",
+            "val_batches",
+            "batch_size",
+            "lr",
+            "warmup",
+            "steps",
+            "calibrate_batches",
+            "search",
+            "kd_weight",
+            "kd_temperature",
+            "ana_ratios",
+        )
+    }
     val_fn = make_eval_fn(val, "accuracy", max_batches=args.val_batches)
-    return Bench(args, train, val, val_fn, make_eval_fn(test, "accuracy"), torch.zeros(1, 3, 32, 32), args.work,
-                 settings)
+    return Bench(
+        args, train, val, val_fn, make_eval_fn(test, "accuracy"), torch.zeros(1, 3, 32, 32), args.work, settings
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,12 +587,23 @@ def run_row(b: Bench, data: dict, depth: int, base: nn.Module, row: str, ratio: 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     result = RUNNERS[row](b, base, ratio, seed, ws)
-    result.update({"depth": depth, "row": row, "ratio": ratio, "seed": seed, "settings": b.settings,
-                   "device": b.args.device, "threads": torch.get_num_threads()})
+    result.update(
+        {
+            "depth": depth,
+            "row": row,
+            "ratio": ratio,
+            "seed": seed,
+            "settings": b.settings,
+            "device": b.args.device,
+            "threads": torch.get_num_threads(),
+        }
+    )
     data["rows"][key] = result
     save(b.args.out, data)
-    print(f"{key}: test {result['test_acc']:.4f}, MACs -{result['macs_reduction']:.1%}, "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"{key}: test {result['test_acc']:.4f}, MACs -{result['macs_reduction']:.1%}, {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -68,19 +68,28 @@ def load_split(folder: Path, n: int, seed: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int | None = None) -> list:
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)) if seed is not None \
+    order = (
+        torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        if seed is not None
         else torch.arange(len(x))
-    return [(x[order[i:i + size]], y[order[i:i + size]]) for i in range(0, len(x), size)]
+    )
+    return [(x[order[i : i + size]], y[order[i : i + size]]) for i in range(0, len(x), size)]
 
 
 def variant(original, name, blocks, train, test_fn, example, args) -> dict:
     model = copy.deepcopy(original)
     t0 = time.time()
-    res = prune(model, example, removal_ratio=args.target, remove_blocks=blocks, calibration=train[:4],
-                log=lambda s: None)
-    row = {"variant": name, "macs_reduction": res.macs_reduction, "params": res.params_after,
-           "blocks_removed": res.plan.meta.get("blocks", []), "prune_seconds": round(time.time() - t0, 1),
-           "accuracy_pruned": test_fn(model)}
+    res = prune(
+        model, example, removal_ratio=args.target, remove_blocks=blocks, calibration=train[:4], log=lambda s: None
+    )
+    row = {
+        "variant": name,
+        "macs_reduction": res.macs_reduction,
+        "params": res.params_after,
+        "blocks_removed": res.plan.meta.get("blocks", []),
+        "prune_seconds": round(time.time() - t0, 1),
+        "accuracy_pruned": test_fn(model),
+    }
     make_bn_calibration(train, max_batches=args.bn_batches)(model)
     row["accuracy_bn"] = test_fn(model)
     t0 = time.time()
@@ -129,9 +138,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     for name, blocks in (("width", 0), (f"depth ({args.blocks} blocks) + width", args.blocks)):
         rows.append(variant(original, name, blocks, train, test_fn, example, args))
         print(f"[{time.time() - t_start:6.1f}s] {rows[-1]}", flush=True)
-    out = {"model": "CIFAR ResNet-56 (Idelbayev)", "data": "JPEG CIFAR-10", "train_images": args.train,
-           "test_images": args.test, "target": args.target, "epochs": args.epochs, "lr": args.lr,
-           "original": dense, "rows": rows, "seconds": round(time.time() - t_start, 1), "torch": torch.__version__}
+    out = {
+        "model": "CIFAR ResNet-56 (Idelbayev)",
+        "data": "JPEG CIFAR-10",
+        "train_images": args.train,
+        "test_images": args.test,
+        "target": args.target,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "original": dense,
+        "rows": rows,
+        "seconds": round(time.time() - t_start, 1),
+        "torch": torch.__version__,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(table(out))
@@ -139,13 +158,19 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def table(out: dict) -> str:
-    lines = [f"original: {out['original']['accuracy']:.2%} on {out['test_images']} test images", "",
-             "| variant | MACs removed | blocks removed | params | accuracy pruned | + BN re-estimation | "
-             f"+ {out['epochs']} epoch fine-tune |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"original: {out['original']['accuracy']:.2%} on {out['test_images']} test images",
+        "",
+        "| variant | MACs removed | blocks removed | params | accuracy pruned | + BN re-estimation | "
+        f"+ {out['epochs']} epoch fine-tune |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in out["rows"]:
-        lines.append(f"| {r['variant']} | {r['macs_reduction']:.1%} | {len(r['blocks_removed'])} | "
-                     f"{r['params'] / 1e3:.0f} k | {r['accuracy_pruned']:.2%} | {r['accuracy_bn']:.2%} | "
-                     f"{r['accuracy_finetuned']:.2%} |")
+        lines.append(
+            f"| {r['variant']} | {r['macs_reduction']:.1%} | {len(r['blocks_removed'])} | "
+            f"{r['params'] / 1e3:.0f} k | {r['accuracy_pruned']:.2%} | {r['accuracy_bn']:.2%} | "
+            f"{r['accuracy_finetuned']:.2%} |"
+        )
     return "\n".join(lines)
 
 

@@ -47,16 +47,33 @@ def worker(workspace: str, out: str) -> None:
     eval_fn = make_eval_fn(batches, "loss")
     distributed.barrier()
     t0, c0 = time.perf_counter(), time.process_time()
-    sens = ana(model, torch.randn(1, 3, 32, 32), eval_fn, workspace=workspace, ratios=RATIOS, collapse=None,
-               lower_is_better=True, progress=False, log=lambda m: None)
+    sens = ana(
+        model,
+        torch.randn(1, 3, 32, 32),
+        eval_fn,
+        workspace=workspace,
+        ratios=RATIOS,
+        collapse=None,
+        lower_is_better=True,
+        progress=False,
+        log=lambda m: None,
+    )
     seconds = time.perf_counter() - t0
     cpu = [0.0] * distributed.world_size()
     cpu[distributed.rank()] = time.process_time() - c0
     cpu = distributed.all_reduce_sum(cpu)  # every rank's CPU seconds in ana
     if distributed.is_main():
-        Path(out).write_text(json.dumps({"ana_seconds": seconds, "cpu_seconds_per_rank": cpu,
-                                         "points": sum(len(c) for c in sens.curves.values()),
-                                         "world_size": distributed.world_size(), "sensitivity": sens.to_dict()}))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "ana_seconds": seconds,
+                    "cpu_seconds_per_rank": cpu,
+                    "points": sum(len(c) for c in sens.curves.values()),
+                    "world_size": distributed.world_size(),
+                    "sensitivity": sens.to_dict(),
+                }
+            )
+        )
 
 
 def _free_port() -> int:
@@ -67,9 +84,23 @@ def _free_port() -> int:
 
 def launch(nproc: int, tmp: Path, tag: str) -> dict:
     out = tmp / f"{tag}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, "worker",
-           str(tmp / f"ws-{tag}"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        __file__,
+        "worker",
+        str(tmp / f"ws-{tag}"),
+        str(out),
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
     wall = time.perf_counter() - t0
@@ -96,24 +127,34 @@ def main() -> None:
         for i in range(args.repeat):
             for n in (1, 2):
                 r = launch(n, tmp, f"n{n}-{i}")
-                print(f"{n} process(es): ana {r['ana_seconds']:.1f} s, launch {r['launch_seconds']:.1f} s, "
-                      f"CPU s per rank {[round(c, 1) for c in r['cpu_seconds_per_rank']]}, {r['points']} points",
-                      flush=True)
+                print(
+                    f"{n} process(es): ana {r['ana_seconds']:.1f} s, launch {r['launch_seconds']:.1f} s, "
+                    f"CPU s per rank {[round(c, 1) for c in r['cpu_seconds_per_rank']]}, {r['points']} points",
+                    flush=True,
+                )
                 runs[n].append(r)
     load_after = _load()
     ref = runs[1][0]["sensitivity"]
     same = all(r["sensitivity"]["curves"] == ref["curves"] for rs in runs.values() for r in rs)
     med = {n: statistics.median(r["ana_seconds"] for r in rs) for n, rs in runs.items()}
     med_launch = {n: statistics.median(r["launch_seconds"] for r in rs) for n, rs in runs.items()}
-    result = {"command": "python benchmarks/distributed.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
-              "cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": load_after,
-              "points": runs[1][0]["points"], "same_sensitivity_tables": same,
-              "ana_seconds": {n: [round(r["ana_seconds"], 2) for r in rs] for n, rs in runs.items()},
-              "launch_seconds": {n: [round(r["launch_seconds"], 2) for r in rs] for n, rs in runs.items()},
-              "cpu_seconds_per_rank": {n: [[round(c, 2) for c in r["cpu_seconds_per_rank"]] for r in rs]
-                                       for n, rs in runs.items()},
-              "median_ana_seconds": {n: round(v, 2) for n, v in med.items()},
-              "speedup_ana": round(med[1] / med[2], 2), "speedup_launch": round(med_launch[1] / med_launch[2], 2)}
+    result = {
+        "command": "python benchmarks/distributed.py " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "points": runs[1][0]["points"],
+        "same_sensitivity_tables": same,
+        "ana_seconds": {n: [round(r["ana_seconds"], 2) for r in rs] for n, rs in runs.items()},
+        "launch_seconds": {n: [round(r["launch_seconds"], 2) for r in rs] for n, rs in runs.items()},
+        "cpu_seconds_per_rank": {
+            n: [[round(c, 2) for c in r["cpu_seconds_per_rank"]] for r in rs] for n, rs in runs.items()
+        },
+        "median_ana_seconds": {n: round(v, 2) for n, v in med.items()},
+        "speedup_ana": round(med[1] / med[2], 2),
+        "speedup_launch": round(med_launch[1] / med_launch[2], 2),
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "command"}, indent=1))

@@ -124,8 +124,10 @@ def loaders(args: argparse.Namespace, root: Path):
     if args.test_subset:
         splits.test = splits.test.subset(args.test_subset, seed=0)
     train, val, test = make_loaders(splits, cfg)
-    say(f"data: {len(splits.train)} train images ({len(train)} batches), {len(splits.val)} validation "
-        f"({args.val_batches} batches per evaluation), {len(splits.test)} test")
+    say(
+        f"data: {len(splits.train)} train images ({len(train)} batches), {len(splits.val)} validation "
+        f"({args.val_batches} batches per evaluation), {len(splits.test)} test"
+    )
     return train, make_eval_fn(val, "accuracy", max_batches=args.val_batches), make_eval_fn(test, "accuracy")
 
 
@@ -152,20 +154,63 @@ def one_run(args, mode: str, target: float, seed: int, base, x, train, val_fn, t
     ws.mkdir(parents=True)
     for f in ("ana.json", "sensitivity.json"):  # the shared analysis: its points are reused, not re-measured
         shutil.copy(ana_ws / f, ws / f)
-    cfg = prunekit.IterativeConfig(target=target, steps=args.steps, total_epochs=args.epochs, max_drop=None,
-                                   finetune_on=mode, calibrate_batches=args.calibrate_batches)
-    ft = prunekit.FinetuneConfig(lr=args.lr, momentum=0.9, weight_decay=5e-4, schedule="cosine", restore_best=False,
-                                 seed=seed, progress=False)
+    cfg = prunekit.IterativeConfig(
+        target=target,
+        steps=args.steps,
+        total_epochs=args.epochs,
+        max_drop=None,
+        finetune_on=mode,
+        calibrate_batches=args.calibrate_batches,
+    )
+    ft = prunekit.FinetuneConfig(
+        lr=args.lr, momentum=0.9, weight_decay=5e-4, schedule="cosine", restore_best=False, seed=seed, progress=False
+    )
     t0, c0 = time.perf_counter(), time.process_time()
-    res = IterativePruner(copy.deepcopy(base), x, val_fn, train, workspace=ws, config=cfg, finetune=ft,
-                          ana=prunekit.AnaConfig(ratios=args.ana_ratios), test_fn=test_fn, log=quiet).run()
+    res = IterativePruner(
+        copy.deepcopy(base),
+        x,
+        val_fn,
+        train,
+        workspace=ws,
+        config=cfg,
+        finetune=ft,
+        ana=prunekit.AnaConfig(ratios=args.ana_ratios),
+        test_fn=test_fn,
+        log=quiet,
+    ).run()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    steps = [{k: a[k] for k in ("step", "try", "ratio", "macs_reduction", "metric", "test_metric", "epochs",
-                                "prune_seconds", "finetune_seconds", "seconds", "dir")} for a in res.attempts]
-    return {"mode": mode, "target": target, "seed": seed, "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-            "finetune_seconds": round(sum(s["finetune_seconds"] for s in steps), 1),
-            "macs_reduction": res.final["macs_reduction"], "val_acc": res.final["metric"],
-            "test_acc": res.test_metric, "steps": steps, "workspace": str(ws)}
+    steps = [
+        {
+            k: a[k]
+            for k in (
+                "step",
+                "try",
+                "ratio",
+                "macs_reduction",
+                "metric",
+                "test_metric",
+                "epochs",
+                "prune_seconds",
+                "finetune_seconds",
+                "seconds",
+                "dir",
+            )
+        }
+        for a in res.attempts
+    ]
+    return {
+        "mode": mode,
+        "target": target,
+        "seed": seed,
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
+        "finetune_seconds": round(sum(s["finetune_seconds"] for s in steps), 1),
+        "macs_reduction": res.final["macs_reduction"],
+        "val_acc": res.final["metric"],
+        "test_acc": res.test_metric,
+        "steps": steps,
+        "workspace": str(ws),
+    }
 
 
 # ----- plain-loop timing -----------------------------------------------------------------------------------------
@@ -217,36 +262,72 @@ def time_steps(args, runs: dict, train) -> list[dict]:
             got: dict[str, list[tuple[float, float]]] = {"plain_slim": [], "finetune_slim": [], "finetune_sparse": []}
             for _ in range(args.repeats):  # interleaved, so a busy machine slows each alike
                 got["plain_slim"].append(plain_pass(prunekit.load_slim(cifar_resnet20(), slim_dir), batches, args.lr))
-                got["finetune_slim"].append(prunekit_pass(prunekit.load_slim(cifar_resnet20(), slim_dir), batches,
-                                                          args.lr))
-                got["finetune_sparse"].append(prunekit_pass(prunekit.load_sparse(cifar_resnet20(), sparse_dir),
-                                                            batches, args.lr))
+                got["finetune_slim"].append(
+                    prunekit_pass(prunekit.load_slim(cifar_resnet20(), slim_dir), batches, args.lr)
+                )
+                got["finetune_sparse"].append(
+                    prunekit_pass(prunekit.load_sparse(cifar_resnet20(), sparse_dir), batches, args.lr)
+                )
             cpu = {k: min(c for _, c in v) for k, v in got.items()}  # CPU time: the least disturbed by other load
-            rows.append({"target": target, "step": s_slim["step"], "macs_reduction": s_slim["macs_reduction"],
-                         "batches": len(batches), "seconds": {k: [round(w, 3) for w, _ in v] for k, v in got.items()},
-                         "cpu_seconds": {k: [round(c, 3) for _, c in v] for k, v in got.items()},
-                         "ratio_finetune_vs_plain": cpu["finetune_slim"] / cpu["plain_slim"],
-                         "speedup_slim_vs_sparse": cpu["finetune_sparse"] / cpu["finetune_slim"]})
+            rows.append(
+                {
+                    "target": target,
+                    "step": s_slim["step"],
+                    "macs_reduction": s_slim["macs_reduction"],
+                    "batches": len(batches),
+                    "seconds": {k: [round(w, 3) for w, _ in v] for k, v in got.items()},
+                    "cpu_seconds": {k: [round(c, 3) for _, c in v] for k, v in got.items()},
+                    "ratio_finetune_vs_plain": cpu["finetune_slim"] / cpu["plain_slim"],
+                    "speedup_slim_vs_sparse": cpu["finetune_sparse"] / cpu["finetune_slim"],
+                }
+            )
     return rows
 
 
 # ----- tables ----------------------------------------------------------------------------------------------------
 def run_table(runs: list[dict]) -> str:
-    head = ["target", "seed", "fine-tunes", "MACs -", "run s", "run CPU s", "fine-tuning s per step",
-            "prune s per step", "val acc", "test acc"]
-    rows = [[f"-{r['target']:.0%}", str(r["seed"]), r["mode"], f"{r['macs_reduction']:.1%}", f"{r['wall_seconds']:.0f}",
-             f"{r['cpu_seconds']:.0f}",
-             " / ".join(f"{s['finetune_seconds']:.0f}" for s in r["steps"]),
-             " / ".join(f"{s['prune_seconds']:.1f}" for s in r["steps"]), f"{r['val_acc']:.4f}",
-             f"{r['test_acc']:.4f}"] for r in runs]
+    head = [
+        "target",
+        "seed",
+        "fine-tunes",
+        "MACs -",
+        "run s",
+        "run CPU s",
+        "fine-tuning s per step",
+        "prune s per step",
+        "val acc",
+        "test acc",
+    ]
+    rows = [
+        [
+            f"-{r['target']:.0%}",
+            str(r["seed"]),
+            r["mode"],
+            f"{r['macs_reduction']:.1%}",
+            f"{r['wall_seconds']:.0f}",
+            f"{r['cpu_seconds']:.0f}",
+            " / ".join(f"{s['finetune_seconds']:.0f}" for s in r["steps"]),
+            " / ".join(f"{s['prune_seconds']:.1f}" for s in r["steps"]),
+            f"{r['val_acc']:.4f}",
+            f"{r['test_acc']:.4f}",
+        ]
+        for r in runs
+    ]
     return table(rows, head)
 
 
 def verdicts(runs: list[dict], timing: list[dict], targets: list[float]) -> list[str]:
     out = []
     for t in targets:
-        pairs = [(a, b) for a in runs for b in runs if a["target"] == b["target"] == t and a["seed"] == b["seed"]
-                 and a["mode"] == "slim" and b["mode"] == "sparse"]
+        pairs = [
+            (a, b)
+            for a in runs
+            for b in runs
+            if a["target"] == b["target"] == t
+            and a["seed"] == b["seed"]
+            and a["mode"] == "slim"
+            and b["mode"] == "sparse"
+        ]
         if not pairs:
             continue
         ratio = statistics.mean(a["wall_seconds"] / b["wall_seconds"] for a, b in pairs)
@@ -254,15 +335,19 @@ def verdicts(runs: list[dict], timing: list[dict], targets: list[float]) -> list
         gap = statistics.mean(b["test_acc"] - a["test_acc"] for a, b in pairs)
         goal = TIME_TARGETS.get(t)
         met = "" if goal is None else f" (target <= {goal:.2f}x: {'met' if ratio <= goal else 'MISSED'})"
-        out.append(f"-{t:.0%} MACs: slim / sparse whole-run time {ratio:.2f}x{met}, CPU time {cpu:.2f}x; test "
-                   "accuracy sparse - slim "
-                   f"{100 * gap:+.2f} points over {len(pairs)} seed(s) (target within {100 * ACC_GAP:.1f}: "
-                   f"{'met' if abs(gap) <= ACC_GAP + 1e-9 else 'MISSED'})")
+        out.append(
+            f"-{t:.0%} MACs: slim / sparse whole-run time {ratio:.2f}x{met}, CPU time {cpu:.2f}x; test "
+            "accuracy sparse - slim "
+            f"{100 * gap:+.2f} points over {len(pairs)} seed(s) (target within {100 * ACC_GAP:.1f}: "
+            f"{'met' if abs(gap) <= ACC_GAP + 1e-9 else 'MISSED'})"
+        )
     for r in timing:
-        out.append(f"-{r['target']:.0%} step {r['step']} (MACs -{r['macs_reduction']:.1%}), CPU time: finetune / plain "
-                   f"loop on the slim model {r['ratio_finetune_vs_plain']:.2f}x (target <= {LOOP_RATIO}: "
-                   f"{'met' if r['ratio_finetune_vs_plain'] <= LOOP_RATIO else 'MISSED'}); slim epoch "
-                   f"{r['speedup_slim_vs_sparse']:.2f}x faster than sparse")
+        out.append(
+            f"-{r['target']:.0%} step {r['step']} (MACs -{r['macs_reduction']:.1%}), CPU time: finetune / plain "
+            f"loop on the slim model {r['ratio_finetune_vs_plain']:.2f}x (target <= {LOOP_RATIO}: "
+            f"{'met' if r['ratio_finetune_vs_plain'] <= LOOP_RATIO else 'MISSED'}); slim epoch "
+            f"{r['speedup_slim_vs_sparse']:.2f}x faster than sparse"
+        )
     return out
 
 
@@ -276,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     train, val_fn, test_fn = loaders(args, root)
     base, x = pretrained(), torch.zeros(1, 3, 32, 32)
-    say(f"ResNet-20: pretrained test accuracy {test_fn(base):.4f} (no fine-tuning), {torch.get_num_threads()} "
-        "thread(s)")
+    say(
+        f"ResNet-20: pretrained test accuracy {test_fn(base):.4f} (no fine-tuning), {torch.get_num_threads()} thread(s)"
+    )
     ana_ws, ana_s = shared_ana(args, base, x, val_fn)
     say(f"ana (shared by every run, in no run's time): {ana_s:.0f} s")
     runs: dict[tuple, dict] = {}
@@ -287,20 +373,46 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"run: -{target:.0%} MACs in {args.steps} steps, {mode} fine-tuning, seed {seed}")
                 runs[(mode, target, seed)] = one_run(args, mode, target, seed, base, x, train, val_fn, test_fn, ana_ws)
     timing = time_steps(args, runs, train) if args.time_batches else []
-    result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "threads": torch.get_num_threads(), "ana_seconds": round(ana_s, 1), "runs": list(runs.values()),
-              "timing": timing, "total_seconds": round(time.perf_counter() - t_all, 1)}
+    result = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "threads": torch.get_num_threads(),
+        "ana_seconds": round(ana_s, 1),
+        "runs": list(runs.values()),
+        "timing": timing,
+        "total_seconds": round(time.perf_counter() - t_all, 1),
+    }
     result["verdicts"] = verdicts(result["runs"], timing, args.targets)
     atomic_write(args.out, json.dumps(result, indent=1))
     say("")
     say(run_table(result["runs"]))
     if timing:
         say("")
-        say(table([[f"-{r['target']:.0%}", str(r["step"]), f"{r['macs_reduction']:.1%}", str(r["batches"]),
-                             *(" / ".join(f"{w:.2f} ({c:.2f})" for w, c in zip(r["seconds"][k], r["cpu_seconds"][k]))
-                               for k in ("plain_slim", "finetune_slim", "finetune_sparse"))] for r in timing],
-                           ["target", "step", "MACs -", "batches", "plain loop, slim: s (CPU s)",
-                            "finetune, slim: s (CPU s)", "finetune, sparse: s (CPU s)"]))
+        say(
+            table(
+                [
+                    [
+                        f"-{r['target']:.0%}",
+                        str(r["step"]),
+                        f"{r['macs_reduction']:.1%}",
+                        str(r["batches"]),
+                        *(
+                            " / ".join(f"{w:.2f} ({c:.2f})" for w, c in zip(r["seconds"][k], r["cpu_seconds"][k]))
+                            for k in ("plain_slim", "finetune_slim", "finetune_sparse")
+                        ),
+                    ]
+                    for r in timing
+                ],
+                [
+                    "target",
+                    "step",
+                    "MACs -",
+                    "batches",
+                    "plain loop, slim: s (CPU s)",
+                    "finetune, slim: s (CPU s)",
+                    "finetune, sparse: s (CPU s)",
+                ],
+            )
+        )
     say("")
     for line in result["verdicts"]:
         say(line)

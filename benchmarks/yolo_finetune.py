@@ -81,43 +81,75 @@ def run(args) -> dict:
 
     def record(stage: str, model, seconds: float, **extra) -> None:
         c = prunekit.count(prunekit.to_slim(model) if is_sparse(model) else model, x)  # what it will cost
-        stages.append({"stage": stage, "map50_95": map50_95(model), "map50": map50(model), "macs": c.macs,
-                       "params": c.params, "seconds": round(seconds, 1), **extra})
+        stages.append(
+            {
+                "stage": stage,
+                "map50_95": map50_95(model),
+                "map50": map50(model),
+                "macs": c.macs,
+                "params": c.params,
+                "seconds": round(seconds, 1),
+                **extra,
+            }
+        )
         print(stages[-1], flush=True)
 
     torch.manual_seed(0)
-    dense = pu.train_sparse(DetectionModel(f"{args.model}.yaml", nc=3, verbose=False), data, epochs=args.epochs,
-                            name="dense", **common).model
+    dense = pu.train_sparse(
+        DetectionModel(f"{args.model}.yaml", nc=3, verbose=False), data, epochs=args.epochs, name="dense", **common
+    ).model
     record(f"dense, trained {args.epochs} epochs", dense, time.time() - t)
     pu.export_mode(dense)  # prune for the deployed outputs: the neck's feature maps prune too
     t = time.time()
     ws = work / "ws"
     sens = prunekit.ana(dense, x, map50_95, workspace=ws, ratios=args.ratios, progress=False, log=lambda s: None)
     res = prunekit.prune(dense, x, removal_ratio=args.removal_ratio, round_to=8, workspace=ws, log=lambda s: None)
-    record(f"pruned -{res.macs_reduction:.1%} MACs (sparse, no fine-tuning)", dense, time.time() - t,
-           ana_groups=len(sens.curves), ana_baseline=sens.baseline, method=res.method)
+    record(
+        f"pruned -{res.macs_reduction:.1%} MACs (sparse, no fine-tuning)",
+        dense,
+        time.time() - t,
+        ana_groups=len(sens.curves),
+        ana_baseline=sens.baseline,
+        method=res.method,
+    )
     t = time.time()
     ft = pu.train_sparse(dense, data, epochs=args.ft_epochs, name="finetune", **common)
-    record(f"fine-tuned {args.ft_epochs} epochs (sparse)", ft.model, time.time() - t,
-           mask_checks=ft.mask_checks, slices_off=pu.pruned_slices_off(ft.model, prunekit.get_plan(ft.model)))
+    record(
+        f"fine-tuned {args.ft_epochs} epochs (sparse)",
+        ft.model,
+        time.time() - t,
+        mask_checks=ft.mask_checks,
+        slices_off=pu.pruned_slices_off(ft.model, prunekit.get_plan(ft.model)),
+    )
     t = time.time()
     slim, err = checked_slim(ft.model, x)
     paths = export(slim, x, work / "export", formats=["onnx"])
     ckpt = pu.save_checkpoint(slim, work / "slim.pt")
-    val = YOLO(ckpt).val(data=str(data), imgsz=args.imgsz, batch=args.batch, plots=False, verbose=False,
-                         device="cpu")
-    record("slim (to_slim of the fine-tuned model)", slim, time.time() - t, equiv_err=err,
-           onnx=str(paths["onnx"]), ultralytics_val_map50_95=float(val.box.map),
-           ultralytics_val_map50=float(val.box.map50))
-    return {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "stages": stages, "torch": torch.__version__, "ultralytics": __import__("ultralytics").__version__}
+    val = YOLO(ckpt).val(data=str(data), imgsz=args.imgsz, batch=args.batch, plots=False, verbose=False, device="cpu")
+    record(
+        "slim (to_slim of the fine-tuned model)",
+        slim,
+        time.time() - t,
+        equiv_err=err,
+        onnx=str(paths["onnx"]),
+        ultralytics_val_map50_95=float(val.box.map),
+        ultralytics_val_map50=float(val.box.map50),
+    )
+    return {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "stages": stages,
+        "torch": torch.__version__,
+        "ultralytics": __import__("ultralytics").__version__,
+    }
 
 
 def table(result: dict) -> str:
     lines = ["| stage | mAP50-95 | mAP50 | MACs (G) | params (M) | seconds |", "|---|--:|--:|--:|--:|--:|"]
     for s in result["stages"]:
-        lines.append(f"| {s['stage']} | {s['map50_95']:.3f} | {s['map50']:.3f} | {s['macs'] / 1e9:.3f} | "
-                     f"{s['params'] / 1e6:.2f} | {s['seconds']:.0f} |")
+        lines.append(
+            f"| {s['stage']} | {s['map50_95']:.3f} | {s['map50']:.3f} | {s['macs'] / 1e9:.3f} | "
+            f"{s['params'] / 1e6:.2f} | {s['seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 

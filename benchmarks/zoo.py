@@ -102,8 +102,10 @@ def _compare(sparse_model, slim_model, x) -> tuple[float, float, str]:
     from prunekit.graph.trace import call_model
 
     def biggest(out):
-        return max((float(t.abs().max()) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.numel()),
-                   default=0.0)
+        return max(
+            (float(t.abs().max()) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.numel()),
+            default=0.0,
+        )
 
     def shapes(out):
         return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -120,9 +122,14 @@ def _compare(sparse_model, slim_model, x) -> tuple[float, float, str]:
         # the heads compute from them, on the sparse model's proposals for the box head
         fa, fb = sparse_model.backbone(images.tensors), slim_model.backbone(images.tensors)
         err, scale, parts = 0.0, 0.0, []
-        heads = [("head", getattr(sparse_model, "head", None), getattr(slim_model, "head", None)),
-                 ("rpn head", getattr(getattr(sparse_model, "rpn", None), "head", None),
-                  getattr(getattr(slim_model, "rpn", None), "head", None))]
+        heads = [
+            ("head", getattr(sparse_model, "head", None), getattr(slim_model, "head", None)),
+            (
+                "rpn head",
+                getattr(getattr(sparse_model, "rpn", None), "head", None),
+                getattr(getattr(slim_model, "rpn", None), "head", None),
+            ),
+        ]
         for what, ha, hb in heads:
             if ha is not None and hb is not None:
                 oa, ob = ha(list(fa.values())), hb(list(fb.values()))
@@ -131,8 +138,10 @@ def _compare(sparse_model, slim_model, x) -> tuple[float, float, str]:
         roi_a, roi_b = getattr(sparse_model, "roi_heads", None), getattr(slim_model, "roi_heads", None)
         if roi_a is not None and roi_b is not None:
             proposals, _ = sparse_model.rpn(images, fa)
-            oa, ob = [r.box_predictor(r.box_head(r.box_roi_pool(f, proposals, images.image_sizes)))
-                      for r, f in ((roi_a, fa), (roi_b, fb))]
+            oa, ob = [
+                r.box_predictor(r.box_head(r.box_roi_pool(f, proposals, images.image_sizes)))
+                for r, f in ((roi_a, fa), (roi_b, fb))
+            ]
             err, scale = max(err, prunekit.max_error(oa, ob)), max(scale, biggest(oa))
             parts.append(f"box head on {sum(len(p) for p in proposals)} proposals")
         # the final detections are a discrete selection (top-k, NMS) among near-equal random
@@ -209,8 +218,13 @@ def run_one(name: str, family: str) -> dict:
 def models_for(family: str) -> list[tuple[str, str]]:
     import torchvision.models as M
 
-    fams = {"classification": M, "segmentation": M.segmentation, "detection": M.detection,
-            "video": M.video, "optical_flow": M.optical_flow}
+    fams = {
+        "classification": M,
+        "segmentation": M.segmentation,
+        "detection": M.detection,
+        "video": M.video,
+        "optical_flow": M.optical_flow,
+    }
     chosen = list(fams) if family == "all" else [family]
     return [(n, f) for f in chosen for n in M.list_models(module=fams[f])]
 
@@ -228,9 +242,11 @@ def save(results: dict, path: Path = RESULTS) -> None:
 
 def table(results: dict, family: str | None = None) -> str:
     rows = [r for r in results.values() if family in (None, r.get("family"))]
-    lines = ["| model | ok | prunable/groups | equiv. err | max abs output | MACs (M) before → after"
-             " | params (M) before → after | build s | transform s | frozen by validation |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | ok | prunable/groups | equiv. err | max abs output | MACs (M) before → after"
+        " | params (M) before → after | build s | transform s | frozen by validation |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["family"], r["model"])):
         if "error" in r:
             lines.append(f"| {r['model']} | FAILED | | | | | | | | {r['error'][:120]} |")
@@ -240,21 +256,27 @@ def table(results: dict, family: str | None = None) -> str:
             f"{r.get('out_scale', float('nan')):.3g} | "
             f"{r['macs_before'] / 1e6:,.0f} → {r['macs_after'] / 1e6:,.0f} | "
             f"{r['params_before'] / 1e6:,.2f} → {r['params_after'] / 1e6:,.2f} | {r['build_s']:.3f} | "
-            f"{r.get('transform_s', 0):.3f} | {len(r['frozen_by_validation'])} |")
+            f"{r.get('transform_s', 0):.3f} | {len(r['frozen_by_validation'])} |"
+        )
     ok = [r for r in rows if r.get("ok")]
     builds = [r["build_s"] for r in rows if "build_s" in r]
     if builds:
         lines.append("")
-        lines.append(f"{len(ok)} of {len(rows)} pruned with equivalence; group building median "
-                     f"{statistics.median(builds):.3f} s, max {max(builds):.2f} s")
+        lines.append(
+            f"{len(ok)} of {len(rows)} pruned with equivalence; group building median "
+            f"{statistics.median(builds):.3f} s, max {max(builds):.2f} s"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="*")
-    ap.add_argument("--family", default="classification",
-                    choices=["classification", "segmentation", "detection", "video", "optical_flow", "all"])
+    ap.add_argument(
+        "--family",
+        default="classification",
+        choices=["classification", "segmentation", "detection", "video", "optical_flow", "all"],
+    )
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--table", action="store_true", help="print the table of saved results and exit")
@@ -286,18 +308,27 @@ def main(argv=None) -> int:
             continue
         t = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--one", name, fam], capture_output=True, text=True,
-                                  timeout=args.timeout)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", name, fam], capture_output=True, text=True, timeout=args.timeout
+            )
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-            row = json.loads(line[-1][4:]) if line else {
-                "model": name, "family": fam, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+            row = (
+                json.loads(line[-1][4:])
+                if line
+                else {"model": name, "family": fam, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+            )
         except subprocess.TimeoutExpired:
             row = {"model": name, "family": fam, "error": f"timeout after {args.timeout} s"}
         results[name] = row
         save(results, args.out)
-        status = "ERROR " + row["error"] if "error" in row else (
-            f"ok={row['ok']} err={row['equiv_err']:.1e} build={row['build_s']:.3f}s "
-            f"frozen={len(row['frozen_by_validation'])}")
+        status = (
+            "ERROR " + row["error"]
+            if "error" in row
+            else (
+                f"ok={row['ok']} err={row['equiv_err']:.1e} build={row['build_s']:.3f}s "
+                f"frozen={len(row['frozen_by_validation'])}"
+            )
+        )
         print(f"[{i + 1}/{len(todo)}] {name}: {status} ({time.perf_counter() - t:.0f} s)", flush=True)
     print(table(results))
     return 0

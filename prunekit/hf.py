@@ -8,5 +8,8 @@ import warnings
 from prunekit.integrations.hf import *  # noqa: F401,F403
 from prunekit.integrations.hf import __all__, from_pretrained, loader_class, save_pretrained  # noqa: F401
 
-warnings.warn("prunekit.hf moved to prunekit.integrations.hf; the old name goes in the next release",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "prunekit.hf moved to prunekit.integrations.hf; the old name goes in the next release",
+    DeprecationWarning,
+    stacklevel=2,
+)

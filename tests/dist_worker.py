@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under ``python -m torch.distributed.run --nproc_per_node 2``.
+"""Run by tests/workflow/test_distributed.py under ``python -m torch.distributed.run --nproc_per_node 2``.
 
 ``python dist_worker.py finetune SPARSE_DIR WORKSPACE OUT``: fine-tune the sparse model of
 SPARSE_DIR (save_sparse) in WORKSPACE with DDP, then check the unwrap -> transform -> re-wrap
@@ -36,7 +36,7 @@ def eval_fn():
     from tinyjob import loaders
 
     _, evald = loaders(n_eval=64)
-    batches = [(x[i:i + 16], y[i:i + 16]) for x, y in evald for i in range(0, len(x), 16)]
+    batches = [(x[i : i + 16], y[i : i + 16]) for x, y in evald for i in range(0, len(x), 16)]
     return distributed.shard_eval_fn(batches, lambda b: make_eval_fn(b, "accuracy"))
 
 
@@ -50,9 +50,14 @@ def run_finetune(sparse_dir: str, workspace: str, out: str, log=print) -> dict:
     train, _ = loaders()
     res = finetune(model, train, eval_fn(), finetune_config(), workspace=workspace, log=log)
     rank = distributed.rank()
-    record = {"world_size": distributed.world_size(), "state": {k: v.clone() for k, v in model.state_dict().items()},
-              "history": res.history, "best_metric": res.best_metric, "resumed_from": res.resumed_from,
-              "plan": prunekit.get_plan(model).to_dict()}
+    record = {
+        "world_size": distributed.world_size(),
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "history": res.history,
+        "best_metric": res.best_metric,
+        "resumed_from": res.resumed_from,
+        "plan": prunekit.get_plan(model).to_dict(),
+    }
     if distributed.active():
         record["after_transform"] = _train_on_after_transform(model)
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -86,9 +91,12 @@ def _train_on_after_transform(model) -> dict:
         opt.step()
     inner = distributed.unwrap(net)
     distributed.sync_buffers(inner)
-    return {"wrapped": isinstance(net, DDP), "sparse_state": sparse_state,
-            "slim_shapes": {k: list(v.shape) for k, v in inner.state_dict().items()},
-            "slim_state": {k: v.clone() for k, v in inner.state_dict().items()}}
+    return {
+        "wrapped": isinstance(net, DDP),
+        "sparse_state": sparse_state,
+        "slim_shapes": {k: list(v.shape) for k, v in inner.state_dict().items()},
+        "slim_state": {k: v.clone() for k, v in inner.state_dict().items()},
+    }
 
 
 _CALLS = {"n": 0}
@@ -97,8 +105,9 @@ _CALLS = {"n": 0}
 def dying_accuracy(output, target):
     """Top-1 accuracy; the rank named by PRUNEKIT_TEST_DIE_RANK exits after PRUNEKIT_TEST_DIE_AFTER calls."""
     _CALLS["n"] += 1
-    if os.environ.get("RANK") == os.environ.get("PRUNEKIT_TEST_DIE_RANK", "-1") and \
-            _CALLS["n"] > int(os.environ.get("PRUNEKIT_TEST_DIE_AFTER", "0")):
+    if os.environ.get("RANK") == os.environ.get("PRUNEKIT_TEST_DIE_RANK", "-1") and _CALLS["n"] > int(
+        os.environ.get("PRUNEKIT_TEST_DIE_AFTER", "0")
+    ):
         os._exit(17)  # like a killed process: no clean-up, no exception
     return (output.argmax(1) == target).double().mean()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,8 +43,10 @@ def assert_equivalent(sparse_out: Any, slim_out: Any, what: str) -> None:
             continue
         diff = float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
         bound = ABS_TOL + REL_TOL * (float(x.abs().max()) if x.numel() else 0.0)
-        assert diff <= bound, (f"{what}: output {i} differs by {diff:.3g} > {bound:.3g} "
-                               f"(|slim - sparse| <= {ABS_TOL} + {REL_TOL} * max|sparse|; max_error={err:.3g})")
+        assert diff <= bound, (
+            f"{what}: output {i} differs by {diff:.3g} > {bound:.3g} "
+            f"(|slim - sparse| <= {ABS_TOL} + {REL_TOL} * max|sparse|; max_error={err:.3g})"
+        )
 
 
 def assert_identical(a: Any, b: Any, what: str) -> None:
@@ -52,8 +55,9 @@ def assert_identical(a: Any, b: Any, what: str) -> None:
     for i, (x, y) in enumerate(zip(ta, tb)):
         if isinstance(x, torch.Tensor):
             assert isinstance(y, torch.Tensor) and x.shape == y.shape, f"{what}: output {i} shapes differ"
-            assert torch.equal(x, y), (f"{what}: output {i} differs by "
-                                       f"{float((x.double() - y.double()).abs().max()):.3g}")
+            assert torch.equal(x, y), (
+                f"{what}: output {i} differs by {float((x.double() - y.double()).abs().max()):.3g}"
+            )
         else:
             assert x == y, f"{what}: non-tensor output {i} differs"
 
@@ -65,12 +69,14 @@ def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 def shrunk(before: nn.Module, after: nn.Module) -> list[str]:
     """Names of tensors whose shape is smaller in ``after``; fails on any that grew or vanished."""
     a, b = shapes(before), shapes(after)
-    assert set(a) == set(b), f"tensor names changed: only before {sorted(set(a) - set(b))}, " \
-                             f"only after {sorted(set(b) - set(a))}"
+    assert set(a) == set(b), (
+        f"tensor names changed: only before {sorted(set(a) - set(b))}, only after {sorted(set(b) - set(a))}"
+    )
     out = []
     for n in a:
-        assert len(a[n]) == len(b[n]) and all(y <= x for x, y in zip(a[n], b[n])), \
+        assert len(a[n]) == len(b[n]) and all(y <= x for x, y in zip(a[n], b[n])), (
             f"{n} has shape {b[n]} after pruning, {a[n]} before: tensors may only shrink"
+        )
         if b[n] != a[n]:
             out.append(n)
     return out
@@ -80,3 +86,19 @@ def loss_of(out: Any) -> torch.Tensor:
     ts = float_tensors(out)
     assert ts, "the model has no floating-point output to take a loss of"
     return sum(t.float().pow(2).mean() for t in ts)
+
+
+CLASSES = ("cat", "dog", "frog")  # the classes of the tiny image folders
+
+
+def write_images(folder: Path, per_class: int, size: int = 8, fmt: str = "png", seed: int = 0) -> None:
+    """``folder/<class>/<i>.<fmt>``: class ``c`` is mostly channel ``c``, with noise."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for c, name in enumerate(CLASSES):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = (torch.rand(size, size, 3, generator=g) * 60).to(torch.uint8)
+            img[:, :, c] += 150
+            Image.fromarray(img.numpy()).save(folder / name / f"{i}.{fmt}")

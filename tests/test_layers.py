@@ -16,8 +16,17 @@ ROOT = Path(__file__).resolve().parents[1] / "prunekit"
 
 #: rank of every subpackage; a module may import its own rank or lower (integrations: loaded lazily by the
 #: engine's registries by name, so they sit above the engine; workflow and integrations do not import each other)
-LAYERS = {"utils": 0, "nn": 1, "models": 1, "graph": 1, "engine": 2, "workflow": 3, "integrations": 3,
-          "deploy": 4, "cli": 5}
+LAYERS = {
+    "utils": 0,
+    "nn": 1,
+    "models": 1,
+    "graph": 1,
+    "engine": 2,
+    "workflow": 3,
+    "integrations": 3,
+    "deploy": 4,
+    "cli": 5,
+}
 OUTSIDE = {"__init__.py", "__main__.py", "hf.py"}  # public re-exports, entry point, deprecated alias
 
 
@@ -59,9 +68,10 @@ def test_imports_go_down(path):
         if pkg is None or pkg == own or pkg == "__version__":
             continue
         assert pkg in LAYERS, f"{path.name}:{line} imports {module}, which is in no layer"
-        assert LAYERS[pkg] < LAYERS[own] or (LAYERS[pkg] == LAYERS[own] and LAYERS[own] == 1), \
-            f"{path.relative_to(ROOT)}:{line} ({own}, layer {LAYERS[own]}) imports {module} " \
+        assert LAYERS[pkg] < LAYERS[own] or (LAYERS[pkg] == LAYERS[own] and LAYERS[own] == 1), (
+            f"{path.relative_to(ROOT)}:{line} ({own}, layer {LAYERS[own]}) imports {module} "
             f"({pkg}, layer {LAYERS[pkg]})"
+        )
 
 
 def test_no_private_names_across_modules():
@@ -70,8 +80,11 @@ def test_no_private_names_across_modules():
     for path in _modules():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prunekit"):
-                bad += [f"{path.relative_to(ROOT)}:{node.lineno} {node.module}.{a.name}"
-                        for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+                bad += [
+                    f"{path.relative_to(ROOT)}:{node.lineno} {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and a.name != "__version__"
+                ]
     assert not bad, "private names imported across modules:\n" + "\n".join(bad)
 
 
@@ -79,7 +92,9 @@ def test_import_prunekit_is_lean():
     import subprocess
     import sys
 
-    code = ("import sys, prunekit; heavy = [m for m in ('yaml', 'torchvision', 'transformers', 'onnx', 'timm', "
-            "'ultralytics') if m in sys.modules]; print(','.join(heavy))")
+    code = (
+        "import sys, prunekit; heavy = [m for m in ('yaml', 'torchvision', 'transformers', 'onnx', 'timm', "
+        "'ultralytics') if m in sys.modules]; print(','.join(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import prunekit loads {out}"

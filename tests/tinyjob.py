@@ -55,7 +55,7 @@ def tensors(n: int = 192, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.randint(0, 4, (n,), generator=g)
     for i, q in enumerate(y.tolist()):
         r, c = divmod(q, 2)
-        x[i, 0, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 1.0
+        x[i, 0, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 1.0
     return x, y
 
 
@@ -63,8 +63,10 @@ def loaders(n_train: int = 192, n_eval: int = 64, batch_size: int = 32, seed: in
     """``(train_loader, eval_loader)``: the function a config names as ``data.loaders``."""
     xt, yt = tensors(n_train, seed)
     xe, ye = tensors(n_eval, seed + 1)
-    return (DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True),
-            DataLoader(TensorDataset(xe, ye), batch_size=64))
+    return (
+        DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True),
+        DataLoader(TensorDataset(xe, ye), batch_size=64),
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -74,8 +76,13 @@ def _trained_state(seed: int, epochs: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = TinyNet()
     train, _ = loaders(seed=seed)
-    finetune(model, train, None, FinetuneConfig(epochs=epochs, optimizer="adamw", lr=1e-2, progress=False),
-             log=lambda m: None)
+    finetune(
+        model,
+        train,
+        None,
+        FinetuneConfig(epochs=epochs, optimizer="adamw", lr=1e-2, progress=False),
+        log=lambda m: None,
+    )
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -90,12 +97,14 @@ def write_config(tmp_path: Path, **sections) -> Path:
     """A ``prunekit`` config for this job in ``tmp_path``; each keyword updates one section."""
     import yaml
 
-    cfg = {"workspace": str(tmp_path / "ws"),
-           "model": {"factory": "tinyjob:TinyNet"},
-           "data": {"loaders": "tinyjob:loaders"},
-           "ana": {"ratios": [0.3, 0.6]},
-           "finetune": {"epochs": 1, "lr": 0.02, "progress": False},
-           "run": {"schedule": [0.3, 0.5]}}
+    cfg = {
+        "workspace": str(tmp_path / "ws"),
+        "model": {"factory": "tinyjob:TinyNet"},
+        "data": {"loaders": "tinyjob:loaders"},
+        "ana": {"ratios": [0.3, 0.6]},
+        "finetune": {"epochs": 1, "lr": 0.02, "progress": False},
+        "run": {"schedule": [0.3, 0.5]},
+    }
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     path = tmp_path / "config.yaml"

@@ -107,8 +107,9 @@ def cbr(cin: int, cout: int, k: int = 3, **kw) -> nn.Sequential:
 # ----- plain structures -----------------------------------------------------------------
 @case("conv_chain")
 def conv_chain():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(),
-                          nn.Conv2d(16, 4, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 1)
+    )
     return model, img(s=10)
 
 
@@ -169,7 +170,7 @@ class Concat(nn.Module):
 
     def forward(self, x):
         a, b, c = self.a(x), self.b(x), self.c(x)
-        y = self.mix(torch.cat([a, b], dim=1))        # offsets: b starts at channel 6
+        y = self.mix(torch.cat([a, b], dim=1))  # offsets: b starts at channel 6
         z = torch.cat((torch.cat([y, c], 1), a), -3)  # cascaded, negative dim
         return self.out(z)
 
@@ -211,10 +212,10 @@ class Split(nn.Module):
 
     def forward(self, x):
         h = self.stem(x)
-        a, b = h.chunk(2, dim=1)                     # halves lose the same positions
-        c, d = torch.split(h, [4, 12], dim=1)       # fixed sizes
+        a, b = h.chunk(2, dim=1)  # halves lose the same positions
+        c, d = torch.split(h, [4, 12], dim=1)  # fixed sizes
         p = self.proj(x)
-        rows = p.unbind(2)                          # unbind a non-channel dim
+        rows = p.unbind(2)  # unbind a non-channel dim
         q = torch.stack(rows, 2)
         y = self.a(a) + self.b(b) + self.c(c) + self.d(d) + self.e(q)
         return self.out(y)
@@ -298,22 +299,31 @@ def permute_convnext():
 
 @case("depthwise")
 def depthwise():
-    model = nn.Sequential(cbr(3, 8), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
-                          nn.Conv2d(8, 4, 1))
+    model = nn.Sequential(
+        cbr(3, 8), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 1)
+    )
     return model, img()
 
 
 @case("depthwise_multiplier")
 def depthwise_multiplier():
-    model = nn.Sequential(cbr(3, 8), nn.Conv2d(8, 24, 3, padding=1, groups=8), nn.BatchNorm2d(24), nn.ReLU(),
-                          nn.Conv2d(24, 4, 1))
+    model = nn.Sequential(
+        cbr(3, 8), nn.Conv2d(8, 24, 3, padding=1, groups=8), nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 4, 1)
+    )
     return model, img()
 
 
 @case("grouped_conv")
 def grouped_conv():
-    model = nn.Sequential(cbr(3, 16), nn.Conv2d(16, 24, 3, padding=1, groups=4), nn.BatchNorm2d(24), nn.ReLU(),
-                          nn.Conv2d(24, 12, 1, groups=2), nn.ReLU(), nn.Conv2d(12, 4, 1))
+    model = nn.Sequential(
+        cbr(3, 16),
+        nn.Conv2d(16, 24, 3, padding=1, groups=4),
+        nn.BatchNorm2d(24),
+        nn.ReLU(),
+        nn.Conv2d(24, 12, 1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(12, 4, 1),
+    )
     return model, img()
 
 
@@ -341,15 +351,22 @@ def conv_transpose():
 
 @case("conv1d")
 def conv1d():
-    model = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(),
-                          nn.Conv1d(8, 8, 3, groups=8), nn.ReLU(), nn.Conv1d(8, 3, 1))
+    model = nn.Sequential(
+        nn.Conv1d(4, 8, 3, padding=1),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Conv1d(8, 8, 3, groups=8),
+        nn.ReLU(),
+        nn.Conv1d(8, 3, 1),
+    )
     return model, torch.randn(2, 4, 12)
 
 
 @case("conv3d")
 def conv3d():
-    model = nn.Sequential(nn.Conv3d(2, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(), nn.Conv3d(8, 6, 3),
-                          nn.ReLU(), nn.Conv3d(6, 2, 1))
+    model = nn.Sequential(
+        nn.Conv3d(2, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(), nn.Conv3d(8, 6, 3), nn.ReLU(), nn.Conv3d(6, 2, 1)
+    )
     return model, torch.randn(2, 2, 5, 5, 5)
 
 
@@ -367,10 +384,10 @@ class BatchNorms(nn.Module):
         self.out = nn.Linear(16 + 8, 4)
 
     def forward(self, x):
-        h = F.relu(self.bn1(self.fc(x)))                 # (N, C)
-        s = F.relu(self.bn1c(self.c1(x.unsqueeze(1))))   # (N, C, L)
-        s = F.relu(self.bn2(self.c2(s.unsqueeze(-1))))   # (N, C, L, 1)
-        s = F.relu(self.bn3(self.c3(s.unsqueeze(-1))))   # (N, C, L, 1, 1)
+        h = F.relu(self.bn1(self.fc(x)))  # (N, C)
+        s = F.relu(self.bn1c(self.c1(x.unsqueeze(1))))  # (N, C, L)
+        s = F.relu(self.bn2(self.c2(s.unsqueeze(-1))))  # (N, C, L, 1)
+        s = F.relu(self.bn3(self.c3(s.unsqueeze(-1))))  # (N, C, L, 1, 1)
         return self.out(torch.cat([h, s.mean((2, 3, 4))], 1))
 
 
@@ -400,15 +417,23 @@ def layernorm():
 
 @case("groupnorm")
 def groupnorm():
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
-                          nn.Conv2d(16, 12, 3, padding=1), nn.GroupNorm(12, 12), nn.SiLU(), nn.Conv2d(12, 4, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.GroupNorm(4, 16),
+        nn.ReLU(),
+        nn.Conv2d(16, 12, 3, padding=1),
+        nn.GroupNorm(12, 12),
+        nn.SiLU(),
+        nn.Conv2d(12, 4, 1),
+    )
     return model, img()
 
 
 @case("instancenorm")
 def instancenorm():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU(),
-                          nn.Conv2d(8, 4, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    )
     return model, img()
 
 
@@ -527,7 +552,7 @@ class PixelShuffle(nn.Module):
 
     def forward(self, x):
         y = self.shuffle(F.relu(self.up(self.a(x))))  # 16 channels -> 4 channels x (2 x 2) positions
-        z = self.down(self.a(x))                       # 8 channels -> 32 = 8 x (2 x 2)
+        z = self.down(self.a(x))  # 8 channels -> 32 = 8 x (2 x 2)
         return self.out(y), self.out2(z)
 
 
@@ -845,12 +870,16 @@ class ShuffleOfBlocks(nn.Module):
 
 
 KNOWN_LIMITATIONS: dict[str, tuple[Factory, str]] = {
-    "shuffle_twice": (lambda: (ShuffleOfBlocks("shuffle"), img(s=4)),
-                      "two consecutive channel shuffles: the second view splits channels that move in pairs; "
-                      "the layout rule then prunes the outer (groups) dim, whose size forward hard-codes"),
-    "shuffle_after_pixel_unshuffle": (lambda: (ShuffleOfBlocks("pixel"), img(s=4)),
-                                      "channel shuffle after pixel_unshuffle(pixel_shuffle(x)): channels move "
-                                      "in blocks of 4, so the layout rule prunes the hard-coded groups dim"),
+    "shuffle_twice": (
+        lambda: (ShuffleOfBlocks("shuffle"), img(s=4)),
+        "two consecutive channel shuffles: the second view splits channels that move in pairs; "
+        "the layout rule then prunes the outer (groups) dim, whose size forward hard-codes",
+    ),
+    "shuffle_after_pixel_unshuffle": (
+        lambda: (ShuffleOfBlocks("pixel"), img(s=4)),
+        "channel shuffle after pixel_unshuffle(pixel_shuffle(x)): channels move "
+        "in blocks of 4, so the layout rule prunes the hard-coded groups dim",
+    ),
 }
 
 

@@ -23,21 +23,37 @@ import torch.nn as nn
 from prunekit.cli.job import TORCHVISION_DATASETS, Config, ConfigError, DataConfig, ModelConfig
 from prunekit.utils.refs import resolve
 
-__all__ = ["import_object", "build_model", "load_checkpoint", "Loaders", "build_loaders", "build_eval_fn",
-           "example_inputs", "digits_tensors", "torchvision_datasets"]
+__all__ = [
+    "import_object",
+    "build_model",
+    "load_checkpoint",
+    "Loaders",
+    "build_loaders",
+    "build_eval_fn",
+    "example_inputs",
+    "digits_tensors",
+    "torchvision_datasets",
+]
 
 
 def import_object(ref: str, what: str, search: Iterable[str | Path] = ()) -> Any:
     """``'package.module:name'`` -> the object; ``search`` directories go on ``sys.path``."""
-    return resolve(ref, what, search, error=ConfigError,
-                   where=" (the config file's directory and the current directory are searched too)")
+    return resolve(
+        ref,
+        what,
+        search,
+        error=ConfigError,
+        where=" (the config file's directory and the current directory are searched too)",
+    )
 
 
 def build_model(cfg: ModelConfig, search: Iterable[str | Path] = ()) -> nn.Module:
     """``factory(**kwargs)``, with the checkpoint's weights if one is named; in eval mode."""
     if cfg.factory is None:
-        raise ConfigError("the config names no model: set model.factory to 'package.module:callable', "
-                          "e.g. 'torchvision.models:resnet18'")
+        raise ConfigError(
+            "the config names no model: set model.factory to 'package.module:callable', "
+            "e.g. 'torchvision.models:resnet18'"
+        )
     factory = import_object(cfg.factory, "model factory", search)
     if not callable(factory):
         raise ConfigError(f"model.factory {cfg.factory!r} is a {type(factory).__name__}, not a callable")
@@ -66,7 +82,7 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConfigError(f"the checkpoint {path} holds no state dict (a mapping of tensor names to tensors)")
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -82,8 +98,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, factory: str = "the fact
             sd[k] = own[k]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -92,8 +111,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, factory: str = "the fact
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         if shapes:
             parts.append(f"{len(shapes)} of another shape (e.g. {shapes[:2]})")
-        raise ConfigError(f"the checkpoint {path} does not match the model built by {factory}: tensors "
-                          + "; ".join(parts) + ". Check model.kwargs (the architecture) or the checkpoint file")
+        raise ConfigError(
+            f"the checkpoint {path} does not match the model built by {factory}: tensors "
+            + "; ".join(parts)
+            + ". Check model.kwargs (the architecture) or the checkpoint file"
+        )
     model.load_state_dict(sd)
     return model
 
@@ -111,7 +133,7 @@ def digits_tensors(seed: int = 0, val_fraction: float = 0.1, test_fraction: floa
     y = torch.tensor(d.target, dtype=torch.long)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_test, n_val = int(len(x) * test_fraction), int(len(x) * val_fraction)
-    te, va, tr = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
+    te, va, tr = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
     return {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
 
 
@@ -134,9 +156,11 @@ def torchvision_datasets(name: str, root: str | Path | None, download: bool = Fa
         raise ConfigError(f"data set {name} needs a root directory: set data.root (or --data-dir)")
     root = Path(root)
     if not root.is_dir():
-        raise ConfigError(f"the data set root {root} does not exist: create it and allow downloading "
-                          f"(data.download: true, needs a network), or point data.root at the directory "
-                          f"that holds the {name} files")
+        raise ConfigError(
+            f"the data set root {root} does not exist: create it and allow downloading "
+            f"(data.download: true, needs a network), or point data.root at the directory "
+            f"that holds the {name} files"
+        )
     try:
         import torchvision
         from torchvision import transforms as T
@@ -145,15 +169,16 @@ def torchvision_datasets(name: str, root: str | Path | None, download: bool = Fa
     cls_name, mean, std = _TV[name]
     cls = getattr(torchvision.datasets, cls_name)
     norm = [T.ToTensor(), T.Normalize(mean, std)]
-    train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if name == "cifar10" else [])
-                         + norm)
+    train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if name == "cifar10" else []) + norm)
     try:
         train = cls(str(root), train=True, download=download, transform=train_tf)
         test = cls(str(root), train=False, download=download, transform=T.Compose(norm))
         plain = cls(str(root), train=True, download=False, transform=T.Compose(norm)) if train_plain else None
     except RuntimeError as exc:
-        raise ConfigError(f"{name} is not in {root} ({exc}). Set data.download: true (or --download) where a "
-                          f"network is available, or copy the {name} files there") from exc
+        raise ConfigError(
+            f"{name} is not in {root} ({exc}). Set data.download: true (or --download) where a "
+            f"network is available, or copy the {name} files there"
+        ) from exc
     except OSError as exc:  # download attempted without a network
         raise ConfigError(f"could not download {name} into {root}: {exc}. Copy the files there by hand") from exc
     return (train, test, plain) if train_plain else (train, test)
@@ -162,8 +187,9 @@ def torchvision_datasets(name: str, root: str | Path | None, download: bool = Fa
 def _loader(ds, batch_size: int, shuffle: bool, workers: int):
     from torch.utils.data import DataLoader
 
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      drop_last=shuffle and len(ds) > batch_size)  # no training batch of one (BatchNorm)
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=shuffle and len(ds) > batch_size
+    )  # no training batch of one (BatchNorm)
 
 
 @dataclass
@@ -177,8 +203,9 @@ class Loaders:
     test: Iterable | None = None
 
 
-def build_loaders(cfg: DataConfig, seed: int = 0, search: Iterable[str | Path] = (),
-                  log: Callable[[str], None] | None = None) -> Loaders:
+def build_loaders(
+    cfg: DataConfig, seed: int = 0, search: Iterable[str | Path] = (), log: Callable[[str], None] | None = None
+) -> Loaders:
     """The train, validation and test loaders of the data a config names."""
     from torch.utils.data import Subset, TensorDataset
 
@@ -190,19 +217,27 @@ def build_loaders(cfg: DataConfig, seed: int = 0, search: Iterable[str | Path] =
         return Loaders(*image_folder_loaders(cfg, seed, log))
     if cfg.dataset == "digits":
         d = digits_tensors(seed, cfg.val_fraction, cfg.test_fraction)
-        return Loaders(*[_loader(TensorDataset(*d[k]), cfg.batch_size, k == "train", cfg.num_workers)
-                         for k in ("train", "val", "test")])
+        return Loaders(
+            *[
+                _loader(TensorDataset(*d[k]), cfg.batch_size, k == "train", cfg.num_workers)
+                for k in ("train", "val", "test")
+            ]
+        )
     if cfg.dataset in TORCHVISION_DATASETS:
         from prunekit.cli.images import split_by_class
 
         train, test, plain = torchvision_datasets(cfg.dataset, cfg.root, cfg.download, train_plain=True)
         val_idx, train_idx = split_by_class(torch.as_tensor(train.targets), [cfg.val_fraction], seed)
-        return Loaders(_loader(Subset(train, train_idx.tolist()), cfg.batch_size, True, cfg.num_workers),
-                       _loader(Subset(plain, val_idx.tolist()), cfg.batch_size, False, cfg.num_workers),
-                       _loader(test, cfg.batch_size, False, cfg.num_workers))
-    raise ConfigError("the config names no data: set data.dataset (one of digits, imagefolder, cifar10, mnist, "
-                      "fashion-mnist) or data.loaders: 'module:function' returning (train_loader, val_loader[, "
-                      "test_loader])")
+        return Loaders(
+            _loader(Subset(train, train_idx.tolist()), cfg.batch_size, True, cfg.num_workers),
+            _loader(Subset(plain, val_idx.tolist()), cfg.batch_size, False, cfg.num_workers),
+            _loader(test, cfg.batch_size, False, cfg.num_workers),
+        )
+    raise ConfigError(
+        "the config names no data: set data.dataset (one of digits, imagefolder, cifar10, mnist, "
+        "fashion-mnist) or data.loaders: 'module:function' returning (train_loader, val_loader[, "
+        "test_loader])"
+    )
 
 
 def _custom_loaders(cfg: DataConfig, search: Iterable[str | Path]) -> Loaders:
@@ -213,13 +248,16 @@ def _custom_loaders(cfg: DataConfig, search: Iterable[str | Path]) -> Loaders:
         raise ConfigError(f"data.loaders {cfg.loaders!r} does not accept data.kwargs {cfg.kwargs}: {exc}") from exc
     if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
         what = f"{len(out)} items" if isinstance(out, (tuple, list)) else type(out).__name__
-        raise ConfigError(f"data.loaders {cfg.loaders!r} must return (train_loader, val_loader) or (train_loader, "
-                          f"val_loader, test_loader), got {what}")
+        raise ConfigError(
+            f"data.loaders {cfg.loaders!r} must return (train_loader, val_loader) or (train_loader, "
+            f"val_loader, test_loader), got {what}"
+        )
     return Loaders(*out)
 
 
-def build_eval_fn(cfg: Config, loader: Iterable, search: Iterable[str | Path] = (),
-                  whole: bool = False) -> tuple[Callable, bool]:
+def build_eval_fn(
+    cfg: Config, loader: Iterable, search: Iterable[str | Path] = (), whole: bool = False
+) -> tuple[Callable, bool]:
     """``(eval_fn, lower_is_better)`` for the config's metric over ``data.eval_batches`` batches
     (``whole``: over the whole loader, as the test split is evaluated)."""
     from prunekit.workflow.evaluation import make_eval_fn

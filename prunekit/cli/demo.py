@@ -30,37 +30,61 @@ def register(sub: argparse._SubParsersAction) -> None:
     from prunekit.cli.job import TORCHVISION_DATASETS
 
     p = sub.add_parser(
-        "demo", help="the whole workflow on a small CNN: train, ana, iterative pruning, slim, before/after table",
+        "demo",
+        help="the whole workflow on a small CNN: train, ana, iterative pruning, slim, before/after table",
         description="Train a small ResNet-style CNN on scikit-learn's 8x8 digits (or --dataset cifar10 / "
-                    "fashion-mnist / mnist from --data-dir), analyse its sensitivity, prune it in steps with "
-                    "fine-tuning in between until --target of the MACs are gone, transform it into the slim model "
-                    "and compare: test accuracy, MACs, parameters, CPU latency and file size. Resumable: "
-                    "results live in --workspace.")
-    p.add_argument("--dataset", choices=("digits",) + TORCHVISION_DATASETS, default="digits",
-                   help="data set (digits ships with scikit-learn; the others are read from --data-dir)")
+        "fashion-mnist / mnist from --data-dir), analyse its sensitivity, prune it in steps with "
+        "fine-tuning in between until --target of the MACs are gone, transform it into the slim model "
+        "and compare: test accuracy, MACs, parameters, CPU latency and file size. Resumable: "
+        "results live in --workspace.",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=("digits",) + TORCHVISION_DATASETS,
+        default="digits",
+        help="data set (digits ships with scikit-learn; the others are read from --data-dir)",
+    )
     p.add_argument("--data-dir", metavar="DIR", help="root directory of a torchvision data set")
     p.add_argument("--download", action="store_true", help="let torchvision download the data set (needs a network)")
     p.add_argument("--workspace", metavar="DIR", default="prunekit-demo", help="workspace directory (prunekit-demo)")
     p.add_argument("--fresh", action="store_true", help="delete the workspace first instead of resuming")
     p.add_argument("--target", type=float, default=0.55, help="fraction of MACs to remove in the end (0.55)")
     p.add_argument("--steps", type=int, default=3, help="prune -> fine-tune steps (3)")
-    p.add_argument("--max-drop", type=float, default=0.01,
-                   help="tolerated validation accuracy drop per step before a retry (0.01 = 1 point)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="baseline training epochs (default: " + ", ".join(f"{k} {v}" for k, v in
-                                                                         _DEFAULT_EPOCHS.items()) + ")")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.01,
+        help="tolerated validation accuracy drop per step before a retry (0.01 = 1 point)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="baseline training epochs (default: " + ", ".join(f"{k} {v}" for k, v in _DEFAULT_EPOCHS.items()) + ")",
+    )
     p.add_argument("--finetune-epochs", type=int, default=8, help="fine-tuning epochs per step (8)")
     p.add_argument("--width", type=int, default=24, help="channels of the first stage (24)")
     p.add_argument("--blocks", type=int, default=2, help="residual blocks per stage (2)")
     p.add_argument("--criterion", default="l2", help="importance criterion (l1, l2, fpgm, bn_scale)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for digits, whose model is too small to gain from more)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 for digits, whose model is too small to gain from more)",
+    )
     p.add_argument("--output", metavar="DIR", default=None, help="also save the slim model into DIR")
-    p.add_argument("--device", metavar="DEVICE", default=None,
-                   help="where to train and prune (cpu, cuda; default cpu); latency is always measured on the CPU")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bars (one line per ana group and fine-tuning epoch instead)")
+    p.add_argument(
+        "--device",
+        metavar="DEVICE",
+        default=None,
+        help="where to train and prune (cpu, cuda; default cpu); latency is always measured on the CPU",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (one line per ana group and fine-tuning epoch instead)",
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -95,8 +119,16 @@ def _data(args: argparse.Namespace):
         train = DataLoader(TensorDataset(*d["train"]), batch_size=64, shuffle=True)
         val = DataLoader(TensorDataset(*d["val"]), batch_size=512)
         test = DataLoader(TensorDataset(*d["test"]), batch_size=512)
-        return train, val, test, 1, (f"scikit-learn digits (8x8; {len(d['train'][0])} train, {len(d['val'][0])} "
-                                     f"validation, {len(d['test'][0])} test images)")
+        return (
+            train,
+            val,
+            test,
+            1,
+            (
+                f"scikit-learn digits (8x8; {len(d['train'][0])} train, {len(d['val'][0])} "
+                f"validation, {len(d['test'][0])} test images)"
+            ),
+        )
     train_ds, test_ds = torchvision_datasets(args.dataset, args.data_dir, args.download)
     n_val = min(5000, len(train_ds) // 10)
     tr, va = random_split(train_ds, [len(train_ds) - n_val, n_val], generator=torch.Generator().manual_seed(args.seed))
@@ -119,8 +151,12 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     for name, v, lo, hi in (("--target", args.target, 0.0, 1.0), ("--max-drop", args.max_drop, 0.0, 1.0)):
         if not lo < v < hi:
             raise CliError(f"{name} must be in ({lo:g}, {hi:g}), got {v}")
-    for name, v in (("--steps", args.steps), ("--finetune-epochs", args.finetune_epochs), ("--width", args.width),
-                    ("--blocks", args.blocks)):
+    for name, v in (
+        ("--steps", args.steps),
+        ("--finetune-epochs", args.finetune_epochs),
+        ("--width", args.width),
+        ("--blocks", args.blocks),
+    ):
         if v < 1:
             raise CliError(f"{name} must be at least 1, got {v}")
     from prunekit.utils.devices import check_device
@@ -162,25 +198,51 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     progress = not args.no_progress
     epochs = args.epochs if args.epochs is not None else _DEFAULT_EPOCHS[args.dataset]
     say(f"prunekit {prunekit.__version__} demo: DemoNet(width={args.width}, blocks={args.blocks}) on {data_name}")
-    say(f"workspace {ws.root}; goal: remove {args.target:.0%} of the MACs in {args.steps} steps, each step "
-        f"fine-tuned {args.finetune_epochs} epochs and losing at most {args.max_drop:g} validation accuracy")
+    say(
+        f"workspace {ws.root}; goal: remove {args.target:.0%} of the MACs in {args.steps} steps, each step "
+        f"fine-tuned {args.finetune_epochs} epochs and losing at most {args.max_drop:g} validation accuracy"
+    )
 
     # 1. the baseline (resumable like any fine-tuning)
     t0 = time.perf_counter()
     model.to(args.device or "cpu")
-    base_cfg = FinetuneConfig(epochs=epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-4, warmup_epochs=1,
-                              seed=args.seed, device=args.device, progress=progress)
+    base_cfg = FinetuneConfig(
+        epochs=epochs,
+        optimizer="adamw",
+        lr=3e-3,
+        weight_decay=1e-4,
+        warmup_epochs=1,
+        seed=args.seed,
+        device=args.device,
+        progress=progress,
+    )
     finetune(model, train, val_acc, base_cfg, workspace=ws.path("baseline-training"), log=say)
     say(f"baseline trained ({epochs} epochs) in {time.perf_counter() - t0:.1f} s")
 
     # 2.-4. ana, iterative prune -> fine-tune, slim
     x1 = next(iter(test))[0][:1].to(args.device or "cpu")  # MACs and latency per image
-    ft_cfg = FinetuneConfig(epochs=args.finetune_epochs, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
-                            seed=args.seed, device=args.device, progress=progress)
-    res = IterativePruner(model, x1, val_acc, train, workspace=ws,
-                          config=IterativeConfig(target=args.target, steps=args.steps, max_drop=args.max_drop),
-                          finetune=ft_cfg, ana=AnaConfig(), prune=PruneConfig(), criterion=args.criterion,
-                          log=say).run()
+    ft_cfg = FinetuneConfig(
+        epochs=args.finetune_epochs,
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=1e-4,
+        seed=args.seed,
+        device=args.device,
+        progress=progress,
+    )
+    res = IterativePruner(
+        model,
+        x1,
+        val_acc,
+        train,
+        workspace=ws,
+        config=IterativeConfig(target=args.target, steps=args.steps, max_drop=args.max_drop),
+        finetune=ft_cfg,
+        ana=AnaConfig(),
+        prune=PruneConfig(),
+        criterion=args.criterion,
+        log=say,
+    ).run()
     slim = res.model.eval()
 
     # 5. before / after
@@ -196,22 +258,45 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     b, f = res.baseline, res.final
     pct = lambda x, y: f"{100 * (y - x) / x:+.1f}%"
     h = human
-    table = [["test accuracy", f"{acc_b:.2%}", f"{acc_a:.2%}", f"{100 * (acc_a - acc_b):+.2f} pt"],
-             ["MACs / image", h(b["macs"]), h(f["macs"]), pct(b["macs"], f["macs"])],
-             ["parameters", h(b["params"]), h(f["params"]), pct(b["params"], f["params"])],
-             [f"CPU latency, batch 1 ({thr})", f"{lat['baseline']:.3f} ms", f"{lat['slim']:.3f} ms",
-              pct(lat["baseline"], lat["slim"])],
-             [f"CPU latency, batch {len(xb)} ({thr})", f"{lat_b['baseline']:.2f} ms", f"{lat_b['slim']:.2f} ms",
-              pct(lat_b["baseline"], lat_b["slim"])],
-             ["file size (safetensors)", _size(size_b), _size(size_a), pct(size_b, size_a)]]
+    table = [
+        ["test accuracy", f"{acc_b:.2%}", f"{acc_a:.2%}", f"{100 * (acc_a - acc_b):+.2f} pt"],
+        ["MACs / image", h(b["macs"]), h(f["macs"]), pct(b["macs"], f["macs"])],
+        ["parameters", h(b["params"]), h(f["params"]), pct(b["params"], f["params"])],
+        [
+            f"CPU latency, batch 1 ({thr})",
+            f"{lat['baseline']:.3f} ms",
+            f"{lat['slim']:.3f} ms",
+            pct(lat["baseline"], lat["slim"]),
+        ],
+        [
+            f"CPU latency, batch {len(xb)} ({thr})",
+            f"{lat_b['baseline']:.2f} ms",
+            f"{lat_b['slim']:.2f} ms",
+            pct(lat_b["baseline"], lat_b["slim"]),
+        ],
+        ["file size (safetensors)", _size(size_b), _size(size_a), pct(size_b, size_a)],
+    ]
     wall = time.perf_counter() - t_start
-    ws.write_json("demo.json", {"dataset": args.dataset, "width": args.width, "blocks": args.blocks,
-                                "target": args.target, "steps": args.steps, "max_drop": args.max_drop,
-                                "epochs": epochs, "finetune_epochs": args.finetune_epochs, "seed": args.seed,
-                                "criterion": args.criterion, "threads": torch.get_num_threads(),
-                                "wall_seconds_this_session": round(wall, 1), "table": table,
-                                "test_accuracy": {"baseline": acc_b, "slim": acc_a},
-                                "latency_ms": {"batch_1": lat, f"batch_{len(xb)}": lat_b}})
+    ws.write_json(
+        "demo.json",
+        {
+            "dataset": args.dataset,
+            "width": args.width,
+            "blocks": args.blocks,
+            "target": args.target,
+            "steps": args.steps,
+            "max_drop": args.max_drop,
+            "epochs": epochs,
+            "finetune_epochs": args.finetune_epochs,
+            "seed": args.seed,
+            "criterion": args.criterion,
+            "threads": torch.get_num_threads(),
+            "wall_seconds_this_session": round(wall, 1),
+            "table": table,
+            "test_accuracy": {"baseline": acc_b, "slim": acc_a},
+            "latency_ms": {"batch_1": lat, f"batch_{len(xb)}": lat_b},
+        },
+    )
     report = write_report(ws.root)
     say("")
     say(res.table())
@@ -221,8 +306,10 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     say(text_table(table, ["", "baseline", "pruned (slim)", "change"]))
     say("")
     say(f"slim == sparse on the example input: relative error {f['equivalence_error']:.1e}")
-    say(f"slim model: {ws.path('final')} (model.safetensors + spec.json); load it with prunekit.load_slim("
-        f"DemoNet(in_channels={channels}, width={args.width}, blocks={args.blocks}), {str(ws.path('final'))!r})")
+    say(
+        f"slim model: {ws.path('final')} (model.safetensors + spec.json); load it with prunekit.load_slim("
+        f"DemoNet(in_channels={channels}, width={args.width}, blocks={args.blocks}), {str(ws.path('final'))!r})"
+    )
     if args.output:
         prunekit.save_slim(slim, args.output)
         say(f"slim model also saved to {args.output}")

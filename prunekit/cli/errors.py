@@ -47,8 +47,14 @@ def known_errors() -> tuple[type[BaseException], ...]:
     """The exceptions :func:`guard` turns into one line: every user-fixable error of prunekit."""
     from prunekit.engine.equivalence import EquivalenceError
 
-    found: list[type[BaseException]] = [ValueError, EquivalenceError, FileNotFoundError, NotADirectoryError,
-                                        IsADirectoryError, PermissionError]
+    found: list[type[BaseException]] = [
+        ValueError,
+        EquivalenceError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    ]
     try:
         from prunekit.deploy.export import ExportError
 
@@ -74,8 +80,11 @@ def one_line(exc: BaseException) -> str:
         if rel is not None:
             exc = exc.with_fix(ws.fix(str(rel)))
     text = " ".join(str(exc).split())
-    if isinstance(exc, (FileNotFoundError, PermissionError)) and getattr(exc, "filename", None) and \
-            str(exc.filename) not in text:
+    if (
+        isinstance(exc, (FileNotFoundError, PermissionError))
+        and getattr(exc, "filename", None)
+        and str(exc.filename) not in text
+    ):
         text = f"{text}: {exc.filename}"
     return text or type(exc).__name__
 
@@ -89,6 +98,7 @@ def guard(verb: str, distributed: bool = False, resumable: bool = False) -> Call
             otherwise only rank 0 runs the verb.
         resumable: Ctrl-C says that the same command resumes.
     """
+
     def deco(fn: Verb) -> Verb:
         @functools.wraps(fn)
         def wrapper(args: argparse.Namespace, out: TextIO) -> int:

@@ -36,8 +36,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from prunekit.cli.job import ConfigError, DataConfig
 
-__all__ = ["DecodedFolder", "FolderImages", "ImageSplits", "BatchTransform", "decode_folder",
-           "image_folder_splits", "image_folder_loaders", "split_by_class"]
+__all__ = [
+    "DecodedFolder",
+    "FolderImages",
+    "ImageSplits",
+    "BatchTransform",
+    "decode_folder",
+    "image_folder_splits",
+    "image_folder_loaders",
+    "split_by_class",
+]
 
 
 @dataclass
@@ -116,8 +124,7 @@ class BatchTransform:
         (torch.Size([4, 3, 8, 8]), torch.float32, [1, 1, 1, 1])
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], crop_padding: int = 0,
-                 flip: bool = False) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], crop_padding: int = 0, flip: bool = False) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.crop_padding, self.flip = crop_padding, flip
@@ -126,8 +133,10 @@ class BatchTransform:
         images = [s[0] for s in samples]
         if len({tuple(im.shape) for im in images}) > 1:
             shapes = sorted({tuple(im.shape[1:]) for im in images})
-            raise ConfigError(f"the images of a batch have different sizes ({shapes[0]} and {shapes[1]}); set "
-                              "data.image_size to resize them all")
+            raise ConfigError(
+                f"the images of a batch have different sizes ({shapes[0]} and {shapes[1]}); set "
+                "data.image_size to resize them all"
+            )
         x = torch.stack(images)
         if self.crop_padding:
             x = random_crop(x, self.crop_padding)
@@ -166,7 +175,7 @@ def split_by_class(targets: torch.Tensor, fractions: Sequence[float], seed: int)
         start = 0
         for k, f in enumerate(fractions):
             m = round(f * len(idx))
-            parts[k].append(idx[start:start + m])
+            parts[k].append(idx[start : start + m])
             start += m
         parts[-1].append(idx[start:])
     out = [torch.cat(p) if p else torch.zeros(0, dtype=torch.long) for p in parts]
@@ -182,8 +191,10 @@ def _folder(path: Path, image_size: int | None) -> Dataset:
     try:
         return datasets.ImageFolder(str(path), transform=T.Compose(steps))
     except (FileNotFoundError, OSError) as exc:
-        raise ConfigError(f"cannot read the image folder {path}: {exc}. It needs one subfolder per class "
-                          "holding the images (.jpg, .png, ...)") from exc
+        raise ConfigError(
+            f"cannot read the image folder {path}: {exc}. It needs one subfolder per class "
+            "holding the images (.jpg, .png, ...)"
+        ) from exc
 
 
 def _free_bytes() -> int | None:
@@ -200,8 +211,13 @@ def _free_bytes() -> int | None:
         return None
 
 
-def decode_folder(path: str | Path, image_size: int | None = None, cache_mb: int = 4096, workers: int = 0,
-                  log: Callable[[str], None] | None = None) -> DecodedFolder:
+def decode_folder(
+    path: str | Path,
+    image_size: int | None = None,
+    cache_mb: int = 4096,
+    workers: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> DecodedFolder:
     """Read an ImageFolder; decode every image into one uint8 tensor if it fits in ``cache_mb``.
 
     Args:
@@ -218,19 +234,23 @@ def decode_folder(path: str | Path, image_size: int | None = None, cache_mb: int
     free = _free_bytes()
     if cache_mb == 0 or need > cache_mb * 2**20 or (free is not None and need > free // 2):
         if log and cache_mb:
-            log(f"{path}: {len(folder)} images need {need / 2**20:.0f} MB decoded, more than data.cache_mb="
-                f"{cache_mb} or half the free memory; decoding them on every access")
+            log(
+                f"{path}: {len(folder)} images need {need / 2**20:.0f} MB decoded, more than data.cache_mb="
+                f"{cache_mb} or half the free memory; decoding them on every access"
+            )
         return DecodedFolder(folder, targets, None)
     t0 = time.perf_counter()
     images = torch.empty((len(folder), *first.shape), dtype=torch.uint8)
     loader = DataLoader(folder, batch_size=256, num_workers=workers, collate_fn=_stack_same_size)
     start = 0
     for batch in loader:
-        images[start:start + len(batch)] = batch
+        images[start : start + len(batch)] = batch
         start += len(batch)
     if log:
-        log(f"{path}: decoded {len(folder)} images ({need / 2**20:.0f} MB in memory) in "
-            f"{time.perf_counter() - t0:.1f} s")
+        log(
+            f"{path}: decoded {len(folder)} images ({need / 2**20:.0f} MB in memory) in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
     return DecodedFolder(folder, targets, images)
 
 
@@ -238,14 +258,24 @@ def _stack_same_size(samples: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
     shapes = {tuple(s[0].shape) for s in samples}
     if len(shapes) > 1:
         a, b = sorted(shapes)[:2]
-        raise ConfigError(f"the images have different sizes ({a[1]}x{a[2]} and {b[1]}x{b[2]}); set data.image_size "
-                          "to resize and centre-crop them all to one size")
+        raise ConfigError(
+            f"the images have different sizes ({a[1]}x{a[2]} and {b[1]}x{b[2]}); set data.image_size "
+            "to resize and centre-crop them all to one size"
+        )
     return torch.stack([s[0] for s in samples])
 
 
-def image_folder_splits(root: str | Path, *, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
-                        image_size: int | None = None, cache_mb: int = 4096, workers: int = 0,
-                        log: Callable[[str], None] | None = None) -> ImageSplits:
+def image_folder_splits(
+    root: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    image_size: int | None = None,
+    cache_mb: int = 4096,
+    workers: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> ImageSplits:
     """Train / validation / test images of ``root`` (``train/`` + ``test/``, or class folders split by seed).
 
     The validation images are ``val_fraction`` of each class of the training images; without a
@@ -253,43 +283,59 @@ def image_folder_splits(root: str | Path, *, val_fraction: float = 0.1, test_fra
     """
     root = Path(root)
     if not root.is_dir():
-        raise ConfigError(f"data.root {str(root)!r} is not a directory: point it at a folder holding train/ and "
-                          "test/ (each with one folder per class), or the class folders themselves")
+        raise ConfigError(
+            f"data.root {str(root)!r} is not a directory: point it at a folder holding train/ and "
+            "test/ (each with one folder per class), or the class folders themselves"
+        )
     opts = {"image_size": image_size, "cache_mb": cache_mb, "workers": workers, "log": log}
     has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
     if has_train != has_test:
-        raise ConfigError(f"{root} has a {'train' if has_train else 'test'}/ folder but no "
-                          f"{'test' if has_train else 'train'}/ one: give both, or only the class folders (split "
-                          "by data.seed with data.test_fraction)")
+        raise ConfigError(
+            f"{root} has a {'train' if has_train else 'test'}/ folder but no "
+            f"{'test' if has_train else 'train'}/ one: give both, or only the class folders (split "
+            "by data.seed with data.test_fraction)"
+        )
     if has_train:
         train_src, test_src = decode_folder(root / "train", **opts), decode_folder(root / "test", **opts)
         if train_src.classes != test_src.classes:
-            raise ConfigError(f"{root}/train and {root}/test hold different classes: {train_src.classes} vs "
-                              f"{test_src.classes}")
+            raise ConfigError(
+                f"{root}/train and {root}/test hold different classes: {train_src.classes} vs {test_src.classes}"
+            )
         val_idx, train_idx = split_by_class(train_src.targets, [val_fraction], seed)
         test = FolderImages(test_src, split_by_class(test_src.targets, [], seed)[0])  # the classes mixed
     else:
         train_src = decode_folder(root, **opts)
         test_idx, val_idx, train_idx = split_by_class(train_src.targets, [test_fraction, val_fraction], seed)
         test = FolderImages(train_src, test_idx)
-    splits = ImageSplits(FolderImages(train_src, train_idx), FolderImages(train_src, val_idx), test,
-                         train_src.classes)
+    splits = ImageSplits(FolderImages(train_src, train_idx), FolderImages(train_src, val_idx), test, train_src.classes)
     for name in ("train", "val", "test"):
         if not len(getattr(splits, name)):
-            raise ConfigError(f"the {name} split of {root} is empty ({len(train_src.targets)} training images, "
-                              f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}); add images "
-                              "or change the fractions")
+            raise ConfigError(
+                f"the {name} split of {root} is empty ({len(train_src.targets)} training images, "
+                f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}); add images "
+                "or change the fractions"
+            )
     return splits
 
 
-def image_folder_loaders(cfg: DataConfig, seed: int = 0, log: Callable[[str], None] | None = None
-                         ) -> tuple[DataLoader, DataLoader, DataLoader]:
+def image_folder_loaders(
+    cfg: DataConfig, seed: int = 0, log: Callable[[str], None] | None = None
+) -> tuple[DataLoader, DataLoader, DataLoader]:
     """``(train, val, test)`` loaders of ``cfg.root``; training batches augmented, all normalised."""
     if cfg.root is None:
-        raise ConfigError("data.dataset: imagefolder needs data.root, a folder with train/ and test/ (or the class "
-                          "folders alone)")
-    splits = image_folder_splits(cfg.root, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed,
-                                 image_size=cfg.image_size, cache_mb=cfg.cache_mb, workers=cfg.num_workers, log=log)
+        raise ConfigError(
+            "data.dataset: imagefolder needs data.root, a folder with train/ and test/ (or the class folders alone)"
+        )
+    splits = image_folder_splits(
+        cfg.root,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=seed,
+        image_size=cfg.image_size,
+        cache_mb=cfg.cache_mb,
+        workers=cfg.num_workers,
+        log=log,
+    )
     return make_loaders(splits, cfg)
 
 
@@ -297,8 +343,16 @@ def make_loaders(splits: ImageSplits, cfg: DataConfig) -> tuple[DataLoader, Data
     """Loaders of ``splits`` with ``cfg``'s batch size, workers, augmentation and normalisation."""
     plain = BatchTransform(cfg.mean, cfg.std)
     train_tf = BatchTransform(cfg.mean, cfg.std, cfg.crop_padding, cfg.hflip)
-    train = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                       collate_fn=train_tf, drop_last=len(splits.train) > cfg.batch_size)
-    evals = [DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=plain)
-             for ds in (splits.val, splits.test)]
+    train = DataLoader(
+        splits.train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        collate_fn=train_tf,
+        drop_last=len(splits.train) > cfg.batch_size,
+    )
+    evals = [
+        DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=plain)
+        for ds in (splits.val, splits.test)
+    ]
     return train, evals[0], evals[1]

@@ -35,8 +35,20 @@ from prunekit.workflow.options import (
     check_ref,
 )
 
-__all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "AnaConfig", "PruneConfig", "IterativeConfig",
-           "check_keys", "load_config", "apply_overrides", "TORCHVISION_DATASETS", "BUILTIN_DATASETS"]
+__all__ = [
+    "ConfigError",
+    "Config",
+    "ModelConfig",
+    "DataConfig",
+    "AnaConfig",
+    "PruneConfig",
+    "IterativeConfig",
+    "check_keys",
+    "load_config",
+    "apply_overrides",
+    "TORCHVISION_DATASETS",
+    "BUILTIN_DATASETS",
+]
 
 #: Data sets the CLI can load by name (torchvision ones need ``torchvision`` and a root;
 #: ``imagefolder`` reads your own image folders, see :mod:`prunekit.cli.images`).
@@ -70,8 +82,10 @@ class ModelConfig:
         check_ref("model.factory", self.factory)
         if not isinstance(self.kwargs, dict):
             raise ConfigError(f"model.kwargs must be a mapping, got {self.kwargs!r}")
-        if self.input_shape is not None and (not isinstance(self.input_shape, (list, tuple)) or not all(
-                isinstance(d, int) and d > 0 for d in self.input_shape)):
+        if self.input_shape is not None and (
+            not isinstance(self.input_shape, (list, tuple))
+            or not all(isinstance(d, int) and d > 0 for d in self.input_shape)
+        ):
             raise ConfigError(f"model.input_shape must be a list of positive ints, got {self.input_shape!r}")
 
 
@@ -142,8 +156,10 @@ class DataConfig:
         if self.dataset is not None and self.dataset not in BUILTIN_DATASETS:
             close = difflib.get_close_matches(str(self.dataset), BUILTIN_DATASETS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown data.dataset {self.dataset!r}{hint}; choose one of {list(BUILTIN_DATASETS)}"
-                              " or give data.loaders: 'module:function'")
+            raise ConfigError(
+                f"unknown data.dataset {self.dataset!r}{hint}; choose one of {list(BUILTIN_DATASETS)}"
+                " or give data.loaders: 'module:function'"
+            )
         check_ref("data.loaders", self.loaders)
         if not isinstance(self.kwargs, dict):
             raise ConfigError(f"data.kwargs must be a mapping, got {self.kwargs!r}")
@@ -161,8 +177,10 @@ class DataConfig:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < 1:
                 raise ConfigError(f"data.{name} must be a fraction in (0, 1), got {v!r}")
         if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError(f"data.val_fraction + data.test_fraction must be below 1, got {self.val_fraction} + "
-                              f"{self.test_fraction}")
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction must be below 1, got {self.val_fraction} + "
+                f"{self.test_fraction}"
+            )
         check_int("data.image_size", self.image_size, 1, allow_none=True)
         check_int("data.crop_padding", self.crop_padding, 0)
         check_int("data.cache_mb", self.cache_mb, 0)
@@ -170,16 +188,25 @@ class DataConfig:
             raise ConfigError(f"data.hflip must be true or false, got {self.hflip!r}")
         for name in ("mean", "std"):
             v = getattr(self, name)
-            if not isinstance(v, (list, tuple)) or len(v) not in (1, 3) or not all(
-                    isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v):
+            if (
+                not isinstance(v, (list, tuple))
+                or len(v) not in (1, 3)
+                or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v)
+            ):
                 raise ConfigError(f"data.{name} must be a list of 1 or 3 numbers (per RGB channel), got {v!r}")
             setattr(self, name, [float(x) for x in v])
         if any(x <= 0 for x in self.std):
             raise ConfigError(f"every data.std value must be positive, got {self.std}")
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "ana": AnaConfig, "prune": PruneConfig,
-             "finetune": FinetuneConfig, "run": IterativeConfig}
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "ana": AnaConfig,
+    "prune": PruneConfig,
+    "finetune": FinetuneConfig,
+    "run": IterativeConfig,
+}
 
 
 @dataclass
@@ -226,8 +253,9 @@ class Config:
         if not isinstance(self.workspace, str) or not self.workspace:
             raise ConfigError(f"workspace must be a directory name, got {self.workspace!r}")
         if self.metric not in ("accuracy", "loss", "perplexity"):
-            check_ref("metric (one of 'accuracy', 'loss', 'perplexity' or 'module:function')", self.metric,
-                      allow_none=False)
+            check_ref(
+                "metric (one of 'accuracy', 'loss', 'perplexity' or 'module:function')", self.metric, allow_none=False
+            )
         if not isinstance(self.excludes, (list, tuple)) or not all(isinstance(e, str) for e in self.excludes):
             raise ConfigError(f"excludes must be a list of module names, got {self.excludes!r}")
         if self.criterion not in CRITERIA:
@@ -347,9 +375,11 @@ def _check_builtin_only(data: Any) -> None:
     if isinstance(data, dict) and data.get("loaders"):
         for key in BUILTIN_ONLY:
             if key in data:
-                raise ConfigError(f"data.{key} does not apply to data.loaders (your function builds its own "
-                                  f"loaders): pass it to the function in data.kwargs (e.g. kwargs: {{{key}: "
-                                  f"{data[key]}}}) or remove data.{key}")
+                raise ConfigError(
+                    f"data.{key} does not apply to data.loaders (your function builds its own "
+                    f"loaders): pass it to the function in data.kwargs (e.g. kwargs: {{{key}: "
+                    f"{data[key]}}}) or remove data.{key}"
+                )
 
 
 def dump_config(cfg: Config) -> str:
@@ -361,4 +391,3 @@ def dump_config(cfg: Config) -> str:
         for key in BUILTIN_ONLY:
             data["data"].pop(key, None)
     return yaml.safe_dump(data, sort_keys=False)
-

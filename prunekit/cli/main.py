@@ -49,8 +49,7 @@ def _register_deploy(sub: argparse._SubParsersAction) -> None:
 
 # ----- entry point -----------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="prunekit", description="Channel pruning for PyTorch models: sparse -> slim.")
+    parser = argparse.ArgumentParser(prog="prunekit", description="Channel pruning for PyTorch models: sparse -> slim.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

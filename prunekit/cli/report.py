@@ -30,20 +30,31 @@ def load_results(workspace: str | Path) -> dict:
     if not ws.root.is_dir():
         raise FileNotFoundError(f"workspace {ws.root} does not exist")
     res: dict = {"root": str(ws.root)}
-    for key, name in (("sensitivity", "sensitivity.json"), ("summary", "summary.json"), ("state", "iterative.json"),
-                      ("demo", "demo.json"), ("plan", "plan.json"), ("prune", "prune.json"),
-                      ("finetune", "finetune.json")):
+    for key, name in (
+        ("sensitivity", "sensitivity.json"),
+        ("summary", "summary.json"),
+        ("state", "iterative.json"),
+        ("demo", "demo.json"),
+        ("plan", "plan.json"),
+        ("prune", "prune.json"),
+        ("finetune", "finetune.json"),
+    ):
         if ws.exists(name):
             res[key] = ws.read_json(name)
     if ws.exists("config.yaml"):
         res["config"] = ws.path("config.yaml").read_text()
     if not any(k in res for k in ("sensitivity", "summary", "state", "plan", "demo", "prune", "finetune")):
-        raise ValueError(f"{ws.root} holds no prunekit results (sensitivity.json, plan.json, iterative.json, "
-                         "summary.json); run 'prunekit ana', 'prune' or 'run' with this workspace first")
+        raise ValueError(
+            f"{ws.root} holds no prunekit results (sensitivity.json, plan.json, iterative.json, "
+            "summary.json); run 'prunekit ana', 'prune' or 'run' with this workspace first"
+        )
     if "summary" not in res and "state" in res:  # an unfinished run: its steps so far
         st = res["state"]
-        res["partial"] = {"baseline": st.get("baseline"), "attempts": st.get("attempts", []),
-                          "notes": st.get("notes", [])}
+        res["partial"] = {
+            "baseline": st.get("baseline"),
+            "attempts": st.get("attempts", []),
+            "notes": st.get("notes", []),
+        }
     return res
 
 
@@ -65,16 +76,36 @@ def _final_rows(res: dict) -> list[list[str]]:
     b, f = s["baseline"], s["final"]
     pct = lambda x, y: f"{100 * (y - x) / x:+.1f}%" if x else ""
     test = b.get("test_metric") is not None and f.get("test_metric") is not None  # reported only, never chosen on
-    rows = [["metric" + (" (validation)" if test else ""), f"{b['metric']:.4f}", f"{f['metric']:.4f}",
-             f"{f['metric'] - b['metric']:+.4f}"]]
+    rows = [
+        [
+            "metric" + (" (validation)" if test else ""),
+            f"{b['metric']:.4f}",
+            f"{f['metric']:.4f}",
+            f"{f['metric'] - b['metric']:+.4f}",
+        ]
+    ]
     if test:
-        rows.append(["test metric", f"{b['test_metric']:.4f}", f"{f['test_metric']:.4f}",
-                     f"{f['test_metric'] - b['test_metric']:+.4f}"])
-    rows += [["MACs / sample", human(b["macs"]), human(f["macs"]), pct(b["macs"], f["macs"])],
-             ["parameters", human(b["params"]), human(f["params"]), pct(b["params"], f["params"])]]
+        rows.append(
+            [
+                "test metric",
+                f"{b['test_metric']:.4f}",
+                f"{f['test_metric']:.4f}",
+                f"{f['test_metric'] - b['test_metric']:+.4f}",
+            ]
+        )
+    rows += [
+        ["MACs / sample", human(b["macs"]), human(f["macs"]), pct(b["macs"], f["macs"])],
+        ["parameters", human(b["params"]), human(f["params"]), pct(b["params"], f["params"])],
+    ]
     if "file_bytes" in f:
-        rows.append(["file size", _bytes(f["baseline_file_bytes"]), _bytes(f["file_bytes"]),
-                     pct(f["baseline_file_bytes"], f["file_bytes"])])
+        rows.append(
+            [
+                "file size",
+                _bytes(f["baseline_file_bytes"]),
+                _bytes(f["file_bytes"]),
+                pct(f["baseline_file_bytes"], f["file_bytes"]),
+            ]
+        )
     return rows
 
 
@@ -91,13 +122,27 @@ def _verb_rows(res: dict) -> list[list[str]]:
         return []
     b, p, ft = pr["baseline"], pr["pruned"], _finetune_of_plan(res)
     pct = lambda x, y: f"{100 * (y - x) / x:+.1f}%" if x else ""
-    rows = [["metric after pruning (no fine-tuning)", f"{b['metric']:.4f}", f"{p['metric']:.4f}",
-             f"{p['metric'] - b['metric']:+.4f}"]]
+    rows = [
+        [
+            "metric after pruning (no fine-tuning)",
+            f"{b['metric']:.4f}",
+            f"{p['metric']:.4f}",
+            f"{p['metric'] - b['metric']:+.4f}",
+        ]
+    ]
     if ft is not None and ft.get("best_metric") is not None:
-        rows.append([f"metric after fine-tuning ({len(ft['history'])} epochs, best {ft['best_epoch']})",
-                     f"{b['metric']:.4f}", f"{ft['best_metric']:.4f}", f"{ft['best_metric'] - b['metric']:+.4f}"])
-    rows += [["MACs / sample", human(b["macs"]), human(p["macs"]), pct(b["macs"], p["macs"])],
-             ["parameters", human(b["params"]), human(p["params"]), pct(b["params"], p["params"])]]
+        rows.append(
+            [
+                f"metric after fine-tuning ({len(ft['history'])} epochs, best {ft['best_epoch']})",
+                f"{b['metric']:.4f}",
+                f"{ft['best_metric']:.4f}",
+                f"{ft['best_metric'] - b['metric']:+.4f}",
+            ]
+        )
+    rows += [
+        ["MACs / sample", human(b["macs"]), human(p["macs"]), pct(b["macs"], p["macs"])],
+        ["parameters", human(b["params"]), human(p["params"]), pct(b["params"], p["params"])],
+    ]
     return rows
 
 
@@ -137,12 +182,21 @@ def text_table(rows: list[list[str]], head: list[str]) -> str:
 def _step_rows(baseline: dict | None, attempts: list[dict]) -> list[list[str]]:
     rows = []
     if baseline:
-        rows.append(["baseline", "", human(baseline["macs"]), "", human(baseline["params"]),
-                     f"{baseline['metric']:.4f}", ""])
+        rows.append(
+            ["baseline", "", human(baseline["macs"]), "", human(baseline["params"]), f"{baseline['metric']:.4f}", ""]
+        )
     for a in attempts:
-        rows.append([f"step {a['step']}" + (f" retry {a['try']}" if a["try"] else ""), f"{a['ratio']:.3f}",
-                     human(a["macs"]), f"-{a['macs_reduction']:.1%}", human(a["params"]), f"{a['metric']:.4f}",
-                     "accepted" if a["accepted"] else "rejected"])
+        rows.append(
+            [
+                f"step {a['step']}" + (f" retry {a['try']}" if a["try"] else ""),
+                f"{a['ratio']:.3f}",
+                human(a["macs"]),
+                f"-{a['macs_reduction']:.1%}",
+                human(a["params"]),
+                f"{a['metric']:.4f}",
+                "accepted" if a["accepted"] else "rejected",
+            ]
+        )
     return rows
 
 
@@ -153,8 +207,16 @@ _EPOCH_HEAD = ["epoch", "loss", "metric", "lr", "seconds"]
 def _epoch_rows(ft: dict) -> list[list[str]]:
     """One row per epoch of ``finetune.json``'s history."""
     fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
-    return [[str(h["epoch"]), fmt(h.get("loss"), ".4f"), fmt(h.get("metric"), ".4f"), fmt(h.get("lr"), ".3g"),
-             fmt(h.get("seconds"), ".1f")] for h in ft.get("history", [])]
+    return [
+        [
+            str(h["epoch"]),
+            fmt(h.get("loss"), ".4f"),
+            fmt(h.get("metric"), ".4f"),
+            fmt(h.get("lr"), ".3g"),
+            fmt(h.get("seconds"), ".1f"),
+        ]
+        for h in ft.get("history", [])
+    ]
 
 
 def summary_text(workspace: str | Path) -> str:
@@ -166,21 +228,29 @@ def summary_text(workspace: str | Path) -> str:
         lines += ["", text_table(final, ["", "before", "after", "change"])]
     baseline, attempts, notes = _attempts(res)
     if attempts:
-        lines += ["", ("steps (unfinished run)" if "partial" in res else "steps"),
-                  text_table(_step_rows(baseline, attempts), _STEP_HEAD)]
+        lines += [
+            "",
+            ("steps (unfinished run)" if "partial" in res else "steps"),
+            text_table(_step_rows(baseline, attempts), _STEP_HEAD),
+        ]
     lines += [f"note: {n}" for n in notes + _finetune_notes(res)]
     ft = _finetune_of_plan(res)
     if ft is not None and not attempts:
         lines += ["", "fine-tuning (prunekit finetune)", text_table(_epoch_rows(ft), _EPOCH_HEAD)]
     sens = res.get("sensitivity")
     if sens:
-        lines += ["", f"sensitivity: {len(sens['curves'])} channel groups analysed at ratios {sens['ratios']} "
-                      f"(baseline metric {sens['baseline']:.4f})"]
+        lines += [
+            "",
+            f"sensitivity: {len(sens['curves'])} channel groups analysed at ratios {sens['ratios']} "
+            f"(baseline metric {sens['baseline']:.4f})",
+        ]
     if "plan" in res and not attempts:
         meta = res["plan"].get("meta", {})
         if "macs_before" in meta:
-            lines.append(f"prune: MACs {human(meta['macs_before'])} -> {human(meta['macs_after'])}, params "
-                         f"{human(meta['params_before'])} -> {human(meta['params_after'])} ({meta.get('method')})")
+            lines.append(
+                f"prune: MACs {human(meta['macs_before'])} -> {human(meta['macs_after'])}, params "
+                f"{human(meta['params_before'])} -> {human(meta['params_after'])} ({meta.get('method')})"
+            )
     return "\n".join(lines)
 
 
@@ -219,8 +289,7 @@ def _plot_sensitivity(sens: dict, limit: int = 12) -> str:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for g in order:
         xs = sorted(curves[g])
-        ax.plot([0] + xs, [base] + [curves[g][x] for x in xs], marker="o", ms=3,
-                label=f"{g}: {labels.get(g, '')[:28]}")
+        ax.plot([0] + xs, [base] + [curves[g][x] for x in xs], marker="o", ms=3, label=f"{g}: {labels.get(g, '')[:28]}")
     ax.set_xlabel("fraction of the group's channels removed (that group alone)")
     ax.set_ylabel("metric")
     ax.set_title(f"Sensitivity of the {len(order)} most sensitive channel groups")
@@ -237,15 +306,20 @@ def _plot_steps(baseline: dict, attempts: list[dict]) -> str:
     ax.plot(xs, [baseline["metric"]] + [a["metric"] for a in acc], "o-", color="tab:blue", label="metric (accepted)")
     rej = [a for a in attempts if not a["accepted"]]
     if rej:
-        ax.plot([a["step"] for a in rej], [a["metric"] for a in rej], "x", color="tab:red", ms=9,
-                label="metric (rejected attempt)")
+        ax.plot(
+            [a["step"] for a in rej],
+            [a["metric"] for a in rej],
+            "x",
+            color="tab:red",
+            ms=9,
+            label="metric (rejected attempt)",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("metric", color="tab:blue")
     ax.set_xticks(xs)
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
-    ax2.plot(xs, [baseline["macs"] / 1e6] + [a["macs"] / 1e6 for a in acc], "s--", color="tab:orange",
-             label="MACs (M)")
+    ax2.plot(xs, [baseline["macs"] / 1e6] + [a["macs"] / 1e6 for a in acc], "s--", color="tab:orange", label="MACs (M)")
     ax2.set_ylabel("MACs per sample (M)", color="tab:orange")
     ax2.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()
@@ -319,40 +393,59 @@ def render_html(res: dict) -> str:
     baseline, attempts, notes = _attempts(res)
     if attempts and baseline:
         title = "Steps (unfinished run)" if "partial" in res else "Steps"
-        parts += [f"<h2>{title}</h2>", _html_table(_step_rows(baseline, attempts), _STEP_HEAD),
-                  _img(_plot_steps(baseline, attempts), "metric and MACs per step")]
+        parts += [
+            f"<h2>{title}</h2>",
+            _html_table(_step_rows(baseline, attempts), _STEP_HEAD),
+            _img(_plot_steps(baseline, attempts), "metric and MACs per step"),
+        ]
         hist = _plot_history(attempts)
         if hist:
             parts.append(_img(hist, "fine-tuning curves"))
     parts += [f'<p class="note">{e(n)}</p>' for n in notes + _finetune_notes(res)]
     ft = _finetune_of_plan(res)
     if ft is not None and not attempts:
-        parts += ["<h2>Fine-tuning</h2>",
-                  f"<p>{len(ft['history'])} epochs of <code>prunekit finetune</code> (lr {ft['lr']:g}) from "
-                  f"{e(ft['input'])}: metric {ft['before']:.4f} before, best {ft['best_metric']:.4f} at epoch "
-                  f"{ft['best_epoch']}.</p>", _html_table(_epoch_rows(ft), _EPOCH_HEAD)]
+        parts += [
+            "<h2>Fine-tuning</h2>",
+            f"<p>{len(ft['history'])} epochs of <code>prunekit finetune</code> (lr {ft['lr']:g}) from "
+            f"{e(ft['input'])}: metric {ft['before']:.4f} before, best {ft['best_metric']:.4f} at epoch "
+            f"{ft['best_epoch']}.</p>",
+            _html_table(_epoch_rows(ft), _EPOCH_HEAD),
+        ]
         curve = _plot_history([{"step": "finetune", "try": 0, "history": ft["history"]}])
         if curve:
             parts.append(_img(curve, "fine-tuning curve"))
     layers = _layers(res)
     if layers:
-        rows = [[r["name"], str(r["out_before"]), str(r["out_after"]),
-                 f"{100 * (r['out_after'] - r['out_before']) / r['out_before']:+.0f}%" if r["out_before"] else ""]
-                for r in layers]
-        parts += ["<h2>Channels per layer</h2>", _img(_plot_layers(layers), "channels per layer"),
-                  _html_table(rows, ["layer", "before", "after", "change"])]
+        rows = [
+            [
+                r["name"],
+                str(r["out_before"]),
+                str(r["out_after"]),
+                f"{100 * (r['out_after'] - r['out_before']) / r['out_before']:+.0f}%" if r["out_before"] else "",
+            ]
+            for r in layers
+        ]
+        parts += [
+            "<h2>Channels per layer</h2>",
+            _img(_plot_layers(layers), "channels per layer"),
+            _html_table(rows, ["layer", "before", "after", "change"]),
+        ]
     sens = res.get("sensitivity")
     if sens and sens.get("curves"):
-        parts += ["<h2>Sensitivity</h2>",
-                  f"<p>Metric after pruning each channel group alone (baseline {sens['baseline']:.4f}).</p>",
-                  _img(_plot_sensitivity(sens), "sensitivity curves")]
+        parts += [
+            "<h2>Sensitivity</h2>",
+            f"<p>Metric after pruning each channel group alone (baseline {sens['baseline']:.4f}).</p>",
+            _img(_plot_sensitivity(sens), "sensitivity curves"),
+        ]
     if res.get("config"):
         parts += ["<h2>Configuration</h2>", f"<pre>{e(res['config'])}</pre>"]
     if res.get("demo"):
         opts = {k: v for k, v in res["demo"].items() if k != "table"}
         parts += ["<h2>Demo options</h2>", f"<pre>{e(json.dumps(opts, indent=1))}</pre>"]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>prunekit report</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>prunekit report</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
 
 
 def write_report(workspace: str | Path, output: str | Path | None = None) -> Path:

@@ -32,10 +32,16 @@ BACKENDS = ("eager", "onnxruntime")
 
 def environment(threads: int | None = None) -> dict:
     """Where the numbers come from: versions, CPU, thread counts, GPU."""
-    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-           "processor": platform.processor() or None, "cpu_count": _cpu_count(),
-           "torch_threads": threads or torch.get_num_threads(), "cuda_available": torch.cuda.is_available(),
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": _cpu_count(),
+        "torch_threads": threads or torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     try:
         import onnxruntime as ort
 
@@ -84,6 +90,7 @@ def _eager_runner(model: nn.Module, x: torch.Tensor, device: str) -> Callable[[]
             out = model(x)
         _sync(device)
         return out
+
     return run
 
 
@@ -92,8 +99,9 @@ def _ort_runner(session, x: torch.Tensor) -> Callable[[], Any]:
     return lambda: session.run(None, feeds)
 
 
-def _time_round(runners: dict[str, Callable[[], Any]], order: list[str],
-                cpu: dict[str, list[float]] | None = None) -> dict[str, float]:
+def _time_round(
+    runners: dict[str, Callable[[], Any]], order: list[str], cpu: dict[str, list[float]] | None = None
+) -> dict[str, float]:
     """Wall time of one call per model; with ``cpu``, also append the process CPU time."""
     out = {}
     for name in order:
@@ -106,11 +114,22 @@ def _time_round(runners: dict[str, Callable[[], Any]], order: list[str],
     return out
 
 
-def bench(models: dict[str, nn.Module], example_input_fn: Callable[[int], torch.Tensor],
-          batch_sizes: Iterable[int] = (1, 32), backends: Iterable[str] = BACKENDS, *, warmup: int = 3,
-          repeats: int = 10, min_repeats: int = 3, time_budget: float | None = None, threads: int | None = None,
-          devices: Iterable[str] | None = None, onnx_dir: str | Path | None = None,
-          out: TextIO | None = sys.stdout, log: Callable[[str], None] | None = None) -> list[dict]:
+def bench(
+    models: dict[str, nn.Module],
+    example_input_fn: Callable[[int], torch.Tensor],
+    batch_sizes: Iterable[int] = (1, 32),
+    backends: Iterable[str] = BACKENDS,
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    min_repeats: int = 3,
+    time_budget: float | None = None,
+    threads: int | None = None,
+    devices: Iterable[str] | None = None,
+    onnx_dir: str | Path | None = None,
+    out: TextIO | None = sys.stdout,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Latency and throughput of ``models``, measured together, interleaved.
 
     Args:
@@ -195,12 +214,24 @@ def bench(models: dict[str, nn.Module], example_input_fn: Callable[[int], torch.
                             runners = {n: _eager_runner(m, x, device) for n, m in dev_models.items()}
                         else:
                             runners = {n: _ort_runner(sessions[n], x) for n in names}
-                        rows += _measure(runners, names, ref, warmup, repeats, min_repeats, time_budget,
-                                         {"backend": backend, "device": device, "batch": batch,
-                                          "torch_threads": torch.get_num_threads(),
-                                          "ort_intra_op_threads": threads if backend == "onnxruntime" else None,
-                                          "gpu": torch.cuda.get_device_name(0)
-                                          if device.startswith("cuda") else None}, log)
+                        rows += _measure(
+                            runners,
+                            names,
+                            ref,
+                            warmup,
+                            repeats,
+                            min_repeats,
+                            time_budget,
+                            {
+                                "backend": backend,
+                                "device": device,
+                                "batch": batch,
+                                "torch_threads": torch.get_num_threads(),
+                                "ort_intra_op_threads": threads if backend == "onnxruntime" else None,
+                                "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+                            },
+                            log,
+                        )
                     if device != "cpu":
                         for m in models.values():
                             m.to("cpu")
@@ -217,8 +248,17 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
 
 
-def _measure(runners: dict[str, Callable[[], Any]], names: list[str], ref: str, warmup: int, repeats: int,
-             min_repeats: int, time_budget: float | None, config: dict, log: Callable[[str], None]) -> list[dict]:
+def _measure(
+    runners: dict[str, Callable[[], Any]],
+    names: list[str],
+    ref: str,
+    warmup: int,
+    repeats: int,
+    min_repeats: int,
+    time_budget: float | None,
+    config: dict,
+    log: Callable[[str], None],
+) -> list[dict]:
     last = {n: 0.0 for n in names}
     for i in range(max(warmup, 1 if time_budget else 0)):
         last = _time_round(runners, names if i % 2 == 0 else names[::-1])
@@ -240,28 +280,64 @@ def _measure(runners: dict[str, Callable[[], Any]], names: list[str], ref: str, 
         ts = times[n]
         q1, med, q3 = _quantiles(ts)
         ratios = [a / b for a, b in zip(times[ref], ts)]
-        rows.append({"model": n, **{k: config[k] for k in ("backend", "device", "batch")},
-                     "median_ms": med * 1e3, "p25_ms": q1 * 1e3, "p75_ms": q3 * 1e3, "iqr_ms": (q3 - q1) * 1e3,
-                     "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
-                     "throughput": config["batch"] / med, "speedup": statistics.median(ratios),
-                     "cpu_median_ms": statistics.median(cpu[n]) * 1e3,
-                     "cpu_speedup": statistics.median(a / max(b, 1e-9) for a, b in zip(cpu[ref], cpu[n])),
-                     "reference": ref, "repeats": n_rep, "warmup": warmup,
-                     **{k: config[k] for k in ("torch_threads", "ort_intra_op_threads", "gpu")}})
+        rows.append(
+            {
+                "model": n,
+                **{k: config[k] for k in ("backend", "device", "batch")},
+                "median_ms": med * 1e3,
+                "p25_ms": q1 * 1e3,
+                "p75_ms": q3 * 1e3,
+                "iqr_ms": (q3 - q1) * 1e3,
+                "min_ms": min(ts) * 1e3,
+                "max_ms": max(ts) * 1e3,
+                "throughput": config["batch"] / med,
+                "speedup": statistics.median(ratios),
+                "cpu_median_ms": statistics.median(cpu[n]) * 1e3,
+                "cpu_speedup": statistics.median(a / max(b, 1e-9) for a, b in zip(cpu[ref], cpu[n])),
+                "reference": ref,
+                "repeats": n_rep,
+                "warmup": warmup,
+                **{k: config[k] for k in ("torch_threads", "ort_intra_op_threads", "gpu")},
+            }
+        )
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table of :func:`bench` rows (latency = wall clock; CPU = process CPU time)."""
-    head = ["model", "backend", "device", "batch", "median ms", "IQR ms", "min-max ms", "items/s", "speed-up",
-            "CPU ms", "CPU speed-up", "repeats", "threads"]
+    head = [
+        "model",
+        "backend",
+        "device",
+        "batch",
+        "median ms",
+        "IQR ms",
+        "min-max ms",
+        "items/s",
+        "speed-up",
+        "CPU ms",
+        "CPU speed-up",
+        "repeats",
+        "threads",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 3 else "--:" for i in range(len(head))) + "|"]
     for r in rows:
         ort_thr = r["ort_intra_op_threads"]
         thr = f"torch {r['torch_threads']}" + (f", ort {ort_thr}" if ort_thr else "")
-        cells = [r["model"], r["backend"], r["device"] + (f" ({r['gpu']})" if r.get("gpu") else ""), str(r["batch"]),
-                 f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", f"{r['min_ms']:.2f}-{r['max_ms']:.2f}",
-                 f"{r['throughput']:.1f}", f"{r['speedup']:.2f}x", f"{r['cpu_median_ms']:.2f}",
-                 f"{r['cpu_speedup']:.2f}x", str(r["repeats"]), thr]
+        cells = [
+            r["model"],
+            r["backend"],
+            r["device"] + (f" ({r['gpu']})" if r.get("gpu") else ""),
+            str(r["batch"]),
+            f"{r['median_ms']:.2f}",
+            f"{r['iqr_ms']:.2f}",
+            f"{r['min_ms']:.2f}-{r['max_ms']:.2f}",
+            f"{r['throughput']:.1f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['cpu_median_ms']:.2f}",
+            f"{r['cpu_speedup']:.2f}x",
+            str(r["repeats"]),
+            thr,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -50,8 +50,18 @@ from prunekit.engine import sparse
 from prunekit.engine.equivalence import TOLERANCE, max_error
 from prunekit.utils.files import atomic_write
 
-__all__ = ["export", "export_onnx", "export_pt2", "export_safetensors", "check_export", "ExportError",
-           "ExportCheckError", "FORMATS", "DEFAULT_OPSET", "ONNX_EXPORTERS"]
+__all__ = [
+    "export",
+    "export_onnx",
+    "export_pt2",
+    "export_safetensors",
+    "check_export",
+    "ExportError",
+    "ExportCheckError",
+    "FORMATS",
+    "DEFAULT_OPSET",
+    "ONNX_EXPORTERS",
+]
 
 FORMATS = ("safetensors", "pt2", "onnx")
 #: ONNX opset: 17 has LayerNormalization and is read by every current runtime (ONNX Runtime >= 1.14,
@@ -86,8 +96,10 @@ def _as_args(example_inputs: Any) -> tuple[torch.Tensor, ...]:
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
         return tuple(example_inputs)
-    raise TypeError("example_inputs must be a tensor or a tuple of tensors (the positional arguments of "
-                    f"forward), got {type(example_inputs).__name__}")
+    raise TypeError(
+        "example_inputs must be a tensor or a tuple of tensors (the positional arguments of "
+        f"forward), got {type(example_inputs).__name__}"
+    )
 
 
 def _with_batch(args: tuple[torch.Tensor, ...], factor: int) -> tuple[torch.Tensor, ...]:
@@ -98,8 +110,10 @@ def _with_batch(args: tuple[torch.Tensor, ...], factor: int) -> tuple[torch.Tens
 def _check_batched(args: tuple[torch.Tensor, ...]) -> None:
     sizes = {t.shape[0] for t in args if t.dim()}
     if len(sizes) > 1 or any(t.dim() == 0 for t in args):
-        raise ValueError("dynamic_batch=True needs dim 0 of every input to be the batch axis (one size), got "
-                         f"shapes {[tuple(t.shape) for t in args]}; pass dynamic_batch=False")
+        raise ValueError(
+            "dynamic_batch=True needs dim 0 of every input to be the batch axis (one size), got "
+            f"shapes {[tuple(t.shape) for t in args]}; pass dynamic_batch=False"
+        )
 
 
 def _require_exportable(model: nn.Module) -> None:
@@ -108,16 +122,17 @@ def _require_exportable(model: nn.Module) -> None:
     if sparse.is_sparse(model):
         raise ValueError(
             "this model is sparse (pruned channels held at zero, shapes unchanged): transform it first "
-            "(slim = pruner.transform() or prunekit.to_slim(model)) and export the slim model")
+            "(slim = pruner.transform() or prunekit.to_slim(model)) and export the slim model"
+        )
 
 
 # ----- failing op ----------------------------------------------------------------------------
 _OP_PATTERNS = (
-    re.compile(r"operator '([\w.]+::[\w.]+)'"),          # TorchScript ONNX exporter
+    re.compile(r"operator '([\w.]+::[\w.]+)'"),  # TorchScript ONNX exporter
     re.compile(r"\b(aten::\w+|prim::\w+|onnx::\w+|torchvision::\w+)"),
-    re.compile(r"torch\.ops\.(\w+)\.(\w+)"),             # torch.export / dynamo
+    re.compile(r"torch\.ops\.(\w+)\.(\w+)"),  # torch.export / dynamo
     re.compile(r"\b(aten\.\w+)(?:\.\w+)?"),
-    re.compile(r"\b(\w+::\w+)"),                          # custom ops: namespace::name
+    re.compile(r"\b(\w+::\w+)"),  # custom ops: namespace::name
 )
 
 
@@ -155,8 +170,11 @@ def _quiet():
     """Exporters print graphs and warnings (deprecations, tracer warnings); keep the console clean."""
     loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch.onnx", "torch.fx")]
     levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         for lg in loggers:
             lg.setLevel(logging.CRITICAL)
@@ -175,8 +193,10 @@ def export_safetensors(model: nn.Module, directory: str | os.PathLike) -> Path:
     try:
         slim_spec(model)
     except ValueError:
-        raise ValueError("the safetensors format writes the slim spec (the new tensor shapes), but this model "
-                         "was not made by prunekit.to_slim / Pruner.transform; export it as 'pt2' or 'onnx'") from None
+        raise ValueError(
+            "the safetensors format writes the slim spec (the new tensor shapes), but this model "
+            "was not made by prunekit.to_slim / Pruner.transform; export it as 'pt2' or 'onnx'"
+        ) from None
     save_slim(model, directory)
     return Path(directory) / FILES["safetensors"]
 
@@ -200,9 +220,14 @@ def export_pt2(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *
         with _quiet():
             program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # noqa: BLE001 - every exporter error is reported with the op
-        raise _fail("pt2", "torch.export", exc,
-                    "; a shape that cannot vary with the batch size? try dynamic_batch=False" if dynamic_batch
-                    and "Constraints violated" in str(exc) else "") from exc
+        raise _fail(
+            "pt2",
+            "torch.export",
+            exc,
+            "; a shape that cannot vary with the batch size? try dynamic_batch=False"
+            if dynamic_batch and "Constraints violated" in str(exc)
+            else "",
+        ) from exc
     finally:
         model.train(was)
     tmp = path.with_name(f".tmp.{path.name}")  # torch.export.save wants the .pt2 suffix
@@ -212,9 +237,16 @@ def export_pt2(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *
     return path
 
 
-def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                dynamic_batch: bool = True, exporter: str = "torchscript",
-                input_names: Sequence[str] | None = None) -> Path:
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    exporter: str = "torchscript",
+    input_names: Sequence[str] | None = None,
+) -> Path:
     """An ONNX file of ``model``; inputs are named ``input``, ``input_1``, ..., outputs ``output``, ...
 
     Args:
@@ -249,8 +281,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         try:
             import onnxscript  # noqa: F401
         except ImportError:
-            raise ImportError("the dynamo ONNX exporter needs onnxscript: pip install onnxscript, "
-                              "or use exporter='torchscript'") from None
+            raise ImportError(
+                "the dynamo ONNX exporter needs onnxscript: pip install onnxscript, or use exporter='torchscript'"
+            ) from None
         kwargs.update(dynamo=True, external_data=False)
         if dynamic_batch:
             batch = torch.export.Dim("batch", min=1)
@@ -264,8 +297,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             torch.onnx.export(model, args, str(tmp), **kwargs)
     except Exception as exc:  # noqa: BLE001 - every exporter error is reported with the op
         tmp.unlink(missing_ok=True)
-        raise _fail("onnx", f"ONNX export ({exporter} exporter, opset {opset})", exc,
-                    "; try another opset or exporter, or replace the op in the model") from exc
+        raise _fail(
+            "onnx",
+            f"ONNX export ({exporter} exporter, opset {opset})",
+            exc,
+            "; try another opset or exporter, or replace the op in the model",
+        ) from exc
     finally:
         model.train(was)
     os.replace(tmp, path)
@@ -311,8 +348,9 @@ def _run_onnx(session, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     return [torch.from_numpy(o) for o in session.run(None, feeds)]
 
 
-def _loaded_runner(fmt: str, path: Path, model: nn.Module,
-                   factory: Callable[[], nn.Module] | None) -> Callable[[tuple[torch.Tensor, ...]], Any]:
+def _loaded_runner(
+    fmt: str, path: Path, model: nn.Module, factory: Callable[[], nn.Module] | None
+) -> Callable[[tuple[torch.Tensor, ...]], Any]:
     if fmt == "onnx":
         session = onnx_session(path)
         return lambda args: _run_onnx(session, args)
@@ -339,11 +377,20 @@ def _loaded_runner(fmt: str, path: Path, model: nn.Module,
     def run(args):
         with torch.no_grad():
             return rebuilt(*args)
+
     return run
 
 
-def check_export(fmt: str, path: str | os.PathLike, model: nn.Module, example_inputs: Any, *, tol: float = TOLERANCE,
-                 dynamic_batch: bool = True, factory: Callable[[], nn.Module] | None = None) -> dict:
+def check_export(
+    fmt: str,
+    path: str | os.PathLike,
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    tol: float = TOLERANCE,
+    dynamic_batch: bool = True,
+    factory: Callable[[], nn.Module] | None = None,
+) -> dict:
     """Reload an export and compare it with ``model``; raises :class:`ExportCheckError` on a mismatch.
 
     Checks the example inputs and, with ``dynamic_batch``, the same inputs at twice the batch
@@ -367,7 +414,10 @@ def check_export(fmt: str, path: str | os.PathLike, model: nn.Module, example_in
         except Exception as exc:  # noqa: BLE001
             raise ExportCheckError(
                 f"the {fmt} export {path} fails on inputs of shapes {[tuple(t.shape) for t in case]}: "
-                f"{_first_line(exc)}", fmt, math.inf) from exc
+                f"{_first_line(exc)}",
+                fmt,
+                math.inf,
+            ) from exc
         ref_flat = [t for t in torch.utils._pytree.tree_flatten(ref)[0] if isinstance(t, torch.Tensor)]
         out_flat = [t for t in torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         err = max_error(ref_flat, out_flat)
@@ -376,15 +426,26 @@ def check_export(fmt: str, path: str | os.PathLike, model: nn.Module, example_in
             raise ExportCheckError(
                 f"the {fmt} export {path} differs from the PyTorch model on inputs of shapes "
                 f"{[tuple(t.shape) for t in case]}: max|export - model| / (1 + max|model|) = {err:.3g} > {tol:g}",
-                fmt, err)
+                fmt,
+                err,
+            )
     return {"max_error": worst, "tol": tol, "batch_sizes": [int(c[0].shape[0]) if c[0].dim() else None for c in cases]}
 
 
 # ----- front door ----------------------------------------------------------------------------
-def export(model: nn.Module, example_inputs: Any, directory: str | os.PathLike,
-           formats: Iterable[str] = FORMATS, *, check: bool = True, tol: float = TOLERANCE, dynamic_batch: bool = True,
-           opset: int = DEFAULT_OPSET, onnx_exporter: str = "torchscript",
-           factory: Callable[[], nn.Module] | None = None) -> dict[str, Path]:
+def export(
+    model: nn.Module,
+    example_inputs: Any,
+    directory: str | os.PathLike,
+    formats: Iterable[str] = FORMATS,
+    *,
+    check: bool = True,
+    tol: float = TOLERANCE,
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+    onnx_exporter: str = "torchscript",
+    factory: Callable[[], nn.Module] | None = None,
+) -> dict[str, Path]:
     """Export a slim model into ``directory`` in each of ``formats``, checking each file.
 
     Args:
@@ -425,16 +486,20 @@ def export(model: nn.Module, example_inputs: Any, directory: str | os.PathLike,
         elif fmt == "pt2":
             paths[fmt] = export_pt2(model, args, directory / FILES["pt2"], dynamic_batch=dynamic_batch)
         else:
-            paths[fmt] = export_onnx(model, args, directory / FILES["onnx"], opset=opset,
-                                     dynamic_batch=dynamic_batch, exporter=onnx_exporter)
+            paths[fmt] = export_onnx(
+                model, args, directory / FILES["onnx"], opset=opset, dynamic_batch=dynamic_batch, exporter=onnx_exporter
+            )
         if check:
-            checks[fmt] = check_export(fmt, paths[fmt], model, args, tol=tol, dynamic_batch=dynamic_batch,
-                                       factory=factory)
+            checks[fmt] = check_export(
+                fmt, paths[fmt], model, args, tol=tol, dynamic_batch=dynamic_batch, factory=factory
+            )
     manifest = {
         "files": {f: p.name for f, p in paths.items()},
         "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in args],
-        "dynamic_batch": dynamic_batch, "onnx_opset": opset if "onnx" in formats else None,
-        "onnx_exporter": onnx_exporter if "onnx" in formats else None, "torch": torch.__version__,
+        "dynamic_batch": dynamic_batch,
+        "onnx_opset": opset if "onnx" in formats else None,
+        "onnx_exporter": onnx_exporter if "onnx" in formats else None,
+        "torch": torch.__version__,
         "check": {"rule": "max|export - model| <= tol * (1 + max|model|)", "results": checks} if check else None,
     }
     atomic_write(directory / "export.json", json.dumps(manifest, indent=1))
@@ -445,6 +510,6 @@ def _need_onnxruntime() -> None:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise ImportError("checking an ONNX export needs onnxruntime: pip install 'prunekit[deploy]' "
-                          "(or pass check=False)") from None
-
+        raise ImportError(
+            "checking an ONNX export needs onnxruntime: pip install 'prunekit[deploy]' (or pass check=False)"
+        ) from None

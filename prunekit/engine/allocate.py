@@ -69,8 +69,15 @@ class MacsModel:
         return out[: self.n]
 
 
-def greedy(model: MacsModel, candidates: list[int], loss: Callable[[int, float], float], max_ratio: dict[int, float],
-           target_macs: float | None = None, threshold: float | None = None, step: float = 0.02) -> dict[int, float]:
+def greedy(
+    model: MacsModel,
+    candidates: list[int],
+    loss: Callable[[int, float], float],
+    max_ratio: dict[int, float],
+    target_macs: float | None = None,
+    threshold: float | None = None,
+    step: float = 0.02,
+) -> dict[int, float]:
     """Raise the group whose next step costs the least predicted loss per MAC saved.
 
     Stops when the predicted MACs reach ``target_macs`` or the summed predicted loss would
@@ -108,8 +115,14 @@ def greedy(model: MacsModel, candidates: list[int], loss: Callable[[int, float],
     return {g: float(r[g]) for g in candidates if r[g] > 0}
 
 
-def equal_loss(model: MacsModel, candidates: list[int], loss: Callable[[int, float], float],
-               max_ratio: dict[int, float], target_macs: float, grid: float = 0.01) -> dict[int, float]:
+def equal_loss(
+    model: MacsModel,
+    candidates: list[int],
+    loss: Callable[[int, float], float],
+    max_ratio: dict[int, float],
+    target_macs: float,
+    grid: float = 0.01,
+) -> dict[int, float]:
     """Every group pruned as far as its own curve allows at one common loss level ``tau``.
 
     ``tau`` is found by bisection to reach the MACs target. Unlike :func:`greedy`, which
@@ -156,9 +169,11 @@ def equal_loss(model: MacsModel, candidates: list[int], loss: Callable[[int, flo
     return {g: float(r[g]) for g in candidates if r[g] > 0}
 
 
-def uniform(model: MacsModel, candidates: list[int], max_ratio: dict[int, float],
-            target_macs: float) -> dict[int, float]:
+def uniform(
+    model: MacsModel, candidates: list[int], max_ratio: dict[int, float], target_macs: float
+) -> dict[int, float]:
     """One ratio for every group (capped per group), found by bisection."""
+
     def ratios(x):
         r = torch.zeros(model.n, dtype=torch.float64)
         for g in candidates:
@@ -168,8 +183,15 @@ def uniform(model: MacsModel, candidates: list[int], max_ratio: dict[int, float]
     return _bisect(model, candidates, ratios, 0.0, 1.0, target_macs)
 
 
-def _bisect(model: MacsModel, candidates: list[int], ratios: Callable[[float], torch.Tensor], lo: float,
-            hi: float, target_macs: float, steps: int = 50) -> dict[int, float]:
+def _bisect(
+    model: MacsModel,
+    candidates: list[int],
+    ratios: Callable[[float], torch.Tensor],
+    lo: float,
+    hi: float,
+    target_macs: float,
+    steps: int = 50,
+) -> dict[int, float]:
     """Smallest knob value in [lo, hi] whose ratios bring predicted MACs to the target."""
     for _ in range(steps):
         mid = (lo + hi) / 2
@@ -181,12 +203,18 @@ def _bisect(model: MacsModel, candidates: list[int], ratios: Callable[[float], t
     return {g: float(r[g]) for g in candidates if r[g] > 0}
 
 
-def global_ranking(model: MacsModel, candidates: list[int], scores: dict[int, torch.Tensor],
-                   max_ratio: dict[int, float], target_macs: float) -> dict[int, float]:
+def global_ranking(
+    model: MacsModel,
+    candidates: list[int],
+    scores: dict[int, torch.Tensor],
+    max_ratio: dict[int, float],
+    target_macs: float,
+) -> dict[int, float]:
     """Prune the globally least important units: one score threshold for all groups.
 
     Scores are per-group mean-normalised criterion scores, so they compare across groups.
     """
+
     def ratios(tau):
         r = torch.zeros(model.n, dtype=torch.float64)
         for g in candidates:
@@ -198,8 +226,9 @@ def global_ranking(model: MacsModel, candidates: list[int], scores: dict[int, to
     return _bisect(model, candidates, ratios, float(allv.min()) - 1e-9, float(allv.max()) + 1e-9, target_macs)
 
 
-def perturbed_loss(loss: Callable[[int, float], float], candidates: list[int], generator: torch.Generator,
-                   spread: float = 0.5) -> Callable[[int, float], float]:
+def perturbed_loss(
+    loss: Callable[[int, float], float], candidates: list[int], generator: torch.Generator, spread: float = 0.5
+) -> Callable[[int, float], float]:
     """``loss`` with every group's curve scaled by its own random factor ``exp(spread * z)``.
 
     :func:`equal_loss` on the scaled curves gives an allocation that still follows the

@@ -36,8 +36,16 @@ from prunekit.engine.plan import PruningPlan
 from prunekit.graph.trace import call_model
 from prunekit.utils.devices import model_device, to_device
 
-__all__ = ["InputStats", "Consumer", "find_consumers", "collect_input_stats", "run_calibration", "compensate",
-           "add_biases", "calibration_inputs"]
+__all__ = [
+    "InputStats",
+    "Consumer",
+    "find_consumers",
+    "collect_input_stats",
+    "run_calibration",
+    "compensate",
+    "add_biases",
+    "calibration_inputs",
+]
 
 
 @dataclass
@@ -182,8 +190,12 @@ def run_calibration(model: nn.Module, batches: Iterable[Any], max_batches: int |
 
 
 @torch.no_grad()
-def collect_input_stats(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None,
-                        consumers: dict[str, Consumer] | None = None) -> dict[str, InputStats]:
+def collect_input_stats(
+    model: nn.Module,
+    batches: Iterable[Any],
+    max_batches: int | None = None,
+    consumers: dict[str, Consumer] | None = None,
+) -> dict[str, InputStats]:
     """Input statistics of every consumer of ``model`` over calibration ``batches`` (eval mode, no grad).
 
     Args:
@@ -204,8 +216,10 @@ def collect_input_stats(model: nn.Module, batches: Iterable[Any], max_batches: i
     with _recording(model, consumers, stats):
         seen = run_calibration(model, batches, max_batches)
     if not seen:
-        raise ValueError("the calibration batches are empty: pass a loader (or list) of at least one batch of "
-                         "model inputs, e.g. calibration=[example_inputs]")
+        raise ValueError(
+            "the calibration batches are empty: pass a loader (or list) of at least one batch of "
+            "model inputs, e.g. calibration=[example_inputs]"
+        )
     return stats
 
 
@@ -262,10 +276,14 @@ def compensate(model: nn.Module, plan: PruningPlan, stats: dict[str, InputStats]
     """
     consumers = find_consumers(model)
     gone = tuple(b + "." for b in plan.meta.get("blocks", []))  # layers of removed blocks need nothing
-    folds = [_fold(model, consumers[name], dims[consumers[name].in_dim], stats[name])
-             for name, dims in plan.pruned.items()
-             if name in consumers and name in stats and consumers[name].in_dim in dims
-             and not (gone and name.startswith(gone))]
+    folds = [
+        _fold(model, consumers[name], dims[consumers[name].in_dim], stats[name])
+        for name, dims in plan.pruned.items()
+        if name in consumers
+        and name in stats
+        and consumers[name].in_dim in dims
+        and not (gone and name.startswith(gone))
+    ]
     pruned = {k: {d: list(v) for d, v in dims.items()} for k, dims in plan.pruned.items()}
     shapes = {k: list(v) for k, v in plan.shapes.items()}
     added = dict(plan.meta.get("added_biases", {}))
@@ -274,8 +292,9 @@ def compensate(model: nn.Module, plan: PruningPlan, stats: dict[str, InputStats]
         mod = model.get_submodule(c.module) if c.module else model
         if f.created:
             w = mod.weight
-            mod.bias = nn.Parameter(torch.zeros(f.out_size, dtype=w.dtype, device=w.device),
-                                    requires_grad=w.requires_grad)
+            mod.bias = nn.Parameter(
+                torch.zeros(f.out_size, dtype=w.dtype, device=w.device), requires_grad=w.requires_grad
+            )
             added[c.bias] = [f.out_size]
             gone = plan.pruned[c.weight].get(c.out_dim)
             if gone:  # the bias goes where the weight's output rows go
@@ -301,6 +320,8 @@ def add_biases(model: nn.Module, added: dict[str, list[int]]) -> None:
             continue
         w = getattr(mod, "weight", None)
         if not isinstance(w, torch.Tensor):
-            raise ValueError(f"cannot create bias {name!r}: module {mod_name!r} has no weight; was the plan or "
-                             "spec made for another model?")
+            raise ValueError(
+                f"cannot create bias {name!r}: module {mod_name!r} has no weight; was the plan or "
+                "spec made for another model?"
+            )
         setattr(mod, leaf, nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device)))

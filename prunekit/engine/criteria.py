@@ -106,15 +106,22 @@ def _consumer_stats(dim: int, name: str, stats: dict):
     return st if st is not None and st.in_dim == dim else None
 
 
-@register_criterion("activation", "mean |input activation| of every consumer channel over calibration batches "
-                    "(needs calibration data)", needs_activations=True)
+@register_criterion(
+    "activation",
+    "mean |input activation| of every consumer channel over calibration batches (needs calibration data)",
+    needs_activations=True,
+)
 def _activation(t, dim, name, stats):
     st = _consumer_stats(dim, name, stats)
     return None if st is None else st.mean_abs.float()
 
 
-@register_criterion("fluctuation", "FLAP: variance of every input channel over calibration samples times the "
-                    "squared norm of its weight column (needs calibration data)", needs_activations=True)
+@register_criterion(
+    "fluctuation",
+    "FLAP: variance of every input channel over calibration samples times the "
+    "squared norm of its weight column (needs calibration data)",
+    needs_activations=True,
+)
 def _fluctuation(t, dim, name, stats):
     st = _consumer_stats(dim, name, stats)
     if st is None:
@@ -127,8 +134,13 @@ def _random(t, dim, name, grads):
     return torch.rand(t.shape[dim])
 
 
-def group_scores(group: ChannelGroup, tensors: dict[str, torch.Tensor], criterion: str = "l2",
-                 grads: dict[str, torch.Tensor] | None = None, activations: dict | None = None) -> torch.Tensor:
+def group_scores(
+    group: ChannelGroup,
+    tensors: dict[str, torch.Tensor],
+    criterion: str = "l2",
+    grads: dict[str, torch.Tensor] | None = None,
+    activations: dict | None = None,
+) -> torch.Tensor:
     """One score per unit of ``group``; each member's scores are divided by their mean.
 
     ``activations``: ``{weight name: InputStats}`` for the criteria that need them.
@@ -137,11 +149,14 @@ def group_scores(group: ChannelGroup, tensors: dict[str, torch.Tensor], criterio
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
     crit = CRITERIA[criterion]
     if crit.needs_grads and not grads:
-        raise ValueError(f"criterion {criterion!r} needs gradients: call "
-                         "Pruner.accumulate_gradients(batches, loss_fn) first")
+        raise ValueError(
+            f"criterion {criterion!r} needs gradients: call Pruner.accumulate_gradients(batches, loss_fn) first"
+        )
     if crit.needs_activations and not activations:
-        raise ValueError(f"criterion {criterion!r} needs calibration data: call Pruner.collect_activations(batches) "
-                         "first, or pass calibration=<loader> to prune/ana")
+        raise ValueError(
+            f"criterion {criterion!r} needs calibration data: call Pruner.collect_activations(batches) "
+            "first, or pass calibration=<loader> to prune/ana"
+        )
     data = activations if crit.needs_activations else (grads or {})
     total = torch.zeros(group.n_units, dtype=torch.float64)
     votes = 0

@@ -45,8 +45,16 @@ from prunekit.engine.calibration import run_calibration
 from prunekit.engine.equivalence import max_error
 from prunekit.graph.trace import call_model
 
-__all__ = ["Block", "find_blocks", "block_influence", "bypassed", "bypass_hooks", "remove_blocks", "check_blocks",
-           "IDENTITY_TOL"]
+__all__ = [
+    "Block",
+    "find_blocks",
+    "block_influence",
+    "bypassed",
+    "bypass_hooks",
+    "remove_blocks",
+    "check_blocks",
+    "IDENTITY_TOL",
+]
 
 #: largest relative error of ``block(x) - x`` with zeroed parameters for a "residual" block
 IDENTITY_TOL = 1e-6
@@ -108,6 +116,7 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Module]]:
 def _recording(mods: dict[str, nn.Module], calls: dict[str, _Call]) -> Iterator[None]:
     handles = []
     for name, mod in mods.items():
+
         def pre(m, args, kwargs, name=name):
             rec = calls.setdefault(name, _Call(args, kwargs))
             rec.calls += 1
@@ -144,8 +153,9 @@ def _zero_branch_is_identity(mod: nn.Module, rec: _Call) -> bool:
 
 def _layer_lists(model: nn.Module) -> dict[str, int]:
     """``{container name: n}`` of ModuleLists holding a Hugging Face config's ``num_hidden_layers``."""
-    counts = {getattr(m.config, "num_hidden_layers", None) for m in model.modules()
-              if getattr(m, "config", None) is not None}
+    counts = {
+        getattr(m.config, "num_hidden_layers", None) for m in model.modules() if getattr(m, "config", None) is not None
+    }
     return {n: len(m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) in counts}
 
 
@@ -167,8 +177,9 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
         >>> [(b.name, b.kind) for b in find_blocks(net, torch.randn(2, 4))]
         [('1', 'residual'), ('2', 'residual')]
     """
-    cands = {name: (cname, key, mod) for name, cname, key, mod in _candidates(model)
-             if any(True for _ in mod.parameters())}
+    cands = {
+        name: (cname, key, mod) for name, cname, key, mod in _candidates(model) if any(True for _ in mod.parameters())
+    }
     calls: dict[str, _Call] = {}
     was = model.training
     model.eval()
@@ -204,8 +215,9 @@ def _token_cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def block_influence(model: nn.Module, blocks: Iterable[Block | str], batches: Iterable[Any],
-                    max_batches: int | None = None) -> dict[str, float]:
+def block_influence(
+    model: nn.Module, blocks: Iterable[Block | str], batches: Iterable[Any], max_batches: int | None = None
+) -> dict[str, float]:
     """ShortGPT's block influence, ``1 - mean cos(input, output)``, of each block over ``batches``.
 
     Args:
@@ -222,6 +234,7 @@ def block_influence(model: nn.Module, blocks: Iterable[Block | str], batches: It
     counts = dict.fromkeys(names, 0)
     handles = []
     for name in names:
+
         def post(m, args, kwargs, out, name=name):
             x, y = _main(args, kwargs), _main_out(out)
             if x is not None and y is not None and x.shape == y.shape:
@@ -273,8 +286,10 @@ def check_blocks(model: nn.Module, names: Iterable[str]) -> list[str]:
         except AttributeError:
             cont = None
         if not isinstance(cont, (nn.Sequential, nn.ModuleList)) or key not in cont._modules:
-            raise ValueError(f"block {name!r} is not an element of an nn.Sequential or nn.ModuleList of this model; "
-                             "use the names prunekit.engine.depth.find_blocks(model, inputs) returns")
+            raise ValueError(
+                f"block {name!r} is not an element of an nn.Sequential or nn.ModuleList of this model; "
+                "use the names prunekit.engine.depth.find_blocks(model, inputs) returns"
+            )
         out.append(name)
     return sorted(set(out), key=out.index)
 

@@ -75,20 +75,21 @@ def equivalence_error(sparse_model: nn.Module, slim_model: nn.Module, inputs: An
             except Exception as exc:  # e.g. a width hard-coded in forward (x.reshape(n, 4, 4))
                 raise EquivalenceError(
                     f"the slim model fails on the example inputs ({type(exc).__name__}: {exc}); "
-                    "run Pruner.validate() to find and freeze the groups responsible") from exc
+                    "run Pruner.validate() to find and freeze the groups responsible"
+                ) from exc
     finally:
         sparse_model.train(was)
     return max_error(want, got)
 
 
-def check_equivalence(sparse_model: nn.Module, slim_model: nn.Module, inputs: Any,
-                      tol: float = TOLERANCE) -> float:
+def check_equivalence(sparse_model: nn.Module, slim_model: nn.Module, inputs: Any, tol: float = TOLERANCE) -> float:
     """:func:`equivalence_error`, raising :class:`EquivalenceError` above ``tol``; returns the error."""
     err = equivalence_error(sparse_model, slim_model, inputs)
     if not err <= tol:
         raise EquivalenceError(
             f"the slim model differs from the sparse model (relative error {err:.3g} > {tol:g}); "
-            "run Pruner.validate() to find and freeze the groups responsible")
+            "run Pruner.validate() to find and freeze the groups responsible"
+        )
     return err
 
 

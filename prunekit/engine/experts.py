@@ -35,8 +35,18 @@ from torch.overrides import TorchFunctionMode
 from prunekit.engine.calibration import run_calibration
 from prunekit.engine.plan import PruningPlan
 
-__all__ = ["MoeLayer", "find_moe_layers", "expert_usage", "expert_plan", "router_mask_hooks", "update_moe",
-           "align_groups", "EXPERT_COUNT_FIELDS", "EXPERT_WIDTH_FIELDS", "EXPERT_ALIGN"]
+__all__ = [
+    "MoeLayer",
+    "find_moe_layers",
+    "expert_usage",
+    "expert_plan",
+    "router_mask_hooks",
+    "update_moe",
+    "align_groups",
+    "EXPERT_COUNT_FIELDS",
+    "EXPERT_WIDTH_FIELDS",
+    "EXPERT_ALIGN",
+]
 
 _ROUTERS = ("gate", "router")
 #: config fields holding the number of experts per layer (Mixtral, Qwen-MoE, DeepSeek)
@@ -88,8 +98,15 @@ def _layer(name: str, mod: nn.Module) -> MoeLayer | None:
     if isinstance(getattr(router, "bias", None), torch.Tensor):
         tensors.append(_join(name, key, "bias"))
     tensors += [_join(name, "experts", k) for k, _ in own]
-    top_k = next((getattr(m, a) for m in (router, mod) for a in ("top_k", "num_experts_per_tok")
-                  if isinstance(getattr(m, a, None), int)), None)
+    top_k = next(
+        (
+            getattr(m, a)
+            for m in (router, mod)
+            for a in ("top_k", "num_experts_per_tok")
+            if isinstance(getattr(m, a, None), int)
+        ),
+        None,
+    )
     return MoeLayer(name, tensors[0], tuple(tensors), n, top_k)
 
 
@@ -111,8 +128,9 @@ def _usage_hook(totals: torch.Tensor):
 
 
 @torch.no_grad()
-def expert_usage(model: nn.Module, layers: Iterable[MoeLayer], batches: Iterable[Any],
-                 max_batches: int | None = None) -> dict[str, torch.Tensor]:
+def expert_usage(
+    model: nn.Module, layers: Iterable[MoeLayer], batches: Iterable[Any], max_batches: int | None = None
+) -> dict[str, torch.Tensor]:
     """Total routing weight each expert receives over ``batches`` (``{router weight: (E,)}``).
 
     The router's top-k weights where it returns ``(logits, weights, indices)``, else the
@@ -120,8 +138,10 @@ def expert_usage(model: nn.Module, layers: Iterable[MoeLayer], batches: Iterable
     """
     layers = list(layers)
     totals = {m.router: torch.zeros(m.num_experts, dtype=torch.float64) for m in layers}
-    handles = [model.get_submodule(m.router.rpartition(".")[0]).register_forward_hook(_usage_hook(totals[m.router]))
-               for m in layers]
+    handles = [
+        model.get_submodule(m.router.rpartition(".")[0]).register_forward_hook(_usage_hook(totals[m.router]))
+        for m in layers
+    ]
     try:
         run_calibration(model, batches, max_batches)
     finally:
@@ -130,8 +150,9 @@ def expert_usage(model: nn.Module, layers: Iterable[MoeLayer], batches: Iterable
     return totals
 
 
-def expert_plan(model: nn.Module, layers: Iterable[MoeLayer], remove: int,
-                scores: dict[str, torch.Tensor]) -> PruningPlan:
+def expert_plan(
+    model: nn.Module, layers: Iterable[MoeLayer], remove: int, scores: dict[str, torch.Tensor]
+) -> PruningPlan:
     """A plan removing the ``remove`` lowest-scored experts of every layer.
 
     Raises:
@@ -144,9 +165,11 @@ def expert_plan(model: nn.Module, layers: Iterable[MoeLayer], remove: int,
     for m in layers:
         keep = m.num_experts - remove
         if keep < max(1, m.top_k or 1):
-            raise ValueError(f"remove_experts={remove} leaves {keep} of the {m.num_experts} experts of {m.name}, "
-                             f"fewer than the {m.top_k or 1} each token is routed to; remove at most "
-                             f"{m.num_experts - max(1, m.top_k or 1)}")
+            raise ValueError(
+                f"remove_experts={remove} leaves {keep} of the {m.num_experts} experts of {m.name}, "
+                f"fewer than the {m.top_k or 1} each token is routed to; remove at most "
+                f"{m.num_experts - max(1, m.top_k or 1)}"
+            )
         gone = sorted(torch.argsort(scores[m.router].double(), stable=True)[:remove].tolist())
         routers[m.router] = gone
         for t in m.tensors:

@@ -38,8 +38,10 @@ def _merge_meta(a: dict, b: dict) -> dict:
         if a.get(key) or b.get(key):
             out[key] = {**a.get(key, {}), **b.get(key, {})}
     if a.get("routers") and b.get("routers"):
-        out["routers"] = {k: sorted(set(a["routers"].get(k, [])) | set(b["routers"].get(k, [])))
-                          for k in {**a["routers"], **b["routers"]}}
+        out["routers"] = {
+            k: sorted(set(a["routers"].get(k, [])) | set(b["routers"].get(k, [])))
+            for k in {**a["routers"], **b["routers"]}
+        }
     return out
 
 
@@ -72,8 +74,11 @@ class PruningPlan:
 
     def contains(self, other: PruningPlan) -> bool:
         """Whether every index ``other`` removes is removed here too (a later step keeps earlier cuts)."""
-        return all(set(idx) <= set(self.pruned.get(name, {}).get(d, []))
-                   for name, dims in other.pruned.items() for d, idx in dims.items())
+        return all(
+            set(idx) <= set(self.pruned.get(name, {}).get(d, []))
+            for name, dims in other.pruned.items()
+            for d, idx in dims.items()
+        )
 
     def compose(self, later: PruningPlan) -> PruningPlan:
         """The plan over the original model that removes what ``self`` removes, then what ``later`` does.
@@ -93,14 +98,18 @@ class PruningPlan:
         """
         for plan in (self, later):
             if plan.meta.get("blocks") or plan.meta.get("routers"):  # renumbered layers / experts
-                raise ValueError("plans that remove whole blocks or experts cannot be composed (the slim model "
-                                 "renumbers its layers and experts); prune the original model with both removals")
+                raise ValueError(
+                    "plans that remove whole blocks or experts cannot be composed (the slim model "
+                    "renumbers its layers and experts); prune the original model with both removals"
+                )
         pruned = {k: {d: list(v) for d, v in dims.items()} for k, dims in self.pruned.items()}
         shapes = {k: list(v) for k, v in self.shapes.items()}
         for name, dims in later.pruned.items():
             if name in self.shapes and list(later.shapes[name]) != self.new_shape(name):
-                raise ValueError(f"{name}: the later plan was made for shape {later.shapes[name]}, but the slim "
-                                 f"model of the first plan has {self.new_shape(name)}; compose plans in order")
+                raise ValueError(
+                    f"{name}: the later plan was made for shape {later.shapes[name]}, but the slim "
+                    f"model of the first plan has {self.new_shape(name)}; compose plans in order"
+                )
             shapes.setdefault(name, list(later.shapes[name]))
             for d, idx in dims.items():
                 kept = self.kept(name, d) if name in self.shapes else list(range(shapes[name][d]))
@@ -119,8 +128,13 @@ class PruningPlan:
         return PruningPlan(pruned, {**self.shapes, **other.shapes}, _merge_meta(self.meta, other.meta))
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "meta": self.meta, "shapes": self.shapes,
-                "pruned": {k: {str(d): v for d, v in dims.items()} for k, dims in self.pruned.items()}}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "meta": self.meta,
+            "shapes": self.shapes,
+            "pruned": {k: {str(d): v for d, v in dims.items()} for k, dims in self.pruned.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningPlan:

@@ -38,12 +38,15 @@ from prunekit.graph.trace import ATTENTION_MODES, Tracer, call_model, run_on_met
 
 __all__ = ["Pruner"]
 
+
 def _check_inputs(model: nn.Module, example_inputs: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
-        raise TypeError("example_inputs must be a tensor, a tuple/list of positional arguments or "
-                        f"a dict of keyword arguments, got {type(example_inputs).__name__}")
+        raise TypeError(
+            "example_inputs must be a tensor, a tuple/list of positional arguments or "
+            f"a dict of keyword arguments, got {type(example_inputs).__name__}"
+        )
 
 
 class Pruner:
@@ -70,8 +73,16 @@ class Pruner:
         build_seconds: Wall time of tracing plus group building.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any, *, ignore: Iterable[str | nn.Module] = (),
-                 criterion: str = "l2", attention: str = "auto", residual: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        *,
+        ignore: Iterable[str | nn.Module] = (),
+        criterion: str = "l2",
+        attention: str = "auto",
+        residual: bool = True,
+    ) -> None:
         _check_inputs(model, example_inputs)
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
@@ -95,7 +106,8 @@ class Pruner:
             raise ValueError(
                 f"the model does not run on the example inputs (tensor shapes {shapes}): "
                 f"{type(exc).__name__}: {exc}. Pass the inputs a forward call takes: a tensor, a "
-                "tuple of positional arguments, or a dict of keyword arguments.") from exc
+                "tuple of positional arguments, or a dict of keyword arguments."
+            ) from exc
         for name in ignore_names:
             for (tname, _), sp in self.tracer.book.spaces.items():
                 if tname == name or tname.startswith(name + "."):
@@ -136,8 +148,10 @@ class Pruner:
 
     def summary(self) -> str:
         pr = self.prunable_groups
-        lines = [f"{len(self.groups)} channel groups, {len(pr)} prunable, "
-                 f"built in {self.build_seconds:.2f} s ({self.tracer.mode} trace)"]
+        lines = [
+            f"{len(self.groups)} channel groups, {len(pr)} prunable, "
+            f"built in {self.build_seconds:.2f} s ({self.tracer.mode} trace)"
+        ]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -204,8 +218,14 @@ class Pruner:
             self.model.zero_grad(set_to_none=True)
 
     # ----- planning and pruning --------------------------------------------------------
-    def plan(self, ratio: float | dict[int, float], *, criterion: str | None = None, round_to: int = 1,
-             groups: Iterable[ChannelGroup] | None = None) -> PruningPlan:
+    def plan(
+        self,
+        ratio: float | dict[int, float],
+        *,
+        criterion: str | None = None,
+        round_to: int = 1,
+        groups: Iterable[ChannelGroup] | None = None,
+    ) -> PruningPlan:
         """Choose the channels to remove.
 
         Args:
@@ -239,14 +259,23 @@ class Pruner:
             for (name, dim), idx in g.pruned_indices(units).items():
                 pruned.setdefault(name, {})[dim] = idx.tolist()
         shapes = {n: list(self._tensors()[n].shape) for n in pruned}
-        meta = {"criterion": criterion or self.criterion, "groups": chosen,
-                "norm_weights": sorted(self.tracer.norm_weights)}
+        meta = {
+            "criterion": criterion or self.criterion,
+            "groups": chosen,
+            "norm_weights": sorted(self.tracer.norm_weights),
+        }
         if self.tracer.head_splits:  # which factor of each (heads, head_dim) split was pruned
             meta["head_splits"] = dict(self.tracer.head_splits)
         return PruningPlan(pruned, shapes, meta)
 
-    def prune(self, ratio: float | dict[int, float] | PruningPlan, *, mode: str = "sparse",
-              criterion: str | None = None, round_to: int = 1) -> nn.Module:
+    def prune(
+        self,
+        ratio: float | dict[int, float] | PruningPlan,
+        *,
+        mode: str = "sparse",
+        criterion: str | None = None,
+        round_to: int = 1,
+    ) -> nn.Module:
         """Prune the model in place (``mode='sparse'``) or return a slim copy (``'slim'``)."""
         if mode not in ("sparse", "slim"):
             raise ValueError(f"mode must be 'sparse' or 'slim', got {mode!r}")
@@ -303,8 +332,9 @@ class Pruner:
         return frozen
 
     @staticmethod
-    def _bisect(subset: list[ChannelGroup], check: Callable[[list[ChannelGroup]], _Verdict],
-                bad: dict[int, _Verdict]) -> None:
+    def _bisect(
+        subset: list[ChannelGroup], check: Callable[[list[ChannelGroup]], _Verdict], bad: dict[int, _Verdict]
+    ) -> None:
         """Record in ``bad`` every group of ``subset`` that fails ``check`` on its own (bisection)."""
         verdict = check(subset)
         if verdict.ok:
@@ -343,9 +373,11 @@ class Pruner:
 
     def _warn_all_frozen(self, frozen: list[ChannelGroup], bad: dict[int, _Verdict]) -> None:
         reasons = list(dict.fromkeys(bad[g.id].why for g in frozen))
-        msg = (f"validation froze all {len(frozen)} prunable channel groups, nothing can be pruned; "
-               f"first reasons: {'; '.join(reasons[:3])}. If these are not real width mismatches, "
-               "report them; Pruner.freeze() / ignore= keep chosen groups instead")
+        msg = (
+            f"validation froze all {len(frozen)} prunable channel groups, nothing can be pruned; "
+            f"first reasons: {'; '.join(reasons[:3])}. If these are not real width mismatches, "
+            "report them; Pruner.freeze() / ignore= keep chosen groups instead"
+        )
         self.warnings.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=3)
 
@@ -379,11 +411,16 @@ def is_shape_error(exc: BaseException) -> bool:
         False
     """
     msg = str(exc)
-    return (isinstance(exc, (RuntimeError, ValueError, IndexError)) and not is_device_error(exc) and any(
-        k in msg for k in ("shape", "size", "dimension", "expected", "Expected", "mismatch", "invalid")))
+    return (
+        isinstance(exc, (RuntimeError, ValueError, IndexError))
+        and not is_device_error(exc)
+        and any(k in msg for k in ("shape", "size", "dimension", "expected", "Expected", "mismatch", "invalid"))
+    )
 
 
 def _check_ratio(r: float) -> None:
     if not isinstance(r, (int, float)) or not 0.0 <= float(r) < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {r!r}: it is the fraction of channels to "
-                         "remove (0.5 removes half); at least one channel always stays")
+        raise ValueError(
+            f"ratio must be in [0, 1), got {r!r}: it is the fraction of channels to "
+            "remove (0.5 removes half); at least one channel always stays"
+        )

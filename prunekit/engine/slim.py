@@ -215,10 +215,15 @@ def _update_modules(model: nn.Module, names, old_shapes: dict[str, list[int]], m
         if fn is not None:
             fn(mod, touched[mod_name])
     mods = list(model.named_modules())
-    token = _CONTEXT.set({"head_splits": dict((meta or {}).get("head_splits", {})),
-                          "names": {id(m): n for n, m in mods}, "model": model,
-                          "old_shapes": {n: old_shapes[n] for n in names},
-                          "structure": {k: (meta or {})[k] for k in ("blocks", "added_biases") if (meta or {}).get(k)}})
+    token = _CONTEXT.set(
+        {
+            "head_splits": dict((meta or {}).get("head_splits", {})),
+            "names": {id(m): n for n, m in mods},
+            "model": model,
+            "old_shapes": {n: old_shapes[n] for n in names},
+            "structure": {k: (meta or {})[k] for k in ("blocks", "added_biases") if (meta or {}).get(k)},
+        }
+    )
     try:
         for mod_name, mod in mods:  # parents with attributes derived from children
             fn = NAMED_UPDATERS.get(f"{type(mod).__module__}.{type(mod).__qualname__}")
@@ -239,7 +244,7 @@ def _old_below(mod_name: str, names, old_shapes: dict[str, list[int]]) -> dict[s
     if not mod_name:
         return {n: old_shapes[n] for n in names}
     pre = mod_name + "."
-    return {n[len(pre):]: old_shapes[n] for n in names if n.startswith(pre)}
+    return {n[len(pre) :]: old_shapes[n] for n in names if n.startswith(pre)}
 
 
 @contextlib.contextmanager
@@ -275,8 +280,10 @@ def to_slim(model: nn.Module, plan: PruningPlan | None = None, inplace: bool = F
         for name, dims in plan.pruned.items():
             t = sparse.get_tensor(slim, name)
             if list(t.shape) != list(plan.shapes[name]):
-                raise ValueError(f"{name} has shape {list(t.shape)} but the plan was made for "
-                                 f"{plan.shapes[name]}: is this model already slim?")
+                raise ValueError(
+                    f"{name} has shape {list(t.shape)} but the plan was made for "
+                    f"{plan.shapes[name]}: is this model already slim?"
+                )
             new = t.detach()
             for d in sorted(dims):
                 new = new.index_select(d, plan.keep_index(name, d).to(t.device))
@@ -294,9 +301,12 @@ def _remove_structure(model: nn.Module, meta: dict, old_shapes: dict[str, list[i
 
 
 def slim_spec_from_plan(plan: PruningPlan) -> dict:
-    spec = {"format": SPEC_FORMAT, "version": 1,
-            "shapes": {n: plan.new_shape(n) for n in plan.pruned},
-            "original_shapes": {n: plan.shapes[n] for n in plan.pruned}}
+    spec = {
+        "format": SPEC_FORMAT,
+        "version": 1,
+        "shapes": {n: plan.new_shape(n) for n in plan.pruned},
+        "original_shapes": {n: plan.shapes[n] for n in plan.pruned},
+    }
     if plan.meta.get("head_splits"):
         spec["head_splits"] = plan.meta["head_splits"]
     for key in ("blocks", "added_biases"):  # removed blocks, biases created by compensation
@@ -323,12 +333,16 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
         try:
             t = sparse.get_tensor(model, name)
         except (KeyError, AttributeError) as exc:
-            raise ValueError(f"spec names {name!r}, which this model does not have: "
-                             "build the same architecture the slim model came from") from exc
+            raise ValueError(
+                f"spec names {name!r}, which this model does not have: "
+                "build the same architecture the slim model came from"
+            ) from exc
         want = spec["original_shapes"][name]
         if list(t.shape) != list(want):
-            raise ValueError(f"{name} has shape {list(t.shape)}, the spec expects the original "
-                             f"shape {want}: wrong architecture or configuration")
+            raise ValueError(
+                f"{name} has shape {list(t.shape)}, the spec expects the original "
+                f"shape {want}: wrong architecture or configuration"
+            )
         old[name] = list(t.shape)
         _resize(model, name, torch.empty(shape, dtype=t.dtype, device=t.device))
     _update_modules(model, list(spec["shapes"]), old, spec)

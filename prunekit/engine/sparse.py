@@ -33,8 +33,17 @@ from prunekit.engine.calibration import add_biases
 from prunekit.engine.plan import PruningPlan
 from prunekit.utils.files import atomic_write, load_weights
 
-__all__ = ["apply_plan", "remove_masks", "get_plan", "is_sparse", "reapply_masks", "from_slim", "bound_state",
-           "save_sparse", "load_sparse"]
+__all__ = [
+    "apply_plan",
+    "remove_masks",
+    "get_plan",
+    "is_sparse",
+    "reapply_masks",
+    "from_slim",
+    "bound_state",
+    "save_sparse",
+    "load_sparse",
+]
 
 _ATTR = "_prunekit_sparse"
 _PLAN_KEY = "prunekit_sparse_plan"  # how a copied or unpickled sparse model holds its plan
@@ -71,8 +80,13 @@ class _MaskedNorms(TorchFunctionMode):
 def _masked_norm(name: str, args, kwargs, keep: torch.Tensor) -> torch.Tensor:
     x = args[0]
     keep = keep.to(x.device)
-    params = {0: "input", 1: "normalized_shape" if name != "group_norm" else "num_groups",
-              2: "weight", 3: "bias" if name != "rms_norm" else "eps", 4: "eps"}
+    params = {
+        0: "input",
+        1: "normalized_shape" if name != "group_norm" else "num_groups",
+        2: "weight",
+        3: "bias" if name != "rms_norm" else "eps",
+        4: "eps",
+    }
     p = {params[i]: a for i, a in enumerate(args)}
     p.update(kwargs)
     w = p.get("weight")
@@ -80,15 +94,17 @@ def _masked_norm(name: str, args, kwargs, keep: torch.Tensor) -> torch.Tensor:
     eps = p.get("eps", 1e-5)
     if name == "group_norm":
         xs = x.index_select(1, keep)
-        y = F.group_norm(xs, p["num_groups"], w.index_select(0, keep),
-                         None if b is None else b.index_select(0, keep), eps)
+        y = F.group_norm(
+            xs, p["num_groups"], w.index_select(0, keep), None if b is None else b.index_select(0, keep), eps
+        )
         return x.new_zeros(x.shape).index_copy(1, keep, y)
     xs = x.index_select(-1, keep)
     if name == "rms_norm":
         y = F.rms_norm(xs, (keep.numel(),), w.index_select(0, keep), eps)
     else:
-        y = F.layer_norm(xs, (keep.numel(),), w.index_select(0, keep),
-                         None if b is None else b.index_select(0, keep), eps)
+        y = F.layer_norm(
+            xs, (keep.numel(),), w.index_select(0, keep), None if b is None else b.index_select(0, keep), eps
+        )
     return x.new_zeros(x.shape).index_copy(x.ndim - 1, keep, y)
 
 
@@ -124,6 +140,7 @@ class SparseState:
             if isinstance(t, nn.Parameter) and t.requires_grad:
                 masks.setdefault(id(t), [t]).append((d, idx))
         for t, *dims in masks.values():
+
             def hook(g, dims=tuple(dims)):
                 for d, idx in dims:
                     g = g.index_fill(d, idx.to(g.device), 0.0)
@@ -139,8 +156,9 @@ class SparseState:
             # the whole model, and every module that owns a masked norm weight: a submodule
             # called on its own (a detector's head, a backbone used as a feature extractor)
             # normalises like the whole model does
-            owners = [m for m in model.modules()
-                      if any(id(p) in norm_keep for p in m._parameters.values() if p is not None)]
+            owners = [
+                m for m in model.modules() if any(id(p) in norm_keep for p in m._parameters.values() if p is not None)
+            ]
             for m in dict.fromkeys([model, *owners]):
                 _NORM_OWNERS[m] = self
                 self.handles.append(m.register_forward_pre_hook(_norm_enter))
@@ -214,8 +232,10 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     for name, shape in plan.shapes.items():
         t = get_tensor(model, name)
         if list(t.shape) != list(shape):
-            raise ValueError(f"plan does not match the model: {name} has shape {list(t.shape)}, "
-                             f"the plan expects {shape}; was the plan made for another model?")
+            raise ValueError(
+                f"plan does not match the model: {name} has shape {list(t.shape)}, "
+                f"the plan expects {shape}; was the plan made for another model?"
+            )
     old = bound_state(model)
     if old is not None:
         old.detach()
@@ -331,7 +351,9 @@ def from_slim(model: nn.Module, slim_model: nn.Module, plan: PruningPlan) -> nn.
             shape[d] = plan.shapes[name][d]
             value = value.new_zeros(shape).index_copy_(d, plan.keep_index(name, d).to(t.device), value)
         if list(value.shape) != list(t.shape):
-            raise ValueError(f"{name}: the slim model's tensor has shape {list(source[name].shape)}, which the plan "
-                             f"does not expand to the original {list(t.shape)}; was the plan made for this model?")
+            raise ValueError(
+                f"{name}: the slim model's tensor has shape {list(source[name].shape)}, which the plan "
+                f"does not expand to the original {list(t.shape)}; was the plan made for this model?"
+            )
         t.copy_(value)
     return apply_plan(model, plan)

@@ -158,9 +158,9 @@ class ChannelGroup:
             want = up if n <= step or kept - down > up - kept or kept - down > free.numel() else down
             if want > kept:  # bring back the best removed units of this segment
                 back = seg[gone[seg]]
-                gone[back[torch.argsort(scores[back], descending=True, stable=True)[:want - kept]]] = False
+                gone[back[torch.argsort(scores[back], descending=True, stable=True)[: want - kept]]] = False
             elif want < kept:  # remove the next-lowest units of this segment
-                gone[free[torch.argsort(scores[free], stable=True)[:kept - want]]] = True
+                gone[free[torch.argsort(scores[free], stable=True)[: kept - want]]] = True
         return torch.nonzero(gone).flatten()
 
     def pruned_indices(self, units: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
@@ -173,8 +173,9 @@ class ChannelGroup:
         return out
 
     def describe(self, units: torch.Tensor | None = None, limit: int = 12) -> str:
-        head = (f"Group {self.id}: {self.n_units} channels, {self.n_prunable} prunable"
-                + ("" if self.prunable else " (not prunable)"))
+        head = f"Group {self.id}: {self.n_units} channels, {self.n_prunable} prunable" + (
+            "" if self.prunable else " (not prunable)"
+        )
         lines = [head]
         for m in self.members[:limit]:
             role = {0: "out", 1: "in"}.get(m.dim, f"dim{m.dim}") if m.name.endswith("weight") else f"dim{m.dim}"
@@ -216,10 +217,12 @@ def build_groups(tr: Tracer) -> list[ChannelGroup]:
         groups.setdefault(c, []).append(i)
     out = []
     for gid, idxs in enumerate(groups.values()):
-        rs = [roots[spaces[i].offset: spaces[i].offset + spaces[i].size] for i in idxs]
+        rs = [roots[spaces[i].offset : spaces[i].offset + spaces[i].size] for i in idxs]
         units = torch.cat(rs).unique()
-        members = [Member(spaces[i].name, spaces[i].dim, spaces[i].size, torch.searchsorted(units, r))
-                   for i, r in zip(idxs, rs)]
+        members = [
+            Member(spaces[i].name, spaces[i].dim, spaces[i].size, torch.searchsorted(units, r))
+            for i, r in zip(idxs, rs)
+        ]
         why = reason_of[units]
         is_fixed = why >= 0
         reasons = [reason_text[k] for k in why[is_fixed].unique().tolist()]

@@ -45,8 +45,7 @@ def _fix_other_dims(tr: Tracer, t: torch.Tensor | None, used: tuple[int, ...], w
             tr.fix(ids, f"{what}: channels along a weight dim that has no meaning here")
 
 
-@register_rule("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-               "conv_transpose3d")
+@register_rule("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def _conv(tr: Tracer, name, func, args, kwargs, out):
     x, w = args[0], arg(args, kwargs, 1, "weight")
     bias = arg(args, kwargs, 2, "bias")
@@ -247,8 +246,8 @@ def _matmul_specs(a: torch.Tensor, b: torch.Tensor) -> tuple[list[str], str]:
     na, nb = a.ndim, b.ndim
     nbatch = max(na, nb) - 2
     batch = _LETTERS[: max(nbatch, 0)]
-    sa = batch[nbatch - (na - 2):] + "nk" if na >= 2 else "k"
-    sb = batch[nbatch - (nb - 2):] + "km" if nb >= 2 else "k"
+    sa = batch[nbatch - (na - 2) :] + "nk" if na >= 2 else "k"
+    sb = batch[nbatch - (nb - 2) :] + "km" if nb >= 2 else "k"
     so = batch + ("n" if na >= 2 else "") + ("m" if nb >= 2 else "")
     return [sa, sb], so
 
@@ -302,7 +301,7 @@ def _einsum(tr, name, func, args, kwargs, out):
         if "..." in s:
             n = t.ndim - (len(s) - 3)
             ell = ell if ell is not None and len(ell) >= n else "".join(free[:n])
-            s = s.replace("...", ell[len(ell) - n:] if n else "")
+            s = s.replace("...", ell[len(ell) - n :] if n else "")
         specs.append(s)
     if rhs is None:
         counts = {}
@@ -323,13 +322,16 @@ def _sdpa(tr, name, func, args, kwargs, out):
         for t in (q, k):
             ent = tr.get(t).get(t.ndim - 1)
             if ent is not None:
-                tr.fix(ent[0], "'scaled_dot_product_attention' with the default scale: "
-                       "pruning the query/key width would change the scale")
+                tr.fix(
+                    ent[0],
+                    "'scaled_dot_product_attention' with the default scale: "
+                    "pruning the query/key width would change the scale",
+                )
     n = max(q.ndim, k.ndim, v.ndim) - 2
     batch = _LETTERS[:n]
-    sq = batch[n - (q.ndim - 2):] + "LE"
-    sk = batch[n - (k.ndim - 2):] + "SE"
-    sv = batch[n - (v.ndim - 2):] + "SV"
+    sq = batch[n - (q.ndim - 2) :] + "LE"
+    sk = batch[n - (k.ndim - 2) :] + "SE"
+    sv = batch[n - (v.ndim - 2) :] + "SV"
     if arg(args, kwargs, 7, "enable_gqa", False) and k.ndim > 2 and k.shape[-3] != q.shape[-3]:
         # grouped-query attention: query head i reads key/value head i // (Hq / Hkv); seen
         # as repeated key/value heads, a group's query heads go with their key/value head
@@ -337,7 +339,7 @@ def _sdpa(tr, name, func, args, kwargs, out):
     # scores = q k^T (contract E), out = softmax(scores) v (contract S)
     bshape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     scores = torch.empty(*bshape, q.shape[-2], k.shape[-2])
-    sb = batch[n - len(bshape):] + "LS"
+    sb = batch[n - len(bshape) :] + "LS"
     contract(tr, name, [sq, sk], [q, k], sb, scores)
     if isinstance(mask, torch.Tensor) and tr.get(mask):
         # the mask is added to the scores: a per-head bias (Swin's relative position table)
@@ -396,8 +398,11 @@ def _mha(tr, name, func, args, kwargs, out):
         if bias is not None:
             tr.union(bias, torch.cat(inner))
         if p["bias_k"] is not None or p["need_weights"] or p["static_k"] is not None:
-            tr.fix(heads, f"{what}: heads stay when attention weights are returned "
-                   "(need_weights=True) or bias_k/static_k are used")
+            tr.fix(
+                heads,
+                f"{what}: heads stay when attention weights are returned "
+                "(need_weights=True) or bias_k/static_k are used",
+            )
     else:
         for x in parts:
             tr.fix(x, f"{what}: unusual projection layout")

@@ -16,29 +16,153 @@ from prunekit.graph.trace import Labels, Tracer, register_rule
 
 # f(0) == 0: a pruned channel held at zero stays zero.
 ZERO_UNARY = (
-    "relu", "relu6", "gelu", "silu", "tanh", "hardswish", "hardtanh", "leaky_relu", "elu",
-    "selu", "celu", "mish", "neg", "abs", "sin", "erf", "sqrt", "square", "dropout",
-    "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-    "clone", "contiguous", "detach", "to", "float", "double", "half", "bfloat16", "type",
-    "type_as", "requires_grad_", "tril", "triu", "nan_to_num", "threshold", "softshrink",
-    "hardshrink", "tanhshrink", "sign", "trunc", "round", "floor", "ceil", "cpu", "cuda",
-    "zeros_like", "positive", "asinh", "atan", "sinh", "tan", "expm1", "log1p", "rrelu",
+    "relu",
+    "relu6",
+    "gelu",
+    "silu",
+    "tanh",
+    "hardswish",
+    "hardtanh",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "celu",
+    "mish",
+    "neg",
+    "abs",
+    "sin",
+    "erf",
+    "sqrt",
+    "square",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+    "clone",
+    "contiguous",
+    "detach",
+    "to",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "type",
+    "type_as",
+    "requires_grad_",
+    "tril",
+    "triu",
+    "nan_to_num",
+    "threshold",
+    "softshrink",
+    "hardshrink",
+    "tanhshrink",
+    "sign",
+    "trunc",
+    "round",
+    "floor",
+    "ceil",
+    "cpu",
+    "cuda",
+    "zeros_like",
+    "positive",
+    "asinh",
+    "atan",
+    "sinh",
+    "tan",
+    "expm1",
+    "log1p",
+    "rrelu",
 )
 OTHER_UNARY = (
-    "sigmoid", "hardsigmoid", "exp", "log", "rsqrt", "reciprocal", "cos", "softplus",
-    "softsign", "logsigmoid", "logical_not", "bitwise_not", "ones_like", "empty_like",
-    "full_like", "rand_like", "randn_like", "isnan", "isinf", "isfinite", "log2", "log10",
-    "exp2", "sigmoid_", "cosh", "acos", "asin", "erfc", "lgamma", "digamma", "frac",
-    "bernoulli", "normal_", "uniform_", "fill_", "zero_", "exponential_", "invert",
+    "sigmoid",
+    "hardsigmoid",
+    "exp",
+    "log",
+    "rsqrt",
+    "reciprocal",
+    "cos",
+    "softplus",
+    "softsign",
+    "logsigmoid",
+    "logical_not",
+    "bitwise_not",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "rand_like",
+    "randn_like",
+    "isnan",
+    "isinf",
+    "isfinite",
+    "log2",
+    "log10",
+    "exp2",
+    "sigmoid_",
+    "cosh",
+    "acos",
+    "asin",
+    "erfc",
+    "lgamma",
+    "digamma",
+    "frac",
+    "bernoulli",
+    "normal_",
+    "uniform_",
+    "fill_",
+    "zero_",
+    "exponential_",
+    "invert",
 )
-ADD_LIKE = ("add", "sub", "rsub", "where", "lerp", "maximum", "minimum", "fmax", "fmin",
-            "addcmul", "addcdiv", "copy_", "hypot", "logaddexp")
+ADD_LIKE = (
+    "add",
+    "sub",
+    "rsub",
+    "where",
+    "lerp",
+    "maximum",
+    "minimum",
+    "fmax",
+    "fmin",
+    "addcmul",
+    "addcdiv",
+    "copy_",
+    "hypot",
+    "logaddexp",
+)
 MUL_LIKE = ("mul", "multiply", "masked_fill", "logical_and", "bitwise_and", "and")
 DIV_LIKE = ("div", "true_divide", "divide", "floor_divide", "fmod", "remainder", "floordiv", "truediv", "mod")
-OTHER_BINARY = ("pow", "eq", "ne", "lt", "gt", "le", "ge", "clamp", "clip", "clamp_min",
-                "clamp_max", "atan2", "copysign", "logical_or", "logical_xor", "bitwise_or",
-                "bitwise_xor", "or", "xor", "float_power", "greater", "less", "equal_",
-                "not_equal", "greater_equal", "less_equal", "isclose", "heaviside")
+OTHER_BINARY = (
+    "pow",
+    "eq",
+    "ne",
+    "lt",
+    "gt",
+    "le",
+    "ge",
+    "clamp",
+    "clip",
+    "clamp_min",
+    "clamp_max",
+    "atan2",
+    "copysign",
+    "logical_or",
+    "logical_xor",
+    "bitwise_or",
+    "bitwise_xor",
+    "or",
+    "xor",
+    "float_power",
+    "greater",
+    "less",
+    "equal_",
+    "not_equal",
+    "greater_equal",
+    "less_equal",
+    "isclose",
+    "heaviside",
+)
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -90,8 +214,11 @@ def elementwise(tr: Tracer, name: str, operands: list[torch.Tensor], outs, zero:
         if zero == "unary0":
             flag = flags[0]
         elif zero == "add":
-            flag = all(flags) and not broadcast_unlabeled and len(vecs) == len(
-                [t for t in operands if d - (o.ndim - t.ndim) >= 0])
+            flag = (
+                all(flags)
+                and not broadcast_unlabeled
+                and len(vecs) == len([t for t in operands if d - (o.ndim - t.ndim) >= 0])
+            )
         elif zero == "mul":
             flag = any(flags)
         elif zero == "div":
@@ -135,17 +262,75 @@ register_rule(*OTHER_BINARY)(_binary("none"))
 
 
 # ----- layout ops: run the op on the channel ids themselves ---------------------------
-INDEX_OPS = ("__getitem__", "index_select", "gather", "narrow", "select", "take",
-             "take_along_dim", "masked_select", "roll", "flip", "fliplr", "flipud",
-             "index", "diagonal", "unfold", "as_strided")
-LAYOUT_OPS = ("view", "reshape", "permute", "transpose", "swapaxes", "swapdims", "flatten",
-              "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "view_as",
-              "reshape_as", "repeat", "tile", "movedim", "moveaxis", "t", "T", "mT", "data",
-              "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack",
-              "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
-              "pad", "chunk", "tensor_split", "split", "unbind", "split_with_sizes",
-              "repeat_interleave", "atleast_1d", "atleast_2d", "atleast_3d", "ravel",
-              "broadcast_to", "unsafe_chunk", "unsafe_split", "hsplit", "vsplit")
+INDEX_OPS = (
+    "__getitem__",
+    "index_select",
+    "gather",
+    "narrow",
+    "select",
+    "take",
+    "take_along_dim",
+    "masked_select",
+    "roll",
+    "flip",
+    "fliplr",
+    "flipud",
+    "index",
+    "diagonal",
+    "unfold",
+    "as_strided",
+)
+LAYOUT_OPS = (
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "swapaxes",
+    "swapdims",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "expand_as",
+    "view_as",
+    "reshape_as",
+    "repeat",
+    "tile",
+    "movedim",
+    "moveaxis",
+    "t",
+    "T",
+    "mT",
+    "data",
+    "cat",
+    "concat",
+    "concatenate",
+    "stack",
+    "hstack",
+    "vstack",
+    "dstack",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "channel_shuffle",
+    "native_channel_shuffle",
+    "pad",
+    "chunk",
+    "tensor_split",
+    "split",
+    "unbind",
+    "split_with_sizes",
+    "repeat_interleave",
+    "atleast_1d",
+    "atleast_2d",
+    "atleast_3d",
+    "ravel",
+    "broadcast_to",
+    "unsafe_chunk",
+    "unsafe_split",
+    "hsplit",
+    "vsplit",
+)
 
 
 def _varying(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -165,8 +350,9 @@ def _varying(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return t, vary
 
 
-def _canon(tr: Tracer, name: str, t: torch.Tensor,
-           shape: list[int] | None = None) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+def _canon(
+    tr: Tracer, name: str, t: torch.Tensor, shape: list[int] | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor] | None:
     """Reduce a tensor of channel ids to ``(dim, ids)``; tie dims when ids vary along several.
 
     ``shape``: for a view/reshape/unflatten, the output sizes as given (``-1``: inferred).
@@ -178,8 +364,15 @@ def _canon(tr: Tracer, name: str, t: torch.Tensor,
     if len(vary) == 1:
         v = c.reshape(-1).long()
         k = vary[0]
-        if (name in RESHAPE_OPS and shape is not None and len(shape) == t.ndim and k > 0 and shape[k] != -1
-                and shape[k - 1] == -1 and t.shape[k - 1] == 1):
+        if (
+            name in RESHAPE_OPS
+            and shape is not None
+            and len(shape) == t.ndim
+            and k > 0
+            and shape[k] != -1
+            and shape[k - 1] == -1
+            and t.shape[k - 1] == 1
+        ):
             # (..., -1, head_dim) with a single head: head_dim is given explicitly, so it can
             # only change along with the module's attribute (head_dim pruning)
             if tr.attention == "head_dim":
@@ -374,7 +567,8 @@ def _split_like(tr: Tracer, name: str, func, args, kwargs, out) -> None:
         n = len(out) if isinstance(out, (tuple, list)) else 1
         sizes = {o.shape[dim] for o in out} if isinstance(out, (tuple, list)) and name != "unbind" else set()
         dynamic = name in ("chunk", "tensor_split", "unsafe_chunk") and not (
-            len(args) > 1 and isinstance(args[1], (list, tuple)))
+            len(args) > 1 and isinstance(args[1], (list, tuple))
+        )
         if not dynamic and name in ("split", "unsafe_split") and _attribute_size(tr, args, kwargs):
             dynamic = True  # the size is a module attribute that the slim updaters keep in line
         if name == "unbind" or not dynamic or len(sizes) != 1 or n * next(iter(sizes)) != x.shape[dim]:
@@ -426,8 +620,17 @@ def _layout_rule(tr, name, func, args, kwargs, out):
             if not any(d in lab for d in dims):
                 tr.set(out, dict(lab))
                 return
-    if name in ("chunk", "split", "unbind", "tensor_split", "split_with_sizes",
-                "unsafe_chunk", "unsafe_split", "hsplit", "vsplit"):
+    if name in (
+        "chunk",
+        "split",
+        "unbind",
+        "tensor_split",
+        "split_with_sizes",
+        "unsafe_chunk",
+        "unsafe_split",
+        "hsplit",
+        "vsplit",
+    ):
         _split_like(tr, name, func, args, kwargs, out)
     else:
         _layout(tr, name, func, args, kwargs, out)
@@ -446,8 +649,13 @@ def _rows_write(tr, args) -> bool:
     first = index[0] if isinstance(index, tuple) and index else index
     rest = index[1:] if isinstance(index, tuple) else ()
     whole = all(r is Ellipsis or (isinstance(r, slice) and r == slice(None)) for r in rest)
-    if not (whole and (isinstance(first, slice) or (isinstance(first, torch.Tensor) and first.ndim == 1
-                                                     and not first.is_floating_point()))):
+    if not (
+        whole
+        and (
+            isinstance(first, slice)
+            or (isinstance(first, torch.Tensor) and first.ndim == 1 and not first.is_floating_point())
+        )
+    ):
         return False
     if value.ndim != dest.ndim or tuple(value.shape[1:]) != tuple(dest.shape[1:]):
         return False
@@ -470,9 +678,22 @@ def _rows_write(tr, args) -> bool:
     return True
 
 
-@register_rule("__setitem__", "index_put_", "index_put", "scatter", "scatter_", "scatter_add",
-               "scatter_add_", "index_add", "index_add_", "masked_scatter", "index_copy",
-               "index_fill", "index_fill_", "masked_fill_")
+@register_rule(
+    "__setitem__",
+    "index_put_",
+    "index_put",
+    "scatter",
+    "scatter_",
+    "scatter_add",
+    "scatter_add_",
+    "index_add",
+    "index_add_",
+    "masked_scatter",
+    "index_copy",
+    "index_fill",
+    "index_fill_",
+    "masked_fill_",
+)
 def _write_into(tr, name, func, args, kwargs, out):
     if name in ("masked_fill_", "index_fill", "index_fill_"):
         lab = tr.get(args[0])
@@ -496,9 +717,32 @@ def _write_into(tr, name, func, args, kwargs, out):
 
 
 # ----- reductions and ops that mix along one dim --------------------------------------
-REDUCE = ("sum", "mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp",
-          "prod", "all", "any", "argmax", "argmin", "nansum", "nanmean", "median",
-          "nanmedian", "mode", "count_nonzero", "std_mean", "var_mean", "aminmax")
+REDUCE = (
+    "sum",
+    "mean",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "std",
+    "var",
+    "norm",
+    "logsumexp",
+    "prod",
+    "all",
+    "any",
+    "argmax",
+    "argmin",
+    "nansum",
+    "nanmean",
+    "median",
+    "nanmedian",
+    "mode",
+    "count_nonzero",
+    "std_mean",
+    "var_mean",
+    "aminmax",
+)
 
 
 def _dims_arg(args, kwargs, pos: int):
@@ -537,8 +781,12 @@ def _reduce(tr, name, func, args, kwargs, out):
             tr.fix(ids, f"'{name}' reduces over channels")
             continue
         nd = d if keep else d - sum(1 for r in red if r < d)
-        res[nd] = (ids, z and name in ("sum", "mean", "amax", "amin", "max", "min", "nansum",
-                                        "nanmean", "logsumexp") and name != "logsumexp")
+        res[nd] = (
+            ids,
+            z
+            and name in ("sum", "mean", "amax", "amin", "max", "min", "nansum", "nanmean", "logsumexp")
+            and name != "logsumexp",
+        )
     for o in outs:
         if o.is_floating_point():
             tr.set(o, res)
@@ -546,11 +794,26 @@ def _reduce(tr, name, func, args, kwargs, out):
             tr.set(o, {})
 
 
-MIX = {"softmax": (1, None), "log_softmax": (1, None), "softmin": (1, None), "_softmax": (1, None),
-       "cumsum": (1, None), "cumprod": (1, None), "cummax": (1, None), "cummin": (1, None),
-       "logcumsumexp": (1, None), "normalize": (2, 1), "sort": (1, -1), "argsort": (1, -1),
-       "topk": (2, -1), "kthvalue": (2, -1), "local_response_norm": (None, 1), "glu": (1, -1),
-       "renorm": (2, None), "cross": (2, None)}
+MIX = {
+    "softmax": (1, None),
+    "log_softmax": (1, None),
+    "softmin": (1, None),
+    "_softmax": (1, None),
+    "cumsum": (1, None),
+    "cumprod": (1, None),
+    "cummax": (1, None),
+    "cummin": (1, None),
+    "logcumsumexp": (1, None),
+    "normalize": (2, 1),
+    "sort": (1, -1),
+    "argsort": (1, -1),
+    "topk": (2, -1),
+    "kthvalue": (2, -1),
+    "local_response_norm": (None, 1),
+    "glu": (1, -1),
+    "renorm": (2, None),
+    "cross": (2, None),
+}
 
 
 @register_rule(*MIX)
@@ -567,18 +830,40 @@ def _mix(tr, name, func, args, kwargs, out):
     if dim in res:
         tr.fix(res.pop(dim)[0], f"'{name}' mixes values across channels")
     for o in outs:
-        tr.set(o, {d: (i, z and name == "normalize") for d, (i, z) in res.items()}
-               if o.ndim == x.ndim else {})
+        tr.set(o, {d: (i, z and name == "normalize") for d, (i, z) in res.items()} if o.ndim == x.ndim else {})
 
 
-SPATIAL = ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-           "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-           "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d",
-           "lp_pool2d", "lp_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
-           "max_pool3d_with_indices", "adaptive_max_pool2d_with_indices", "interpolate",
-           "upsample", "upsample_nearest", "upsample_bilinear", "fractional_max_pool2d",
-           "grid_sample", "affine_grid", "_adaptive_avg_pool2d", "max_unpool2d",
-           "adaptive_max_pool1d_with_indices")
+SPATIAL = (
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+    "lp_pool1d",
+    "lp_pool2d",
+    "lp_pool3d",
+    "max_pool1d_with_indices",
+    "max_pool2d_with_indices",
+    "max_pool3d_with_indices",
+    "adaptive_max_pool2d_with_indices",
+    "interpolate",
+    "upsample",
+    "upsample_nearest",
+    "upsample_bilinear",
+    "fractional_max_pool2d",
+    "grid_sample",
+    "affine_grid",
+    "_adaptive_avg_pool2d",
+    "max_unpool2d",
+    "adaptive_max_pool1d_with_indices",
+)
 
 
 @register_rule(*SPATIAL)
@@ -620,18 +905,80 @@ def _roi(tr, name, func, args, kwargs, out):
         tr.set(o, res if o.ndim == 4 else {})
 
 
-@register_rule("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zeros", "ones",
-               "empty", "full", "arange", "randn", "rand", "tensor", "as_tensor", "eye",
-               "linspace", "randint", "size", "dim", "numel", "item", "tolist", "stride",
-               "is_contiguous", "data_ptr", "element_size", "is_floating_point", "__len__",
-               "__bool__", "__hash__", "__format__", "__repr__", "__int__", "__float__",
-               "__index__", "storage_offset", "get_device", "nelement", "is_complex",
-               "numpy", "__array__", "untyped_storage", "_is_view", "is_set_to", "dim_order",
-               "__reduce_ex__", "__deepcopy__", "register_hook", "retain_grad", "backward",
-               "argwhere", "nonzero", "meshgrid", "bincount", "histc", "unique", "one_hot",
-               "searchsorted", "bucketize", "cdist", "_has_compatible_shallow_copy_type",
-               "__contains__", "__iter__", "__dlpack__", "equal", "allclose", "broadcast_tensors",
-               "result_type", "can_cast", "promote_types", "is_nonzero", "__nonzero__")
+@register_rule(
+    "new_zeros",
+    "new_ones",
+    "new_empty",
+    "new_full",
+    "new_tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "randn",
+    "rand",
+    "tensor",
+    "as_tensor",
+    "eye",
+    "linspace",
+    "randint",
+    "size",
+    "dim",
+    "numel",
+    "item",
+    "tolist",
+    "stride",
+    "is_contiguous",
+    "data_ptr",
+    "element_size",
+    "is_floating_point",
+    "__len__",
+    "__bool__",
+    "__hash__",
+    "__format__",
+    "__repr__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "storage_offset",
+    "get_device",
+    "nelement",
+    "is_complex",
+    "numpy",
+    "__array__",
+    "untyped_storage",
+    "_is_view",
+    "is_set_to",
+    "dim_order",
+    "__reduce_ex__",
+    "__deepcopy__",
+    "register_hook",
+    "retain_grad",
+    "backward",
+    "argwhere",
+    "nonzero",
+    "meshgrid",
+    "bincount",
+    "histc",
+    "unique",
+    "one_hot",
+    "searchsorted",
+    "bucketize",
+    "cdist",
+    "_has_compatible_shallow_copy_type",
+    "__contains__",
+    "__iter__",
+    "__dlpack__",
+    "equal",
+    "allclose",
+    "broadcast_tensors",
+    "result_type",
+    "can_cast",
+    "promote_types",
+    "is_nonzero",
+    "__nonzero__",
+)
 def _no_channels(tr, name, func, args, kwargs, out):
     for o in _tensors(out):
         tr.set(o, {})

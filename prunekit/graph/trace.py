@@ -52,9 +52,29 @@ FUNC_RULES: dict[Callable, RuleFn] = {}
 #: module class -> handler(tracer, module, args, kwargs, output)
 MODULE_HANDLERS: dict[type, Callable] = {}
 
-_SILENT_PROPS = {"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "grad",
-                 "layout", "names", "is_leaf", "grad_fn", "itemsize", "nbytes", "is_sparse",
-                 "is_quantized", "is_meta", "output_nr", "_version", "is_nested", "real", "imag"}
+_SILENT_PROPS = {
+    "shape",
+    "dtype",
+    "device",
+    "ndim",
+    "requires_grad",
+    "is_cuda",
+    "grad",
+    "layout",
+    "names",
+    "is_leaf",
+    "grad_fn",
+    "itemsize",
+    "nbytes",
+    "is_sparse",
+    "is_quantized",
+    "is_meta",
+    "output_nr",
+    "_version",
+    "is_nested",
+    "real",
+    "imag",
+}
 
 
 def register_rule(*names: str) -> Callable[[RuleFn], RuleFn]:
@@ -112,8 +132,9 @@ class _NeedRealValues(RuntimeError):
 class Tracer(TorchFunctionMode):
     """Records channel coupling while the model runs. Use :func:`trace`."""
 
-    def __init__(self, model: nn.Module, stand_ins: dict[str, torch.Tensor] | None = None,
-                 attention: str = "auto") -> None:
+    def __init__(
+        self, model: nn.Module, stand_ins: dict[str, torch.Tensor] | None = None, attention: str = "auto"
+    ) -> None:
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -201,9 +222,12 @@ class Tracer(TorchFunctionMode):
         elif t in self.labels:
             del self.labels[t]
 
-    def union(self, a: torch.Tensor | None, b: torch.Tensor | None,
-              reason: str = "coupled with channels that cannot be pruned (zero padding, a concat with "
-                            "a fixed tensor, ...)") -> None:
+    def union(
+        self,
+        a: torch.Tensor | None,
+        b: torch.Tensor | None,
+        reason: str = "coupled with channels that cannot be pruned (zero padding, a concat with a fixed tensor, ...)",
+    ) -> None:
         """Couple ``a[i]`` with ``b[i]``. Where one side is ``-1`` (a position no prunable
         channel occupies, like the zeros a channel ``pad`` adds), the other side is fixed:
         it lines up with a channel that always stays."""
@@ -324,10 +348,17 @@ def _same_shape(inplace_at: int | None = None, plain: Callable[[tuple, dict], bo
 
 def _meta_linear(args, kwargs):
     x, w, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
-    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.is_meta and w.is_meta
-            and x.ndim >= 1 and w.ndim == 2 and x.shape[-1] == w.shape[1] and x.dtype == w.dtype
-            and (b is None or (isinstance(b, torch.Tensor) and b.is_meta and b.shape == w.shape[:1]
-                               and b.dtype == x.dtype))):
+    if not (
+        isinstance(x, torch.Tensor)
+        and isinstance(w, torch.Tensor)
+        and x.is_meta
+        and w.is_meta
+        and x.ndim >= 1
+        and w.ndim == 2
+        and x.shape[-1] == w.shape[1]
+        and x.dtype == w.dtype
+        and (b is None or (isinstance(b, torch.Tensor) and b.is_meta and b.shape == w.shape[:1] and b.dtype == x.dtype))
+    ):
         return None  # let torch raise its own error, or handle the unusual case
     return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device="meta")
 
@@ -346,9 +377,14 @@ def _fits(p: Any, n: int) -> bool:
 def _eval_batch_norm(args, kwargs) -> bool:
     x = arg(args, kwargs, 0, "input")
     c = x.shape[1] if x.ndim > 1 else -1
-    return (not arg(args, kwargs, 5, "training", False) and x.ndim > 1
-            and all(_fits(arg(args, kwargs, i, k), c)
-                    for i, k in enumerate(("running_mean", "running_var", "weight", "bias"), 1)))
+    return (
+        not arg(args, kwargs, 5, "training", False)
+        and x.ndim > 1
+        and all(
+            _fits(arg(args, kwargs, i, k), c)
+            for i, k in enumerate(("running_mean", "running_var", "weight", "bias"), 1)
+        )
+    )
 
 
 def _layer_norm_fits(args, kwargs) -> bool:
@@ -356,15 +392,20 @@ def _layer_norm_fits(args, kwargs) -> bool:
     if not isinstance(shape, (list, tuple, torch.Size)) or len(shape) != 1 or x.ndim < 1:
         return False
     n = x.shape[-1]
-    return (tuple(shape) == (n,) and _fits(arg(args, kwargs, 2, "weight"), n)
-            and _fits(arg(args, kwargs, 3, "bias"), n))
+    return tuple(shape) == (n,) and _fits(arg(args, kwargs, 2, "weight"), n) and _fits(arg(args, kwargs, 3, "bias"), n)
 
 
 def _group_norm_fits(args, kwargs) -> bool:
     x, g = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "num_groups")
     c = x.shape[1] if x.ndim > 1 else -1
-    return (isinstance(g, int) and g > 0 and c > 0 and c % g == 0
-            and _fits(arg(args, kwargs, 2, "weight"), c) and _fits(arg(args, kwargs, 3, "bias"), c))
+    return (
+        isinstance(g, int)
+        and g > 0
+        and c > 0
+        and c % g == 0
+        and _fits(arg(args, kwargs, 2, "weight"), c)
+        and _fits(arg(args, kwargs, 3, "bias"), c)
+    )
 
 
 def _no_dtype(args, kwargs) -> bool:
@@ -377,12 +418,22 @@ def _no_dtype(args, kwargs) -> bool:
 #: anything unusual (``None``) falls through to the real call.
 F = torch.nn.functional
 _META_SHAPE: dict[Callable, Callable[[tuple, dict], torch.Tensor | None]] = {
-    F.relu: _same_shape(1), F.hardtanh: _same_shape(3), F.relu6: _same_shape(1),
-    F.hardswish: _same_shape(1), F.hardsigmoid: _same_shape(1), F.silu: _same_shape(1),
-    F.mish: _same_shape(1), F.elu: _same_shape(2), F.leaky_relu: _same_shape(2),
-    F.gelu: _same_shape(), F.dropout: _same_shape(3), torch.sigmoid: _same_shape(),
-    torch.tanh: _same_shape(), F.batch_norm: _same_shape(plain=_eval_batch_norm),
-    F.layer_norm: _same_shape(plain=_layer_norm_fits), F.group_norm: _same_shape(plain=_group_norm_fits),
+    F.relu: _same_shape(1),
+    F.hardtanh: _same_shape(3),
+    F.relu6: _same_shape(1),
+    F.hardswish: _same_shape(1),
+    F.hardsigmoid: _same_shape(1),
+    F.silu: _same_shape(1),
+    F.mish: _same_shape(1),
+    F.elu: _same_shape(2),
+    F.leaky_relu: _same_shape(2),
+    F.gelu: _same_shape(),
+    F.dropout: _same_shape(3),
+    torch.sigmoid: _same_shape(),
+    torch.tanh: _same_shape(),
+    F.batch_norm: _same_shape(plain=_eval_batch_norm),
+    F.layer_norm: _same_shape(plain=_layer_norm_fits),
+    F.group_norm: _same_shape(plain=_group_norm_fits),
     F.softmax: _same_shape(plain=_no_dtype),
     F.linear: _meta_linear,
 }
@@ -393,8 +444,7 @@ def _unknown(tr: Tracer, name, args, kwargs, out) -> None:
     outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
     if not outs:
         return
-    tr._fix_everything(name, args, kwargs, out,
-                       f"op '{name}' has no channel rule; its channels are left unpruned")
+    tr._fix_everything(name, args, kwargs, out, f"op '{name}' has no channel rule; its channels are left unpruned")
 
 
 def _real():
@@ -500,7 +550,8 @@ def meta_stand_ins(model: nn.Module) -> dict[str, torch.Tensor]:
     by_id: dict[int, torch.Tensor] = {}
     out = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
-            model.named_buffers(remove_duplicate=False)):
+        model.named_buffers(remove_duplicate=False)
+    ):
         if t is not None:
             out[name] = by_id.setdefault(id(t), _meta(t))
     return out
@@ -508,8 +559,13 @@ def meta_stand_ins(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def meta_call(model: nn.Module, stand_ins: dict, example_inputs: Any) -> Any:
     inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, example_inputs)
-    args, kwargs = (((), inputs) if isinstance(inputs, dict) else
-                    (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {}))
+    args, kwargs = (
+        ((), inputs)
+        if isinstance(inputs, dict)
+        else (tuple(inputs), {})
+        if isinstance(inputs, (tuple, list))
+        else ((inputs,), {})
+    )
     return functional_call(model, stand_ins, args, kwargs, tie_weights=False, strict=False)
 
 

@@ -42,8 +42,15 @@ import torch.nn.functional as F
 
 from prunekit.engine import slim as _slim
 
-__all__ = ["update_module", "prepare_module", "from_pretrained", "save_pretrained", "loader_class",
-           "attention_sizes", "RMSNORM_TOL"]
+__all__ = [
+    "update_module",
+    "prepare_module",
+    "from_pretrained",
+    "save_pretrained",
+    "loader_class",
+    "attention_sizes",
+    "RMSNORM_TOL",
+]
 
 #: (query, key, value) child names of separate projections, and fused projections.
 _QKV = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
@@ -53,10 +60,22 @@ _HEAD_DIM = ("attention_head_size", "head_dim", "head_size")
 _KV_HEADS = ("num_key_value_heads", "num_kv_heads")
 _UP = ("gate_proj", "up_proj", "fc1", "c_fc", "w1", "w3", "dense_h_to_4h")
 #: config fields that may change; recorded (original values) under ``config.prunekit``
-CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "head_dim",
-                 "intermediate_size", "ffn_hidden_size", "n_inner", "num_hidden_layers", "layer_types",
-                 "num_local_experts", "num_experts",
-                 "n_routed_experts", "moe_intermediate_size")
+CONFIG_FIELDS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "ffn_hidden_size",
+    "n_inner",
+    "num_hidden_layers",
+    "layer_types",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_intermediate_size",
+)
 #: config fields that give the MLP width, first match wins
 _INTER_FIELDS = ("intermediate_size", "ffn_hidden_size", "n_inner")
 #: largest relative difference accepted when switching an RMSNorm to ``F.rms_norm``
@@ -82,8 +101,9 @@ def _out_in(mod: nn.Module, shape: list[int] | None = None) -> tuple[int, int] |
 
 
 def _first_attr(mod: nn.Module, names) -> str | None:
-    return next((n for n in names if isinstance(getattr(mod, n, None), int)
-                 and not isinstance(getattr(mod, n), bool)), None)
+    return next(
+        (n for n in names if isinstance(getattr(mod, n, None), int) and not isinstance(getattr(mod, n), bool)), None
+    )
 
 
 def _projections(mod: nn.Module) -> tuple[str, str, str, str | None] | None:
@@ -106,8 +126,12 @@ def attention_sizes(mod: nn.Module) -> dict[str, int] | None:
     if proj is None and _fused_heads(mod):  # Falcon, Bloom
         heads, dim = getattr(mod, h_attr), getattr(mod, d_attr)
         kv_attr = _first_attr(mod, _KV_HEADS)
-        return {"heads": heads, "head_dim": dim, "kv_heads": getattr(mod, kv_attr) if kv_attr else heads,
-                "width": heads * dim}
+        return {
+            "heads": heads,
+            "head_dim": dim,
+            "kv_heads": getattr(mod, kv_attr) if kv_attr else heads,
+            "width": heads * dim,
+        }
     if proj is None or (h_attr is None and d_attr is None):
         return None
     heads = getattr(mod, h_attr) if h_attr else None
@@ -194,8 +218,12 @@ def _fused_heads(mod: nn.Module) -> bool:
     """Whether ``mod`` is a Falcon/Bloom-style attention: one ``query_key_value`` projection
     with ``num_heads`` and ``head_dim`` attributes."""
     qkv = getattr(mod, "query_key_value", None)
-    return (isinstance(qkv, nn.Module) and _out_in(qkv) is not None and _first_attr(mod, _HEADS) is not None
-            and _first_attr(mod, _HEAD_DIM) is not None)
+    return (
+        isinstance(qkv, nn.Module)
+        and _out_in(qkv) is not None
+        and _first_attr(mod, _HEADS) is not None
+        and _first_attr(mod, _HEAD_DIM) is not None
+    )
 
 
 def _update_fused_heads(mod: nn.Module, old: dict) -> None:
@@ -259,7 +287,7 @@ def _residual_width(model: nn.Module) -> tuple[int, int] | None:
             continue
         pre = names.get(id(m), "")
         pre = pre + "." if pre else ""
-        old = {k[len(pre):]: v for k, v in old_shapes.items() if k.startswith(pre)}
+        old = {k[len(pre) :]: v for k, v in old_shapes.items() if k.startswith(pre)}
         if fused:
             return _out_in(m.query_key_value, old.get("query_key_value.weight"))[1], _out_in(m.query_key_value)[1]
         return _widths(m, proj, old)[2], _widths(m, proj, None)[2]
@@ -280,12 +308,16 @@ def _update_config(model: nn.Module, old: dict) -> None:
     ctx = _slim.update_context() or {}
     here = ctx.get("names", {}).get(id(model), "")
     pre = here + "." if here else ""
-    old_shapes = {k[len(pre):]: v for k, v in ctx.get("old_shapes", old).items() if k.startswith(pre)}
-    splits = {("<root>" if k == here else k[len(pre):]): v for k, v in ctx.get("head_splits", {}).items()
-              if k == here or k.startswith(pre) or (not here and k == "<root>")}
+    old_shapes = {k[len(pre) :]: v for k, v in ctx.get("old_shapes", old).items() if k.startswith(pre)}
+    splits = {
+        ("<root>" if k == here else k[len(pre) :]): v
+        for k, v in ctx.get("head_splits", {}).items()
+        if k == here or k.startswith(pre) or (not here and k == "<root>")
+    }
     record = dict(getattr(cfg, "prunekit", None) or {})
-    original = record.get("original") or {f: getattr(cfg, f) for f in CONFIG_FIELDS
-                                          if hasattr(cfg, f) and _settable(cfg, f)}
+    original = record.get("original") or {
+        f: getattr(cfg, f) for f in CONFIG_FIELDS if hasattr(cfg, f) and _settable(cfg, f)
+    }
     hidden0 = original.get("hidden_size", getattr(cfg, "hidden_size", None))
     inter0 = next((original[f] for f in _INTER_FIELDS if original.get(f)), None) or (4 * hidden0 if hidden0 else None)
     attn, inter = [], []
@@ -301,7 +333,8 @@ def _update_config(model: nn.Module, old: dict) -> None:
     # head widths pruned: the config keeps the original sizes (a model built from the new ones
     # would take its attention scale from the pruned head_dim); prunekit's loaders rebuild it
     head_dim_pruned = bool(record.get("head_dim_pruned")) or any(
-        n == here or n.startswith(pre) for n in ctx.get("head_dim_pruned", ()))
+        n == here or n.startswith(pre) for n in ctx.get("head_dim_pruned", ())
+    )
     layers_uniform = not head_dim_pruned
 
     # per-stage lists (HF Swin's num_heads): the config states one value per stage, not per layer
@@ -362,9 +395,11 @@ def _add_structure(spec: dict, prev: dict, model: nn.Module) -> None:
     here = ctx.get("names", {}).get(id(model), "")
     pre = here + "." if here else ""
     structure = ctx.get("structure", {})
-    blocks = list(prev.get("blocks", [])) + [b[len(pre):] for b in structure.get("blocks", []) if b.startswith(pre)]
-    biases = {**prev.get("added_biases", {}),
-              **{k[len(pre):]: v for k, v in structure.get("added_biases", {}).items() if k.startswith(pre)}}
+    blocks = list(prev.get("blocks", [])) + [b[len(pre) :] for b in structure.get("blocks", []) if b.startswith(pre)]
+    biases = {
+        **prev.get("added_biases", {}),
+        **{k[len(pre) :]: v for k, v in structure.get("added_biases", {}).items() if k.startswith(pre)},
+    }
     if blocks:
         spec["blocks"] = list(dict.fromkeys(blocks))
     if biases:
@@ -398,8 +433,11 @@ def prepare_module(mod: nn.Module) -> bool:
         return False
     sub = _RMS_CLASSES.get(cls)
     if sub is None:
-        sub = type(cls.__name__, (cls,), {"forward": _rms_forward, "__module__": __name__,
-                                          "__qualname__": f"Prunable{cls.__qualname__}"})
+        sub = type(
+            cls.__name__,
+            (cls,),
+            {"forward": _rms_forward, "__module__": __name__, "__qualname__": f"Prunable{cls.__qualname__}"},
+        )
         _RMS_CLASSES[cls] = sub
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, w.shape[0], generator=g).to(w.device, w.dtype)
@@ -468,12 +506,16 @@ def loader_class(cls: type) -> type:
 
     def _from_pretrained(_sub, directory, *args, **kwargs):
         if args:
-            raise TypeError(f"{cls.__name__}.from_pretrained of a prunekit slim model takes no positional "
-                            "model arguments")
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained of a prunekit slim model takes no positional model arguments"
+            )
         return from_pretrained(cls, directory, **kwargs)
 
-    return type(cls.__name__, (cls,), {"from_pretrained": classmethod(_from_pretrained),
-                                       "__module__": __name__, "__qualname__": cls.__qualname__})
+    return type(
+        cls.__name__,
+        (cls,),
+        {"from_pretrained": classmethod(_from_pretrained), "__module__": __name__, "__qualname__": cls.__qualname__},
+    )
 
 
 def _auto_classes(model: nn.Module) -> list[str]:
@@ -532,12 +574,16 @@ def save_pretrained(model: nn.Module, directory: str | Path, **kwargs) -> Path:
         return directory
     name = type(model).__name__
     if not isinstance(getattr(transformers, name, None), type):
-        raise ValueError(f"{name} is not a class exported by transformers; reload the saved model with "
-                         f"prunekit.integrations.hf.from_pretrained({name}, {str(directory)!r})")
+        raise ValueError(
+            f"{name} is not a class exported by transformers; reload the saved model with "
+            f"prunekit.integrations.hf.from_pretrained({name}, {str(directory)!r})"
+        )
     autos = _auto_classes(model)
     if not autos:
-        raise ValueError(f"no transformers Auto class maps model_type {model.config.model_type!r} to {name}; "
-                         f"reload with prunekit.integrations.hf.from_pretrained({name}, {str(directory)!r})")
+        raise ValueError(
+            f"no transformers Auto class maps model_type {model.config.model_type!r} to {name}; "
+            f"reload with prunekit.integrations.hf.from_pretrained({name}, {str(directory)!r})"
+        )
     atomic_write(directory / REMOTE_FILE, _REMOTE_CODE.format(name=name))
     cfg_path = directory / "config.json"
     cfg = json.loads(cfg_path.read_text())

@@ -16,12 +16,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
-__all__ = ["PrunedShiftedWindowAttention", "PrunedShiftedWindowAttentionV2", "prepare_swin_attention",
-           "update_swin_attention", "window_attention"]
+__all__ = [
+    "PrunedShiftedWindowAttention",
+    "PrunedShiftedWindowAttentionV2",
+    "prepare_swin_attention",
+    "update_swin_attention",
+    "window_attention",
+]
 
 
-def window_attention(mod: ShiftedWindowAttention, x: torch.Tensor, relative_position_bias: torch.Tensor,
-                     logit_scale: torch.Tensor | None = None) -> torch.Tensor:
+def window_attention(
+    mod: ShiftedWindowAttention,
+    x: torch.Tensor,
+    relative_position_bias: torch.Tensor,
+    logit_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """torchvision's ``shifted_window_attention`` with every width read from the weights.
 
     The inner width is ``qkv.weight.shape[0] // 3`` (not the input width), heads are
@@ -66,7 +75,7 @@ def window_attention(mod: ShiftedWindowAttention, x: torch.Tensor, relative_posi
         count = 0
         for h in h_slices:
             for w in w_slices:
-                attn_mask[h[0]: h[1], w[0]: w[1]] = count
+                attn_mask[h[0] : h[1], w[0] : w[1]] = count
                 count += 1
         attn_mask = attn_mask.view(pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1])
         attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])

@@ -44,8 +44,9 @@ class PrunedClassAttn(ClassAttn):
         k = self.k(x).reshape(B, N, h, -1).permute(0, 2, 1, 3)
         v = self.v(x).reshape(B, N, h, -1).permute(0, 2, 1, 3)
         if getattr(self, "fused_attn", False):
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
-                                                 scale=self.scale)
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
+            )
         else:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             out = self.attn_drop(attn) @ v
@@ -91,6 +92,7 @@ def _children(mod: nn.Module, *names: str) -> list[nn.Linear] | None:
 
 def _query_key_widths(mod: nn.Module, old: dict) -> tuple[int, int, int, int] | None:
     """(query width now, before, key width now, before) of a timm attention module."""
+
     def out(child: str) -> tuple[int, int]:
         w = getattr(mod, child).weight
         return w.shape[0], old.get(f"{child}.weight", list(w.shape))[0]

@@ -54,17 +54,33 @@ import torch.nn as nn
 
 from prunekit.engine import sparse
 
-__all__ = ["update_module", "export_mode", "make_map_eval_fn", "train_sparse", "SparseTraining", "save_checkpoint",
-           "shapes_dataset", "detection_model", "pruned_slices_off", "METRICS", "SHAPES"]
+__all__ = [
+    "update_module",
+    "export_mode",
+    "make_map_eval_fn",
+    "train_sparse",
+    "SparseTraining",
+    "save_checkpoint",
+    "shapes_dataset",
+    "detection_model",
+    "pruned_slices_off",
+    "METRICS",
+    "SHAPES",
+]
 
 #: metric names of :func:`make_map_eval_fn` -> the key in Ultralytics' validation results
-METRICS = {"map": "metrics/mAP50-95(B)", "map50": "metrics/mAP50(B)", "precision": "metrics/precision(B)",
-           "recall": "metrics/recall(B)"}
+METRICS = {
+    "map": "metrics/mAP50-95(B)",
+    "map50": "metrics/mAP50(B)",
+    "precision": "metrics/precision(B)",
+    "recall": "metrics/recall(B)",
+}
 #: class names of :func:`shapes_dataset`
 SHAPES = ("rectangle", "ellipse", "triangle")
 
 
 # ----- slim updater --------------------------------------------------------------------------------
+
 
 def update_module(mod: nn.Module, old: dict) -> None:
     """Slim updater for every module of the ``ultralytics`` package (children first).
@@ -92,6 +108,7 @@ def _update_detect(mod: nn.Module) -> None:
 
 
 # ----- models and data -----------------------------------------------------------------------------
+
 
 def _heads(net: nn.Module) -> list[nn.Module]:
     return [m for m in net.modules() if isinstance(getattr(m, "reg_max", None), int) and hasattr(m, "export")]
@@ -134,6 +151,7 @@ def _full_outputs(net: nn.Module):
             else:
                 h.export = v
 
+
 def detection_model(model: Any) -> nn.Module:
     """The ``DetectionModel`` of a ``YOLO`` object (or ``model`` itself when it is one).
 
@@ -147,12 +165,15 @@ def detection_model(model: Any) -> nn.Module:
     inner = getattr(model, "model", None)
     if isinstance(inner, BaseModel):  # a YOLO object
         return inner
-    raise TypeError(f"expected an Ultralytics DetectionModel or YOLO object, got {type(model).__name__}; "
-                    "build one with ultralytics.YOLO('yolov8n.yaml') or YOLO('weights.pt')")
+    raise TypeError(
+        f"expected an Ultralytics DetectionModel or YOLO object, got {type(model).__name__}; "
+        "build one with ultralytics.YOLO('yolov8n.yaml') or YOLO('weights.pt')"
+    )
 
 
-def shapes_dataset(root: str | Path, n_train: int = 200, n_val: int = 50, imgsz: int = 128, seed: int = 0,
-                   max_objects: int = 3) -> Path:
+def shapes_dataset(
+    root: str | Path, n_train: int = 200, n_val: int = 50, imgsz: int = 128, seed: int = 0, max_objects: int = 3
+) -> Path:
     """Write a synthetic detection data set in the Ultralytics format; returns its ``data.yaml``.
 
     Each image is a noisy background of a random colour with 1..``max_objects`` filled shapes of
@@ -201,6 +222,7 @@ def _draw_shape(draw, rng: np.random.Generator, size: int, bg: np.ndarray) -> st
 
 # ----- evaluation ----------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def _quiet(enabled: bool = True):
     """Ultralytics' per-run tables and bars off (its LOGGER to WARNING) while a helper runs."""
@@ -216,9 +238,17 @@ def _quiet(enabled: bool = True):
         logger.setLevel(level)
 
 
-def make_map_eval_fn(data: str | Path, *, imgsz: int = 640, batch: int = 16, metric: str = "map",
-                     split: str = "val", device: str = "cpu", quiet: bool = True,
-                     **val_args: Any) -> Callable[[nn.Module], float]:
+def make_map_eval_fn(
+    data: str | Path,
+    *,
+    imgsz: int = 640,
+    batch: int = 16,
+    metric: str = "map",
+    split: str = "val",
+    device: str = "cpu",
+    quiet: bool = True,
+    **val_args: Any,
+) -> Callable[[nn.Module], float]:
     """``eval_fn(model) -> float``: a detection metric of ``model`` on ``data`` with Ultralytics' validator.
 
     The model is validated as it is (sparse, slim or dense; a deep copy, since Ultralytics fuses
@@ -241,8 +271,17 @@ def make_map_eval_fn(data: str | Path, *, imgsz: int = 640, batch: int = 16, met
         raise FileNotFoundError(f"no Ultralytics data.yaml at {data}; write one (or use shapes_dataset(dir))")
     from ultralytics.models.yolo.detect import DetectionValidator
 
-    args = {"data": str(data), "imgsz": imgsz, "batch": batch, "split": split, "device": device, "plots": False,
-            "save_json": False, "verbose": False, **val_args}
+    args = {
+        "data": str(data),
+        "imgsz": imgsz,
+        "batch": batch,
+        "split": split,
+        "device": device,
+        "plots": False,
+        "save_json": False,
+        "verbose": False,
+        **val_args,
+    }
     validator = DetectionValidator(args=args)
 
     def eval_fn(model: nn.Module) -> float:
@@ -259,6 +298,7 @@ def make_map_eval_fn(data: str | Path, *, imgsz: int = 640, batch: int = 16, met
 
 
 # ----- fine-tuning ---------------------------------------------------------------------------------
+
 
 @dataclass
 class SparseTraining:
@@ -295,9 +335,19 @@ def pruned_slices_off(model: nn.Module, plan) -> int:
     return off
 
 
-def train_sparse(model: Any, data: str | Path, *, epochs: int = 10, imgsz: int = 640, batch: int = 16,
-                 device: str = "cpu", project: str | Path = "runs/prunekit", name: str = "finetune",
-                 quiet: bool = False, **train_args: Any) -> SparseTraining:
+def train_sparse(
+    model: Any,
+    data: str | Path,
+    *,
+    epochs: int = 10,
+    imgsz: int = 640,
+    batch: int = 16,
+    device: str = "cpu",
+    project: str | Path = "runs/prunekit",
+    name: str = "finetune",
+    quiet: bool = False,
+    **train_args: Any,
+) -> SparseTraining:
     """Fine-tune a sparse (or slim) YOLO model with Ultralytics' own ``DetectionTrainer``.
 
     The trainer gets ``model`` itself (``YOLO.train`` would rebuild the model from its YAML and
@@ -327,15 +377,28 @@ def train_sparse(model: Any, data: str | Path, *, epochs: int = 10, imgsz: int =
     net = detection_model(model)
     plan = sparse.get_plan(net) if sparse.is_sparse(net) else None
     cfg = (getattr(net, "yaml", None) or {}).get("yaml_file") or "yolov8n.yaml"  # only names the run
-    overrides = {"model": cfg, "data": str(data), "epochs": epochs,
-                 "imgsz": imgsz, "batch": batch, "device": device, "project": str(Path(project).resolve()),
-                 "name": name, "exist_ok": True, "plots": False, "workers": 0, "amp": device != "cpu",
-                 **train_args}
+    overrides = {
+        "model": cfg,
+        "data": str(data),
+        "epochs": epochs,
+        "imgsz": imgsz,
+        "batch": batch,
+        "device": device,
+        "project": str(Path(project).resolve()),
+        "name": name,
+        "exist_ok": True,
+        "plots": False,
+        "workers": 0,
+        "amp": device != "cpu",
+        **train_args,
+    }
     with _quiet(quiet):
         trainer = DetectionTrainer(overrides=overrides)
         if trainer.ddp:
-            raise ValueError(f"train_sparse trains the model in this process, on one device; got device={device!r} "
-                             "(Ultralytics would start new processes that rebuild the model from its YAML)")
+            raise ValueError(
+                f"train_sparse trains the model in this process, on one device; got device={device!r} "
+                "(Ultralytics would start new processes that rebuild the model from its YAML)"
+            )
         _check_classes(net, trainer.data)
         trainer.model = net  # train this very model: masks, hooks and weights as they are
         checks: list[int] = []
@@ -364,8 +427,10 @@ def _check_classes(net: nn.Module, data: dict) -> None:
     head = net.model[-1]
     nc = getattr(head, "nc", None)
     if nc is not None and nc != data["nc"]:
-        raise ValueError(f"the model's Detect head has {nc} classes but the data set has {data['nc']}; build "
-                         f"the model for it (DetectionModel(cfg, nc={data['nc']})) before pruning")
+        raise ValueError(
+            f"the model's Detect head has {nc} classes but the data set has {data['nc']}; build "
+            f"the model for it (DetectionModel(cfg, nc={data['nc']})) before pruning"
+        )
 
 
 def save_checkpoint(model: Any, path: str | Path, **extra: Any) -> Path:
@@ -382,13 +447,20 @@ def save_checkpoint(model: Any, path: str | Path, **extra: Any) -> Path:
 
     net = detection_model(model)
     if sparse.is_sparse(net):
-        raise ValueError("this model is sparse; save its slim model (prunekit.to_slim(model)), or fine-tune it "
-                         "with train_sparse, whose best.pt keeps the plan")
+        raise ValueError(
+            "this model is sparse; save its slim model (prunekit.to_slim(model)), or fine-tune it "
+            "with train_sparse, whose best.pt keeps the plan"
+        )
     args = getattr(net, "args", None)
     args = vars(args) if hasattr(args, "__dict__") else dict(args or {})
     twin = export_mode(copy.deepcopy(net), on=False)  # Ultralytics' own state: full outputs in eval mode
-    ckpt = {"model": twin.half(), "train_args": args, "date": datetime.now().isoformat(),
-            "version": ultralytics.__version__, **extra}
+    ckpt = {
+        "model": twin.half(),
+        "train_args": args,
+        "date": datetime.now().isoformat(),
+        "version": ultralytics.__version__,
+        **extra,
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

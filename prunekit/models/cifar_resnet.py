@@ -28,8 +28,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PadShortcut", "BasicBlock", "CifarResNet", "cifar_resnet", "cifar_resnet20", "cifar_resnet32",
-           "cifar_resnet44", "cifar_resnet56"]
+__all__ = [
+    "PadShortcut",
+    "BasicBlock",
+    "CifarResNet",
+    "cifar_resnet",
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet44",
+    "cifar_resnet56",
+]
 
 
 class PadShortcut(nn.Module):
@@ -92,8 +100,12 @@ class CifarResNet(nn.Module):
 
     def __init__(self, blocks: int = 3, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> None:
         super().__init__()
-        for name, v in (("blocks", blocks), ("num_classes", num_classes), ("width", width),
-                        ("in_channels", in_channels)):
+        for name, v in (
+            ("blocks", blocks),
+            ("num_classes", num_classes),
+            ("width", width),
+            ("in_channels", in_channels),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)

@@ -56,11 +56,13 @@ class DemoNet(nn.Module):
         super().__init__()
         if width < 1 or blocks < 1:
             raise ValueError(f"width and blocks must be positive, got width={width}, blocks={blocks}")
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
         self.stage1 = nn.Sequential(*[BasicBlock(width, width) for _ in range(blocks)])
-        self.stage2 = nn.Sequential(BasicBlock(width, 2 * width, stride=2),
-                                    *[BasicBlock(2 * width, 2 * width) for _ in range(blocks - 1)])
+        self.stage2 = nn.Sequential(
+            BasicBlock(width, 2 * width, stride=2), *[BasicBlock(2 * width, 2 * width) for _ in range(blocks - 1)]
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2 * width, num_classes)
 

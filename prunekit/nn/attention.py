@@ -22,8 +22,17 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         torch.Size([1, 3, 8])
     """
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         batched = query.dim() == 3
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -60,7 +69,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             mask = kpm if mask is None else mask + kpm
         p = self.dropout if self.training else 0.0
         if need_weights:
-            scores = (q @ k.transpose(-2, -1)) * hd ** -0.5
+            scores = (q @ k.transpose(-2, -1)) * hd**-0.5
             if mask is not None:
                 scores = scores + mask
             elif is_causal:
@@ -69,8 +78,9 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             attn = F.dropout(scores.softmax(-1), p, self.training)
             out = attn @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                 is_causal=is_causal and mask is None)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None
+            )
             attn = None
         out = out.permute(2, 0, 1, 3).reshape(tgt, bsz, h * hd)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)

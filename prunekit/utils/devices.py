@@ -52,15 +52,20 @@ def check_device(name: str | torch.device | None, what: str = "device") -> torch
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError):
-        raise DeviceError(f"unknown {what} {name!r}: use cpu, cuda, cuda:N or mps (or leave it unset: where the "
-                          "model is)") from None
+        raise DeviceError(
+            f"unknown {what} {name!r}: use cpu, cuda, cuda:N or mps (or leave it unset: where the model is)"
+        ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"{what} {name!r}: no CUDA GPU is usable here (torch.cuda.is_available() is False: "
-                              "no GPU, no driver, or a CPU-only torch build); use cpu, or leave it unset")
+            raise DeviceError(
+                f"{what} {name!r}: no CUDA GPU is usable here (torch.cuda.is_available() is False: "
+                "no GPU, no driver, or a CPU-only torch build); use cpu, or leave it unset"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"{what} {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                              f"numbered 0..{torch.cuda.device_count() - 1}")
+            raise DeviceError(
+                f"{what} {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                f"numbered 0..{torch.cuda.device_count() - 1}"
+            )
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise DeviceError(f"{what} {name!r}: Apple's MPS is not available here; use cpu, or leave it unset")
     elif dev.type == "meta":
@@ -69,6 +74,7 @@ def check_device(name: str | torch.device | None, what: str = "device") -> torch
         try:
             torch.empty(1, device=dev)
         except Exception as exc:  # noqa: BLE001  (xpu, hpu, ...: whatever the backend says)
-            raise DeviceError(f"{what} {name!r} is not usable here ({type(exc).__name__}); use cpu, or leave "
-                              "it unset") from None
+            raise DeviceError(
+                f"{what} {name!r} is not usable here ({type(exc).__name__}); use cpu, or leave it unset"
+            ) from None
     return dev

@@ -18,8 +18,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_torch_save", "atomic_path", "ArtifactError", "reading", "read_json",
-           "check_safetensors", "load_safetensors", "load_weights", "torch_load", "FIX"]
+__all__ = [
+    "atomic_write",
+    "atomic_torch_save",
+    "atomic_path",
+    "ArtifactError",
+    "reading",
+    "read_json",
+    "check_safetensors",
+    "load_safetensors",
+    "load_weights",
+    "torch_load",
+    "FIX",
+]
 
 
 def atomic_path(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -42,6 +53,7 @@ def atomic_path(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` (text or bytes) to ``path`` atomically, flushed to disk."""
+
     def write(tmp: str) -> None:
         with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
@@ -72,8 +84,9 @@ class ArtifactError(ValueError):
         reason: What the parser said.
     """
 
-    def __init__(self, message: str, path: str | os.PathLike | None = None, what: str = "file",
-                 reason: str = "") -> None:
+    def __init__(
+        self, message: str, path: str | os.PathLike | None = None, what: str = "file", reason: str = ""
+    ) -> None:
         super().__init__(message)
         self.path = Path(path) if path is not None else None
         self.what, self.reason = what, reason
@@ -93,8 +106,9 @@ def _reason(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def reading(path: str | os.PathLike, what: str = "file", fix: str = FIX,
-            errors: tuple[type[BaseException], ...] = (Exception,)) -> Iterator[None]:
+def reading(
+    path: str | os.PathLike, what: str = "file", fix: str = FIX, errors: tuple[type[BaseException], ...] = (Exception,)
+) -> Iterator[None]:
     """Turn ``errors`` raised while parsing ``path`` into a one-line :class:`ArtifactError`.
 
     A missing file stays a ``FileNotFoundError`` (the caller says which command writes it).
@@ -171,6 +185,10 @@ def torch_load(path: str | os.PathLike, what: str = "checkpoint", fix: str = FIX
             raise ArtifactError.of(path, what, "not a torch.save archive", fix) from exc
         if "weights only" not in str(exc).lower():
             raise ArtifactError.of(path, what, _reason(exc), fix) from exc
-        raise ArtifactError(f"cannot read the {what} {path}: it holds pickled Python objects, which "
-                            f"torch.load(weights_only=True) refuses to run; {fix}", path, what, "pickled objects"
-                            ) from exc
+        raise ArtifactError(
+            f"cannot read the {what} {path}: it holds pickled Python objects, which "
+            f"torch.load(weights_only=True) refuses to run; {fix}",
+            path,
+            what,
+            "pickled objects",
+        ) from exc

@@ -17,8 +17,9 @@ from typing import Any
 __all__ = ["resolve", "lazy_attr"]
 
 
-def resolve(ref: str, what: str = "object", search: Iterable[str | Path] = (), error: type = ValueError,
-            where: str = "") -> Any:
+def resolve(
+    ref: str, what: str = "object", search: Iterable[str | Path] = (), error: type = ValueError, where: str = ""
+) -> Any:
     """The object ``ref`` names; ``search`` directories go on ``sys.path`` first.
 
     ``where`` is appended to the import hint (e.g. which directories were searched).
@@ -36,8 +37,10 @@ def resolve(ref: str, what: str = "object", search: Iterable[str | Path] = (), e
     try:
         obj = importlib.import_module(module)
     except ImportError as exc:
-        raise error(f"cannot import the {what} {ref!r}: {exc}. Check the module name, and that its package is "
-                    f"installed or its directory is on PYTHONPATH{where}") from exc
+        raise error(
+            f"cannot import the {what} {ref!r}: {exc}. Check the module name, and that its package is "
+            f"installed or its directory is on PYTHONPATH{where}"
+        ) from exc
     except Exception as exc:  # noqa: BLE001  (the user's module fails while importing)
         raise error(f"importing module {module!r} for the {what} failed: {type(exc).__name__}: {exc}") from exc
     for part in name.split("."):
@@ -52,6 +55,7 @@ def resolve(ref: str, what: str = "object", search: Iterable[str | Path] = (), e
 
 def lazy_attr(module: str, attr: str):
     """A function that imports ``module`` on first call and calls its ``attr`` with the same arguments."""
+
     def call(*args, **kwargs):
         return getattr(importlib.import_module(module), attr)(*args, **kwargs)
 

@@ -40,7 +40,8 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str], align: str | 
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[object]) -> str:
-        return "  ".join(str(c).ljust(w) if a == "l" else str(c).rjust(w)
-                         for c, w, a in zip(cells, widths, align)).rstrip()
+        return "  ".join(
+            str(c).ljust(w) if a == "l" else str(c).rjust(w) for c, w, a in zip(cells, widths, align)
+        ).rstrip()
 
     return "\n".join([line(header), "  ".join("-" * w for w in widths).rstrip(), *(line(r) for r in rows)])

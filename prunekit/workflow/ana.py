@@ -129,9 +129,11 @@ class Sensitivity:
 
     def order(self) -> list[int]:
         """Group ids, most sensitive first (largest mean loss)."""
+
         def mean_loss(g):
             vals = [self._rel(v) for v in self.curves[g].values()]
             return sum(vals) / max(1, len(vals))
+
         return sorted(self.curves, key=mean_loss, reverse=True)
 
     def table(self, limit: int | None = None) -> str:
@@ -139,10 +141,15 @@ class Sensitivity:
         ratios = self.ratios
         head = f"{'group':>5}  {'layer':<40} {'ch':>5}  " + " ".join(f"{r:>6.0%}" for r in ratios)
         est = self.estimated()
-        note = "" if not est else ("; ~: interpolated, *: estimated on part of the batches, "
-                                   "^: collapsed (not evaluated)")
-        lines = [f"baseline metric {self.baseline:.4g} ({'lower' if self.lower_is_better else 'higher'} is better);"
-                 f" cells: metric after pruning that group alone{note}", head, "-" * len(head)]
+        note = (
+            "" if not est else ("; ~: interpolated, *: estimated on part of the batches, ^: collapsed (not evaluated)")
+        )
+        lines = [
+            f"baseline metric {self.baseline:.4g} ({'lower' if self.lower_is_better else 'higher'} is better);"
+            f" cells: metric after pruning that group alone{note}",
+            head,
+            "-" * len(head),
+        ]
         marks = {"interpolated": "~", "early_stop": "*", "collapsed": "^"}
         for gid in self.order()[:limit]:
             cells = []
@@ -166,8 +173,12 @@ class Sensitivity:
         fig, ax = plt.subplots(figsize=(8, 5))
         for gid in self.order()[:limit]:
             xs = sorted(self.curves[gid])
-            ax.plot([0] + xs, [self.baseline] + [self.curves[gid][x] for x in xs], marker="o",
-                    label=f"{gid}: {self.labels.get(gid, '')[:30]}")
+            ax.plot(
+                [0] + xs,
+                [self.baseline] + [self.curves[gid][x] for x in xs],
+                marker="o",
+                label=f"{gid}: {self.labels.get(gid, '')[:30]}",
+            )
         ax.set_xlabel("fraction of the group's channels removed")
         ax.set_ylabel("metric")
         ax.set_title(f"Sensitivity ({min(limit, len(self.curves))} most sensitive groups)")
@@ -179,21 +190,29 @@ class Sensitivity:
         return path
 
     def to_dict(self) -> dict:
-        return {"baseline": self.baseline, "lower_is_better": self.lower_is_better, "ratios": self.ratios,
-                "curves": {str(g): {str(r): v for r, v in c.items()} for g, c in self.curves.items()},
-                "labels": {str(g): v for g, v in self.labels.items()},
-                "sizes": {str(g): v for g, v in self.sizes.items()},
-                "details": {str(g): {str(r): v for r, v in c.items()} for g, c in self.details.items()},
-                "cost": self.cost}
+        return {
+            "baseline": self.baseline,
+            "lower_is_better": self.lower_is_better,
+            "ratios": self.ratios,
+            "curves": {str(g): {str(r): v for r, v in c.items()} for g, c in self.curves.items()},
+            "labels": {str(g): v for g, v in self.labels.items()},
+            "sizes": {str(g): v for g, v in self.sizes.items()},
+            "details": {str(g): {str(r): v for r, v in c.items()} for g, c in self.details.items()},
+            "cost": self.cost,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Sensitivity:
-        return cls(d["baseline"], d["lower_is_better"], list(d["ratios"]),
-                   {int(g): {float(r): v for r, v in c.items()} for g, c in d["curves"].items()},
-                   {int(g): v for g, v in d.get("labels", {}).items()},
-                   {int(g): v for g, v in d.get("sizes", {}).items()},
-                   {int(g): {float(r): v for r, v in c.items()} for g, c in d.get("details", {}).items()},
-                   dict(d.get("cost", {})))
+        return cls(
+            d["baseline"],
+            d["lower_is_better"],
+            list(d["ratios"]),
+            {int(g): {float(r): v for r, v in c.items()} for g, c in d["curves"].items()},
+            {int(g): v for g, v in d.get("labels", {}).items()},
+            {int(g): v for g, v in d.get("sizes", {}).items()},
+            {int(g): {float(r): v for r, v in c.items()} for g, c in d.get("details", {}).items()},
+            dict(d.get("cost", {})),
+        )
 
 
 def _score(eval_fn: Callable, model: nn.Module, args: Sequence) -> float:
@@ -217,27 +236,56 @@ def _group_line(group, ratios: Sequence[float], points: dict, mine: list) -> str
 
 
 def _config(pruner: Pruner, excludes, ratios, criterion, lower_is_better, collapse, method: Any = "full") -> dict:
-    return {"model": model_fingerprint(pruner.model), "excludes": sorted(excludes), "ratios": list(ratios),
-            "criterion": criterion, "lower_is_better": lower_is_better, "collapse": collapse,
-            "groups": [[m.name for m in g.members][:4] + [g.n_units] for g in pruner.prunable_groups],
-            "method": method}
+    return {
+        "model": model_fingerprint(pruner.model),
+        "excludes": sorted(excludes),
+        "ratios": list(ratios),
+        "criterion": criterion,
+        "lower_is_better": lower_is_better,
+        "collapse": collapse,
+        "groups": [[m.name for m in g.members][:4] + [g.n_units] for g in pruner.prunable_groups],
+        "method": method,
+    }
 
 
 def _explain(old: dict, new: dict) -> str:
     keys = ("model", "excludes", "ratios", "criterion", "lower_is_better", "collapse", "groups", "method")
     what = [k for k in keys if old.get(k) != new.get(k)]
-    names = {"model": "the model's weights or architecture", "excludes": "the excludes", "ratios": "the ratios",
-             "criterion": "the criterion", "lower_is_better": "the metric direction", "collapse": "collapse",
-             "groups": "the channel groups", "method": "the analysis method (fast or full, or its settings)"}
+    names = {
+        "model": "the model's weights or architecture",
+        "excludes": "the excludes",
+        "ratios": "the ratios",
+        "criterion": "the criterion",
+        "lower_is_better": "the metric direction",
+        "collapse": "collapse",
+        "groups": "the channel groups",
+        "method": "the analysis method (fast or full, or its settings)",
+    }
     return ", ".join(names[w] for w in what) or "the configuration"
 
 
-def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], args: Sequence = (), *,
-        workspace: str | Workspace, excludes: Iterable[str] = (), ratios: Sequence[float] = DEFAULT_RATIOS,
-        criterion: str = "l2", forced: bool = False, lower_is_better: bool = False,
-        collapse: float | None = 0.5, rank: int | None = None, world_size: int | None = None, progress: bool = True,
-        pruner: Pruner | None = None, log: Callable[[str], None] = print, fast: bool | FastAnaConfig = True,
-        workers: int = 1, calibration: Iterable[Any] | None = None) -> Sensitivity:
+def ana(
+    model: nn.Module,
+    example_inputs: Any,
+    eval_fn: Callable[..., float],
+    args: Sequence = (),
+    *,
+    workspace: str | Workspace,
+    excludes: Iterable[str] = (),
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    criterion: str = "l2",
+    forced: bool = False,
+    lower_is_better: bool = False,
+    collapse: float | None = 0.5,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+    pruner: Pruner | None = None,
+    log: Callable[[str], None] = print,
+    fast: bool | FastAnaConfig = True,
+    workers: int = 1,
+    calibration: Iterable[Any] | None = None,
+) -> Sensitivity:
     """Measure each prunable group's sensitivity; resumable, cached in ``workspace``.
 
     Args:
@@ -290,16 +338,29 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     declared = getattr(eval_fn, "lower_is_better", None)
     if declared is not None and bool(declared) != bool(lower_is_better):
-        log(f"warning: eval_fn says lower_is_better={declared} but ana got lower_is_better={lower_is_better}; "
-            "a metric in the wrong direction makes every loss look like zero")
+        log(
+            f"warning: eval_fn says lower_is_better={declared} but ana got lower_is_better={lower_is_better}; "
+            "a metric in the wrong direction makes every loss look like zero"
+        )
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     excludes = list(excludes)
     pruner = pruner or validated_pruner(model, example_inputs, ignore=excludes, criterion=criterion, log=log)
     if calibration is not None and not pruner.activations:
         pruner.collect_activations(calibration)  # for the activation criteria
     prior = sparse.get_plan(model) if sparse.is_sparse(model) else None
-    share = _Share(model, eval_fn, tuple(args), pruner, ratios, collapse, prior, lower_is_better, log,
-                   _fast_config(fast), example_inputs)
+    share = _Share(
+        model,
+        eval_fn,
+        tuple(args),
+        pruner,
+        ratios,
+        collapse,
+        prior,
+        lower_is_better,
+        log,
+        _fast_config(fast),
+        example_inputs,
+    )
     config = _config(pruner, excludes, ratios, criterion, lower_is_better, collapse, share.method())
     fname = "ana.json" if world_size == 1 else f"ana.rank{rank}.json"
     if together:  # rank 0 reads (and cleans) the workspace, measures the baseline, tells the others
@@ -334,15 +395,7 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
         merged = pdist.broadcast_object(_merge(ws, config, state) if rank == 0 else None)
     else:
         merged = _merge(ws, config, state)
-    sens = Sensitivity(merged["baseline"], lower_is_better, ratios, {}, {}, {})
-    for g in groups:
-        pts = {r: merged["points"][f"{g.id}/{r}"] for r in ratios if f"{g.id}/{r}" in merged["points"]}
-        if pts:
-            sens.curves[g.id] = pts
-            sens.labels[g.id] = group_label(g)
-            sens.sizes[g.id] = g.n_units
-            sens.details[g.id] = {r: merged.get("info", {}).get(f"{g.id}/{r}", {"how": "full"}) for r in pts}
-    sens.cost = _cost(merged, config["method"], [f"{g}/{r}" for g, c in sens.curves.items() for r in c])
+    sens = _sensitivity(merged, groups, ratios, lower_is_better, config["method"])
     if not together or rank == 0:
         ws.write_json("sensitivity.json", {**sens.to_dict(), "config": config})  # which model it describes
         if sens.curves:
@@ -354,10 +407,31 @@ def ana(model: nn.Module, example_inputs: Any, eval_fn: Callable[..., float], ar
     return sens
 
 
+def _sensitivity(merged: dict, groups: list, ratios: list[float], lower_is_better: bool, method: Any) -> Sensitivity:
+    """The :class:`Sensitivity` of the merged points, with how each was obtained and the cost."""
+    sens = Sensitivity(merged["baseline"], lower_is_better, ratios, {}, {}, {})
+    for g in groups:
+        pts = {r: merged["points"][f"{g.id}/{r}"] for r in ratios if f"{g.id}/{r}" in merged["points"]}
+        if pts:
+            sens.curves[g.id] = pts
+            sens.labels[g.id] = group_label(g)
+            sens.sizes[g.id] = g.n_units
+            sens.details[g.id] = {r: merged.get("info", {}).get(f"{g.id}/{r}", {"how": "full"}) for r in pts}
+    sens.cost = _cost(merged, method, [f"{g}/{r}" for g, c in sens.curves.items() for r in c])
+    return sens
+
+
 def _full_points(sh: _Share, state: dict, mine: list, todo: list, save: Callable[[], None], bar) -> None:
     """Every point in full: ``eval_fn`` on the pruned model (after a curve collapses, its value)."""
-    model, eval_fn, args, pruner, ratios, collapse, log = (sh.model, sh.eval_fn, sh.args, sh.pruner, sh.ratios,
-                                                           sh.collapse, sh.log)
+    model, eval_fn, args, pruner, ratios, collapse, log = (
+        sh.model,
+        sh.eval_fn,
+        sh.args,
+        sh.pruner,
+        sh.ratios,
+        sh.collapse,
+        sh.log,
+    )
     lower_is_better, prior = sh.lower_is_better, sh.prior
     rel = Sensitivity(state["baseline"], lower_is_better, ratios, {})._rel
     collapsed: dict[int, float] = {}  # group -> metric at which its curve collapsed (also when resuming)
@@ -413,16 +487,34 @@ class _Share:
         """``"full"``, or the fast settings that change the results (part of the cache's config)."""
         if not self.fast.enabled or not isinstance(getattr(self.eval_fn, "evaluation", None), EvalSpec) or self.args:
             return "full"
-        keep = ("early_stop", "confidence", "tolerance", "rel_tolerance", "min_images", "chunk", "adaptive", "stride",
-                "interp_tolerance")
+        keep = (
+            "early_stop",
+            "confidence",
+            "tolerance",
+            "rel_tolerance",
+            "min_images",
+            "chunk",
+            "adaptive",
+            "stride",
+            "interp_tolerance",
+        )
         return {"fast": {k: getattr(self.fast, k) for k in keep}}
 
     def fast_analysis(self) -> fast_ana.FastAnalysis | None:
         """The fast analysis (built once: it measures the baseline), or ``None`` where it does not apply."""
         if self.analysis is None:
             self.analysis = _INHERITED.get((id(self.model), id(self.eval_fn))) or fast_ana.FastAnalysis.create(
-                self.model, self.example_inputs, self.eval_fn, self.args, self.pruner, self.fast,
-                self.lower_is_better, self.collapse, self.prior, self.log)
+                self.model,
+                self.example_inputs,
+                self.eval_fn,
+                self.args,
+                self.pruner,
+                self.fast,
+                self.lower_is_better,
+                self.collapse,
+                self.prior,
+                self.log,
+            )
             if isinstance(self.analysis, str) and self.method() != "full":
                 self.log(f"fast ana does not apply: {self.analysis}")
         return self.analysis if isinstance(self.analysis, fast_ana.FastAnalysis) else None
@@ -444,8 +536,9 @@ def _fast_config(fast: bool | FastAnaConfig) -> FastAnaConfig:
     raise TypeError(f"fast must be True, False or a FastAnaConfig, got {type(fast).__name__}: {fast!r:.60}")
 
 
-def _points(sh: _Share, ws: Workspace, fname: str, config: dict, state: dict, mine: list, source: str,
-            progress: bool) -> None:
+def _points(
+    sh: _Share, ws: Workspace, fname: str, config: dict, state: dict, mine: list, source: str, progress: bool
+) -> None:
     """Evaluate the missing points of the groups ``mine``, saving ``state`` to ``fname`` after each."""
     todo = [(g, r) for g in mine for r in sh.ratios if f"{g.id}/{r}" not in state["points"]]
     t0 = time.perf_counter()
@@ -468,8 +561,7 @@ def _add_overhead(state: dict, source: str, cost: dict) -> None:
         mine[k] = {**mine.get(k, {}), **v} if isinstance(v, dict) else mine.get(k, 0) + v
 
 
-def _fast_points(fa: fast_ana.FastAnalysis, sh: _Share, state: dict, mine: list, save: Callable[[], None],
-                 bar) -> None:
+def _fast_points(fa: fast_ana.FastAnalysis, sh: _Share, state: dict, mine: list, save: Callable[[], None], bar) -> None:
     """The fast analysis of the groups ``mine`` (in forward order, so cached activations grow forward)."""
     info, collapsed = state.setdefault("info", {}), state.setdefault("collapsed", [])
     try:
@@ -503,8 +595,10 @@ def _in_workers(sh: _Share, ws: Workspace, config: dict, state: dict, workers: i
     import traceback
 
     if next((t.device.type for t in sh.model.parameters()), "cpu") != "cpu":
-        raise ValueError(f"workers={workers} forks processes on this machine's CPU cores; the model is on "
-                         "an accelerator: use workers=1 (or torchrun, one process per device)")
+        raise ValueError(
+            f"workers={workers} forks processes on this machine's CPU cores; the model is on "
+            "an accelerator: use workers=1 (or torchrun, one process per device)"
+        )
     fa = sh.fast_analysis()  # built here once: the workers inherit its batches and baseline
     if fa is not None:
         _add_overhead(state, "main", fa.take_cost())
@@ -532,25 +626,39 @@ def _in_workers(sh: _Share, ws: Workspace, config: dict, state: dict, workers: i
     _INHERITED.clear()
     failed = [r for r, proc in enumerate(procs) if proc.exitcode != 0]
     if failed:
-        raise RuntimeError(f"ana workers {failed} of {workers} failed (see their messages above); the points they "
-                           "finished are saved in the workspace: run ana again to resume")
+        raise RuntimeError(
+            f"ana workers {failed} of {workers} failed (see their messages above); the points they "
+            "finished are saved in the workspace: run ana again to resume"
+        )
 
 
 def _cost(merged: dict, method: Any, keys: list[str]) -> dict:
     """What the analysis evaluated and estimated: points by ``how``, images, early stops, fallbacks."""
     info = merged.get("info", {})
     hows = [info.get(k, {}).get("how", "full") for k in keys]
-    out: dict[str, Any] = {"method": "full" if method == "full" else "fast", "points": len(keys),
-                           "evaluated": sum(h in fast_ana.EVALUATED for h in hows), "full": hows.count("full"),
-                           "early_stop": hows.count("early_stop"), "interpolated": hows.count("interpolated"),
-                           "collapsed": hows.count("collapsed"),
-                           "stopped_precise": sum(info.get(k, {}).get("stop") == "precise" for k in keys),
-                           "stopped_collapsed": sum(info.get(k, {}).get("stop") == "collapsed" for k in keys),
-                           "seconds": round(merged.get("seconds", 0.0), 3)}
+    out: dict[str, Any] = {
+        "method": "full" if method == "full" else "fast",
+        "points": len(keys),
+        "evaluated": sum(h in fast_ana.EVALUATED for h in hows),
+        "full": hows.count("full"),
+        "early_stop": hows.count("early_stop"),
+        "interpolated": hows.count("interpolated"),
+        "collapsed": hows.count("collapsed"),
+        "stopped_precise": sum(info.get(k, {}).get("stop") == "precise" for k in keys),
+        "stopped_collapsed": sum(info.get(k, {}).get("stop") == "collapsed" for k in keys),
+        "seconds": round(merged.get("seconds", 0.0), 3),
+    }
     over = merged.get("overhead", {})
     if over:
-        for name in ("images", "image_equivalents", "baseline_images", "capture_images", "verify_images",
-                     "prefix_groups", "batched_groups"):
+        for name in (
+            "images",
+            "image_equivalents",
+            "baseline_images",
+            "capture_images",
+            "verify_images",
+            "prefix_groups",
+            "batched_groups",
+        ):
             out[name] = sum(v.get(name, 0) for v in over.values())
         out["image_equivalents"] = round(out["image_equivalents"], 1)
         out["point_images"] = sum(info.get(k, {}).get("images", 0) for k in keys)
@@ -592,10 +700,14 @@ def _load(ws: Workspace, config: dict, forced: bool, log) -> dict:
     if ws.exists("ana.json"):
         data = ws.read_json("ana.json")
         if data.get("format") != FORMAT or data.get("config") != config:
-            why = ("is not a prunekit analysis" if data.get("format") != FORMAT else
-                   f"is stale ({_explain(data.get('config', {}), config)} changed)")
-            old = ws.set_aside(["ana.json", "sensitivity.json", "sensitivity.png",
-                                *(p.name for p in ws.glob("ana.rank*.json"))], "ana")
+            why = (
+                "is not a prunekit analysis"
+                if data.get("format") != FORMAT
+                else f"is stale ({_explain(data.get('config', {}), config)} changed)"
+            )
+            old = ws.set_aside(
+                ["ana.json", "sensitivity.json", "sensitivity.png", *(p.name for p in ws.glob("ana.rank*.json"))], "ana"
+            )
             log(f"the sensitivity analysis in {ws.root} {why}; measuring it again (the old one is kept in {old})")
             return fresh
         state["points"].update(data.get("points", {}))

@@ -38,9 +38,27 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["init_if_needed", "active", "collective", "local", "rank", "world_size", "local_rank", "is_main",
-           "barrier", "all_reduce_sum", "broadcast_object", "sync_buffers", "wrap_ddp", "unwrap", "rewrap",
-           "transform_ddp", "shard_loader", "ShardedLoader", "shard_eval_fn"]
+__all__ = [
+    "init_if_needed",
+    "active",
+    "collective",
+    "local",
+    "rank",
+    "world_size",
+    "local_rank",
+    "is_main",
+    "barrier",
+    "all_reduce_sum",
+    "broadcast_object",
+    "sync_buffers",
+    "wrap_ddp",
+    "unwrap",
+    "rewrap",
+    "transform_ddp",
+    "shard_loader",
+    "ShardedLoader",
+    "shard_eval_fn",
+]
 
 _LOCAL_DEPTH = 0
 
@@ -268,8 +286,10 @@ def transform_ddp(model: nn.Module) -> nn.Module:
         plan = sparse.get_plan(module).to_dict()
         ref = broadcast_object(plan)
         if ref != plan:
-            raise RuntimeError(f"rank {rank()} holds another pruning plan than rank 0; prune every rank alike "
-                               "(same weights, same settings) before transforming")
+            raise RuntimeError(
+                f"rank {rank()} holds another pruning plan than rank 0; prune every rank alike "
+                "(same weights, same settings) before transforming"
+            )
         return to_slim(module)
 
     return rewrap(model, slim)
@@ -287,34 +307,54 @@ class ShardedLoader:
     on every rank; the remainder is dropped).
     """
 
-    def __init__(self, loader: Iterable, seed: int = 0, num_replicas: int | None = None,
-                 rank_: int | None = None) -> None:
+    def __init__(
+        self, loader: Iterable, seed: int = 0, num_replicas: int | None = None, rank_: int | None = None
+    ) -> None:
         from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
         self.original = loader
         self.world = world_size() if num_replicas is None else num_replicas
         self.rank = rank() if rank_ is None else rank_
         self.sampler = None
-        if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) \
-                and loader.batch_size is not None:
+        if (
+            isinstance(loader, DataLoader)
+            and not isinstance(loader.dataset, IterableDataset)
+            and loader.batch_size is not None
+        ):
             shuffle = isinstance(loader.sampler, RandomSampler)
-            self.sampler = DistributedSampler(loader.dataset, num_replicas=self.world, rank=self.rank,
-                                              shuffle=shuffle, seed=seed, drop_last=loader.drop_last)
+            self.sampler = DistributedSampler(
+                loader.dataset,
+                num_replicas=self.world,
+                rank=self.rank,
+                shuffle=shuffle,
+                seed=seed,
+                drop_last=loader.drop_last,
+            )
             extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
             self.loader: Iterable = DataLoader(
-                loader.dataset, batch_size=math.ceil(loader.batch_size / self.world), sampler=self.sampler,
-                num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                loader.dataset,
+                batch_size=math.ceil(loader.batch_size / self.world),
+                sampler=self.sampler,
+                num_workers=loader.num_workers,
+                collate_fn=loader.collate_fn,
+                pin_memory=loader.pin_memory,
+                drop_last=loader.drop_last,
+                timeout=loader.timeout,
+                worker_init_fn=loader.worker_init_fn,
                 multiprocessing_context=loader.multiprocessing_context,
-                persistent_workers=loader.persistent_workers, **extra)
+                persistent_workers=loader.persistent_workers,
+                **extra,
+            )
             self.n = len(self.loader)
         else:
             try:
                 total = len(loader)  # type: ignore[arg-type]
             except TypeError:
-                raise ValueError(f"to split training data over {self.world} processes the loader needs a len(): "
-                                 f"got {type(loader).__name__}; pass a DataLoader over a map-style data set, a "
-                                 "list of batches, or your own train_fn") from None
+                raise ValueError(
+                    f"to split training data over {self.world} processes the loader needs a len(): "
+                    f"got {type(loader).__name__}; pass a DataLoader over a map-style data set, a "
+                    "list of batches, or your own train_fn"
+                ) from None
             self.loader = loader
             self.n = total // self.world
 
@@ -377,8 +417,9 @@ class _Batches:
                 yield batch
 
 
-def shard_eval_fn(loader: Iterable, build: Callable[[Iterable], Callable[[nn.Module], float]],
-                  max_batches: int | None = None) -> Callable[[nn.Module], float]:
+def shard_eval_fn(
+    loader: Iterable, build: Callable[[Iterable], Callable[[nn.Module], float]], max_batches: int | None = None
+) -> Callable[[nn.Module], float]:
     """An ``eval_fn(model)`` whose batches are split over the processes and summed.
 
     ``build(batches)`` makes an evaluation function that returns the sample-weighted mean of

@@ -40,8 +40,10 @@ Metric = Callable[[Any, Any], Any]
 def _accuracy(output: Any, target: torch.Tensor) -> torch.Tensor:
     logits = _logits(output, "accuracy")
     if logits.dim() < 2:
-        raise ValueError(f"metric 'accuracy' needs class scores of shape (N, classes, ...), got output shape "
-                         f"{tuple(logits.shape)}; pass a callable metric for other outputs")
+        raise ValueError(
+            f"metric 'accuracy' needs class scores of shape (N, classes, ...), got output shape "
+            f"{tuple(logits.shape)}; pass a callable metric for other outputs"
+        )
     return (logits.argmax(1) == target).double().mean()
 
 
@@ -53,8 +55,10 @@ def _logits(output: Any, name: str) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         output = output[0]  # e.g. (logits, aux)
     if not isinstance(output, torch.Tensor):
-        raise TypeError(f"metric {name!r} needs the model to return class scores (a tensor), got "
-                        f"{type(output).__name__}; pass a callable metric(output, target) instead")
+        raise TypeError(
+            f"metric {name!r} needs the model to return class scores (a tensor), got "
+            f"{type(output).__name__}; pass a callable metric(output, target) instead"
+        )
     return output
 
 
@@ -90,14 +94,19 @@ def _n_batches(loader: Iterable, max_batches: int | None, fraction: float | None
             raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
         return int(max_batches)
     if fraction is not None:
-        if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or math.isnan(fraction)
-                or not 0 < fraction <= 1):
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, numbers.Real)
+            or math.isnan(fraction)
+            or not 0 < fraction <= 1
+        ):
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
         try:
             total = len(loader)  # type: ignore[arg-type]
         except TypeError:
-            raise ValueError(f"fraction needs a loader with a length (len()), got {type(loader).__name__}; "
-                             "use max_batches instead") from None
+            raise ValueError(
+                f"fraction needs a loader with a length (len()), got {type(loader).__name__}; use max_batches instead"
+            ) from None
         return max(1, math.ceil(fraction * total))
     return None
 
@@ -177,9 +186,14 @@ class EvalSpec:
         return _PER_SAMPLE[self.name](output, target).cpu()
 
 
-def make_eval_fn(loader: Iterable, metric: str | Metric = "accuracy", max_batches: int | None = None,
-                 fraction: float | None = None, device: str | torch.device | None = None,
-                 seq_len: int | None = None) -> Callable[[nn.Module], float]:
+def make_eval_fn(
+    loader: Iterable,
+    metric: str | Metric = "accuracy",
+    max_batches: int | None = None,
+    fraction: float | None = None,
+    device: str | torch.device | None = None,
+    seq_len: int | None = None,
+) -> Callable[[nn.Module], float]:
     """An ``eval_fn(model) -> float`` for :func:`prunekit.workflow.ana` over (part of) ``loader``.
 
     Args:
@@ -209,8 +223,10 @@ def make_eval_fn(loader: Iterable, metric: str | Metric = "accuracy", max_batche
         raise ValueError(f"seq_len is an option of metric 'perplexity', not of {metric!r}")
     if isinstance(metric, str):
         if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; choose one of {sorted([*METRICS, 'perplexity'])} or pass "
-                             "a callable metric(output, target) -> number")
+            raise ValueError(
+                f"unknown metric {metric!r}; choose one of {sorted([*METRICS, 'perplexity'])} or pass "
+                "a callable metric(output, target) -> number"
+            )
         fn, lower = METRICS[metric]
         name = metric
     elif callable(metric):
@@ -219,8 +235,14 @@ def make_eval_fn(loader: Iterable, metric: str | Metric = "accuracy", max_batche
         raise TypeError(f"metric must be a name in {sorted(METRICS)} or a callable, got {type(metric).__name__}")
     if isinstance(loader, (torch.Tensor, str, bytes)) or not isinstance(loader, Iterable):
         raise TypeError(f"loader must be an iterable of (inputs, target) batches, got {type(loader).__name__}")
-    spec = EvalSpec(loader, fn, name, lower, _n_batches(loader, max_batches, fraction),
-                    torch.device(device) if device is not None else None)
+    spec = EvalSpec(
+        loader,
+        fn,
+        name,
+        lower,
+        _n_batches(loader, max_batches, fraction),
+        torch.device(device) if device is not None else None,
+    )
 
     def eval_fn(model: nn.Module) -> float:
         was = model.training
@@ -245,14 +267,21 @@ def make_eval_fn(loader: Iterable, metric: str | Metric = "accuracy", max_batche
     return eval_fn
 
 
-def accuracy(model: nn.Module, loader: Iterable, *, max_batches: int | None = None, fraction: float | None = None,
-             device: str | torch.device | None = None) -> float:
+def accuracy(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    max_batches: int | None = None,
+    fraction: float | None = None,
+    device: str | torch.device | None = None,
+) -> float:
     """Top-1 accuracy of ``model`` over (part of) ``loader``, in eval mode without gradients."""
     return make_eval_fn(loader, "accuracy", max_batches=max_batches, fraction=fraction, device=device)(model)
 
 
-def make_bn_calibration(loader: Iterable, max_batches: int | None = None,
-                        device: str | torch.device | None = None) -> Callable[[nn.Module], None]:
+def make_bn_calibration(
+    loader: Iterable, max_batches: int | None = None, device: str | torch.device | None = None
+) -> Callable[[nn.Module], None]:
     """A ``calibrate(model)`` that re-estimates BatchNorm running statistics on ``loader``.
 
     Pruning shifts every activation's statistics; re-estimating them (a cumulative average
@@ -277,8 +306,7 @@ def make_bn_calibration(loader: Iterable, max_batches: int | None = None,
 
     @torch.no_grad()
     def calibrate(model: nn.Module) -> None:
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                 and m.track_running_stats]
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         if not norms:
             return
         was = model.training

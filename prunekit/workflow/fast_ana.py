@@ -62,8 +62,17 @@ from prunekit.graph.trace import call_model
 from prunekit.workflow.evaluation import EvalSpec, batch_size
 from prunekit.workflow.options import FastAnaConfig
 
-__all__ = ["FastAnalysis", "ForwardRecord", "Prefix", "record_forward", "plan_prefix", "PairedStats", "CurvePlanner",
-           "sparse_variant", "EVALUATED"]
+__all__ = [
+    "FastAnalysis",
+    "ForwardRecord",
+    "Prefix",
+    "record_forward",
+    "plan_prefix",
+    "PairedStats",
+    "CurvePlanner",
+    "sparse_variant",
+    "EVALUATED",
+]
 
 #: ``how`` values of points whose metric was measured (on all batches, or until a stop rule)
 EVALUATED = ("full", "early_stop")
@@ -197,8 +206,12 @@ def _first_read(rec: ForwardRecord, model: nn.Module, names: Sequence[str]) -> i
 
 def _cut_module(rec: ForwardRecord, model: nn.Module, op: int) -> tuple[str, Call]:
     """The innermost module call whose span holds op ``op``."""
-    spans = [(c.start, c.start - c.end, name.count(".") if name else -1, name, c)
-             for name, mod in model.named_modules() for c in rec.calls.get(id(mod), ()) if c.start <= op < c.end]
+    spans = [
+        (c.start, c.start - c.end, name.count(".") if name else -1, name, c)
+        for name, mod in model.named_modules()
+        for c in rec.calls.get(id(mod), ())
+        if c.start <= op < c.end
+    ]
     _, _, _, name, call = max(spans, key=lambda t: t[:3])
     return name, call
 
@@ -206,8 +219,9 @@ def _cut_module(rec: ForwardRecord, model: nn.Module, op: int) -> tuple[str, Cal
 def _leaks(rec: ForwardRecord, call: Call, born: dict[int, int], last_use: dict[int, int]) -> bool:
     """Whether a tensor made inside ``call`` (other than its output) is read after it."""
     outs = set(call.outs)
-    return any(call.start <= b < call.end and t not in outs and last_use.get(t, -1) >= call.end
-               for t, b in born.items())
+    return any(
+        call.start <= b < call.end and t not in outs and last_use.get(t, -1) >= call.end for t, b in born.items()
+    )
 
 
 def _choose_stubs(rec: ForwardRecord, model: nn.Module, start: int) -> list[tuple[str, Call]]:
@@ -232,8 +246,9 @@ def _choose_stubs(rec: ForwardRecord, model: nn.Module, start: int) -> list[tupl
     return chosen
 
 
-def plan_prefix(rec: ForwardRecord, model: nn.Module, names: Sequence[str],
-                macs: dict[str, int] | None = None) -> Prefix | str:
+def plan_prefix(
+    rec: ForwardRecord, model: nn.Module, names: Sequence[str], macs: dict[str, int] | None = None
+) -> Prefix | str:
     """The :class:`Prefix` for a group whose tensors are ``names``, or why there is none.
 
     Args:
@@ -298,8 +313,9 @@ def _storage_bytes(leaves: list, seen: set[int]) -> int:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, prefix: Prefix, batches: Sequence[Any], budget: int,
-            source: PrefixCache | None = None) -> PrefixCache | None:
+def capture(
+    model: nn.Module, prefix: Prefix, batches: Sequence[Any], budget: int, source: PrefixCache | None = None
+) -> PrefixCache | None:
     """Run the unpruned forward of every batch up to ``prefix.cut`` and keep the stubs' needed
     outputs (from ``source``'s cache where given); ``None`` when they exceed ``budget`` bytes."""
     mods = dict(model.named_modules())
@@ -310,10 +326,14 @@ def capture(model: nn.Module, prefix: Prefix, batches: Sequence[Any], budget: in
     def keep(name):
         def hook(mod, args, output):
             spec_leaves, spec = tree_flatten(output)
-            leaves = [(t.detach().clone() if c else t.detach()) if isinstance(t, torch.Tensor) and k else
-                      (None if isinstance(t, torch.Tensor) else t)
-                      for t, k, c in zip(spec_leaves, prefix.needed[name], prefix.clone[name])]
+            leaves = [
+                (t.detach().clone() if c else t.detach())
+                if isinstance(t, torch.Tensor) and k
+                else (None if isinstance(t, torch.Tensor) else t)
+                for t, k, c in zip(spec_leaves, prefix.needed[name], prefix.clone[name])
+            ]
             out[name].append((spec, leaves))
+
         return hook
 
     def stop(mod, args):
@@ -390,10 +410,14 @@ class Collector:
     def _hook(self, name: str):
         def hook(mod, args, output):
             leaves, spec = tree_flatten(output)
-            kept = [(t.detach().clone() if c else t.detach()) if isinstance(t, torch.Tensor) and k else
-                    (None if isinstance(t, torch.Tensor) else t)
-                    for t, k, c in zip(leaves, self.needed[name], self.clone[name])]
+            kept = [
+                (t.detach().clone() if c else t.detach())
+                if isinstance(t, torch.Tensor) and k
+                else (None if isinstance(t, torch.Tensor) else t)
+                for t, k, c in zip(leaves, self.needed[name], self.clone[name])
+            ]
             self.outputs[name].append((spec, kept))
+
         return hook
 
     def batch_done(self) -> None:
@@ -432,8 +456,10 @@ def stubbed(model: nn.Module, cache: PrefixCache, b: int, repeat: int = 1, size:
     for name in cache.prefix.stubs:
         spec, leaves = cache.outputs[name][b]
         clone = cache.prefix.clone[name]
-        vals = [_repeat(t, repeat, size) if repeat > 1 else (t.clone() if c and t is not None else t)
-                for t, c in zip(leaves, clone)]
+        vals = [
+            _repeat(t, repeat, size) if repeat > 1 else (t.clone() if c and t is not None else t)
+            for t, c in zip(leaves, clone)
+        ]
         values[name] = tree_unflatten(vals, spec)
     saved = {}
     try:
@@ -471,8 +497,14 @@ def _mask_roles(model: nn.Module, group) -> dict[str, dict[str, int]] | str:
         cdim = -1 if isinstance(mod, nn.Linear) else 1
         conv = isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed
         bn = isinstance(mod, nn.modules.batchnorm._BatchNorm)
-        if (conv or isinstance(mod, nn.Linear)) and leaf in ("weight", "bias") and m.dim == 0 or \
-                bn and leaf in ("weight", "bias", "running_mean", "running_var") and m.dim == 0:
+        if (
+            (conv or isinstance(mod, nn.Linear))
+            and leaf in ("weight", "bias")
+            and m.dim == 0
+            or bn
+            and leaf in ("weight", "bias", "running_mean", "running_var")
+            and m.dim == 0
+        ):
             role = "out"
         elif (conv and mod.groups == 1 or isinstance(mod, nn.Linear)) and leaf == "weight" and m.dim == 1:
             role = "in"
@@ -486,16 +518,18 @@ def _mask(t: torch.Tensor, keep: torch.Tensor, cdim: int, size: int) -> torch.Te
     """``t`` (variants x size, ...) times ``keep`` (variants, channels) along ``cdim``."""
     n = keep.shape[0]
     if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] != n * size:
-        raise _Unbatchable(f"a masked layer saw a tensor of shape {tuple(getattr(t, 'shape', ()))}, "
-                           f"not {n} x {size} samples")
+        raise _Unbatchable(
+            f"a masked layer saw a tensor of shape {tuple(getattr(t, 'shape', ()))}, not {n} x {size} samples"
+        )
     shape = [n] + [1] * t.dim()
     shape[1 + cdim % t.dim()] = keep.shape[1]
     return (t.reshape(n, size, *t.shape[1:]) * keep.reshape(shape).to(t.dtype)).reshape(t.shape)
 
 
 @contextlib.contextmanager
-def variant_masks(model: nn.Module, roles: dict[str, dict[str, int]], plans: Sequence[PruningPlan],
-                  size: int) -> Iterator[None]:
+def variant_masks(
+    model: nn.Module, roles: dict[str, dict[str, int]], plans: Sequence[PruningPlan], size: int
+) -> Iterator[None]:
     """Each plan's channels masked on its own slice of a batch of ``len(plans) x size`` samples."""
     handles = []
     for name, what in roles.items():
@@ -512,8 +546,7 @@ def variant_masks(model: nn.Module, roles: dict[str, dict[str, int]], plans: Seq
             keep[role] = (k, cdim)
         if "in" in keep:
             k, c = keep["in"]
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, a, k=k, c=c: (_mask(a[0], k, c, size), *a[1:])))
+            handles.append(mod.register_forward_pre_hook(lambda m, a, k=k, c=c: (_mask(a[0], k, c, size), *a[1:])))
         if "out" in keep:
             k, c = keep["out"]
             handles.append(mod.register_forward_hook(lambda m, a, o, k=k, c=c: _mask(o, k, c, size)))
@@ -571,8 +604,7 @@ class PairedStats:
         self.batch_d: list[tuple[int, float]] = []
         self.value_sum = 0.0  # the variant's batch means times batch sizes (eval_fn's own formula)
 
-    def add(self, base: torch.Tensor | None, value: torch.Tensor | None, base_mean: float, mean: float,
-            k: int) -> None:
+    def add(self, base: torch.Tensor | None, value: torch.Tensor | None, base_mean: float, mean: float, k: int) -> None:
         """One batch of ``k`` samples: per-sample values (or ``None``) and the batch means."""
         if base is not None and value is not None and self.samples == self.n:
             d = self.sign * (base - value)
@@ -601,13 +633,13 @@ class PairedStats:
             mean = self.sum_d / self.n
             var = max(self.sum_d2 / self.n - mean * mean, 0.0)
             if self.binary:
-                var = max(var, self.z ** 2 / (self.n + self.z ** 2))
+                var = max(var, self.z**2 / (self.n + self.z**2))
             return self.z * math.sqrt(var / self.n)
         m = len(self.batch_d)
         if m < 3:
             return math.inf
         mean = self.drop
-        var = sum(k * k * (d - mean) ** 2 for k, d in self.batch_d) / self.n ** 2 * m / (m - 1)
+        var = sum(k * k * (d - mean) ** 2 for k, d in self.batch_d) / self.n**2 * m / (m - 1)
         return self.z * math.sqrt(var)
 
 
@@ -656,7 +688,7 @@ class CurvePlanner:
         out = []
         for k, (i, j) in enumerate(zip(done, done[1:]), start=1):
             width = xs[k + 1] - xs[k]
-            err = min(max(bend[k], bend[k + 1]) * width ** 2 / 8, abs(ys[k + 1] - ys[k]) / 2)
+            err = min(max(bend[k], bend[k + 1]) * width**2 / 8, abs(ys[k + 1] - ys[k]) / 2)
             if j - i >= 2 and err > self.tol:
                 out.append((i + j) // 2)
         return out
@@ -741,8 +773,17 @@ class FastAnalysis:
     baseline, the cache captures, the checks).
     """
 
-    def __init__(self, model: nn.Module, pruner, spec: EvalSpec, cfg: FastAnaConfig, lower_is_better: bool,
-                 collapse: float | None, prior: PruningPlan | None, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pruner,
+        spec: EvalSpec,
+        cfg: FastAnaConfig,
+        lower_is_better: bool,
+        collapse: float | None,
+        prior: PruningPlan | None,
+        log: Callable[[str], None],
+    ) -> None:
         self.model, self.pruner, self.spec, self.cfg = model, pruner, spec, cfg
         self.lower, self.collapse, self.prior, self.log = lower_is_better, collapse, prior, log
         self.sign = -1.0 if lower_is_better else 1.0
@@ -754,13 +795,21 @@ class FastAnalysis:
         self.prefixes: dict[int, Prefix | str] = {}
         self.current: PrefixCache | None = None
         self.caches: dict[str, PrefixCache] = {}  # kept during the baseline pass, by cut
-        self.budget = int(cfg.cache_mb * 2 ** 20)
+        self.budget = int(cfg.cache_mb * 2**20)
         self.cost = self._no_cost()
 
     @staticmethod
     def _no_cost() -> dict:
-        return {"images": 0, "image_equivalents": 0.0, "baseline_images": 0, "capture_images": 0,
-                "verify_images": 0, "prefix_groups": 0, "batched_groups": 0, "fallbacks": {}}
+        return {
+            "images": 0,
+            "image_equivalents": 0.0,
+            "baseline_images": 0,
+            "capture_images": 0,
+            "verify_images": 0,
+            "prefix_groups": 0,
+            "batched_groups": 0,
+            "fallbacks": {},
+        }
 
     def take_cost(self) -> dict:
         """What was put through the model since the last call (and start counting again)."""
@@ -768,9 +817,19 @@ class FastAnalysis:
         return out
 
     @classmethod
-    def create(cls, model: nn.Module, example_inputs: Any, eval_fn: Callable, args: Sequence, pruner,
-               cfg: FastAnaConfig, lower_is_better: bool, collapse: float | None, prior: PruningPlan | None,
-               log: Callable[[str], None]) -> FastAnalysis | str:
+    def create(
+        cls,
+        model: nn.Module,
+        example_inputs: Any,
+        eval_fn: Callable,
+        args: Sequence,
+        pruner,
+        cfg: FastAnaConfig,
+        lower_is_better: bool,
+        collapse: float | None,
+        prior: PruningPlan | None,
+        log: Callable[[str], None],
+    ) -> FastAnalysis | str:
         """The analysis, with its baseline measured, or why the fast analysis does not apply."""
         spec = getattr(eval_fn, "evaluation", None)
         if not cfg.enabled:
@@ -794,8 +853,10 @@ class FastAnalysis:
         for inputs, target in self.spec.batches(_device(self.model)):
             used += _nbytes((inputs, target))
             if used > self.budget:
-                return (f"the evaluation batches need more than ana.fast.cache_mb={self.cfg.cache_mb} MiB: "
-                        "every point is evaluated in full (raise cache_mb or evaluate fewer batches)")
+                return (
+                    f"the evaluation batches need more than ana.fast.cache_mb={self.cfg.cache_mb} MiB: "
+                    "every point is evaluated in full (raise cache_mb or evaluate fewer batches)"
+                )
             self.batches += [_Batch(i, t, batch_size(t), None, math.nan) for i, t in self._split(inputs, target)]
         if not self.batches:
             raise ValueError("the loader yielded no batches; nothing to evaluate")
@@ -808,7 +869,7 @@ class FastAnalysis:
         leaves = [t for t in tree_flatten((inputs, target))[0] if isinstance(t, torch.Tensor)]
         if not k or size <= k or not self.spec.samplewise or any(t.dim() == 0 or t.shape[0] != size for t in leaves):
             return [(inputs, target)]
-        cut = lambda tree, a: tree_map(lambda t: t[a:a + k] if isinstance(t, torch.Tensor) else t, tree)  # noqa: E731
+        cut = lambda tree, a: tree_map(lambda t: t[a : a + k] if isinstance(t, torch.Tensor) else t, tree)  # noqa: E731
         return [(cut(inputs, a), cut(target, a)) for a in range(0, size, k)]
 
     def _measure_baseline(self) -> None:
@@ -843,21 +904,28 @@ class FastAnalysis:
             self.record = record_forward(self.model, example_inputs)
             self.macs = {k: v[0] for k, v in count(self.model, example_inputs).per_module.items()}
         except Exception as exc:  # noqa: BLE001 - no prefix reuse, the rest still applies
-            self.log(f"fast ana: the forward could not be recorded ({type(exc).__name__}: {exc}); "
-                     "every point runs the whole forward")
+            self.log(
+                f"fast ana: the forward could not be recorded ({type(exc).__name__}: {exc}); "
+                "every point runs the whole forward"
+            )
             self.record = None
 
     def prefix(self, group) -> Prefix | str:
         if group.id not in self.prefixes:
-            self.prefixes[group.id] = "prefix reuse is off" if self.record is None else \
-                plan_prefix(self.record, self.model, [m.name for m in group.members], self.macs)
+            self.prefixes[group.id] = (
+                "prefix reuse is off"
+                if self.record is None
+                else plan_prefix(self.record, self.model, [m.name for m in group.members], self.macs)
+            )
         return self.prefixes[group.id]
 
     def order(self, groups: Sequence) -> list:
         """The groups in the order of their first layer in the forward (the caches grow forward)."""
+
         def start(g):
             p = self.prefix(g)
             return p.start if isinstance(p, Prefix) else -1
+
         return sorted(groups, key=start)
 
     # ----- one group -----------------------------------------------------------------------
@@ -866,8 +934,13 @@ class FastAnalysis:
         scale = abs(self.baseline) if self.baseline != 0 else 1.0
         return max(0.0, self.sign * (self.baseline - value) / scale)
 
-    def analyse(self, group, ratios: Sequence[float], known: dict[int, tuple[float, dict]],
-                emit: Callable[[int, PointResult], None]) -> None:
+    def analyse(
+        self,
+        group,
+        ratios: Sequence[float],
+        known: dict[int, tuple[float, dict]],
+        emit: Callable[[int, PointResult], None],
+    ) -> None:
         """Evaluate ``group``'s curve at ``ratios``; ``known`` holds the points saved before
         (``{index: (value, info)}``); ``emit(index, result)`` saves one point."""
         stride = self.cfg.stride if self.cfg.adaptive else 1
@@ -931,14 +1004,17 @@ class FastAnalysis:
         """Points in ascending ratio, up to the first that collapses."""
         pos = 0
         while pos < len(items):
-            chunk = items[pos:pos + mode.variants]
+            chunk = items[pos : pos + mode.variants]
             try:
                 results = self._run_chunk(group, mode, chunk)
             except Exception as exc:  # noqa: BLE001 - the plain forward decides (it raises if the model does)
                 if mode.cache is None and mode.roles is None:
                     raise
-                why = str(exc) if isinstance(exc, (_Mismatch, _Unbatchable)) else \
-                    f"the fast forward failed ({type(exc).__name__}: {exc})"
+                why = (
+                    str(exc)
+                    if isinstance(exc, (_Mismatch, _Unbatchable))
+                    else f"the fast forward failed ({type(exc).__name__}: {exc})"
+                )
                 self._fallback(group, f"plain forward: {why}")
                 self.log(f"fast ana: group {group.id}: {why}; evaluating it with the plain forward")
                 self.cost["prefix_groups"] -= mode.cache is not None
@@ -962,8 +1038,13 @@ class FastAnalysis:
                 if not mode.verified:
                     self._verify(mode, plans[active[0]], b, outs[0])
                 for p, out in zip(active, outs):
-                    stats[p].add(batch.base, self.spec.per_sample(out, batch.target),
-                                 batch.base_mean, self.spec.batch_value(out, batch.target), batch.size)
+                    stats[p].add(
+                        batch.base,
+                        self.spec.per_sample(out, batch.target),
+                        batch.base_mean,
+                        self.spec.batch_value(out, batch.target),
+                        batch.size,
+                    )
                     res = self._stop(stats[p], last=b == len(self.batches) - 1)
                     if res is not None:
                         done[p] = res
@@ -1026,7 +1107,7 @@ def _slice(t: Any, v: int, n: int, size: int) -> Any:
         return t
     if t.dim() == 0 or t.shape[0] != n * size:
         raise _Unbatchable(f"the model output of shape {tuple(t.shape)} does not hold {n} x {size} samples")
-    return t[v * size:(v + 1) * size]
+    return t[v * size : (v + 1) * size]
 
 
 @contextlib.contextmanager

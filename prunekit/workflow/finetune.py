@@ -150,19 +150,21 @@ def distillation_loss(student: Any, teacher: Any, temperature: float = 4.0) -> t
     """
     s, t = _logits(student).float(), _logits(teacher).float()
     if s.shape != t.shape:
-        raise ValueError(f"distillation needs the student's and the teacher's outputs of one shape, got "
-                         f"{tuple(s.shape)} and {tuple(t.shape)}")
-    kl = F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), reduction="none",
-                  log_target=True)
-    return kl.sum(1).mean() * temperature ** 2
+        raise ValueError(
+            f"distillation needs the student's and the teacher's outputs of one shape, got "
+            f"{tuple(s.shape)} and {tuple(t.shape)}"
+        )
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), reduction="none", log_target=True
+    )
+    return kl.sum(1).mean() * temperature**2
 
 
 def _logits(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         output = output[0]
     if not isinstance(output, torch.Tensor):
-        raise TypeError(f"distillation needs the models to return class scores (a tensor), got "
-                        f"{type(output).__name__}")
+        raise TypeError(f"distillation needs the models to return class scores (a tensor), got {type(output).__name__}")
     return output
 
 
@@ -189,15 +191,23 @@ class _Teacher:
 class _Trainer:
     """Optimizer, schedule and one epoch of training for one model."""
 
-    def __init__(self, model: nn.Module, loader: Iterable, cfg: FinetuneConfig, lr: float,
-                 loss_fn: Callable | None, teacher: _Teacher | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loader: Iterable,
+        cfg: FinetuneConfig,
+        lr: float,
+        loss_fn: Callable | None,
+        teacher: _Teacher | None = None,
+    ) -> None:
         self.model, self.loader, self.cfg, self.lr, self.teacher = model, loader, cfg, lr, teacher
         self.device = torch.device(cfg.device) if cfg.device else _model_device(model)
         self.steps_per_epoch = _len(loader, cfg.max_batches) or 1
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
             self.opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+                params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+            )
         else:
             self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._factor)
@@ -231,8 +241,10 @@ class _Trainer:
             if self.teacher is not None:
                 loss = self.teacher.mix(loss, out, x)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss is {float(loss)} at batch {i}; lower the "
-                                     "learning rate (finetune.lr) or turn off mixed precision")
+            raise FloatingPointError(
+                f"the training loss is {float(loss)} at batch {i}; lower the "
+                "learning rate (finetune.lr) or turn off mixed precision"
+            )
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -330,11 +342,20 @@ class _Setup:
     train_fn: Callable | None = None
 
 
-def finetune(model: nn.Module, train_loader: Iterable | None, eval_fn: Callable[[nn.Module], float] | None,
-             config: FinetuneConfig | None = None, *, workspace: str | Workspace | None = None,
-             train_fn: Callable[[nn.Module, int], Any] | None = None, loss_fn: Callable | None = None,
-             teacher: nn.Module | None = None, lower_is_better: bool = False, example_inputs: Any = None,
-             log: Callable[[str], None] = print) -> FinetuneResult:
+def finetune(
+    model: nn.Module,
+    train_loader: Iterable | None,
+    eval_fn: Callable[[nn.Module], float] | None,
+    config: FinetuneConfig | None = None,
+    *,
+    workspace: str | Workspace | None = None,
+    train_fn: Callable[[nn.Module, int], Any] | None = None,
+    loss_fn: Callable | None = None,
+    teacher: nn.Module | None = None,
+    lower_is_better: bool = False,
+    example_inputs: Any = None,
+    log: Callable[[str], None] = print,
+) -> FinetuneResult:
     """Fine-tune ``model`` (usually sparse) in place; resumable when given a ``workspace``.
 
     Args:
@@ -385,8 +406,16 @@ def finetune(model: nn.Module, train_loader: Iterable | None, eval_fn: Callable[
     net = pdist.wrap_ddp(model) if on else model  # trains; `model` (unwrapped) is evaluated and saved
     loader = pdist.shard_loader(train_loader, cfg.seed) if on and train_fn is None else train_loader
     setup = _Setup(model, net, cfg, loader, eval_fn, ws, signature, lower_is_better, log, train_fn=train_fn)
-    teach = _Teacher(teacher, cfg.distill_weight, cfg.distill_temperature, torch.device(cfg.device) if cfg.device
-                     else _model_device(model)) if teacher is not None and cfg.distill_weight > 0 else None
+    teach = (
+        _Teacher(
+            teacher,
+            cfg.distill_weight,
+            cfg.distill_temperature,
+            torch.device(cfg.device) if cfg.device else _model_device(model),
+        )
+        if teacher is not None and cfg.distill_weight > 0
+        else None
+    )
     try:
         run = _start(setup, state, loss_fn, teach)
         _train_epochs(setup, run)
@@ -412,9 +441,11 @@ def _checked(config: FinetuneConfig | None, train_loader, train_fn, teacher) -> 
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be the unpruned nn.Module, got {type(teacher).__name__}")
     if cfg.distill_weight > 0 and (teacher is None or train_fn is not None):
-        raise ValueError(f"finetune.distill_weight={cfg.distill_weight} distils from a teacher in the built-in "
-                         "loop: pass finetune(..., teacher=unpruned_model) and no train_fn, or set "
-                         "distill_weight to 0")
+        raise ValueError(
+            f"finetune.distill_weight={cfg.distill_weight} distils from a teacher in the built-in "
+            "loop: pass finetune(..., teacher=unpruned_model) and no train_fn, or set "
+            "distill_weight to 0"
+        )
     return cfg
 
 
@@ -422,8 +453,14 @@ def _start(s: _Setup, state: dict | None, loss_fn: Callable | None, teacher: _Te
     """Resume from ``state`` (a checkpoint), or start: learning-rate trial, score of the start."""
     cfg, model = s.cfg, s.model
     if state is not None:
-        run = _Run(state["lr"], {float(k): v for k, v in state["trial"].items()}, state["history"],
-                   state["best_metric"], state["best_epoch"], start=state["epoch"])
+        run = _Run(
+            state["lr"],
+            {float(k): v for k, v in state["trial"].items()},
+            state["history"],
+            state["best_metric"],
+            state["best_epoch"],
+            start=state["epoch"],
+        )
     elif cfg.lr_trial and s.train_fn is None:
         trial, lr = _lr_trial(model, s.loader, s.eval_fn, cfg, loss_fn, s.lower, s.log, s.net, teacher)
         run = _Run(lr, trial)
@@ -437,9 +474,15 @@ def _start(s: _Setup, state: dict | None, loss_fn: Callable | None, teacher: _Te
         if s.trainer is not None:
             s.trainer.load_state_dict(state["trainer"])
         run.best_state = pdist.broadcast_object(
-            torch_load(s.ws.path("best.pt"), "best fine-tuned weights",
-                       f"delete {s.ws.path(CHECKPOINT)} to redo this fine-tuning", map_location="cpu" if on else None)
-            if main and s.ws and s.ws.exists("best.pt") else None)
+            torch_load(
+                s.ws.path("best.pt"),
+                "best fine-tuned weights",
+                f"delete {s.ws.path(CHECKPOINT)} to redo this fine-tuning",
+                map_location="cpu" if on else None,
+            )
+            if main and s.ws and s.ws.exists("best.pt")
+            else None
+        )
         s.log(f"resuming fine-tuning after epoch {run.start} of {cfg.epochs} ({s.ws.root})")
     elif s.eval_fn is not None:
         run.best_metric = _score_all(s.eval_fn, model)  # the starting point counts: never end worse than it
@@ -452,8 +495,9 @@ def _start(s: _Setup, state: dict | None, loss_fn: Callable | None, teacher: _Te
 def _train_epochs(s: _Setup, run: _Run) -> None:
     """Epochs ``run.start + 1 .. cfg.epochs``: train, evaluate, keep the best, checkpoint."""
     cfg = s.cfg
-    bar = progress_bar(cfg.epochs, "finetune", "epoch", enabled=cfg.progress and cfg.epochs > run.start,
-                       initial=run.start)
+    bar = progress_bar(
+        cfg.epochs, "finetune", "epoch", enabled=cfg.progress and cfg.epochs > run.start, initial=run.start
+    )
     try:
         for epoch in range(run.start, cfg.epochs):
             row = _epoch(s, epoch)
@@ -468,8 +512,10 @@ def _train_epochs(s: _Setup, run: _Run) -> None:
             _save_checkpoint(s, run, epoch + 1)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(metric=f"{metric:.4g}" if metric is not None else "-",
-                                best=f"{run.best_metric:.4g}" if run.best_metric is not None else "-")
+                bar.set_postfix(
+                    metric=f"{metric:.4g}" if metric is not None else "-",
+                    best=f"{run.best_metric:.4g}" if run.best_metric is not None else "-",
+                )
             else:  # no bar (progress off, or no terminal): one line per epoch
                 s.log(_epoch_line(row, cfg.epochs, run.best_metric))
     finally:
@@ -479,10 +525,14 @@ def _train_epochs(s: _Setup, run: _Run) -> None:
 
 def _epoch_line(row: dict, epochs: int, best: float | None) -> str:
     """``finetune epoch 3/5: loss 0.4121, metric 0.9012 (best 0.9100), lr 0.005, 1.2 s``."""
-    parts = [f"loss {row['loss']:.4f}" if row["loss"] is not None else None,
-             f"metric {row['metric']:.4f}" + (f" (best {best:.4f})" if best is not None else "")
-             if row["metric"] is not None else None,
-             f"lr {row['lr']:.3g}" if row["lr"] is not None else None, f"{row['seconds']:.1f} s"]
+    parts = [
+        f"loss {row['loss']:.4f}" if row["loss"] is not None else None,
+        f"metric {row['metric']:.4f}" + (f" (best {best:.4f})" if best is not None else "")
+        if row["metric"] is not None
+        else None,
+        f"lr {row['lr']:.3g}" if row["lr"] is not None else None,
+        f"{row['seconds']:.1f} s",
+    ]
     return f"finetune epoch {row['epoch']}/{epochs}: " + ", ".join(p for p in parts if p)
 
 
@@ -501,18 +551,33 @@ def _epoch(s: _Setup, epoch: int) -> dict:
     else:
         loss = s.trainer.train_batches(cfg.max_batches, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
     metric = _score_all(s.eval_fn, s.model) if s.eval_fn is not None else None
-    return {"epoch": epoch + 1, "loss": loss, "metric": metric,
-            "lr": s.trainer.opt.param_groups[0]["lr"] if s.trainer else None,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "epoch": epoch + 1,
+        "loss": loss,
+        "metric": metric,
+        "lr": s.trainer.opt.param_groups[0]["lr"] if s.trainer else None,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _save_checkpoint(s: _Setup, run: _Run, epoch: int) -> None:
     if s.ws is None or not pdist.is_main():
         return
-    atomic_torch_save({"format": FORMAT, "signature": s.signature, "epoch": epoch, "model": s.model.state_dict(),
-                       "trainer": s.trainer.state_dict() if s.trainer else {}, "history": run.history,
-                       "best_metric": run.best_metric, "best_epoch": run.best_epoch, "lr": run.lr,
-                       "trial": {str(k): v for k, v in run.trial.items()}}, s.ws.path(CHECKPOINT))
+    atomic_torch_save(
+        {
+            "format": FORMAT,
+            "signature": s.signature,
+            "epoch": epoch,
+            "model": s.model.state_dict(),
+            "trainer": s.trainer.state_dict() if s.trainer else {},
+            "history": run.history,
+            "best_metric": run.best_metric,
+            "best_epoch": run.best_epoch,
+            "lr": run.lr,
+            "trial": {str(k): v for k, v in run.trial.items()},
+        },
+        s.ws.path(CHECKPOINT),
+    )
 
 
 def _load_checkpoint(ws: Workspace | None, signature: dict, log, cpu: bool = False) -> dict | None:
@@ -532,8 +597,17 @@ def _load_checkpoint(ws: Workspace | None, signature: dict, log, cpu: bool = Fal
     return state
 
 
-def _lr_trial(model, loader, eval_fn, cfg: FinetuneConfig, loss_fn, lower: bool, log,
-              net: nn.Module | None = None, teacher: _Teacher | None = None) -> tuple[dict, float]:
+def _lr_trial(
+    model,
+    loader,
+    eval_fn,
+    cfg: FinetuneConfig,
+    loss_fn,
+    lower: bool,
+    log,
+    net: nn.Module | None = None,
+    teacher: _Teacher | None = None,
+) -> tuple[dict, float]:
     """Train a few batches from the same start with each candidate LR; keep the best.
     ``net`` is what trains (the DDP wrapper of ``model`` under torchrun)."""
     if eval_fn is None:

@@ -78,8 +78,7 @@ from prunekit.workflow.prune import prune
 from prunekit.workflow.validation import group_label, validated_pruner
 from prunekit.workflow.workspace import Workspace, model_fingerprint
 
-__all__ = ["IterativePruner", "IterativeResult", "iterative_prune", "IterativeConfig", "RebasedSensitivity",
-           "STATE"]
+__all__ = ["IterativePruner", "IterativeResult", "iterative_prune", "IterativeConfig", "RebasedSensitivity", "STATE"]
 
 STATE = "iterative.json"
 FORMAT = "prunekit-iterative"
@@ -120,19 +119,45 @@ class IterativeResult:
 
 
 def steps_table(baseline: dict, attempts: list[dict], final: dict | None = None) -> str:
-    test = any(a.get("test_metric") is not None for a in attempts) or bool(final and final.get("test_metric")
-                                                                           is not None)
+    test = any(a.get("test_metric") is not None for a in attempts) or bool(
+        final and final.get("test_metric") is not None
+    )
     t = lambda d: [f"{d['test_metric']:.4f}" if d.get("test_metric") is not None else ""] if test else []
     head = ["step", "ratio", "MACs", "MACs -", "params", "metric", "drop"] + (["test"] if test else []) + [""]
-    rows = [["base", "", _h(baseline["macs"]), "", _h(baseline["params"]), f"{baseline['metric']:.4f}", ""]
-            + t(baseline) + [""]]
+    rows = [
+        ["base", "", _h(baseline["macs"]), "", _h(baseline["params"]), f"{baseline['metric']:.4f}", ""]
+        + t(baseline)
+        + [""]
+    ]
     for a in attempts:
         tag = f"{a['step']}" + (f".{a['try']}" if a["try"] else "")
-        rows.append([tag, f"{a['ratio']:.3f}", _h(a["macs"]), f"{a['macs_reduction']:.1%}", _h(a["params"]),
-                     f"{a['metric']:.4f}", f"{a['drop']:+.4f}"] + t(a) + ["accepted" if a["accepted"] else "retried"])
+        rows.append(
+            [
+                tag,
+                f"{a['ratio']:.3f}",
+                _h(a["macs"]),
+                f"{a['macs_reduction']:.1%}",
+                _h(a["params"]),
+                f"{a['metric']:.4f}",
+                f"{a['drop']:+.4f}",
+            ]
+            + t(a)
+            + ["accepted" if a["accepted"] else "retried"]
+        )
     if final:
-        rows.append(["slim", "", _h(final["macs"]), f"{final['macs_reduction']:.1%}", _h(final["params"]),
-                     f"{final['metric']:.4f}", f"{final['drop']:+.4f}"] + t(final) + [""])
+        rows.append(
+            [
+                "slim",
+                "",
+                _h(final["macs"]),
+                f"{final['macs_reduction']:.1%}",
+                _h(final["params"]),
+                f"{final['metric']:.4f}",
+                f"{final['drop']:+.4f}",
+            ]
+            + t(final)
+            + [""]
+        )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
@@ -227,13 +252,26 @@ class IterativePruner:
         log: Where messages go.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any, eval_fn: Callable[[nn.Module], float],
-                 train_loader: Iterable | None = None, *, workspace: str | Workspace,
-                 config: IterativeConfig | None = None, finetune: FinetuneConfig | None = None,
-                 ana: AnaConfig | None = None, prune: PruneConfig | None = None, excludes: Iterable[str] = (),
-                 criterion: str = "l2", lower_is_better: bool = False,
-                 train_fn: Callable[[nn.Module, int], Any] | None = None, loss_fn: Callable | None = None,
-                 test_fn: Callable[[nn.Module], float] | None = None, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        eval_fn: Callable[[nn.Module], float],
+        train_loader: Iterable | None = None,
+        *,
+        workspace: str | Workspace,
+        config: IterativeConfig | None = None,
+        finetune: FinetuneConfig | None = None,
+        ana: AnaConfig | None = None,
+        prune: PruneConfig | None = None,
+        excludes: Iterable[str] = (),
+        criterion: str = "l2",
+        lower_is_better: bool = False,
+        train_fn: Callable[[nn.Module, int], Any] | None = None,
+        loss_fn: Callable | None = None,
+        test_fn: Callable[[nn.Module], float] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
         if sparse.is_sparse(model):
             raise ValueError("IterativePruner starts from the dense baseline; this model is already sparse")
         for name, fn in (("eval_fn", eval_fn), ("test_fn", test_fn)):
@@ -265,10 +303,18 @@ class IterativePruner:
     # ----- state ------------------------------------------------------------------------
     def _signature(self) -> dict:
         ft = {k: v for k, v in self.ft.to_dict().items() if k not in ("progress", "device")}
-        return {"model": model_fingerprint(self.template), "run": dataclasses.asdict(self.config), "finetune": ft,
-                "ana": dataclasses.asdict(self.ana_cfg), "prune": self.prune_cfg.kwargs(),
-                "excludes": sorted(self.excludes), "criterion": self.criterion, "lower_is_better": self.lower,
-                "custom_train_fn": self.train_fn is not None, "calibrate": self.calibrate is not None}
+        return {
+            "model": model_fingerprint(self.template),
+            "run": dataclasses.asdict(self.config),
+            "finetune": ft,
+            "ana": dataclasses.asdict(self.ana_cfg),
+            "prune": self.prune_cfg.kwargs(),
+            "excludes": sorted(self.excludes),
+            "criterion": self.criterion,
+            "lower_is_better": self.lower,
+            "custom_train_fn": self.train_fn is not None,
+            "calibrate": self.calibrate is not None,
+        }
 
     def _load_state(self, signature: dict) -> dict:
         fresh = {"format": FORMAT, "version": 2, "config": signature, "attempts": [], "notes": []}
@@ -278,8 +324,10 @@ class IterativePruner:
         if state.get("format") != FORMAT or state.get("config") != signature:
             changed = [k for k in signature if state.get("config", {}).get(k) != signature[k]]
             old = self.ws.set_aside([STATE, "steps", "final", "summary.json"], "run")
-            self.log(f"the iterative run in {self.ws.root} was made with other settings ({', '.join(changed)} "
-                     f"changed); starting the steps over (the old run is kept in {old})")
+            self.log(
+                f"the iterative run in {self.ws.root} was made with other settings ({', '.join(changed)} "
+                f"changed); starting the steps over (the old run is kept in {old})"
+            )
             return fresh
         if state["attempts"]:
             self.log(f"resuming: {len(state['attempts'])} finished step attempt(s) in {self.ws.path(STATE)}")
@@ -303,12 +351,24 @@ class IterativePruner:
             self.log = lambda m: None  # rank 0 reports
         state = pdist.broadcast_object(self._load_state(self._signature()) if pdist.is_main() else None)
         base_counts = count(self.template, self.inputs)
-        self.pruner = validated_pruner(self.template, self.inputs, ignore=self.excludes, criterion=self.criterion,
-                                       log=self.log)
-        sens = ana(self.template, self.inputs, self.eval_fn, workspace=self.ws, excludes=self.excludes,
-                   ratios=self.ana_cfg.ratios, criterion=self.criterion, forced=self.ana_cfg.forced,
-                   lower_is_better=self.lower, collapse=self.ana_cfg.collapse, progress=self.ft.progress,
-                   pruner=self.pruner, log=self.log)
+        self.pruner = validated_pruner(
+            self.template, self.inputs, ignore=self.excludes, criterion=self.criterion, log=self.log
+        )
+        sens = ana(
+            self.template,
+            self.inputs,
+            self.eval_fn,
+            workspace=self.ws,
+            excludes=self.excludes,
+            ratios=self.ana_cfg.ratios,
+            criterion=self.criterion,
+            forced=self.ana_cfg.forced,
+            lower_is_better=self.lower,
+            collapse=self.ana_cfg.collapse,
+            progress=self.ft.progress,
+            pruner=self.pruner,
+            log=self.log,
+        )
         baseline = {"metric": sens.baseline, "macs": base_counts.macs, "params": base_counts.params}
         if self.test_fn is not None:
             baseline["test_metric"] = float(self.test_fn(self.template))
@@ -316,9 +376,12 @@ class IterativePruner:
         self._save_baseline()
         notes: list[str] = list(state.get("notes", []))
         if self.config.total_epochs is not None:
-            self._note(notes, f"fine-tuning budget: run.total_epochs={self.config.total_epochs} split over "
-                              f"{len(self.epochs)} steps as {' + '.join(map(str, self.epochs))} epochs "
-                              "(a retry fine-tunes its step's share again)")
+            self._note(
+                notes,
+                f"fine-tuning budget: run.total_epochs={self.config.total_epochs} split over "
+                f"{len(self.epochs)} steps as {' + '.join(map(str, self.epochs))} epochs "
+                "(a retry fine-tunes its step's share again)",
+            )
         prev_ratio, prev_dir = self._steps(state, sens, baseline, notes)
         planned = self.config.schedule_ratios()[-1]
         if prev_ratio < planned and prev_dir is not None:
@@ -346,15 +409,17 @@ class IterativePruner:
         for k, goal in enumerate(cfg.schedule_ratios(), start=1):
             a, fails, streak = 0, 0, 0
             while prev_ratio < goal - 1e-9 and fails <= cfg.max_retries:
-                ratio = round(prev_ratio + (goal - prev_ratio) * cfg.retry_factor ** streak, 6)
+                ratio = round(prev_ratio + (goal - prev_ratio) * cfg.retry_factor**streak, 6)
                 att = done.get((k, a))
                 if att is None:
                     att = self._attempt(k, a, ratio, prev_dir, sens, baseline)
                     state["attempts"].append(att)
                     notes += [f"step {k} try {a}: {n}" for n in att["notes"]]
                     if not att["accepted"]:
-                        msg = (f"step {k}: removal ratio {ratio:.3f} lost {att['drop']:.4f} "
-                               f"(> max_drop {cfg.max_drop}) after fine-tuning")
+                        msg = (
+                            f"step {k}: removal ratio {ratio:.3f} lost {att['drop']:.4f} "
+                            f"(> max_drop {cfg.max_drop}) after fine-tuning"
+                        )
                         msg += "; retrying with a smaller increment" if fails < cfg.max_retries else "; no retries left"
                         notes.append(msg)
                         self.log(msg)
@@ -366,16 +431,20 @@ class IterativePruner:
                 else:
                     fails, streak = fails + 1, streak + 1
             if prev_ratio < goal - 1e-9:
-                msg = (f"stopped at step {k}: {fails} attempt(s) missed max_drop={cfg.max_drop}; keeping the model "
-                       f"at removal ratio {prev_ratio:.3f}" if prev_dir is not None else
-                       f"stopped at step {k}: no attempt met max_drop={cfg.max_drop}; nothing was pruned")
+                msg = (
+                    f"stopped at step {k}: {fails} attempt(s) missed max_drop={cfg.max_drop}; keeping the model "
+                    f"at removal ratio {prev_ratio:.3f}"
+                    if prev_dir is not None
+                    else f"stopped at step {k}: no attempt met max_drop={cfg.max_drop}; nothing was pruned"
+                )
                 self._note(notes, msg)
                 self.log(msg)
                 break
         return prev_ratio, prev_dir
 
-    def _conclude(self, state: dict, last_dir: Path | None, baseline: dict, notes: list[str],
-                  together: bool) -> IterativeResult:
+    def _conclude(
+        self, state: dict, last_dir: Path | None, baseline: dict, notes: list[str], together: bool
+    ) -> IterativeResult:
         if not together:
             return self._finish(state, last_dir, baseline, notes)
         result = None  # rank 0 transforms, checks, saves and evaluates the slim model once
@@ -408,14 +477,16 @@ class IterativePruner:
         tmp.replace(path)
 
     # ----- one attempt ------------------------------------------------------------------
-    def _attempt(self, k: int, a: int, ratio: float, prev_dir: Path | None, sens: Sensitivity,
-                 baseline: dict) -> dict:
+    def _attempt(self, k: int, a: int, ratio: float, prev_dir: Path | None, sens: Sensitivity, baseline: dict) -> dict:
         t0 = time.perf_counter()
         rel = f"steps/step{k}-try{a}"
         slim_mode = self.config.finetune_on == "slim"
-        self.log(f"step {k}{f' (retry {a})' if a else ''}: prune to a MACs removal ratio of {ratio:.3f} (of the "
-                 f"original MACs)" + (f", starting from {prev_dir.name}" if prev_dir else "")
-                 + f"; fine-tune the {self.config.finetune_on} model for {self.epochs[k - 1]} epoch(s)")
+        self.log(
+            f"step {k}{f' (retry {a})' if a else ''}: prune to a MACs removal ratio of {ratio:.3f} (of the "
+            f"original MACs)"
+            + (f", starting from {prev_dir.name}" if prev_dir else "")
+            + f"; fine-tune the {self.config.finetune_on} model for {self.epochs[k - 1]} epoch(s)"
+        )
         seed = self.ft.seed + 1000 * k + 10 * a
         torch.manual_seed(seed)  # the random criterion
         start = self._start(prev_dir)
@@ -430,20 +501,39 @@ class IterativePruner:
         t_pruned = time.perf_counter()
         ft_cfg = dataclasses.replace(self.ft, seed=seed, epochs=self.epochs[k - 1])
         teacher = self.template if ft_cfg.distill_weight > 0 else None  # distil from the unpruned model
-        ft = finetune(step.model, self.train_loader, self.eval_fn, ft_cfg, workspace=self.ws.path(f"{rel}/finetune"),
-                      train_fn=self.train_fn, loss_fn=self.loss_fn, teacher=teacher, lower_is_better=self.lower,
-                      example_inputs=self.inputs, log=self.log)
+        ft = finetune(
+            step.model,
+            self.train_loader,
+            self.eval_fn,
+            ft_cfg,
+            workspace=self.ws.path(f"{rel}/finetune"),
+            train_fn=self.train_fn,
+            loss_fn=self.loss_fn,
+            teacher=teacher,
+            lower_is_better=self.lower,
+            example_inputs=self.inputs,
+            log=self.log,
+        )
         t_tuned = time.perf_counter()
         metric = ft.best_metric if ft.best_metric is not None else float(self.eval_fn(step.model))
         test = float(self.test_fn(step.model)) if self.test_fn is not None else None
         self._save_step(step, self.ws.path(f"{rel}/model"))
         att = self._record(k, a, ratio, step, ft, metric, baseline, rel)
-        att.update({"test_metric": test, "epochs": ft_cfg.epochs, "finetune_on": self.config.finetune_on,
-                    "prune_seconds": round(t_pruned - t0, 3), "finetune_seconds": round(t_tuned - t_pruned, 3),
-                    "seconds": round(time.perf_counter() - t0, 2)})
-        self.log(f"step {k}{f' (retry {a})' if a else ''}: MACs -{att['macs_reduction']:.1%}, params "
-                 f"-{att['params_reduction']:.1%}, metric {metric:.4f} (baseline {baseline['metric']:.4f}); "
-                 + ("accepted" if att["accepted"] else "rejected"))
+        att.update(
+            {
+                "test_metric": test,
+                "epochs": ft_cfg.epochs,
+                "finetune_on": self.config.finetune_on,
+                "prune_seconds": round(t_pruned - t0, 3),
+                "finetune_seconds": round(t_tuned - t_pruned, 3),
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+        self.log(
+            f"step {k}{f' (retry {a})' if a else ''}: MACs -{att['macs_reduction']:.1%}, params "
+            f"-{att['params_reduction']:.1%}, metric {metric:.4f} (baseline {baseline['metric']:.4f}); "
+            + ("accepted" if att["accepted"] else "rejected")
+        )
         return att
 
     def _start(self, prev_dir: Path | None) -> StepStart:
@@ -459,29 +549,50 @@ class IterativePruner:
     def _prune_sparse(self, start: StepStart, ratio: float, sens: Sensitivity, prev_dir: Path | None) -> PrunedStep:
         """Prune the original architecture again (its earlier pruned channels are zeros); merge if needed."""
         if start.slim:
-            raise ValueError(f"{prev_dir} holds a slim model, but run.finetune_on is 'sparse'; start the run over "
-                             "in a new workspace")
-        res = prune(start.model, self.inputs, removal_ratio=ratio, sensitivity=sens, excludes=self.excludes,
-                    criterion=self.criterion, log=self.log, **self.prune_cfg.kwargs())
+            raise ValueError(
+                f"{prev_dir} holds a slim model, but run.finetune_on is 'sparse'; start the run over in a new workspace"
+            )
+        res = prune(
+            start.model,
+            self.inputs,
+            removal_ratio=ratio,
+            sensitivity=sens,
+            excludes=self.excludes,
+            criterion=self.criterion,
+            log=self.log,
+            **self.prune_cfg.kwargs(),
+        )
         notes = list(res.notes)
         if start.plan.pruned and not res.plan.contains(start.plan):
             sparse.apply_plan(start.model, start.plan)  # merges: earlier pruned channels stay pruned
             notes.append("the new plan did not contain every earlier pruned channel; merged the previous plan")
         return PrunedStep(start.model, sparse.get_plan(start.model), None, notes)
 
-    def _prune_slim(self, start: StepStart, ratio: float, sens: Sensitivity, prev_dir: Path | None,
-                    base_macs: int) -> PrunedStep:
+    def _prune_slim(
+        self, start: StepStart, ratio: float, sens: Sensitivity, prev_dir: Path | None, base_macs: int
+    ) -> PrunedStep:
         """Prune the start model to ``ratio`` of the original MACs, then make the new slim model."""
         macs = count(start.model, self.inputs).macs
         local = max(0.0, 1.0 - base_macs * (1.0 - ratio) / macs) if macs else 0.0
         here = Pruner(start.model, self.inputs, ignore=self.excludes, criterion=self.criterion)
         pairs = self._matches(here)
-        kwargs = {**self.prune_cfg.kwargs(), "tolerance": min(0.99, self.prune_cfg.tolerance * base_macs / macs),
-                  "max_ratio": self._caps(here, pairs)}
+        kwargs = {
+            **self.prune_cfg.kwargs(),
+            "tolerance": min(0.99, self.prune_cfg.tolerance * base_macs / macs),
+            "max_ratio": self._caps(here, pairs),
+        }
         if start.plan.pruned:
             sens = self._step_sensitivity(start, sens, prev_dir, here, pairs)
-        res = prune(start.model, self.inputs, removal_ratio=min(local, 0.99), sensitivity=sens,
-                    excludes=self.excludes, criterion=self.criterion, log=self.log, **kwargs)
+        res = prune(
+            start.model,
+            self.inputs,
+            removal_ratio=min(local, 0.99),
+            sensitivity=sens,
+            excludes=self.excludes,
+            criterion=self.criterion,
+            log=self.log,
+            **kwargs,
+        )
         notes = [n for n in res.notes if not n.startswith("reached a MACs reduction")]
         return self._slim_step(start, res.plan, notes)
 
@@ -494,18 +605,41 @@ class IterativePruner:
         slim, _ = checked_slim(expanded, self.inputs)
         return PrunedStep(slim, plan, step_plan, notes)
 
-    def _step_sensitivity(self, start: StepStart, sens: Sensitivity, prev_dir: Path, here: Pruner,
-                          pairs: list[tuple[ChannelGroup, ChannelGroup]]) -> Sensitivity:
+    def _step_sensitivity(
+        self,
+        start: StepStart,
+        sens: Sensitivity,
+        prev_dir: Path,
+        here: Pruner,
+        pairs: list[tuple[ChannelGroup, ChannelGroup]],
+    ) -> Sensitivity:
         """Curves for the groups of a slim start model: ana's, re-read (:class:`RebasedSensitivity`), or
         with ``run.reanalyse`` measured on it (cached in the previous step's ``ana/``)."""
         if self.config.reanalyse:
-            return ana(copy.deepcopy(start.model), self.inputs, self.eval_fn, workspace=Workspace(prev_dir / "ana"),
-                       excludes=self.excludes, ratios=self.ana_cfg.ratios, criterion=self.criterion,
-                       lower_is_better=self.lower, collapse=self.ana_cfg.collapse, progress=self.ft.progress,
-                       log=self.log)
+            return ana(
+                copy.deepcopy(start.model),
+                self.inputs,
+                self.eval_fn,
+                workspace=Workspace(prev_dir / "ana"),
+                excludes=self.excludes,
+                ratios=self.ana_cfg.ratios,
+                criterion=self.criterion,
+                lower_is_better=self.lower,
+                collapse=self.ana_cfg.collapse,
+                progress=self.ft.progress,
+                log=self.log,
+            )
         origin = {g.id: (h.id, 1 - g.n_units / h.n_units) for g, h in pairs if h.id in sens.curves}
-        return RebasedSensitivity(sens.baseline, sens.lower_is_better, sens.ratios, {},
-                                  {g.id: group_label(g) for g in here.groups}, {}, source=sens, origin=origin)
+        return RebasedSensitivity(
+            sens.baseline,
+            sens.lower_is_better,
+            sens.ratios,
+            {},
+            {g.id: group_label(g) for g in here.groups},
+            {},
+            source=sens,
+            origin=origin,
+        )
 
     def _matches(self, here: Pruner) -> list[tuple[ChannelGroup, ChannelGroup]]:
         """``(group of a slim model, the original model's group)`` for every prunable group of ``here``,
@@ -532,19 +666,26 @@ class IterativePruner:
             idx = plan.pruned.get(m.name, {}).get(m.dim, [])
             if idx:
                 groups[g.id] = sorted(set(m.unit[torch.as_tensor(idx, dtype=torch.long)].tolist()))
-        plan.meta.update({"method": "iterative", "groups": groups,
-                          "ratios": {str(g): len(u) / self.pruner.groups[g].n_units for g, u in groups.items()},
-                          "labels": {str(g): group_label(self.pruner.groups[g]) for g in groups}})
+        plan.meta.update(
+            {
+                "method": "iterative",
+                "groups": groups,
+                "ratios": {str(g): len(u) / self.pruner.groups[g].n_units for g, u in groups.items()},
+                "labels": {str(g): group_label(self.pruner.groups[g]) for g in groups},
+            }
+        )
         return plan
 
     def _agree(self, step: PrunedStep, prev_dir: Path | None, k: int, seed: int) -> PrunedStep:
         """Under torchrun every rank trains rank 0's plan."""
-        ref = pdist.broadcast_object({"plan": step.plan.to_dict(),
-                                      "step": step.step_plan.to_dict() if step.step_plan is not None else None})
+        ref = pdist.broadcast_object(
+            {"plan": step.plan.to_dict(), "step": step.step_plan.to_dict() if step.step_plan is not None else None}
+        )
         if ref["plan"] == step.plan.to_dict():
             return step
-        warnings.warn(f"rank {pdist.rank()} pruned other channels than rank 0 in step {k}; using rank 0's plan",
-                      stacklevel=1)
+        warnings.warn(
+            f"rank {pdist.rank()} pruned other channels than rank 0 in step {k}; using rank 0's plan", stacklevel=1
+        )
         torch.manual_seed(seed)
         start = self._start(prev_dir)
         plan = PruningPlan.from_dict(ref["step"] if ref["step"] is not None else ref["plan"])
@@ -563,16 +704,37 @@ class IterativePruner:
                 step.step_plan.save(directory / "step_plan.json")
         pdist.barrier()  # the next step starts from this directory on every rank
 
-    def _record(self, k: int, a: int, ratio: float, step: PrunedStep, ft: FinetuneResult, metric: float,
-                baseline: dict, rel: str) -> dict:
+    def _record(
+        self,
+        k: int,
+        a: int,
+        ratio: float,
+        step: PrunedStep,
+        ft: FinetuneResult,
+        metric: float,
+        baseline: dict,
+        rel: str,
+    ) -> dict:
         c = count(step.model if step.step_plan is not None else to_slim(step.model), self.inputs)
         drop = (metric - baseline["metric"]) if self.lower else (baseline["metric"] - metric)
         ok = self.config.max_drop is None or drop <= self.config.max_drop + 1e-12
-        return {"step": k, "try": a, "ratio": ratio, "metric": metric, "drop": drop, "macs": c.macs,
-                "params": c.params, "macs_reduction": 1 - c.macs / baseline["macs"] if baseline["macs"] else 0.0,
-                "params_reduction": 1 - c.params / baseline["params"] if baseline["params"] else 0.0,
-                "accepted": ok, "dir": rel, "notes": step.notes, "history": ft.history, "lr": ft.lr,
-                "pruned_channels": sum(len(v) for v in step.plan.meta.get("groups", {}).values())}
+        return {
+            "step": k,
+            "try": a,
+            "ratio": ratio,
+            "metric": metric,
+            "drop": drop,
+            "macs": c.macs,
+            "params": c.params,
+            "macs_reduction": 1 - c.macs / baseline["macs"] if baseline["macs"] else 0.0,
+            "params_reduction": 1 - c.params / baseline["params"] if baseline["params"] else 0.0,
+            "accepted": ok,
+            "dir": rel,
+            "notes": step.notes,
+            "history": ft.history,
+            "lr": ft.lr,
+            "pruned_channels": sum(len(v) for v in step.plan.meta.get("groups", {}).values()),
+        }
 
     # ----- the end ----------------------------------------------------------------------
     def _final_sparse(self, last_dir: Path | None) -> nn.Module:
@@ -584,12 +746,21 @@ class IterativePruner:
             return sparse.from_slim(copy.deepcopy(self.template), start.model, start.plan).eval()
         return sparse.apply_plan(start.model, start.plan).eval()
 
-    def _load_result(self, state: dict, last_dir: Path | None, baseline: dict, notes: list[str],
-                     final: dict) -> IterativeResult:
+    def _load_result(
+        self, state: dict, last_dir: Path | None, baseline: dict, notes: list[str], final: dict
+    ) -> IterativeResult:
         """The result on ranks other than 0: the slim model rank 0 saved in ``final/``."""
         slim = load_slim(copy.deepcopy(self.template), self.ws.path("final")).eval()
-        return IterativeResult(slim, self._final_sparse(last_dir), baseline, state["attempts"], final, notes,
-                               self.ws.root, final.get("test_metric"))
+        return IterativeResult(
+            slim,
+            self._final_sparse(last_dir),
+            baseline,
+            state["attempts"],
+            final,
+            notes,
+            self.ws.root,
+            final.get("test_metric"),
+        )
 
     def _finish(self, state: dict, last_dir: Path | None, baseline: dict, notes: list[str]) -> IterativeResult:
         sparse_model = self._final_sparse(last_dir)
@@ -600,15 +771,31 @@ class IterativePruner:
         metric = float(self.eval_fn(slim))
         test = float(self.test_fn(slim)) if self.test_fn is not None else None
         drop = (metric - baseline["metric"]) if self.lower else (baseline["metric"] - metric)
-        final = {"metric": metric, "drop": drop, "macs": c.macs, "params": c.params,
-                 "macs_reduction": 1 - c.macs / baseline["macs"] if baseline["macs"] else 0.0,
-                 "params_reduction": 1 - c.params / baseline["params"] if baseline["params"] else 0.0,
-                 "step": last_dir.name if last_dir else None, "equivalence_error": err, "test_metric": test,
-                 "file_bytes": (final_dir / "model.safetensors").stat().st_size,
-                 "baseline_file_bytes": self.ws.path("baseline/model.safetensors").stat().st_size}
-        summary = {"format": "prunekit-summary", "version": 1, "baseline": baseline, "final": final,
-                   "test_metric": test, "finetune_on": self.config.finetune_on, "epochs_per_step": self.epochs,
-                   "attempts": state["attempts"], "notes": notes, "layers": layer_table(self.template, slim)}
+        final = {
+            "metric": metric,
+            "drop": drop,
+            "macs": c.macs,
+            "params": c.params,
+            "macs_reduction": 1 - c.macs / baseline["macs"] if baseline["macs"] else 0.0,
+            "params_reduction": 1 - c.params / baseline["params"] if baseline["params"] else 0.0,
+            "step": last_dir.name if last_dir else None,
+            "equivalence_error": err,
+            "test_metric": test,
+            "file_bytes": (final_dir / "model.safetensors").stat().st_size,
+            "baseline_file_bytes": self.ws.path("baseline/model.safetensors").stat().st_size,
+        }
+        summary = {
+            "format": "prunekit-summary",
+            "version": 1,
+            "baseline": baseline,
+            "final": final,
+            "test_metric": test,
+            "finetune_on": self.config.finetune_on,
+            "epochs_per_step": self.epochs,
+            "attempts": state["attempts"],
+            "notes": notes,
+            "layers": layer_table(self.template, slim),
+        }
         self.ws.write_json("summary.json", summary)
         return IterativeResult(slim, sparse_model, baseline, state["attempts"], final, notes, self.ws.root, test)
 
@@ -624,12 +811,25 @@ def layer_table(before: nn.Module, after: nn.Module) -> list[dict]:
             out_a = getattr(a, "out_channels", getattr(a, "out_features", out_b))
             in_b = m.in_channels if hasattr(m, "in_channels") else m.in_features
             in_a = getattr(a, "in_channels", getattr(a, "in_features", in_b))
-            rows.append({"name": name, "type": type(m).__name__, "out_before": out_b, "out_after": out_a,
-                         "in_before": in_b, "in_after": in_a})
+            rows.append(
+                {
+                    "name": name,
+                    "type": type(m).__name__,
+                    "out_before": out_b,
+                    "out_after": out_a,
+                    "in_before": in_b,
+                    "in_after": in_a,
+                }
+            )
     return rows
 
 
-def iterative_prune(model: nn.Module, example_inputs: Any, eval_fn: Callable[[nn.Module], float],
-                    train_loader: Iterable | None = None, **kwargs: Any) -> IterativeResult:
+def iterative_prune(
+    model: nn.Module,
+    example_inputs: Any,
+    eval_fn: Callable[[nn.Module], float],
+    train_loader: Iterable | None = None,
+    **kwargs: Any,
+) -> IterativeResult:
     """``IterativePruner(model, example_inputs, eval_fn, train_loader, **kwargs).run()``."""
     return IterativePruner(model, example_inputs, eval_fn, train_loader, **kwargs).run()

@@ -22,8 +22,21 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ConfigError", "check_keys", "check_fraction", "check_int", "check_ref", "AnaConfig", "FastAnaConfig",
-           "PruneConfig", "IterativeConfig", "FinetuneConfig", "OPTIMIZERS", "SCHEDULES", "FINETUNE_ON"]
+__all__ = [
+    "ConfigError",
+    "check_keys",
+    "check_fraction",
+    "check_int",
+    "check_ref",
+    "AnaConfig",
+    "FastAnaConfig",
+    "PruneConfig",
+    "IterativeConfig",
+    "FinetuneConfig",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "FINETUNE_ON",
+]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -154,12 +167,16 @@ class AnaConfig:
     workers: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ratios, (list, tuple)) or not self.ratios or not all(
-                isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r < 1 for r in self.ratios):
+        if (
+            not isinstance(self.ratios, (list, tuple))
+            or not self.ratios
+            or not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r < 1 for r in self.ratios)
+        ):
             raise ConfigError(f"ana.ratios must be a non-empty list of fractions in (0, 1), got {self.ratios!r}")
         self.ratios = [float(r) for r in self.ratios]
-        if self.collapse is not None and (isinstance(self.collapse, bool) or
-                                          not isinstance(self.collapse, numbers.Real) or self.collapse <= 0):
+        if self.collapse is not None and (
+            isinstance(self.collapse, bool) or not isinstance(self.collapse, numbers.Real) or self.collapse <= 0
+        ):
             raise ConfigError(f"ana.collapse must be a positive number or null, got {self.collapse!r}")
         if isinstance(self.fast, dict):
             check_keys(self.fast, FastAnaConfig, "ana.fast")
@@ -208,8 +225,9 @@ class PruneConfig:
             raise ConfigError(f"prune.block_criterion must be 'influence' or 'metric', got {self.block_criterion!r}")
         check_fraction("prune.removal_ratio", self.removal_ratio)
         check_fraction("prune.max_ratio", self.max_ratio, allow_none=False)
-        if self.threshold is not None and (isinstance(self.threshold, bool) or
-                                           not isinstance(self.threshold, numbers.Real) or self.threshold < 0):
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real) or self.threshold < 0
+        ):
             raise ConfigError(f"prune.threshold must be a non-negative number, got {self.threshold!r}")
         if self.removal_ratio is not None and self.threshold is not None:
             raise ConfigError("give prune.removal_ratio or prune.threshold, not both")
@@ -220,21 +238,33 @@ class PruneConfig:
 
     def kwargs(self) -> dict:
         """Keyword arguments for :func:`prunekit.workflow.prune.prune` other than the goal."""
-        return {"max_ratio": self.max_ratio, "round_to": self.round_to, "fallback": self.fallback,
-                "tolerance": self.tolerance}
+        return {
+            "max_ratio": self.max_ratio,
+            "round_to": self.round_to,
+            "fallback": self.fallback,
+            "tolerance": self.tolerance,
+        }
 
     def oneshot_kwargs(self) -> dict:
         """The one-shot and structure options of :func:`prunekit.workflow.prune.prune` (``prunekit prune``)."""
-        return {"compensate": self.compensate, "remove_blocks": self.remove_blocks,
-                "block_criterion": self.block_criterion, "remove_experts": self.remove_experts}
+        return {
+            "compensate": self.compensate,
+            "remove_blocks": self.remove_blocks,
+            "block_criterion": self.block_criterion,
+            "remove_experts": self.remove_experts,
+        }
 
     def needs_calibration(self, criterion: str) -> bool:
         """Whether these options (with ``criterion``) read calibration batches."""
         from prunekit.engine.criteria import CRITERIA
 
         crit = CRITERIA.get(criterion)
-        return bool(self.compensate or self.remove_experts or (crit is not None and crit.needs_activations)
-                    or (self.remove_blocks and self.block_criterion == "influence"))
+        return bool(
+            self.compensate
+            or self.remove_experts
+            or (crit is not None and crit.needs_activations)
+            or (self.remove_blocks and self.block_criterion == "influence")
+        )
 
 
 @dataclass
@@ -289,12 +319,16 @@ class IterativeConfig:
                 raise ConfigError(f"run.schedule must increase strictly from above 0, got {self.schedule}")
         elif self.target is None or self.target <= 0:
             raise ConfigError("give run.target (final MACs removal ratio, e.g. 0.5) or run.schedule")
-        if self.max_drop is not None and (isinstance(self.max_drop, bool) or
-                                          not isinstance(self.max_drop, numbers.Real) or self.max_drop < 0):
+        if self.max_drop is not None and (
+            isinstance(self.max_drop, bool) or not isinstance(self.max_drop, numbers.Real) or self.max_drop < 0
+        ):
             raise ConfigError(f"run.max_drop must be a non-negative number or null, got {self.max_drop!r}")
         check_int("run.max_retries", self.max_retries, 0)
-        if isinstance(self.retry_factor, bool) or not isinstance(self.retry_factor, numbers.Real) \
-                or not 0 < self.retry_factor < 1:
+        if (
+            isinstance(self.retry_factor, bool)
+            or not isinstance(self.retry_factor, numbers.Real)
+            or not 0 < self.retry_factor < 1
+        ):
             raise ConfigError(f"run.retry_factor must be in (0, 1), got {self.retry_factor!r}")
         if self.finetune_on not in FINETUNE_ON:
             raise ConfigError(f"run.finetune_on must be one of {', '.join(FINETUNE_ON)}, got {self.finetune_on!r}")
@@ -303,8 +337,10 @@ class IterativeConfig:
         if not isinstance(self.reanalyse, bool):
             raise ConfigError(f"run.reanalyse must be true or false, got {self.reanalyse!r}")
         if self.reanalyse and self.finetune_on != "slim":
-            raise ConfigError("run.reanalyse analyses each step's slim model: it needs run.finetune_on: slim, "
-                              f"got {self.finetune_on!r}")
+            raise ConfigError(
+                "run.reanalyse analyses each step's slim model: it needs run.finetune_on: slim, "
+                f"got {self.finetune_on!r}"
+            )
 
     def schedule_ratios(self) -> list[float]:
         """The removal ratio of each step."""
@@ -327,11 +363,9 @@ class IterativeConfig:
         return [base + (1 if k >= n - extra else 0) for k in range(n)]
 
 
-
 def _positive(name: str, v: Any, integer: bool = False, zero: bool = False) -> None:
     kind = numbers.Integral if integer else numbers.Real
-    if isinstance(v, bool) or not isinstance(v, kind) or (v < 0 if zero else v <= 0) or \
-            (not integer and math.isnan(v)):
+    if isinstance(v, bool) or not isinstance(v, kind) or (v < 0 if zero else v <= 0) or (not integer and math.isnan(v)):
         what = "int" if integer else "number"
         raise ValueError(f"{name} must be a {'non-negative' if zero else 'positive'} {what}, got {v!r}")
 
@@ -404,11 +438,17 @@ class FinetuneConfig:
         _positive("trial_batches", self.trial_batches, integer=True)
         if self.max_batches is not None:
             _positive("max_batches", self.max_batches, integer=True)
-        if isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, numbers.Real) \
-                or not 0 <= self.label_smoothing < 1:
+        if (
+            isinstance(self.label_smoothing, bool)
+            or not isinstance(self.label_smoothing, numbers.Real)
+            or not 0 <= self.label_smoothing < 1
+        ):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, numbers.Real) \
-                or not 0 <= self.distill_weight <= 1:
+        if (
+            isinstance(self.distill_weight, bool)
+            or not isinstance(self.distill_weight, numbers.Real)
+            or not 0 <= self.distill_weight <= 1
+        ):
             raise ValueError(f"distill_weight must be in [0, 1] (0: no distillation), got {self.distill_weight!r}")
         _positive("distill_temperature", self.distill_temperature)
         if self.amp not in (None, True, False):

@@ -62,10 +62,15 @@ def _split(batch: Any) -> tuple[Any, torch.Tensor | None]:
 def _ids(inputs: Any) -> torch.Tensor:
     ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.is_floating_point():
-        what = f"a tensor of shape {tuple(ids.shape)} ({ids.dtype})" if isinstance(ids, torch.Tensor) else \
-            type(ids).__name__
-        raise ValueError(f"metric 'perplexity' needs token ids of shape (batch, tokens): a LongTensor, a dict with "
-                         f"'input_ids' or an (inputs, labels) pair; got {what}")
+        what = (
+            f"a tensor of shape {tuple(ids.shape)} ({ids.dtype})"
+            if isinstance(ids, torch.Tensor)
+            else type(ids).__name__
+        )
+        raise ValueError(
+            f"metric 'perplexity' needs token ids of shape (batch, tokens): a LongTensor, a dict with "
+            f"'input_ids' or an (inputs, labels) pair; got {what}"
+        )
     return ids
 
 
@@ -82,8 +87,10 @@ def _windows(batch: Any, seq_len: int) -> Iterator[TokenBatch]:
             break
         part = slice(start, stop)
         if isinstance(inputs, dict):
-            win = {k: (v[:, part] if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape else v)
-                   for k, v in inputs.items()}
+            win = {
+                k: (v[:, part] if isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape else v)
+                for k, v in inputs.items()
+            }
         else:
             win = ids[:, part]
         yield TokenBatch(win, labels[:, part], mask[:, part] & (labels[:, part] != -100))
@@ -96,8 +103,10 @@ def _logits(output: Any) -> torch.Tensor:
     if logits is None and isinstance(output, torch.Tensor):
         logits = output
     if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
-        raise TypeError("metric 'perplexity' needs next-token logits of shape (batch, tokens, vocab) (a tensor, a "
-                        f"tuple starting with one, or an output with .logits), got {type(output).__name__}")
+        raise TypeError(
+            "metric 'perplexity' needs next-token logits of shape (batch, tokens, vocab) (a tensor, a "
+            f"tuple starting with one, or an output with .logits), got {type(output).__name__}"
+        )
     return logits
 
 
@@ -105,8 +114,9 @@ def _nll(model: nn.Module, win: TokenBatch) -> tuple[float, int]:
     """Summed next-token negative log-likelihood of one window, and the tokens it counts."""
     logits = _logits(call_model(model, win.inputs))[:, :-1]
     target, keep = win.labels[:, 1:], win.mask[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), target.reshape(-1).clamp(min=0),
-                          reduction="none")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).double(), target.reshape(-1).clamp(min=0), reduction="none"
+    )
     keep = keep.reshape(-1)
     return float(nll[keep].sum()), int(keep.sum())
 
@@ -117,8 +127,12 @@ def _first_length(loader: Iterable) -> int:
     raise ValueError("the loader yielded no batches; nothing to evaluate")
 
 
-def make_perplexity_fn(loader: Iterable, seq_len: int | None = None, max_batches: int | None = None,
-                       device: str | torch.device | None = None) -> Callable[[nn.Module], float]:
+def make_perplexity_fn(
+    loader: Iterable,
+    seq_len: int | None = None,
+    max_batches: int | None = None,
+    device: str | torch.device | None = None,
+) -> Callable[[nn.Module], float]:
     """``eval_fn(model) -> perplexity`` (lower is better) over (the first ``max_batches`` of) ``loader``.
 
     Args:

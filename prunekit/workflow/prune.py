@@ -81,8 +81,10 @@ def _max_ratios(pruner: Pruner, max_ratio: float | dict) -> dict[int, float]:
         for k, v in max_ratio.items():
             ids = [k] if isinstance(k, int) else [g.id for g in pruner.groups if group_label(g) == k]
             if not ids or isinstance(k, int) and not 0 <= k < len(pruner.groups):
-                raise ValueError(f"max_ratio names {k!r}, which is not a group id or layer; "
-                                 f"use an id from pruner.prunable_groups or a layer name")
+                raise ValueError(
+                    f"max_ratio names {k!r}, which is not a group id or layer; "
+                    f"use an id from pruner.prunable_groups or a layer name"
+                )
             for i in ids:
                 _check(v, "max_ratio")
                 if i in out:  # a cap on a group that stays (e.g. frozen by validation) changes nothing
@@ -118,8 +120,9 @@ def _load_spec(spec: Any, pruner: Pruner) -> PruningPlan | dict[int, float]:
     raise TypeError(f"spec must be a PruningPlan, a plan.json path or {{group: ratio}}, got {type(spec).__name__}")
 
 
-def matching_sensitivity(ws: Workspace | None, sensitivity: Sensitivity | None, pruner: Pruner,
-                          analysed: nn.Module) -> Sensitivity | None:
+def matching_sensitivity(
+    ws: Workspace | None, sensitivity: Sensitivity | None, pruner: Pruner, analysed: nn.Module
+) -> Sensitivity | None:
     """The given curves, else the workspace's ``sensitivity.json``; refused when made for another model."""
     where = "the sensitivity results"
     config = None
@@ -134,25 +137,50 @@ def matching_sensitivity(ws: Workspace | None, sensitivity: Sensitivity | None, 
         theirs = (label, sensitivity.sizes.get(g, mine.get(g, (None, None))[1]))
         if mine.get(g) != theirs:
             ours = mine.get(g, ("(no such group)", 0))
-            raise ValueError(f"{where} were measured on another model: its channel group {g} is {label!r} with "
-                             f"{theirs[1]} channels, this model's is {ours[0]!r} with {ours[1]}; {fix}")
+            raise ValueError(
+                f"{where} were measured on another model: its channel group {g} is {label!r} with "
+                f"{theirs[1]} channels, this model's is {ours[0]!r} with {ours[1]}; {fix}"
+            )
     if config and config.get("model") != model_fingerprint(analysed):
-        raise ValueError(f"{where} were measured on other weights of this architecture (another checkpoint); "
-                         f"{fix}. To prune a fine-tuned model further, pass baseline= the model ana analysed "
-                         "(prunekit prune --start-from does)")
+        raise ValueError(
+            f"{where} were measured on other weights of this architecture (another checkpoint); "
+            f"{fix}. To prune a fine-tuned model further, pass baseline= the model ana analysed "
+            "(prunekit prune --start-from does)"
+        )
     return sensitivity
 
 
-def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None = None,
-          threshold: float | None = None, spec: Any = None, workspace: str | Workspace | None = None,
-          sensitivity: Sensitivity | None = None, excludes: Iterable[str] = (), max_ratio: float | dict = 0.9,
-          round_to: int = 1, mode: str = "sparse", criterion: str = "l2", fallback: str = "uniform",
-          strategy: str = "equal_loss", search: int = 0, eval_fn: Callable[..., float] | None = None,
-          eval_args: Sequence = (), calibrate: Callable[[nn.Module], Any] | None = None, seed: int = 0,
-          tolerance: float = 0.01, keep_pruned: PruningPlan | None = None, baseline: nn.Module | None = None,
-          calibration: Iterable[Any] | None = None, compensate: bool = False, remove_blocks: int = 0,
-          block_criterion: str = "influence", remove_experts: int = 0,
-          log: Callable[[str], None] = print) -> PruneResult:
+def prune(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    removal_ratio: float | None = None,
+    threshold: float | None = None,
+    spec: Any = None,
+    workspace: str | Workspace | None = None,
+    sensitivity: Sensitivity | None = None,
+    excludes: Iterable[str] = (),
+    max_ratio: float | dict = 0.9,
+    round_to: int = 1,
+    mode: str = "sparse",
+    criterion: str = "l2",
+    fallback: str = "uniform",
+    strategy: str = "equal_loss",
+    search: int = 0,
+    eval_fn: Callable[..., float] | None = None,
+    eval_args: Sequence = (),
+    calibrate: Callable[[nn.Module], Any] | None = None,
+    seed: int = 0,
+    tolerance: float = 0.01,
+    keep_pruned: PruningPlan | None = None,
+    baseline: nn.Module | None = None,
+    calibration: Iterable[Any] | None = None,
+    compensate: bool = False,
+    remove_blocks: int = 0,
+    block_criterion: str = "influence",
+    remove_experts: int = 0,
+    log: Callable[[str], None] = print,
+) -> PruneResult:
     """Prune ``model`` to a MACs reduction (``removal_ratio``) or a tolerated loss (``threshold``).
 
     Args:
@@ -213,8 +241,10 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
     if isinstance(search, bool) or not isinstance(search, int) or search < 0:
         raise ValueError(f"search must be a number of candidate allocations >= 0, got {search!r}")
     if search and not callable(eval_fn):
-        raise ValueError("search needs eval_fn(model, *eval_args) -> metric to compare the candidate "
-                         f"allocations, got eval_fn={eval_fn!r}")
+        raise ValueError(
+            "search needs eval_fn(model, *eval_args) -> metric to compare the candidate "
+            f"allocations, got eval_fn={eval_fn!r}"
+        )
     if calibrate is not None and not callable(calibrate):
         raise TypeError(f"calibrate must be callable (calibrate(model)), got {type(calibrate).__name__}")
     if strategy not in STRATEGIES:
@@ -223,29 +253,42 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
     if not any(given) and (remove_blocks or remove_experts):
         spec = {}  # blocks / experts only: no channel is pruned
     elif sum(given) != 1:
-        raise ValueError("give exactly one of removal_ratio (fraction of MACs to remove), threshold "
-                         "(tolerated relative metric loss) or spec (a pruning plan)")
+        raise ValueError(
+            "give exactly one of removal_ratio (fraction of MACs to remove), threshold "
+            "(tolerated relative metric loss) or spec (a pruning plan)"
+        )
     if removal_ratio is not None:
         _check(removal_ratio, "removal_ratio")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or threshold < 0):
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0
+    ):
         raise ValueError(f"threshold must be a non-negative number (relative metric loss), got {threshold!r}")
     if mode not in ("sparse", "slim"):
         raise ValueError(f"mode must be 'sparse' or 'slim', got {mode!r}")
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     if sparse.is_sparse(model):
-        raise ValueError("the model is already sparse; prune the original model, or transform this one "
-                         "first (prunekit.to_slim) and prune the slim model")
+        raise ValueError(
+            "the model is already sparse; prune the original model, or transform this one "
+            "first (prunekit.to_slim) and prune the slim model"
+        )
     ws = workspace if isinstance(workspace, Workspace) or workspace is None else Workspace(workspace)
     pruner = validated_pruner(model, example_inputs, ignore=excludes, criterion=criterion, log=log)
     before = count(model, example_inputs)
     notes: list[str] = []
     _collect_activations(pruner, criterion, calibration, compensate)
-    structure = plan_structure(model, example_inputs, pruner, remove_blocks=remove_blocks,
-                               block_criterion=block_criterion, remove_experts=remove_experts, calibration=calibration,
-                               eval_fn=eval_fn, eval_args=eval_args,
-                               lower_is_better=bool(getattr(eval_fn, "lower_is_better", False)))
+    structure = plan_structure(
+        model,
+        example_inputs,
+        pruner,
+        remove_blocks=remove_blocks,
+        block_criterion=block_criterion,
+        remove_experts=remove_experts,
+        calibration=calibration,
+        eval_fn=eval_fn,
+        eval_args=eval_args,
+        lower_is_better=bool(getattr(eval_fn, "lower_is_better", False)),
+    )
     notes += structure.notes
     sensitivity = matching_sensitivity(ws, sensitivity, pruner, baseline if baseline is not None else model)
     caps = _max_ratios(pruner, max_ratio)
@@ -253,8 +296,9 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
     if spec is not None:
         loaded = _load_spec(spec, pruner)
         plan = loaded if isinstance(loaded, PruningPlan) else pruner.plan(loaded, round_to=round_to)
-        ratios = {int(k): len(v) / max(1, pruner.groups[int(k)].n_units)
-                  for k, v in plan.meta.get("groups", {}).items()}
+        ratios = {
+            int(k): len(v) / max(1, pruner.groups[int(k)].n_units) for k, v in plan.meta.get("groups", {}).items()
+        }
         method = "spec"
     else:
         mm = MacsModel.from_counts(before, pruner.groups)
@@ -290,8 +334,11 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
                 else:
                     ratios = allocate(target, how)
                 plan = pruner.plan(ratios, round_to=round_to) if ratios else pruner.plan(0.0)
-                macs_after, _ = _measure(model, structure.combine(plan), example_inputs) \
-                    if plan.pruned or structure.macs_saved else (before.macs, 0)
+                macs_after, _ = (
+                    _measure(model, structure.combine(plan), example_inputs)
+                    if plan.pruned or structure.macs_saved
+                    else (before.macs, 0)
+                )
                 achieved = 1 - macs_after / before.macs
                 gap = abs(achieved - goal) if goal is not None else 0.0
                 if best is None or gap < best[0]:
@@ -313,10 +360,13 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
                 break
         if search:
             if method != "sensitivity" or goal is None:
-                raise ValueError("search compares allocations at one MACs target: it needs removal_ratio and "
-                                 "sensitivity results (run ana first, same workspace)")
-            best, searched = _search(model, best, reach, search, eval_fn, eval_args, calibrate, sensitivity,
-                                     cands, seed, tolerance, hows)
+                raise ValueError(
+                    "search compares allocations at one MACs target: it needs removal_ratio and "
+                    "sensitivity results (run ana first, same workspace)"
+                )
+            best, searched = _search(
+                model, best, reach, search, eval_fn, eval_args, calibrate, sensitivity, cands, seed, tolerance, hows
+            )
             notes.append(searched)
         _, ratios, plan, achieved = best
         if goal is not None and best[0] > tolerance:
@@ -326,10 +376,17 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
     if keep_pruned is not None and not plan.contains(keep_pruned):  # earlier pruned channels stay pruned
         plan = PruningPlan(plan.merge(keep_pruned).pruned, {**keep_pruned.shapes, **plan.shapes}, plan.meta)
         notes.append("merged the earlier plan: the new one did not contain every earlier pruned channel")
-    plan.meta.update({"method": method, "ratios": {str(k): v for k, v in ratios.items()},
-                      "removal_ratio": removal_ratio, "threshold": threshold, "round_to": round_to,
-                      "predicted_loss": predicted,
-                      "labels": {str(g): group_label(pruner.groups[g]) for g in ratios}})
+    plan.meta.update(
+        {
+            "method": method,
+            "ratios": {str(k): v for k, v in ratios.items()},
+            "removal_ratio": removal_ratio,
+            "threshold": threshold,
+            "round_to": round_to,
+            "predicted_loss": predicted,
+            "labels": {str(g): group_label(pruner.groups[g]) for g in ratios},
+        }
+    )
     if isinstance(example_inputs, torch.Tensor):  # for 'prunekit transform' (the shape of the example input)
         plan.meta["input_shape"] = list(example_inputs.shape)
     plan = structure.combine(plan)
@@ -341,33 +398,49 @@ def prune(model: nn.Module, example_inputs: Any, *, removal_ratio: float | None 
         calibrate(model)
     slim, _ = checked_slim(model, example_inputs)  # never a slim model that does not run or match
     after = count(slim, example_inputs)
-    plan.meta.update({"macs_before": before.macs, "macs_after": after.macs,
-                      "params_before": before.params, "params_after": after.params})
+    plan.meta.update(
+        {
+            "macs_before": before.macs,
+            "macs_after": after.macs,
+            "params_before": before.params,
+            "params_after": after.params,
+        }
+    )
     merged = 1 - after.macs / before.macs if before.macs else 0.0
     if keep_pruned is not None and removal_ratio is not None and merged > removal_ratio + tolerance:
-        notes.append(f"with the earlier pruned channels the MACs reduction is {merged:.3f} (requested "
-                     f"{removal_ratio:.3f}): the counts are those of the merged plan")
+        notes.append(
+            f"with the earlier pruned channels the MACs reduction is {merged:.3f} (requested "
+            f"{removal_ratio:.3f}): the counts are those of the merged plan"
+        )
     if ws is not None:
         plan.save(ws.path("plan.json"))
     for n in notes:
         log(n)
     out_model = slim if mode == "slim" else model
-    return PruneResult(out_model, plan, ratios, method, before.macs, after.macs, before.params, after.params,
-                       predicted, notes)
+    return PruneResult(
+        out_model, plan, ratios, method, before.macs, after.macs, before.params, after.params, predicted, notes
+    )
 
 
-def _collect_activations(pruner: Pruner, criterion: str, calibration: Iterable[Any] | None,
-                         compensate: bool) -> None:
+def _collect_activations(pruner: Pruner, criterion: str, calibration: Iterable[Any] | None, compensate: bool) -> None:
     """Input statistics on ``calibration`` where the criterion or the compensation needs them."""
     if not isinstance(compensate, bool):
         raise ValueError(f"compensate must be true or false, got {compensate!r}")
-    needs = [w for w, on in ((f"criterion {criterion!r}", CRITERIA[criterion].needs_activations),
-                             ("compensate=True", compensate)) if on]
+    needs = [
+        w
+        for w, on in (
+            (f"criterion {criterion!r}", CRITERIA[criterion].needs_activations),
+            ("compensate=True", compensate),
+        )
+        if on
+    ]
     if not needs:
         return
     if calibration is None:
-        raise ValueError(f"{' and '.join(needs)} need calibration batches: pass calibration=<a loader or list of "
-                         "model inputs> (a few hundred samples; e.g. calibration=[example_inputs] for a try)")
+        raise ValueError(
+            f"{' and '.join(needs)} need calibration batches: pass calibration=<a loader or list of "
+            "model inputs> (a few hundred samples; e.g. calibration=[example_inputs] for a try)"
+        )
     pruner.collect_activations(calibration)
 
 
@@ -398,5 +471,7 @@ def _search(model, best, reach, n, eval_fn, eval_args, calibrate, sensitivity, c
             bar.close()
     top = max(scored, key=lambda t: t[0])  # first of equals: the computed allocation wins ties
     first = scored[0][0]
-    return top[2], (f"search: {len(scored)} allocations at the target evaluated; kept the {top[1]} one "
-                    f"(metric {sign * top[0]:.4g}, computed allocation {sign * first:.4g})")
+    return top[2], (
+        f"search: {len(scored)} allocations at the target evaluated; kept the {top[1]} one "
+        f"(metric {sign * top[0]:.4g}, computed allocation {sign * first:.4g})"
+    )

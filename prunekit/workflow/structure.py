@@ -61,9 +61,15 @@ class StructurePlan:
         return width.merge(self.plan) if self.plan.pruned or self.plan.meta else width
 
 
-def block_scores(model: nn.Module, blocks: Sequence[depth.Block], how: str = "influence",
-                 calibration: Iterable[Any] | None = None, eval_fn: Callable[..., float] | None = None,
-                 eval_args: Sequence = (), lower_is_better: bool = False) -> dict[str, float]:
+def block_scores(
+    model: nn.Module,
+    blocks: Sequence[depth.Block],
+    how: str = "influence",
+    calibration: Iterable[Any] | None = None,
+    eval_fn: Callable[..., float] | None = None,
+    eval_args: Sequence = (),
+    lower_is_better: bool = False,
+) -> dict[str, float]:
     """Importance of each block (higher: keep it).
 
     Args:
@@ -83,8 +89,10 @@ def block_scores(model: nn.Module, blocks: Sequence[depth.Block], how: str = "in
             raise ValueError("block_criterion='influence' needs calibration batches (calibration=<loader>)")
         return depth.block_influence(model, blocks, calibration)
     if not callable(eval_fn):
-        raise ValueError("block_criterion='metric' evaluates the model without each block: it needs "
-                         f"eval_fn(model) -> metric, got eval_fn={eval_fn!r}")
+        raise ValueError(
+            "block_criterion='metric' evaluates the model without each block: it needs "
+            f"eval_fn(model) -> metric, got eval_fn={eval_fn!r}"
+        )
     sign = -1.0 if lower_is_better else 1.0
     out = {}
     for b in blocks:
@@ -101,17 +109,28 @@ def _inside(pruner: Pruner, blocks: list[str]) -> set[int]:
 def _choose_blocks(model, example_inputs, n, how, calibration, eval_fn, eval_args, lower_is_better):
     found = depth.find_blocks(model, example_inputs)
     if n > len(found):
-        raise ValueError(f"remove_blocks={n}, but the model has {len(found)} removable blocks "
-                         f"({', '.join(b.name for b in found) or 'none'}); give at most {len(found)}")
+        raise ValueError(
+            f"remove_blocks={n}, but the model has {len(found)} removable blocks "
+            f"({', '.join(b.name for b in found) or 'none'}); give at most {len(found)}"
+        )
     scores = block_scores(model, found, how, calibration, eval_fn, eval_args, lower_is_better)
     order = sorted(found, key=lambda b: (scores[b.name], b.name))
     return [b.name for b in order[:n]], scores
 
 
-def plan_structure(model: nn.Module, example_inputs: Any, pruner: Pruner, *, remove_blocks: int = 0,
-                   block_criterion: str = "influence", remove_experts: int = 0,
-                   calibration: Iterable[Any] | None = None, eval_fn: Callable[..., float] | None = None,
-                   eval_args: Sequence = (), lower_is_better: bool = False) -> StructurePlan:
+def plan_structure(
+    model: nn.Module,
+    example_inputs: Any,
+    pruner: Pruner,
+    *,
+    remove_blocks: int = 0,
+    block_criterion: str = "influence",
+    remove_experts: int = 0,
+    calibration: Iterable[Any] | None = None,
+    eval_fn: Callable[..., float] | None = None,
+    eval_args: Sequence = (),
+    lower_is_better: bool = False,
+) -> StructurePlan:
     """Choose ``remove_blocks`` blocks and ``remove_experts`` experts per MoE layer to remove.
 
     Blocks go by :func:`block_scores`; experts by their routing weight over ``calibration``
@@ -125,21 +144,24 @@ def plan_structure(model: nn.Module, example_inputs: Any, pruner: Pruner, *, rem
             raise ValueError(f"{name} must be a number of blocks/experts >= 0, got {v!r}")
     out = StructurePlan(PruningPlan({}, {}, {}))
     if remove_blocks:
-        out.blocks, out.scores = _choose_blocks(model, example_inputs, remove_blocks, block_criterion,
-                                                calibration, eval_fn, eval_args, lower_is_better)
+        out.blocks, out.scores = _choose_blocks(
+            model, example_inputs, remove_blocks, block_criterion, calibration, eval_fn, eval_args, lower_is_better
+        )
         out.plan.meta["blocks"] = list(out.blocks)
         out.inside = _inside(pruner, out.blocks)
-        out.notes.append(f"depth: removing {len(out.blocks)} blocks by {block_criterion} "
-                         f"({', '.join(out.blocks)})")
+        out.notes.append(f"depth: removing {len(out.blocks)} blocks by {block_criterion} ({', '.join(out.blocks)})")
     if remove_experts:
         layers = experts.find_moe_layers(model)
         if not layers:
-            raise ValueError(f"remove_experts={remove_experts}, but the model has no mixture-of-experts layer "
-                             "(a router 'gate' with one weight row per expert next to stacked 'experts')")
+            raise ValueError(
+                f"remove_experts={remove_experts}, but the model has no mixture-of-experts layer "
+                "(a router 'gate' with one weight row per expert next to stacked 'experts')"
+            )
         usage = experts.expert_usage(model, layers, calibration if calibration is not None else [example_inputs])
         out.plan = out.plan.merge(experts.expert_plan(model, layers, remove_experts, usage))
-        out.notes.append(f"experts: removing {remove_experts} of each of {len(layers)} layers' experts by routing "
-                         "weight")
+        out.notes.append(
+            f"experts: removing {remove_experts} of each of {len(layers)} layers' experts by routing weight"
+        )
     if out.plan.pruned or out.plan.meta:
         before = count(model, example_inputs).macs
         out.macs_saved = max(0, before - count(to_slim(model, out.plan), example_inputs).macs)

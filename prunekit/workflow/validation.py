@@ -32,8 +32,15 @@ from prunekit.engine.pruner import Pruner
 from prunekit.graph.groups import ChannelGroup
 from prunekit.utils.devices import model_device, to_device
 
-__all__ = ["validated_pruner", "validate", "check_sparse_model", "first_inputs", "Validation", "group_label",
-           "ValidationError"]
+__all__ = [
+    "validated_pruner",
+    "validate",
+    "check_sparse_model",
+    "first_inputs",
+    "Validation",
+    "group_label",
+    "ValidationError",
+]
 
 
 class ValidationError(ValueError):
@@ -65,8 +72,12 @@ class Validation:
     def lines(self) -> list[str]:
         """The report: a summary line, then one line per warning and per frozen group."""
         plural = "" if self.groups == 1 else "s"
-        verdict = (f"froze {len(self.frozen)} group{'s' if len(self.frozen) != 1 else ''} whose slim model would "
-                   "fail or differ" if self.frozen else "the slim model runs and matches")
+        verdict = (
+            f"froze {len(self.frozen)} group{'s' if len(self.frozen) != 1 else ''} whose slim model would "
+            "fail or differ"
+            if self.frozen
+            else "the slim model runs and matches"
+        )
         out = [f"validation: {self.groups} channel group{plural}, {self.prunable} prunable; {verdict}"]
         out += [f"warning: {w}" for w in self.warnings]
         out += [f"validation froze group {gid} ({label}, {n} channels): {why}" for gid, label, n, why in self.frozen]
@@ -75,8 +86,15 @@ class Validation:
         return out
 
 
-def validated_pruner(model: nn.Module, example_inputs: Any, *, ignore: Iterable[str] = (), criterion: str = "l2",
-                     log: Callable[[str], None] | None = print, **kwargs: Any) -> Pruner:
+def validated_pruner(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ignore: Iterable[str] = (),
+    criterion: str = "l2",
+    log: Callable[[str], None] | None = print,
+    **kwargs: Any,
+) -> Pruner:
     """A :class:`Pruner` of ``model`` whose groups all give a slim model that runs and matches.
 
     Args:
@@ -92,8 +110,12 @@ def validate(pruner: Pruner, log: Callable[[str], None] | None = print) -> Valid
     """Run ``pruner.validate()`` (structural, then numeric), report it to ``log`` and return what it found."""
     with torch.random.fork_rng(devices=[]):  # a random criterion must not shift the caller's random stream
         frozen = pruner.validate()
-    found = Validation(len(pruner.groups), len(pruner.prunable_groups), list(pruner.warnings),
-                       [(g.id, group_label(g), g.n_units, g.reasons[0].removeprefix("validation: ")) for g in frozen])
+    found = Validation(
+        len(pruner.groups),
+        len(pruner.prunable_groups),
+        list(pruner.warnings),
+        [(g.id, group_label(g), g.n_units, g.reasons[0].removeprefix("validation: ")) for g in frozen],
+    )
     if log is not None:
         for line in found.lines():
             log(line)
@@ -110,8 +132,10 @@ def check_sparse_model(model: nn.Module, example_inputs: Any, where: str = "the 
     try:
         return checked_slim(model, example_inputs)[1]
     except EquivalenceError as exc:
-        raise ValidationError(f"{where} would not give a working slim model ({exc}); prune it again: "
-                              "prune validates the channel groups first and keeps the ones that break") from exc
+        raise ValidationError(
+            f"{where} would not give a working slim model ({exc}); prune it again: "
+            "prune validates the channel groups first and keeps the ones that break"
+        ) from exc
 
 
 def first_inputs(loader: Iterable | None, model: nn.Module) -> Any:

@@ -35,8 +35,7 @@ FIXES = {
     "prune.json": "run 'prunekit prune' again: it rewrites prune.json",
     "finetune.json": "run 'prunekit finetune' again: it rewrites finetune.json",
     "demo.json": "run 'prunekit demo' again: it rewrites demo.json",
-    "steps": "delete {root}/iterative.json and run again: the steps are redone, reusing their fine-tuning "
-             "checkpoints",
+    "steps": "delete {root}/iterative.json and run again: the steps are redone, reusing their fine-tuning checkpoints",
 }
 DEFAULT_FIX = "delete it and run the command that wrote it again"
 
@@ -57,8 +56,9 @@ class Workspace:
         """What to do when the artifact ``name`` (a path relative to the root) is damaged."""
         parts = Path(name).parts
         if len(parts) > 3 and parts[0] == "steps" and parts[2] == "finetune":  # one step's fine-tuning
-            return (f"delete {self.root.joinpath(*parts[:3], 'checkpoint.pt')} and run again: that fine-tuning "
-                    "starts over")
+            return (
+                f"delete {self.root.joinpath(*parts[:3], 'checkpoint.pt')} and run again: that fine-tuning starts over"
+            )
         key = parts[0] if parts and parts[0] == "steps" else Path(name).name
         return FIXES.get(key, DEFAULT_FIX).format(root=self.root)
 

@@ -20,7 +20,7 @@ from prunekit.cli.job import Config, ConfigError, load_config
 from prunekit.cli.main import main
 from tinyjob import TinyNet, write_config
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where the shared helpers live
 
 
 @pytest.fixture
@@ -51,8 +51,16 @@ def test_run_end_to_end_then_report(run_workspace, capsys):
     ws, rc, out = run_workspace
     assert rc == 0, out
     assert "slim model in" in out and "accepted" in out, out
-    for f in ("config.yaml", "ana.json", "sensitivity.json", "iterative.json", "summary.json",
-              "final/model.safetensors", "final/spec.json", "steps/step2-try0/model/plan.json"):
+    for f in (
+        "config.yaml",
+        "ana.json",
+        "sensitivity.json",
+        "iterative.json",
+        "summary.json",
+        "final/model.safetensors",
+        "final/spec.json",
+        "steps/step2-try0/model/plan.json",
+    ):
         assert (ws / f).exists(), f"run did not write {f}"
     resolved = yaml.safe_load((ws / "config.yaml").read_text())
     assert resolved["run"]["max_drop"] == 0.5, "the --set override is not in the saved config"
@@ -100,8 +108,7 @@ def test_prune_search_with_bn_calibration(tmp_path, trained_checkpoint, capsys):
     assert "run ana first" in capsys.readouterr().err  # search needs the sensitivity results
     assert main(["ana", "-c", str(cfg), "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.4", "--search", "3",
-                 "--calibrate-batches", "2"]) == 0
+    assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.4", "--search", "3", "--calibrate-batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "search:" in out and "allocations at the target evaluated" in out, out
     resolved = yaml.safe_load((tmp_path / "ws" / "config.yaml").read_text())
@@ -114,17 +121,25 @@ def test_prune_without_a_goal_is_explained(tmp_path, capsys):
     assert "--removal-ratio" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"finetune": {"epoch": 3}}, "unknown key 'finetune.epoch' in the config (did you mean 'epochs'?); valid keys:"),
-    ({"modle": {}}, "unknown key 'modle' in the config (did you mean 'model'?)"),
-    ({"model": {"factory": "no_such_module:Net"}}, "cannot import the model factory 'no_such_module:Net'"),
-    ({"model": {"factory": "tinyjob:TinyNett"}}, "has no attribute 'TinyNett'; did you mean ['TinyNet']"),
-    ({"model": {"factory": "tinyjob"}}, "must name a Python object as 'package.module:name'"),
-    ({"data": {"loaders": None, "dataset": "cifar10", "root": "/no/such/dir"}},
-     "the data set root /no/such/dir does not exist"),
-    ({"data": {"loaders": None, "dataset": "imagenet"}}, "unknown data.dataset 'imagenet'"),
-    ({"finetune": {"optimizer": "adam"}}, "optimizer must be one of"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"finetune": {"epoch": 3}},
+            "unknown key 'finetune.epoch' in the config (did you mean 'epochs'?); valid keys:",
+        ),
+        ({"modle": {}}, "unknown key 'modle' in the config (did you mean 'model'?)"),
+        ({"model": {"factory": "no_such_module:Net"}}, "cannot import the model factory 'no_such_module:Net'"),
+        ({"model": {"factory": "tinyjob:TinyNett"}}, "has no attribute 'TinyNett'; did you mean ['TinyNet']"),
+        ({"model": {"factory": "tinyjob"}}, "must name a Python object as 'package.module:name'"),
+        (
+            {"data": {"loaders": None, "dataset": "cifar10", "root": "/no/such/dir"}},
+            "the data set root /no/such/dir does not exist",
+        ),
+        ({"data": {"loaders": None, "dataset": "imagenet"}}, "unknown data.dataset 'imagenet'"),
+        ({"finetune": {"optimizer": "adam"}}, "optimizer must be one of"),
+    ],
+)
 def test_config_errors(tmp_path, capsys, change, message):
     cfg = write_config(tmp_path, **change)
     assert main(["ana", "-c", str(cfg)]) == 2
@@ -170,19 +185,34 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install -y chromium to run "
-                                                "the browser check of the HTML report)")
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="chromium is not installed (apt-get install -y chromium to run the browser check of the HTML report)",
+)
 def test_report_renders_in_a_headless_browser(run_workspace, tmp_path):
     """Chromium loads the page and paints it: the screenshot is not blank, and the DOM has every image."""
     ws = run_workspace[0]
     assert main(["report", str(ws), "-o", str(tmp_path / "report.html")]) == 0
     page = tmp_path / "report.html"
     shot = tmp_path / "shot.png"
-    common = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={tempfile.mkdtemp()}"]
-    subprocess.run(common + ["--window-size=1000,2400", f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, timeout=120, check=False)
+    common = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp()}",
+    ]
+    subprocess.run(
+        common + ["--window-size=1000,2400", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert shot.exists() and shot.stat().st_size > 20_000, "chromium did not render the report"
     dom = subprocess.run(common + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert "Before and after" in dom.stdout and dom.stdout.count("<img") >= 3, dom.stderr[-2000:]

@@ -46,8 +46,7 @@ def test_meta_shortcut_matches_torch(func, args, kwargs):
     fast = _META_SHAPE[func](args, kwargs)
     real = func(*args, **kwargs)
     assert fast is not None
-    assert (fast.shape, fast.dtype, fast.stride(), fast.device) == (real.shape, real.dtype, real.stride(),
-                                                                     real.device)
+    assert (fast.shape, fast.dtype, fast.stride(), fast.device) == (real.shape, real.dtype, real.stride(), real.device)
 
 
 def test_meta_shortcut_inplace_returns_the_input():
@@ -56,17 +55,21 @@ def test_meta_shortcut_inplace_returns_the_input():
     assert _META_SHAPE[F.hardswish]((x,), {"inplace": True}) is x
 
 
-@pytest.mark.parametrize("func,args,kwargs", [
-    (F.batch_norm, (_meta(2, 3, 4), _meta(3), _meta(3), None, None, True), {}),  # training: stats
-    (F.batch_norm, (_meta(2, 4, 4), _meta(3), _meta(3)), {}),  # wrong width: torch must raise
-    (F.layer_norm, (_meta(2, 7, 8), [7, 8]), {}),  # several normalised dims
-    (F.layer_norm, (_meta(2, 7, 8), [8], _meta(7)), {}),  # wrong weight
-    (F.group_norm, (_meta(2, 7, 5), 3), {}),  # channels not divisible
-    (F.softmax, (_meta(2, 3),), {"dim": 1, "dtype": torch.float64}),  # dtype change
-    (F.linear, (_meta(2, 7), _meta(5, 8)), {}),  # wrong in_features: torch must raise
-    (F.linear, (_meta(2, 8, dtype=torch.float64), _meta(5, 8)), {}),  # mixed dtypes
-    (F.relu, (torch.randn(2, 3),), {}),  # not on meta
-], ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize(
+    "func,args,kwargs",
+    [
+        (F.batch_norm, (_meta(2, 3, 4), _meta(3), _meta(3), None, None, True), {}),  # training: stats
+        (F.batch_norm, (_meta(2, 4, 4), _meta(3), _meta(3)), {}),  # wrong width: torch must raise
+        (F.layer_norm, (_meta(2, 7, 8), [7, 8]), {}),  # several normalised dims
+        (F.layer_norm, (_meta(2, 7, 8), [8], _meta(7)), {}),  # wrong weight
+        (F.group_norm, (_meta(2, 7, 5), 3), {}),  # channels not divisible
+        (F.softmax, (_meta(2, 3),), {"dim": 1, "dtype": torch.float64}),  # dtype change
+        (F.linear, (_meta(2, 7), _meta(5, 8)), {}),  # wrong in_features: torch must raise
+        (F.linear, (_meta(2, 8, dtype=torch.float64), _meta(5, 8)), {}),  # mixed dtypes
+        (F.relu, (torch.randn(2, 3),), {}),  # not on meta
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
 def test_meta_shortcut_leaves_unusual_calls_to_torch(func, args, kwargs):
     assert _META_SHAPE[func](args, kwargs) is None
 

@@ -13,23 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import CLASSES, write_images
 from prunekit.cli.build import Loaders, build_loaders
 from prunekit.cli.images import BatchTransform, image_folder_splits, random_crop, split_by_class
 from prunekit.cli.job import Config, ConfigError, DataConfig
 from prunekit.cli.main import main
-
-CLASSES = ("cat", "dog", "frog")
-
-
-def write_images(folder: Path, per_class: int, size: int = 8, fmt: str = "png", seed: int = 0) -> None:
-    """``folder/<class>/<i>.<fmt>``: class ``c`` is mostly channel ``c``, with noise."""
-    g = torch.Generator().manual_seed(seed)
-    for c, name in enumerate(CLASSES):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = (torch.rand(size, size, 3, generator=g) * 60).to(torch.uint8)
-            img[:, :, c] += 150
-            Image.fromarray(img.numpy()).save(folder / name / f"{i}.{fmt}")
 
 
 @pytest.fixture
@@ -54,8 +42,10 @@ def test_train_val_test_splits_are_disjoint_and_seeded(folder):
     assert splits.train.source is splits.val.source, "validation is not held out of the training images"
     assert not set(splits.train.indices.tolist()) & set(splits.val.indices.tolist()), "val overlaps train"
     assert sorted(splits.val.targets.tolist()) == [0, 0, 1, 1, 2, 2], "the validation split is not per class"
-    again, other = image_folder_splits(folder, val_fraction=0.2, seed=0), image_folder_splits(folder, val_fraction=0.2,
-                                                                                              seed=1)
+    again, other = (
+        image_folder_splits(folder, val_fraction=0.2, seed=0),
+        image_folder_splits(folder, val_fraction=0.2, seed=1),
+    )
     assert torch.equal(again.val.indices, splits.val.indices), "the split is not reproducible"
     assert not torch.equal(other.val.indices, splits.val.indices), "the seed does not change the split"
     assert splits.test.source is not splits.train.source, "the test split must come from test/"
@@ -105,14 +95,16 @@ def test_random_crop_is_a_window_of_the_padded_image():
     for _ in range(5):
         out = random_crop(x, 2)
         for n in range(2):
-            windows = [(i, j) for i in range(5) for j in range(5)
-                       if torch.equal(out[n], padded[n, :, i:i + 5, j:j + 5])]
+            windows = [
+                (i, j) for i in range(5) for j in range(5) if torch.equal(out[n], padded[n, :, i : i + 5, j : j + 5])
+            ]
             assert windows, "a crop is not a window of the zero-padded image"
     flip = BatchTransform([0.0], [1.0], flip=True)
     torch.manual_seed(0)
     flipped = flip([(x[0], 0)] * 16)[0]
-    outs = {torch.equal(f, x[0].float() / 255) for f in flipped} | {torch.equal(f, x[0].flip(2).float() / 255)
-                                                                     for f in flipped}
+    outs = {torch.equal(f, x[0].float() / 255) for f in flipped} | {
+        torch.equal(f, x[0].flip(2).float() / 255) for f in flipped
+    }
     assert outs == {True, False}, "the flip neither keeps nor mirrors each image"
 
 
@@ -125,11 +117,14 @@ def test_image_size_resizes_and_mixed_sizes_are_explained(tmp_path):
     assert s.train.source.images.shape[1:] == (3, 6, 6)
 
 
-@pytest.mark.parametrize("layout, message", [
-    ("missing", "is not a directory"),
-    ("train_only", "has a train/ folder but no test/"),
-    ("empty_class", "cannot read the image folder"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("missing", "is not a directory"),
+        ("train_only", "has a train/ folder but no test/"),
+        ("empty_class", "cannot read the image folder"),
+    ],
+)
 def test_folder_errors(tmp_path, layout, message):
     root = tmp_path / "r"
     if layout == "train_only":
@@ -140,14 +135,17 @@ def test_folder_errors(tmp_path, layout, message):
         build_loaders(data_cfg(root))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"val_fraction": 0}, "data.val_fraction must be a fraction in"),
-    ({"val_fraction": 0.5, "test_fraction": 0.5}, "must be below 1"),
-    ({"mean": [0.5, 0.5]}, "data.mean must be a list of 1 or 3"),
-    ({"std": [0.0]}, "every data.std value must be positive"),
-    ({"crop_padding": -1}, "data.crop_padding must be an int"),
-    ({"datset": "imagefolder"}, "did you mean 'dataset'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"val_fraction": 0}, "data.val_fraction must be a fraction in"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "must be below 1"),
+        ({"mean": [0.5, 0.5]}, "data.mean must be a list of 1 or 3"),
+        ({"std": [0.0]}, "every data.std value must be positive"),
+        ({"crop_padding": -1}, "data.crop_padding must be an int"),
+        ({"datset": "imagefolder"}, "did you mean 'dataset'"),
+    ],
+)
 def test_config_errors(change, message):
     with pytest.raises(ConfigError, match=message):
         Config.from_dict({"data": {"dataset": "imagefolder", "root": ".", **change}})
@@ -179,11 +177,17 @@ def test_cli_selects_on_validation_and_reports_test(folder, tmp_path):
 
     ckpt = tmp_path / "net.pt"
     torch.save(cifar_resnet(8, num_classes=3, width=4).state_dict(), ckpt)
-    cfg = {"workspace": str(tmp_path / "ws"), "seed": 0,
-           "model": {"factory": "prunekit.models.cifar_resnet:cifar_resnet",
-                     "kwargs": {"depth": 8, "num_classes": 3, "width": 4}, "checkpoint": str(ckpt)},
-           "data": {"dataset": "imagefolder", "root": str(folder), "batch_size": 8, "val_fraction": 0.2},
-           "ana": {"ratios": [0.5]}}
+    cfg = {
+        "workspace": str(tmp_path / "ws"),
+        "seed": 0,
+        "model": {
+            "factory": "prunekit.models.cifar_resnet:cifar_resnet",
+            "kwargs": {"depth": 8, "num_classes": 3, "width": 4},
+            "checkpoint": str(ckpt),
+        },
+        "data": {"dataset": "imagefolder", "root": str(folder), "batch_size": 8, "val_fraction": 0.2},
+        "ana": {"ratios": [0.5]},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = io.StringIO()

@@ -18,8 +18,10 @@ from prunekit.deploy.export import FORMATS, ExportCheckError, ExportError, check
 from prunekit.engine.equivalence import TOLERANCE as TOL
 from prunekit.models.demo import DemoNet, randomize_batchnorm
 
-needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx")
-                               is None, reason="onnx/onnxruntime not installed (pip install 'prunekit[deploy]')")
+needs_ort = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+    reason="onnx/onnxruntime not installed (pip install 'prunekit[deploy]')",
+)
 
 DEMO_KWARGS = {"in_channels": 3, "width": 8, "blocks": 1}
 
@@ -56,10 +58,12 @@ def slim_of(factory, x, ratio=0.5, ignore=()):
     return model, pruner.transform().eval()
 
 
-CASES = {"cnn": (small_cnn, lambda b: torch.randn(b, 3, 16, 16), ()),
-         "attention": (TinyAttention, lambda b: torch.randn(b, 6, 8), ()),
-         # residual stream kept, heads pruned: PrunedMultiheadAttention (inner width != embed_dim)
-         "attention-heads": (TinyAttention, lambda b: torch.randn(b, 6, 8), ("embed",))}
+CASES = {
+    "cnn": (small_cnn, lambda b: torch.randn(b, 3, 16, 16), ()),
+    "attention": (TinyAttention, lambda b: torch.randn(b, 6, 8), ()),
+    # residual stream kept, heads pruned: PrunedMultiheadAttention (inner width != embed_dim)
+    "attention-heads": (TinyAttention, lambda b: torch.randn(b, 6, 8), ("embed",)),
+}
 
 
 @needs_ort
@@ -100,9 +104,11 @@ def test_sparse_model_asks_for_transform(tmp_path):
     model = small_cnn()
     prunekit.Pruner(model, x).prune(0.5)
     assert prunekit.engine.sparse.is_sparse(model)
-    for call in (lambda: export(model, x, tmp_path, formats=["pt2"]),
-                 lambda: export_pt2(model, x, tmp_path / "m.pt2"),
-                 lambda: export_onnx(model, x, tmp_path / "m.onnx")):
+    for call in (
+        lambda: export(model, x, tmp_path, formats=["pt2"]),
+        lambda: export_pt2(model, x, tmp_path / "m.pt2"),
+        lambda: export_onnx(model, x, tmp_path / "m.onnx"),
+    ):
         with pytest.raises(ValueError, match="sparse.*transform it first"):
             call()
     assert not any(tmp_path.iterdir())
@@ -150,9 +156,26 @@ def test_check_catches_a_mismatch(tmp_path):
     assert info.value.error > TOL
 
 
-ROW_FIELDS = {"model", "backend", "device", "batch", "median_ms", "p25_ms", "p75_ms", "iqr_ms", "min_ms", "max_ms",
-              "throughput", "speedup", "cpu_median_ms", "cpu_speedup", "repeats", "torch_threads",
-              "ort_intra_op_threads", "gpu"}
+ROW_FIELDS = {
+    "model",
+    "backend",
+    "device",
+    "batch",
+    "median_ms",
+    "p25_ms",
+    "p75_ms",
+    "iqr_ms",
+    "min_ms",
+    "max_ms",
+    "throughput",
+    "speedup",
+    "cpu_median_ms",
+    "cpu_speedup",
+    "repeats",
+    "torch_threads",
+    "ort_intra_op_threads",
+    "gpu",
+}
 
 
 @needs_ort
@@ -161,8 +184,16 @@ def test_bench_rows(tmp_path):
     original = small_cnn()
     _, slim = slim_of(small_cnn, x)
     buf = io.StringIO()
-    rows = bench({"original": original, "slim": slim}, lambda b: torch.randn(b, 3, 16, 16), batch_sizes=(1, 2),
-                 warmup=1, repeats=2, threads=1, devices=["cpu"], out=buf)
+    rows = bench(
+        {"original": original, "slim": slim},
+        lambda b: torch.randn(b, 3, 16, 16),
+        batch_sizes=(1, 2),
+        warmup=1,
+        repeats=2,
+        threads=1,
+        devices=["cpu"],
+        out=buf,
+    )
     assert len(rows) == 2 * 2 * 2  # models x batch sizes x backends
     json.dumps(rows)
     for r in rows:
@@ -177,8 +208,9 @@ def test_bench_rows(tmp_path):
 
 def test_bench_eager_only_and_bad_arguments():
     m = nn.Linear(4, 2)
-    rows = bench({"a": m}, lambda b: torch.randn(b, 4), batch_sizes=[3], backends=["eager"], warmup=0, repeats=1,
-                 out=None)
+    rows = bench(
+        {"a": m}, lambda b: torch.randn(b, 4), batch_sizes=[3], backends=["eager"], warmup=0, repeats=1, out=None
+    )
     assert [(r["model"], r["backend"], r["batch"]) for r in rows] == [("a", "eager", 3)]
     with pytest.raises(ValueError, match="unknown backend"):
         bench({"a": m}, lambda b: torch.randn(b, 4), backends=["tvm"], out=None)
@@ -199,17 +231,43 @@ def test_cli_transform_then_bench(tmp_path, capsys):
     model = small_cnn()
     prunekit.Pruner(model, x).prune(0.5)
     prunekit.save_sparse(model, tmp_path / "sparse")
-    common = ["--factory", "prunekit.models.demo:DemoNet", "--kwargs", json.dumps(DEMO_KWARGS),
-              "--input-shape", "3x16x16"]
+    common = [
+        "--factory",
+        "prunekit.models.demo:DemoNet",
+        "--kwargs",
+        json.dumps(DEMO_KWARGS),
+        "--input-shape",
+        "3x16x16",
+    ]
     rc = main(["transform", str(tmp_path / "sparse"), *common, "-o", str(tmp_path / "slim")])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert all((tmp_path / "slim" / f).exists() for f in ("model.safetensors", "spec.json", "model.pt2",
-                                                          "model.onnx", "export.json"))
+    assert all(
+        (tmp_path / "slim" / f).exists()
+        for f in ("model.safetensors", "spec.json", "model.pt2", "model.onnx", "export.json")
+    )
     assert out.count("checked: max error") == 3
 
-    rc = main(["bench", *common, "--slim", str(tmp_path / "slim"), "--removal-ratio", "0.3", "--batch-sizes", "2",
-               "--warmup", "0", "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "bench.json")])
+    rc = main(
+        [
+            "bench",
+            *common,
+            "--slim",
+            str(tmp_path / "slim"),
+            "--removal-ratio",
+            "0.3",
+            "--batch-sizes",
+            "2",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(tmp_path / "bench.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     data = json.loads((tmp_path / "bench.json").read_text())

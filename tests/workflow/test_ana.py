@@ -71,14 +71,16 @@ def n_points(model, x, ratios=RATIOS, excludes=()) -> int:
 
 
 def assert_same(a: Sensitivity, b: Sensitivity, what: str) -> None:
-    assert a.baseline == pytest.approx(b.baseline, rel=1e-9, abs=1e-12), \
+    assert a.baseline == pytest.approx(b.baseline, rel=1e-9, abs=1e-12), (
         f"{what}: baselines differ ({a.baseline} vs {b.baseline})"
+    )
     assert set(a.curves) == set(b.curves), f"{what}: analysed groups differ: {sorted(a.curves)} vs {sorted(b.curves)}"
     for g in a.curves:
         assert set(a.curves[g]) == set(b.curves[g]), f"{what}: group {g} has ratios {a.curves[g]} vs {b.curves[g]}"
         for r in a.curves[g]:
-            assert a.curves[g][r] == pytest.approx(b.curves[g][r], rel=1e-6, abs=1e-9), \
+            assert a.curves[g][r] == pytest.approx(b.curves[g][r], rel=1e-6, abs=1e-9), (
                 f"{what}: group {g} at ratio {r}: {a.curves[g][r]} vs {b.curves[g][r]}"
+            )
     assert a.labels == b.labels and a.sizes == b.sizes, f"{what}: labels or sizes differ"
 
 
@@ -98,8 +100,9 @@ def test_interrupted_analysis_resumes_without_recomputing(tmp_path, reference, k
     total = n_points(model, x)
     assert total == 12, f"the demo model should have 4 prunable groups x 3 ratios, got {total} points"
     ref, ref_calls = reference
-    assert ref_calls == total + 1, f"an uninterrupted run evaluates every point and the baseline once, " \
-                                   f"got {ref_calls} calls for {total} points"
+    assert ref_calls == total + 1, (
+        f"an uninterrupted run evaluates every point and the baseline once, got {ref_calls} calls for {total} points"
+    )
 
     ws = tmp_path / "ws"
     first = Counting(loader, stop_after=k)
@@ -108,13 +111,14 @@ def test_interrupted_analysis_resumes_without_recomputing(tmp_path, reference, k
     assert first.calls == k, f"the interrupted run should have made {k} calls, made {first.calls}"
     if k > 0:
         saved = json.loads((ws / "ana.json").read_text())
-        assert len(saved["points"]) == k - 1, \
+        assert len(saved["points"]) == k - 1, (
             f"every evaluated point must be on disk at once: {len(saved['points'])} saved after {k - 1} points"
+        )
     second = Counting(loader)
     resumed, logs = run_ana(model, x, second, ws)
-    assert first.calls + second.calls == total + 1, \
-        (f"resuming recomputed points: {first.calls} + {second.calls} evaluations for {total} points "
-         f"and one baseline")
+    assert first.calls + second.calls == total + 1, (
+        f"resuming recomputed points: {first.calls} + {second.calls} evaluations for {total} points and one baseline"
+    )
     assert_same(resumed, ref, "resumed vs uninterrupted")
     if k > 1:
         assert any("reusing" in m for m in logs), f"resuming should say it reuses points; logs: {logs}"
@@ -134,8 +138,9 @@ def test_resume_keeps_a_collapsed_curve_collapsed(tmp_path, reference):
     ref_fn = Counting(loader)
     ref, _ = run_ana(model, x, ref_fn, tmp_path / "ref", collapse=collapse)
     assert ref_fn.calls < n_points(model, x) + 1, "collapse should have skipped some evaluations"
-    assert ref.curves[g0][RATIOS[-1]] == ref.curves[g0][RATIOS[0]], \
+    assert ref.curves[g0][RATIOS[-1]] == ref.curves[g0][RATIOS[0]], (
         f"the remaining ratios of a collapsed curve record the collapsed value: {ref.curves[g0]}"
+    )
 
     ws = tmp_path / "ws"
     first = Counting(loader, stop_after=2)  # baseline + g0's first (collapsing) point
@@ -143,8 +148,9 @@ def test_resume_keeps_a_collapsed_curve_collapsed(tmp_path, reference):
         run_ana(model, x, first, ws, collapse=collapse)
     second = Counting(loader)
     resumed, _ = run_ana(model, x, second, ws, collapse=collapse)
-    assert first.calls + second.calls == ref_fn.calls, \
+    assert first.calls + second.calls == ref_fn.calls, (
         f"resuming evaluated {first.calls + second.calls} points, an uninterrupted run {ref_fn.calls}"
+    )
     assert_same(resumed, ref, "resumed vs uninterrupted (with collapse)")
 
     # stopped right after the collapsing point was saved, before the rest of its curve was filled in
@@ -177,8 +183,9 @@ def test_second_call_reuses_results_unless_forced(tmp_path):
     assert reordered.calls == 0, "the same ratios in another order are the same analysis"
     forced = Counting(loader)
     c, _ = run_ana(model, x, forced, tmp_path, forced=True)
-    assert forced.calls == first.calls, f"forced=True should recompute all {first.calls} evaluations, " \
-                                        f"made {forced.calls}"
+    assert forced.calls == first.calls, (
+        f"forced=True should recompute all {first.calls} evaluations, made {forced.calls}"
+    )
     assert_same(a, c, "forced vs first")
 
 
@@ -187,11 +194,14 @@ def _perturb(model):
         model.stem[0].weight.mul_(1.01)
 
 
-@pytest.mark.parametrize("change, phrase", [
-    ("weights", "the model's weights"),
-    ("excludes", "the excludes"),
-    ("ratios", "the ratios"),
-])
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        ("weights", "the model's weights"),
+        ("excludes", "the excludes"),
+        ("ratios", "the ratios"),
+    ],
+)
 def test_cache_invalidated_when_model_excludes_or_ratios_change(tmp_path, change, phrase):
     model, x, loader = demo()
     run_ana(model, x, Counting(loader), tmp_path)
@@ -205,8 +215,9 @@ def test_cache_invalidated_when_model_excludes_or_ratios_change(tmp_path, change
     again = Counting(loader)
     sens, logs = run_ana(model, x, again, tmp_path, **kw)
     expected = n_points(model, x, kw.get("ratios", RATIOS), kw.get("excludes", ())) + 1
-    assert again.calls == expected, f"after changing {change}, every point should be recomputed: " \
-                                    f"{again.calls} evaluations, expected {expected}"
+    assert again.calls == expected, (
+        f"after changing {change}, every point should be recomputed: {again.calls} evaluations, expected {expected}"
+    )
     stale = [m for m in logs if "stale" in m]
     assert stale and phrase in stale[0], f"changing {change} should be reported as stale ({phrase!r}); logs: {logs}"
     assert sens.ratios == sorted(kw.get("ratios", RATIOS)), f"the new ratios should be used, got {sens.ratios}"
@@ -225,14 +236,16 @@ def test_ranks_merge_into_the_same_workspace(tmp_path, reference):
     part, _ = run_ana(model, x, r0b, ws, rank=0, world_size=2)  # ... and resumes from its own file
     groups = [g.id for g in prunekit.Pruner(model, x).prunable_groups]
     mine = groups[0::2]
-    assert r0.calls + r0b.calls == 1 + len(mine) * len(RATIOS), \
-        (f"rank 0 owns groups {mine}: expected {1 + len(mine) * len(RATIOS)} evaluations over its two runs, "
-         f"got {r0.calls} + {r0b.calls}")
+    assert r0.calls + r0b.calls == 1 + len(mine) * len(RATIOS), (
+        f"rank 0 owns groups {mine}: expected {1 + len(mine) * len(RATIOS)} evaluations over its two runs, "
+        f"got {r0.calls} + {r0b.calls}"
+    )
     assert sorted(part.curves) == mine, f"after rank 0 alone, only its groups {mine} are known: {sorted(part.curves)}"
     r1 = Counting(loader)
     merged, _ = run_ana(model, x, r1, ws, rank=1, world_size=2)
-    assert r1.calls == len(groups[1::2]) * len(RATIOS), \
+    assert r1.calls == len(groups[1::2]) * len(RATIOS), (
         f"rank 1 should evaluate only its groups {groups[1::2]} (baseline reused), made {r1.calls} calls"
+    )
     assert (ws / "ana.rank0.json").exists() and (ws / "ana.rank1.json").exists(), "each rank writes its own file"
     assert_same(merged, single, "two ranks merged vs one process")
     # a later single-process call finds everything
@@ -257,8 +270,9 @@ def test_collapse_stops_a_curve_early(tmp_path):
     assert fn.calls < total + 1, f"collapse=0 should skip points after the first loss, made {fn.calls} calls"
     saved = json.loads((tmp_path / "ana.json").read_text())
     skipped = saved.get("collapsed", [])
-    assert len(skipped) == total + 1 - fn.calls, \
+    assert len(skipped) == total + 1 - fn.calls, (
         f"{len(skipped)} points are marked collapsed but {total + 1 - fn.calls} were skipped"
+    )
     for key in skipped:
         g, r = key.split("/")
         curve = sens.curves[int(g)]
@@ -313,8 +327,9 @@ def test_eval_fn_nan_and_not_callable(tmp_path):
 
 def test_tensor_scalar_is_accepted(tmp_path):
     model, x, _ = demo()
-    sens = prunekit.ana(model, x, lambda m: torch.tensor(0.5), workspace=tmp_path, ratios=(0.5,),
-                        progress=False, log=lambda s: None)
+    sens = prunekit.ana(
+        model, x, lambda m: torch.tensor(0.5), workspace=tmp_path, ratios=(0.5,), progress=False, log=lambda s: None
+    )
     assert sens.baseline == 0.5, f"a one-element tensor is a number, got baseline {sens.baseline}"
 
 
@@ -334,8 +349,9 @@ def test_ratios_must_be_fractions(tmp_path, ratios):
 def test_wrong_metric_direction_is_reported(tmp_path):
     model, x, loader = demo()
     _, logs = run_ana(model, x, Counting(loader), tmp_path, ratios=(0.5,), lower_is_better=False)
-    assert any("lower_is_better" in m and "warning" in m for m in logs), \
+    assert any("lower_is_better" in m and "warning" in m for m in logs), (
         f"a loss eval_fn analysed as higher-is-better should be reported: {logs}"
+    )
 
 
 def test_excluded_groups_are_not_analysed(tmp_path):
@@ -343,8 +359,9 @@ def test_excluded_groups_are_not_analysed(tmp_path):
     sens, _ = run_ana(model, x, Counting(loader), tmp_path, excludes=["stage2.0.conv2"])
     pruner = prunekit.Pruner(model, x, ignore=["stage2.0.conv2"])
     fixed = [g.id for g in pruner.groups if not g.prunable]
-    assert fixed and not set(fixed) & set(sens.curves), \
+    assert fixed and not set(fixed) & set(sens.curves), (
         f"groups {fixed} keep their channels and must not be analysed; analysed {sorted(sens.curves)}"
+    )
 
 
 def test_sparse_model_is_analysed_on_top_of_its_masks(tmp_path):

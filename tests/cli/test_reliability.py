@@ -49,8 +49,11 @@ def _int_width_checkpoint(tmp_path: Path) -> Path:
 # ----- validation before long work -----------------------------------------------------------------------
 def test_a_width_in_a_python_int_is_frozen_before_ana_and_run_finishes(tmp_path, capsys):
     """Before: ana passed, then run crashed in step 1 (mat1 and mat2 shapes cannot be multiplied)."""
-    cfg = write_config(tmp_path, model={"factory": "tinyjob:IntWidthNet", "checkpoint": str(_int_width_checkpoint(
-        tmp_path))}, run={"schedule": [0.3], "max_drop": 0.9})
+    cfg = write_config(
+        tmp_path,
+        model={"factory": "tinyjob:IntWidthNet", "checkpoint": str(_int_width_checkpoint(tmp_path))},
+        run={"schedule": [0.3], "max_drop": 0.9},
+    )
     assert main(["ana", "-c", str(cfg), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "validation froze group" in out and "(conv3, 16 channels)" in out and "the slim model fails" in out, out
@@ -83,8 +86,15 @@ class NoRule(nn.Module):
 
 def test_ops_without_a_channel_rule_are_reported_with_their_module(tmp_path):
     logs: list[str] = []
-    prunekit.ana(NoRule().eval(), torch.randn(1, 1, 4, 4), lambda m: 1.0, workspace=tmp_path, ratios=(0.5,),
-                 progress=False, log=logs.append)
+    prunekit.ana(
+        NoRule().eval(),
+        torch.randn(1, 1, 4, 4),
+        lambda m: 1.0,
+        workspace=tmp_path,
+        ratios=(0.5,),
+        progress=False,
+        log=logs.append,
+    )
     warnings = [m for m in logs if m.startswith("warning:")]
     assert warnings and "special_i0" in warnings[0] and "module" in warnings[0], logs
 
@@ -96,9 +106,15 @@ def test_finetune_refuses_a_sparse_model_whose_slim_model_fails_before_training(
     pruner.prune(0.5)
     epochs: list[int] = []
     with pytest.raises(ValueError, match="would not give a working slim model"):
-        prunekit.workflow.finetune.finetune(model, None, None, FinetuneConfig(epochs=2, progress=False),
-                                            train_fn=lambda m, e: epochs.append(e), example_inputs=x,
-                                            log=lambda m: None)
+        prunekit.workflow.finetune.finetune(
+            model,
+            None,
+            None,
+            FinetuneConfig(epochs=2, progress=False),
+            train_fn=lambda m, e: epochs.append(e),
+            example_inputs=x,
+            log=lambda m: None,
+        )
     assert epochs == [], "no epoch may be spent on a model that cannot become slim"
 
 
@@ -153,12 +169,27 @@ def test_prune_refuses_sensitivity_results_of_another_model(tmp_path, ckpt, caps
     torch.save(trained(seed=1).state_dict(), other)
     assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.4", "--set", f"model.checkpoint={other}"]) == 2
     assert "measured on other weights" in _err_line(capsys, "prune")
-    assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.4", "--set", "model.kwargs={width: 16}",
-                 "--set", "model.checkpoint=null"]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                "-c",
+                str(cfg),
+                "--removal-ratio",
+                "0.4",
+                "--set",
+                "model.kwargs={width: 16}",
+                "--set",
+                "model.checkpoint=null",
+            ]
+        )
+        == 2
+    )
     assert "measured on another model" in _err_line(capsys, "prune")
     with pytest.raises(ValueError, match="measured on other weights"):
-        prunekit.prune(trained(seed=1), torch.randn(1, 1, 8, 8), removal_ratio=0.4, workspace=tmp_path / "ws",
-                       log=lambda m: None)
+        prunekit.prune(
+            trained(seed=1), torch.randn(1, 1, 8, 8), removal_ratio=0.4, workspace=tmp_path / "ws", log=lambda m: None
+        )
 
 
 def test_run_keeps_a_stale_analysis_aside(tmp_path, ckpt, capsys):
@@ -200,8 +231,9 @@ def test_prune_start_from_prints_the_merged_numbers(tmp_path, ckpt, capsys):
 
 
 def test_run_that_prunes_nothing_exits_non_zero(tmp_path, ckpt, capsys):
-    cfg = write_config(tmp_path, model={"checkpoint": str(ckpt)},
-                       run={"schedule": [0.8], "max_drop": 0.0, "max_retries": 0})
+    cfg = write_config(
+        tmp_path, model={"checkpoint": str(ckpt)}, run={"schedule": [0.8], "max_drop": 0.0, "max_retries": 0}
+    )
     assert main(["run", "-c", str(cfg), "--no-progress"]) == 1
     assert "nothing was pruned" in capsys.readouterr().err
 
@@ -245,8 +277,9 @@ def test_workspace_json_errors_name_the_file_and_the_fix(tmp_path):
     assert str(tmp_path / "iterative.json") in str(info.value) and "delete it and run again" in str(info.value)
 
 
-@pytest.mark.parametrize("device, message", [("tpu", "unknown device (--device) 'tpu'"),
-                                             ("cuda:7", "'cuda:7'"), ("meta", "holds no values")])
+@pytest.mark.parametrize(
+    "device, message", [("tpu", "unknown device (--device) 'tpu'"), ("cuda:7", "'cuda:7'"), ("meta", "holds no values")]
+)
 def test_unusable_devices_are_refused_before_any_work(tmp_path, capsys, device, message):
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
@@ -336,17 +369,28 @@ def test_without_a_terminal_progress_is_one_line_per_epoch(tmp_path, ckpt, capsy
     assert main(["finetune", "-c", str(cfg)]) == 0
     cap = capsys.readouterr()
     assert "\r" not in cap.err and "\r" not in cap.out, "a progress bar streamed \\r updates into a log"
-    assert [line.split(":")[0] for line in cap.out.splitlines() if line.startswith("finetune epoch")] == \
-        ["finetune epoch 1/2", "finetune epoch 2/2"], cap.out
+    assert [line.split(":")[0] for line in cap.out.splitlines() if line.startswith("finetune epoch")] == [
+        "finetune epoch 1/2",
+        "finetune epoch 2/2",
+    ], cap.out
 
 
 # ----- one guard for every verb -----------------------------------------------------------------------------
-@pytest.mark.parametrize("argv", [
-    ["ana", "-c", "/no/such.yaml"], ["groups", "-c", "/no/such.yaml"], ["prune", "-c", "/no/such.yaml"],
-    ["finetune", "-c", "/no/such.yaml"], ["run", "-c", "/no/such.yaml"], ["report", "/no/such/ws"],
-    ["transform", "/no/such/dir", "--factory", "tinyjob:TinyNet", "-o", "/tmp/x"],
-    ["bench", "--factory", "tinyjob:TinyNet"], ["demo", "--target", "1.5"], ["ana", "--threads", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ana", "-c", "/no/such.yaml"],
+        ["groups", "-c", "/no/such.yaml"],
+        ["prune", "-c", "/no/such.yaml"],
+        ["finetune", "-c", "/no/such.yaml"],
+        ["run", "-c", "/no/such.yaml"],
+        ["report", "/no/such/ws"],
+        ["transform", "/no/such/dir", "--factory", "tinyjob:TinyNet", "-o", "/tmp/x"],
+        ["bench", "--factory", "tinyjob:TinyNet"],
+        ["demo", "--target", "1.5"],
+        ["ana", "--threads", "0"],
+    ],
+)
 def test_every_verb_reports_errors_the_same_way(argv, capsys):
     assert main(argv) == 2
     _err_line(capsys, argv[0])
@@ -360,4 +404,3 @@ def test_debug_environment_shows_the_traceback(tmp_path, monkeypatch):
         main(["ana", "-c", str(tmp_path / "none.yaml")])
     monkeypatch.delenv("PRUNEKIT_DEBUG")
     assert os.environ.get("PRUNEKIT_DEBUG") is None
-

@@ -38,8 +38,10 @@ def pruned_channels(pruner: prunekit.Pruner, ratio: float, criterion: str) -> li
 
 def batches(x: torch.Tensor, n: int = 3):
     g = torch.Generator().manual_seed(1)
-    return [(x + 0.1 * torch.randn(x.shape, generator=g), torch.randn(x.shape[0], 4, *x.shape[2:], generator=g))
-            for _ in range(n)]
+    return [
+        (x + 0.1 * torch.randn(x.shape, generator=g), torch.randn(x.shape[0], 4, *x.shape[2:], generator=g))
+        for _ in range(n)
+    ]
 
 
 def mse(out, target):
@@ -135,6 +137,7 @@ def test_random_is_random_and_reproducible():
 def test_register_criterion():
     name = "test_last_channels"
     try:
+
         @prunekit.register_criterion(name, "prefers high indices")
         def _last(t, dim, tname, grads):
             return torch.arange(t.shape[dim], 0, -1, dtype=torch.float)
@@ -152,8 +155,9 @@ def test_every_criterion_prunes_correctly(criterion, case):
     model, inputs = build(case)
     pruner = prunekit.Pruner(model, inputs, criterion=criterion)
     if prunekit.CRITERIA[criterion].needs_grads:
-        pruner.accumulate_gradients([(inputs, None)], lambda out, _: sum(o.pow(2).mean() for o in
-                                                                          (out if isinstance(out, tuple) else (out,))))
+        pruner.accumulate_gradients(
+            [(inputs, None)], lambda out, _: sum(o.pow(2).mean() for o in (out if isinstance(out, tuple) else (out,)))
+        )
     if prunekit.CRITERIA[criterion].needs_activations:
         pruner.collect_activations([inputs])
     for g in pruner.prunable_groups:
@@ -162,6 +166,7 @@ def test_every_criterion_prunes_correctly(criterion, case):
         assert torch.isfinite(s).all(), f"{criterion}: non-finite scores in group {g.id}"
     pruner.prune(0.5)
     slim = pruner.transform()
-    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters()), \
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters()), (
         f"{criterion} on {case}: nothing was pruned"
+    )
     assert_equivalent(run(model, inputs), run(slim, inputs), f"{criterion} on {case}: slim vs sparse")

@@ -21,8 +21,9 @@ def pruned(name: str):
     """The sparse model of a zoo case at 50%, its pruner, inputs and slim model."""
     model, inputs = build(name)
     pruner = prunekit.Pruner(model, inputs)
-    assert pruner.prunable_groups, f"{name}: no prunable group; warnings: {pruner.warnings}; " \
-                                   f"groups:\n" + "\n".join(g.describe() for g in pruner.groups)
+    assert pruner.prunable_groups, f"{name}: no prunable group; warnings: {pruner.warnings}; groups:\n" + "\n".join(
+        g.describe() for g in pruner.groups
+    )
     out = pruner.prune(RATIO, mode="sparse")
     assert out is model, f"{name}: prune(mode='sparse') must prune the model in place"
     slim = prunekit.to_slim(model)
@@ -40,18 +41,22 @@ def test_groups(name):
     pruner = prunekit.Pruner(model, inputs)
     assert pruner.groups, f"{name}: no channel groups at all"
     for g in pruner.groups:
-        assert g.n_units >= 1 and all(m.unit.numel() == m.size for m in g.members), \
+        assert g.n_units >= 1 and all(m.unit.numel() == m.size for m in g.members), (
             f"{name}: malformed group {g.describe()}"
+        )
         if not g.prunable and g.n_units > 1:
             assert g.reasons, f"{name}: group {g.id} is not prunable but gives no reason:\n{g.describe()}"
     if name in UNPRUNABLE:
         fragment = UNPRUNABLE[name]
-        assert not pruner.prunable_groups, f"{name} is meant to be unprunable, got " \
-                                           f"{[g.describe() for g in pruner.prunable_groups]}"
-        assert any(fragment in w for w in pruner.warnings), \
+        assert not pruner.prunable_groups, (
+            f"{name} is meant to be unprunable, got {[g.describe() for g in pruner.prunable_groups]}"
+        )
+        assert any(fragment in w for w in pruner.warnings), (
             f"{name}: expected a warning containing {fragment!r}, got {pruner.warnings}"
-        assert any(fragment in r for g in pruner.groups for r in g.reasons), \
+        )
+        assert any(fragment in r for g in pruner.groups for r in g.reasons), (
             f"{name}: no group gives the reason {fragment!r}"
+        )
         assert fragment in pruner.summary(), f"{name}: summary() does not report the warning"
         before = run(model, inputs)
         plan = pruner.plan(RATIO)
@@ -80,8 +85,7 @@ def test_slim_equals_sparse(name):
     assert after.params < before.params, f"{name}: params did not drop ({before.params} -> {after.params})"
     assert_equivalent(run(model, inputs), run(slim, inputs), f"{name}: slim vs sparse")
     err = pruner.equivalence_error(slim)
-    assert err <= prunekit.TOLERANCE, \
-        f"{name}: Pruner.equivalence_error is {err:.3g}"
+    assert err <= prunekit.TOLERANCE, f"{name}: Pruner.equivalence_error is {err:.3g}"
     checked = pruner.transform()  # raises when slim != sparse
     assert shrunk(model, checked) == gone, f"{name}: transform() and to_slim() disagree"
 
@@ -140,11 +144,13 @@ def test_masks_survive_optimizer_step(name):
         for tname, t, d, idx in _pruned_slices(model, plan):
             v = t.detach().index_select(d, idx)
             want = 1.0 if tname.endswith("running_var") else 0.0
-            assert bool((v == want).all()), \
-                f"{name} step {step}: pruned slice {tname}[dim {d}] is {v.flatten()[:4].tolist()} " \
+            assert bool((v == want).all()), (
+                f"{name} step {step}: pruned slice {tname}[dim {d}] is {v.flatten()[:4].tolist()} "
                 f"after an optimizer step, expected exactly {want}"
-    assert any(not torch.equal(a, p.detach()) for a, p in zip(start, trainable)), \
+            )
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(start, trainable)), (
         f"{name}: two optimizer steps changed no weight"
+    )
     slim = pruner.transform()  # after training the sparse model still equals its slim model
     assert_equivalent(run(model, inputs), run(slim, inputs), f"{name}: slim vs sparse after training")
 
@@ -175,8 +181,9 @@ def test_copies_and_pickles_of_a_sparse_model_keep_their_own_masks(name):
         opt.step()
         for tname, t, d, idx in _pruned_slices(copy_, plan):
             v = t.detach().index_select(d, idx)
-            assert bool((v == (1.0 if tname.endswith("running_var") else 0.0)).all()), \
+            assert bool((v == (1.0 if tname.endswith("running_var") else 0.0)).all()), (
                 f"pruned slice {tname}[dim {d}] of a copy changed in training"
+            )
         slim = prunekit.to_slim(copy_)
         assert_equivalent(run(copy_, inputs), run(slim, inputs), "slim vs sparse of a copy")
     assert prunekit.get_plan(model) is plan and sparse_state_model(model) is model
@@ -195,16 +202,17 @@ def test_sparse_save_load(name, tmp_path):
     prunekit.save_sparse(model, tmp_path / "sparse")
     fresh, _ = build(name, seed=1)  # other random weights: everything must come from the files
     loaded = prunekit.load_sparse(fresh, tmp_path / "sparse")
-    assert prunekit.get_plan(loaded).pruned == prunekit.get_plan(model).pruned, \
-        f"{name}: the reloaded plan differs"
+    assert prunekit.get_plan(loaded).pruned == prunekit.get_plan(model).pruned, f"{name}: the reloaded plan differs"
     out = run(loaded, inputs)
     assert_identical(expected, out, f"{name}: sparse model reloaded")
-    assert all(math.isfinite(float(t.abs().max())) for t in float_tensors(out) if t.numel()), \
+    assert all(math.isfinite(float(t.abs().max())) for t in float_tensors(out) if t.numel()), (
         f"{name}: reloaded outputs are not finite"
+    )
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=r))
-                                  for n, (_, r) in KNOWN_LIMITATIONS.items()])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=r)) for n, (_, r) in KNOWN_LIMITATIONS.items()]
+)
 def test_known_limitations_slim_equals_sparse(name):
     """Engine limitations: to_slim() gives a model that differs (transform() refuses it, see test_errors)."""
     model, inputs = build_limitation(name)

@@ -37,15 +37,42 @@ def test_every_verb_explains_itself(verb, capsys):
 def test_demo_digits(capsys, tmp_path):
     pytest.importorskip("sklearn")
     ws, out_dir = tmp_path / "ws", tmp_path / "slim"
-    argv = ["demo", "--epochs", "2", "--finetune-epochs", "1", "--width", "4", "--blocks", "1", "--steps", "2",
-            "--target", "0.3", "--max-drop", "0.5", "--workspace", str(ws), "--output", str(out_dir), "--no-progress"]
+    argv = [
+        "demo",
+        "--epochs",
+        "2",
+        "--finetune-epochs",
+        "1",
+        "--width",
+        "4",
+        "--blocks",
+        "1",
+        "--steps",
+        "2",
+        "--target",
+        "0.3",
+        "--max-drop",
+        "0.5",
+        "--workspace",
+        str(ws),
+        "--output",
+        str(out_dir),
+        "--no-progress",
+    ]
     rc = main(argv)
     out = capsys.readouterr().out
     assert rc == 0, out
     for row in ("test accuracy", "MACs / image", "parameters", "CPU latency", "file size"):
         assert row in out, f"the demo table lacks {row!r}:\n{out}"
-    for f in ("final/model.safetensors", "final/spec.json", "summary.json", "demo.json", "report.html",
-              "sensitivity.json", "iterative.json"):
+    for f in (
+        "final/model.safetensors",
+        "final/spec.json",
+        "summary.json",
+        "demo.json",
+        "report.html",
+        "sensitivity.json",
+        "iterative.json",
+    ):
         assert (ws / f).exists(), f"the demo did not write {f}"
     slim = prunekit.load_slim(DemoNet(in_channels=1, width=4, blocks=1), out_dir).eval()
     assert slim(torch.randn(2, 1, 8, 8)).shape == (2, 10)
@@ -56,8 +83,15 @@ def test_demo_digits(capsys, tmp_path):
     assert "resuming" in again and "step 1: prune" not in again, again
 
 
-@pytest.mark.parametrize("argv", [["demo", "--target", "1.5"], ["demo", "--criterion", "nope"],
-                                  ["demo", "--steps", "0"], ["demo", "--dataset", "svhn"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--target", "1.5"],
+        ["demo", "--criterion", "nope"],
+        ["demo", "--steps", "0"],
+        ["demo", "--dataset", "svhn"],
+    ],
+)
 def test_demo_bad_arguments(argv, capsys):
     assert main(argv) == 2
 
@@ -73,7 +107,7 @@ def _fake_mnist(root, n_train: int = 64, n_test: int = 32) -> None:
         labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
         images = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
         for i, c in enumerate(labels.tolist()):
-            images[i, 2 * c:2 * c + 8, 4:12] = 255
+            images[i, 2 * c : 2 * c + 8, 4:12] = 255
         head_images, head_labels = struct.pack(">IIII", 0x803, n, 28, 28), struct.pack(">II", 0x801, n)
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(head_images + images.numpy().tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(head_labels + labels.numpy().tobytes())
@@ -83,9 +117,34 @@ def test_demo_on_a_torchvision_dataset(tmp_path, capsys):
     """The --dataset path (torchvision loaders, validation split, 28x28 inputs) on a tiny fake MNIST."""
     pytest.importorskip("torchvision")
     _fake_mnist(tmp_path / "data")
-    rc = main(["demo", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
-               "--finetune-epochs", "1", "--steps", "1", "--target", "0.3", "--max-drop", "0.9", "--width", "4",
-               "--blocks", "1", "--threads", "1", "--workspace", str(tmp_path / "ws"), "--no-progress"])
+    rc = main(
+        [
+            "demo",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--epochs",
+            "1",
+            "--finetune-epochs",
+            "1",
+            "--steps",
+            "1",
+            "--target",
+            "0.3",
+            "--max-drop",
+            "0.9",
+            "--width",
+            "4",
+            "--blocks",
+            "1",
+            "--threads",
+            "1",
+            "--workspace",
+            str(tmp_path / "ws"),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "mnist (58 train, 6 validation, 32 test)" in out and "test accuracy" in out, out
@@ -93,14 +152,14 @@ def test_demo_on_a_torchvision_dataset(tmp_path, capsys):
 
 
 def test_demo_missing_data_dir(tmp_path, capsys):
-    rc = main(["demo", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nope"), "--workspace",
-               str(tmp_path / "ws")])
+    rc = main(
+        ["demo", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nope"), "--workspace", str(tmp_path / "ws")]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "does not exist" in err and "download" in err, err
 
 
 def test_python_dash_m():
-    res = subprocess.run([sys.executable, "-m", "prunekit", "--version"], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([sys.executable, "-m", "prunekit", "--version"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("prunekit ")

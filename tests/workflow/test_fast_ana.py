@@ -41,7 +41,7 @@ def data(model, n: int = 1024, batch: int = 64, shape=(1, 8, 8), seed: int = 0):
         y = model.eval()(x).argmax(1)
     noise = torch.rand(n, generator=g) < 0.15
     y = torch.where(noise, torch.randint(0, 10, (n,), generator=g), y)
-    return x[:2], [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+    return x[:2], [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
 
 
 @functools.cache
@@ -230,12 +230,14 @@ def test_interrupted_fast_analysis_resumes(tmp_path, monkeypatch, pair, k):
     with pytest.raises(KeyboardInterrupt):
         run(model, x, fn, tmp_path)
     saved = json.loads((tmp_path / "ana.json").read_text())
-    assert len([i for i in saved["info"].values() if i["how"] in fast_ana.EVALUATED]) >= k, \
+    assert len([i for i in saved["info"].values() if i["how"] in fast_ana.EVALUATED]) >= k, (
         "every evaluated point is on disk at once"
+    )
     again = Chunks(monkeypatch)
     resumed, logs = run(model, x, fn, tmp_path)
-    assert first.calls + again.calls == ref.cost["evaluated"], \
+    assert first.calls + again.calls == ref.cost["evaluated"], (
         f"resuming re-evaluated points: {first.calls} + {again.calls} for {ref.cost['evaluated']}"
+    )
     assert resumed.curves == ref.curves and resumed.details == ref.details
     assert any("reusing" in m for m in logs)
     third = Chunks(monkeypatch)
@@ -303,12 +305,15 @@ def test_prefix_and_batched_variants_equal_the_sparse_model(name, model, x):
                 assert torch.allclose(out, refs[1], atol=1e-6), f"{name} group {g.id}: prefix reuse differs"
             roles = fast_ana._mask_roles(model, g)
             assert not isinstance(roles, str), f"{name} group {g.id}: {roles}"
-            with (fast_ana.stubbed(model, cache, 0, 3, len(x)) if cache else fast_ana.contextlib.nullcontext()), \
-                    fast_ana.variant_masks(model, roles, plans, len(x)):
+            with (
+                fast_ana.stubbed(model, cache, 0, 3, len(x)) if cache else fast_ana.contextlib.nullcontext(),
+                fast_ana.variant_masks(model, roles, plans, len(x)),
+            ):
                 out = model(torch.cat([x] * 3))
             for v in range(3):
-                assert torch.allclose(out[v * len(x):(v + 1) * len(x)], refs[v], atol=1e-6), \
+                assert torch.allclose(out[v * len(x) : (v + 1) * len(x)], refs[v], atol=1e-6), (
                     f"{name} group {g.id}: variant {v} on its batch slice differs from the sparse model"
+                )
     assert reused >= len(pruner.prunable_groups) - 1, "every group after the first layer reuses activations"
 
 
@@ -343,8 +348,9 @@ def test_prefix_refuses_what_it_cannot_reuse():
     p = fast_ana.plan_prefix(rec, model, ["head.weight"])
     assert isinstance(p, str) and "changed in place" in p, p
     p = fast_ana.plan_prefix(rec, model, ["block.b.weight"])
-    assert isinstance(p, fast_ana.Prefix) and p.stubs == ["stem", "block.a"], \
+    assert isinstance(p, fast_ana.Prefix) and p.stubs == ["stem", "block.a"], (
         f"the leaking block itself is not skipped, only what finishes inside it before the cut: {p}"
+    )
     p = fast_ana.plan_prefix(rec, model, ["stem.weight"])
     assert isinstance(p, str) and "nothing runs before" in p
 
@@ -387,12 +393,29 @@ def test_batched_variants_in_ana_match_one_at_a_time(tmp_path):
     model, x, loader = demo()
     fn = make_eval_fn(loader, "loss")
     cfg = dict(early_stop=False, adaptive=False)
-    one, _ = run(model, x, fn, tmp_path / "one", lower_is_better=True, collapse=None, ratios=(0.25, 0.5, 0.75),
-                 fast=FastAnaConfig(variants=1, **cfg))
-    three, _ = run(model, x, fn, tmp_path / "three", lower_is_better=True, collapse=None,
-                   ratios=(0.25, 0.5, 0.75), fast=FastAnaConfig(variants=3, **cfg))
-    full, _ = run(model, x, fn, tmp_path / "full", lower_is_better=True, collapse=None, ratios=(0.25, 0.5, 0.75),
-                  fast=False)
+    one, _ = run(
+        model,
+        x,
+        fn,
+        tmp_path / "one",
+        lower_is_better=True,
+        collapse=None,
+        ratios=(0.25, 0.5, 0.75),
+        fast=FastAnaConfig(variants=1, **cfg),
+    )
+    three, _ = run(
+        model,
+        x,
+        fn,
+        tmp_path / "three",
+        lower_is_better=True,
+        collapse=None,
+        ratios=(0.25, 0.5, 0.75),
+        fast=FastAnaConfig(variants=3, **cfg),
+    )
+    full, _ = run(
+        model, x, fn, tmp_path / "full", lower_is_better=True, collapse=None, ratios=(0.25, 0.5, 0.75), fast=False
+    )
     assert three.cost["batched_groups"] == len(three.curves)
     for g in full.curves:
         assert three.curves[g] == pytest.approx(full.curves[g], rel=1e-5)
@@ -432,8 +455,9 @@ def test_curve_planner_bisects_where_the_curve_bends():
     assert fill[1] == (pytest.approx(0.995), "interpolated") and fill[3][1] == "interpolated"
     assert fill[7] == (values[6], "collapsed") and fill[8] == (values[6], "collapsed")
     uneven = fast_ana.CurvePlanner([0.1, 0.2, 0.5], stride=2, interp_tolerance=0.01, collapse=None)
-    assert uneven.fill({0: 1.0, 2: 0.6}, {0: 0.0, 2: 0.4})[1] == (pytest.approx(0.9), "interpolated"), \
+    assert uneven.fill({0: 1.0, 2: 0.6}, {0: 0.0, 2: 0.4})[1] == (pytest.approx(0.9), "interpolated"), (
         "interpolated along the ratio, not the index"
+    )
 
 
 def test_fast_config_errors_name_the_option(tmp_path):

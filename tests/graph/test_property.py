@@ -14,8 +14,24 @@ from hypothesis import strategies as st
 import prunekit
 from helpers import assert_equivalent, run, shrunk
 
-KINDS = ("conv", "residual", "concat", "depthwise", "grouped", "gate", "chunk", "split", "split_int", "glu",
-         "pad", "se", "shuffle", "transposed", "unet", "cat_input")
+KINDS = (
+    "conv",
+    "residual",
+    "concat",
+    "depthwise",
+    "grouped",
+    "gate",
+    "chunk",
+    "split",
+    "split_int",
+    "glu",
+    "pad",
+    "se",
+    "shuffle",
+    "transposed",
+    "unet",
+    "cat_input",
+)
 
 
 @st.composite
@@ -157,8 +173,7 @@ def check_random_net(arch: dict, data) -> None:
     assert pruner.prunable_groups, f"{arch}: no prunable group"
     criterion = data.draw(st.sampled_from(["l2", "l1", "fpgm", "random"]), label="criterion")
     if data.draw(st.booleans(), label="per-group ratios"):
-        ratio = {g.id: data.draw(st.floats(0.0, 0.95), label=f"ratio of group {g.id}")
-                 for g in pruner.prunable_groups}
+        ratio = {g.id: data.draw(st.floats(0.0, 0.95), label=f"ratio of group {g.id}") for g in pruner.prunable_groups}
     else:
         ratio = data.draw(st.floats(0.0, 0.95), label="ratio")
     pruner.prune(ratio, criterion=criterion)
@@ -171,16 +186,20 @@ def check_random_net(arch: dict, data) -> None:
     assert_equivalent(run(model, x), run(slim, x), f"{arch} ratio={ratio} criterion={criterion}")
 
 
-@settings(max_examples=25, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=architectures(), data=st.data())
 def test_random_architecture_slim_equals_sparse(arch, data):
     check_random_net(arch, data)
 
 
 @pytest.mark.slow
-@settings(max_examples=int(os.environ.get("PRUNEKIT_RANDOM_NETS", "1000")), deadline=None, database=None,
-          derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("PRUNEKIT_RANDOM_NETS", "1000")),
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(arch=architectures(), data=st.data())
 def test_random_architecture_slim_equals_sparse_many(arch, data):
     """1,000 random nets (``PRUNEKIT_RANDOM_NETS`` sets how many): zero slim models that fail or differ."""

@@ -125,8 +125,16 @@ def test_cifar_resnet_depth_and_width_in_one_plan(tmp_path):
     model = _bn_alive(cifar_resnet(depth=14, width=16, num_classes=5))
     x = torch.randn(2, 3, 16, 16)
     assert [b.name for b in depth.find_blocks(model, x)] == ["layer1.0", "layer1.1", "layer2.1", "layer3.1"]
-    res = prunekit.prune(model, x, removal_ratio=0.5, remove_blocks=2, calibration=[torch.randn(4, 3, 16, 16)],
-                         criterion="fluctuation", compensate=True, **QUIET)
+    res = prunekit.prune(
+        model,
+        x,
+        removal_ratio=0.5,
+        remove_blocks=2,
+        calibration=[torch.randn(4, 3, 16, 16)],
+        criterion="fluctuation",
+        compensate=True,
+        **QUIET,
+    )
     assert abs(res.macs_reduction - 0.5) <= 0.01 and len(res.plan.meta["blocks"]) == 2
     slim = prunekit.to_slim(model)
     assert_equivalent(run(model, x), run(slim, x), "cifar resnet depth + width")
@@ -145,13 +153,19 @@ def test_vit_and_swin_blocks(v2):
 
     torch.manual_seed(0)
     kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
-    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
-                           num_classes=5, **kw).eval()
-    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=4, hidden_dim=32, mlp_dim=64,
-                            num_classes=5).eval()
+    swin = SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=5, **kw
+    ).eval()
+    vit = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=5
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
-    assert [b.name for b in depth.find_blocks(swin, x)] == ["features.1.0", "features.1.1", "features.3.0",
-                                                          "features.3.1"]
+    assert [b.name for b in depth.find_blocks(swin, x)] == [
+        "features.1.0",
+        "features.1.1",
+        "features.3.0",
+        "features.3.1",
+    ]
     assert len(depth.find_blocks(vit, x)) == 3
     for model, block in ((swin, "features.3.0"), (vit, "encoder.layers.encoder_layer_1")):
         plan = prunekit.Pruner(model, x).plan(0.3)
@@ -170,8 +184,15 @@ def _ids(n: int = 2, t: int = 7, seed: int = 1) -> torch.Tensor:
 def llama(layers: int = 3):
     import transformers as T
 
-    cfg = T.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32)
+    cfg = T.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     return T.LlamaForCausalLM(cfg).eval()
 
@@ -179,8 +200,15 @@ def llama(layers: int = 3):
 def bert(layers: int = 3):
     import transformers as T
 
-    cfg = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                       intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    cfg = T.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     return T.BertForSequenceClassification(cfg).eval()
 
@@ -194,8 +222,15 @@ def test_llama_layers_removed_config_and_indices_follow(tmp_path):
     model = llama(4)
     x = {"input_ids": _ids(), "use_cache": False}
     assert [b.kind for b in depth.find_blocks(model, x)] == ["residual"] * 4
-    res = prunekit.prune(model, x, removal_ratio=0.5, remove_blocks=2, calibration=[{"input_ids": _ids(4, 7, 2)}],
-                         excludes=["model.embed_tokens"], **QUIET)
+    res = prunekit.prune(
+        model,
+        x,
+        removal_ratio=0.5,
+        remove_blocks=2,
+        calibration=[{"input_ids": _ids(4, 7, 2)}],
+        excludes=["model.embed_tokens"],
+        **QUIET,
+    )
     assert abs(res.macs_reduction - 0.5) <= 0.01
     slim = prunekit.to_slim(model)
     assert_equivalent(run(model, x), run(slim, x), "llama depth + width")
@@ -241,9 +276,17 @@ def test_bert_post_norm_layers_by_metric(tmp_path):
 def mixtral():
     import transformers as T
 
-    cfg = T.MixtralConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
-                          max_position_embeddings=32)
+    cfg = T.MixtralConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     return T.MixtralForCausalLM(cfg).eval()
 
@@ -251,16 +294,27 @@ def mixtral():
 def qwen_moe():
     import transformers as T
 
-    cfg = T.Qwen2MoeConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=24,
-                           shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=2,
-                           max_position_embeddings=32)
+    cfg = T.Qwen2MoeConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        num_experts=6,
+        num_experts_per_tok=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     return T.Qwen2MoeForCausalLM(cfg).eval()
 
 
-MOE = {"mixtral": (mixtral, "num_local_experts", "intermediate_size"),
-       "qwen2_moe": (qwen_moe, "num_experts", "moe_intermediate_size")}
+MOE = {
+    "mixtral": (mixtral, "num_local_experts", "intermediate_size"),
+    "qwen2_moe": (qwen_moe, "num_experts", "moe_intermediate_size"),
+}
 
 
 @needs_hf
@@ -317,8 +371,17 @@ def test_experts_width_and_compensation_together(tmp_path):
     model = mixtral()
     x = {"input_ids": _ids(), "use_cache": False}
     cal = [{"input_ids": _ids(4, 7, s)} for s in (2, 3)]
-    res = prunekit.prune(model, x, removal_ratio=0.3, remove_experts=1, criterion="fluctuation", compensate=True,
-                         calibration=cal, excludes=["model.embed_tokens"], **QUIET)
+    res = prunekit.prune(
+        model,
+        x,
+        removal_ratio=0.3,
+        remove_experts=1,
+        criterion="fluctuation",
+        compensate=True,
+        calibration=cal,
+        excludes=["model.embed_tokens"],
+        **QUIET,
+    )
     assert res.plan.meta["routers"] and 0.2 < res.macs_reduction < 0.4  # expert widths move in steps of 8
     slim = prunekit.to_slim(model)
     assert_equivalent(run(model, x), run(slim, x), "mixtral experts + width + compensation")

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from prunekit.cli.main import main
 from tinyjob import trained, write_config
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where the shared helpers live
 ROOT = TESTS.parent
 
 
@@ -53,8 +53,9 @@ def job(tmp_path_factory) -> Job:
     tmp = tmp_path_factory.mktemp("faults")
     ckpt = tmp / "tiny.pt"
     torch.save(trained().state_dict(), ckpt)
-    cfg = write_config(tmp, model={"checkpoint": str(ckpt)}, finetune={"epochs": 2},
-                       run={"schedule": [0.3, 0.5], "max_drop": 0.9})
+    cfg = write_config(
+        tmp, model={"checkpoint": str(ckpt)}, finetune={"epochs": 2}, run={"schedule": [0.3, 0.5], "max_drop": 0.9}
+    )
     job = Job(cfg, tmp / "reference", 0.0)
     t0 = time.perf_counter()
     rc, out, err = _run_here(job, job.reference)
@@ -75,16 +76,18 @@ def _result(ws: Path) -> tuple[dict, dict]:
     summary = json.loads((ws / "summary.json").read_text())
     keep = ("metric", "macs", "params")
     steps = [{k: a[k] for k in ("step", "try", "ratio", "accepted", *keep)} for a in summary["attempts"]]
-    return {"final": {k: summary["final"][k] for k in keep}, "steps": steps}, load_file(ws / "final" /
-                                                                                        "model.safetensors")
+    return {"final": {k: summary["final"][k] for k in keep}, "steps": steps}, load_file(
+        ws / "final" / "model.safetensors"
+    )
 
 
 def _assert_same(ws: Path, ref: Path, what: str) -> None:
     got, weights = _result(ws)
     want, ref_weights = _result(ref)
     assert got == want, f"{what}: another result than the uninterrupted run:\n{got}\n{want}"
-    assert weights.keys() == ref_weights.keys() and all(torch.equal(weights[k], ref_weights[k]) for k in weights), \
+    assert weights.keys() == ref_weights.keys() and all(torch.equal(weights[k], ref_weights[k]) for k in weights), (
         f"{what}: the slim weights differ from the uninterrupted run's"
+    )
 
 
 # ----- kills -------------------------------------------------------------------------------------------------
@@ -101,8 +104,13 @@ def _killed(job: Job, ws: Path, kills: int, seed: int) -> list[str]:
     events = []
     for i in range(kills):
         with open(log, "w") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "prunekit", *_argv(job, ws)], stdout=f,
-                                    stderr=subprocess.STDOUT, env=_env(), cwd=ws.parent)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "prunekit", *_argv(job, ws)],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=_env(),
+                cwd=ws.parent,
+            )
         t0 = time.monotonic()
         while proc.poll() is None and "validation:" not in log.read_text() and time.monotonic() - t0 < 300:
             time.sleep(0.05)  # until torch is imported and the work begins
@@ -121,8 +129,14 @@ def _killed(job: Job, ws: Path, kills: int, seed: int) -> list[str]:
 def _kill_and_finish(job: Job, tmp_path: Path, kills: int, seed: int) -> None:
     ws = tmp_path / "killed"
     events = _killed(job, ws, kills, seed)
-    proc = subprocess.run([sys.executable, "-m", "prunekit", *_argv(job, ws)], capture_output=True, text=True,
-                          env=_env(), cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prunekit", *_argv(job, ws)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_same(ws, job.reference, "; ".join(events))
 
@@ -147,8 +161,11 @@ def _damage(path: Path, how: str) -> None:
 
 
 def _artifacts(ws: Path) -> list[str]:
-    return sorted(str(p.relative_to(ws)) for p in ws.rglob("*") if p.is_file() and p.name != "report.html"
-                  and "previous" not in p.parts)
+    return sorted(
+        str(p.relative_to(ws))
+        for p in ws.rglob("*")
+        if p.is_file() and p.name != "report.html" and "previous" not in p.parts
+    )
 
 
 def _check_damaged(job: Job, tmp_path: Path, name: str, how: str, replay: bool) -> None:
@@ -177,8 +194,12 @@ def _check_damaged(job: Job, tmp_path: Path, name: str, how: str, replay: bool) 
 
 
 #: the files a resumed run reads (the default suite); the slow tests damage every file
-READ_ON_RESUME = ["iterative.json", "ana.json", "steps/step2-try0/model/model.safetensors",
-                  "steps/step2-try0/model/plan.json"]
+READ_ON_RESUME = [
+    "iterative.json",
+    "ana.json",
+    "steps/step2-try0/model/model.safetensors",
+    "steps/step2-try0/model/plan.json",
+]
 READ_ON_REPLAY = ["steps/step1-try0/finetune/checkpoint.pt", "steps/step1-try0/finetune/best.pt"]
 
 

@@ -22,8 +22,11 @@ from prunekit.engine.prepare import prepare
 from prunekit.graph.trace import call_model
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None
-needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers is not installed: pip install 'prunekit[hf]' "
-                                                  "(or pip install transformers) to run the Hugging Face cases")
+needs_hf = pytest.mark.skipif(
+    not HAVE_HF,
+    reason="transformers is not installed: pip install 'prunekit[hf]' "
+    "(or pip install transformers) to run the Hugging Face cases",
+)
 MODES = [("auto", True), ("auto", False), ("head_dim", True)]
 
 
@@ -53,23 +56,33 @@ def _ids() -> torch.Tensor:
 def tv_vit():
     from torchvision.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
-                             num_classes=5), _img(32)
+    return VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=5
+    ), _img(32)
 
 
 def tv_swin(v2: bool = False):
     from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
     kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
-    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
-                           num_classes=5, **kw), _img(32)
+    return SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=5, **kw
+    ), _img(32)
 
 
 def hf_bert(**kw):
     import transformers as T
 
-    cfg = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64, max_position_embeddings=16, num_labels=3, **kw)
+    cfg = T.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+        **kw,
+    )
     ids = _ids()
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
@@ -79,25 +92,43 @@ def hf_bert(**kw):
 def hf_vit():
     import transformers as T
 
-    cfg = T.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, num_labels=3)
+    cfg = T.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+    )
     return T.ViTForImageClassification(cfg), _img(16)
 
 
 def hf_gpt2(**kw):
     import transformers as T
 
-    cfg = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0,
-                       eos_token_id=0, **kw)
+    cfg = T.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0, eos_token_id=0, **kw
+    )
     return T.GPT2LMHeadModel(cfg), {"input_ids": _ids(), "use_cache": False}
 
 
 def hf_llama(mask: bool = False, **kw):
     import transformers as T
 
-    cfg = T.LlamaConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
-                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16, bos_token_id=0,
-                        eos_token_id=0, pad_token_id=0, **kw)
+    cfg = T.LlamaConfig(
+        vocab_size=100,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        **kw,
+    )
     ids = _ids()
     inputs = {"input_ids": ids, "use_cache": False}
     if mask:
@@ -109,8 +140,17 @@ def hf_llama(mask: bool = False, **kw):
 def hf_falcon():
     import transformers as T
 
-    cfg = T.FalconConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_kv_heads=2,
-                         new_decoder_architecture=True, max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
+    cfg = T.FalconConfig(
+        vocab_size=100,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return T.FalconForCausalLM(cfg), {"input_ids": _ids(), "use_cache": False}
 
 
@@ -124,14 +164,22 @@ def hf_bloom():
 def hf_swin():
     import transformers as T
 
-    cfg = T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
-                       num_labels=3)
+    cfg = T.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=3
+    )
     return T.SwinForImageClassification(cfg), _img(32)
 
 
 TORCHVISION = {"tv_vit": tv_vit, "tv_swin": tv_swin, "tv_swin_v2": lambda: tv_swin(v2=True)}
-HF = {"bert": hf_bert, "hf_vit": hf_vit, "gpt2": hf_gpt2, "llama": hf_llama, "falcon": hf_falcon, "bloom": hf_bloom,
-      "hf_swin": hf_swin}
+HF = {
+    "bert": hf_bert,
+    "hf_vit": hf_vit,
+    "gpt2": hf_gpt2,
+    "llama": hf_llama,
+    "falcon": hf_falcon,
+    "bloom": hf_bloom,
+    "hf_swin": hf_swin,
+}
 #: fragments of tensor names that must shrink: (attention, MLP, residual)
 EXPECT = {
     "tv_vit": ("self_attention.in_proj_weight", "mlp.0.weight", "conv_proj.weight"),
@@ -154,8 +202,9 @@ def _cases():
             yield pytest.param(name, attention, residual, id=f"{name}-{attention}-{'res' if residual else 'nores'}")
     for name in HF:
         for attention, residual in MODES:
-            yield pytest.param(name, attention, residual, marks=needs_hf,
-                               id=f"{name}-{attention}-{'res' if residual else 'nores'}")
+            yield pytest.param(
+                name, attention, residual, marks=needs_hf, id=f"{name}-{attention}-{'res' if residual else 'nores'}"
+            )
 
 
 def _build(name: str):
@@ -164,8 +213,12 @@ def _build(name: str):
 
 
 def _attention_modules(model: nn.Module):
-    return [m for m in model.modules() if type(m).__name__.endswith(("Attention", "SelfAttention", "AttentionV2"))
-            or isinstance(m, nn.MultiheadAttention)]
+    return [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith(("Attention", "SelfAttention", "AttentionV2"))
+        or isinstance(m, nn.MultiheadAttention)
+    ]
 
 
 # ----- slim == sparse ---------------------------------------------------------------------------
@@ -196,8 +249,10 @@ def test_slim_equals_sparse(name, attention, residual):
         loss_of(call_model(slim, inputs)).backward()  # the slim model trains
 
 
-@pytest.mark.parametrize("name", ["tv_vit", "tv_swin", "tv_swin_v2",
-                                  pytest.param("bert", marks=needs_hf), pytest.param("llama", marks=needs_hf)])
+@pytest.mark.parametrize(
+    "name",
+    ["tv_vit", "tv_swin", "tv_swin_v2", pytest.param("bert", marks=needs_hf), pytest.param("llama", marks=needs_hf)],
+)
 def test_heads_are_units(name):
     """With heads, one unit per head (per key/value head under grouped-query attention)."""
     model, inputs = _build(name)
@@ -205,8 +260,11 @@ def test_heads_are_units(name):
     sizes = []
     for m in _attention_modules(model):
         cfg = getattr(m, "config", None)
-        heads = (cfg.num_key_value_heads if hasattr(cfg, "num_key_value_heads")
-                 else getattr(m, "num_attention_heads", None) or getattr(m, "num_heads", None))
+        heads = (
+            cfg.num_key_value_heads
+            if hasattr(cfg, "num_key_value_heads")
+            else getattr(m, "num_attention_heads", None) or getattr(m, "num_heads", None)
+        )
         if heads is not None:
             sizes.append(heads)
     qkv = ("in_proj_weight", "qkv.weight", "query.weight", "k_proj.weight")
@@ -220,8 +278,9 @@ def test_heads_attributes_follow():
     pruner.prune(0.5)
     slim = pruner.transform()
     for m in _attention_modules(slim):
-        assert m.num_heads == m.logit_scale.shape[0] and m.qkv.out_features == 3 * m.num_heads * 8, \
+        assert m.num_heads == m.logit_scale.shape[0] and m.qkv.out_features == 3 * m.num_heads * 8, (
             f"Swin v2: num_heads {m.num_heads}, qkv {m.qkv.out_features}, logit_scale {tuple(m.logit_scale.shape)}"
+        )
     assert any(m.num_heads < n for m, n in zip(_attention_modules(slim), (2, 2, 4, 4))), "no head was pruned"
 
 
@@ -277,8 +336,9 @@ def test_sdpa_default_scale_prunes_heads():
     slim = pruner.transform()
     assert slim.q.out_features == 16 and slim.o.in_features == 16
     fixed = prunekit.Pruner(liven(InferredHeads()), x, attention="head_dim")
-    assert not any(any(m.name == "q.weight" and m.dim == 0 for m in g.members) for g in fixed.prunable_groups), \
+    assert not any(any(m.name == "q.weight" and m.dim == 0 for m in g.members) for g in fixed.prunable_groups), (
         "head_dim pruning under SDPA's default scale must keep q/k widths"
+    )
 
 
 def test_attention_mode_is_checked():
@@ -357,8 +417,12 @@ def test_save_pretrained_non_uniform(name, tmp_path):
     slim = pruner.transform()
     assert slim.config.prunekit["uniform"] is False
     slim.save_pretrained(tmp_path)
-    auto = {"bert": T.AutoModelForSequenceClassification, "gpt2": T.AutoModelForCausalLM,
-            "llama": T.AutoModelForCausalLM, "hf_vit": T.AutoModelForImageClassification}[name]
+    auto = {
+        "bert": T.AutoModelForSequenceClassification,
+        "gpt2": T.AutoModelForCausalLM,
+        "llama": T.AutoModelForCausalLM,
+        "hf_vit": T.AutoModelForImageClassification,
+    }[name]
     loaded = hf.from_pretrained(auto, tmp_path)
     assert type(loaded) is type(slim)
     assert_identical(run(slim, inputs), run(loaded, inputs), f"{name}: reloaded slim model")
@@ -389,8 +453,11 @@ def test_plain_auto_from_pretrained_with_remote_code(name, uniform, tmp_path):
     # Hugging Face caches the code by folder name: one name per case
     out = hf.save_pretrained(slim, tmp_path / f"slim_{name}_{'uniform' if uniform else 'layers'}")
     cfg = json.loads((out / "config.json").read_text())
-    auto = {"bert": T.AutoModelForSequenceClassification, "gpt2": T.AutoModelForCausalLM,
-            "llama": T.AutoModelForCausalLM}[name]
+    auto = {
+        "bert": T.AutoModelForSequenceClassification,
+        "gpt2": T.AutoModelForCausalLM,
+        "llama": T.AutoModelForCausalLM,
+    }[name]
     assert auto.__name__ in cfg["auto_map"], cfg.get("auto_map")
     with pytest.raises((ValueError, RuntimeError, OSError)):  # plain class: the config cannot state the widths
         type(slim).from_pretrained(out)
@@ -423,8 +490,10 @@ def test_save_pretrained_uniform_reloads_natively(name, tmp_path):
     assert cfg.prunekit["uniform"] is True
     attn = _attention_modules(slim)[0]
     assert cfg.num_attention_heads == attn.q_proj.out_features // attn.head_dim
-    assert cfg.intermediate_size == slim.get_submodule(
-        "model.layers.0.mlp.up_proj" if name == "llama" else "vit.layers.0.mlp.fc1").out_features
+    assert (
+        cfg.intermediate_size
+        == slim.get_submodule("model.layers.0.mlp.up_proj" if name == "llama" else "vit.layers.0.mlp.fc1").out_features
+    )
     slim.save_pretrained(tmp_path)
     loaded = type(slim).from_pretrained(tmp_path)
     assert_identical(run(slim, inputs), run(loaded, inputs), f"{name}: natively reloaded slim model")
@@ -476,8 +545,19 @@ def test_gpt2_attributes_follow():
 
 
 # ----- full-size torchvision models (slow) ------------------------------------------------------
-FULL = ["vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "swin_t", "swin_s", "swin_b", "swin_v2_t",
-        "swin_v2_s", "swin_v2_b"]
+FULL = [
+    "vit_b_16",
+    "vit_b_32",
+    "vit_l_16",
+    "vit_l_32",
+    "vit_h_14",
+    "swin_t",
+    "swin_s",
+    "swin_b",
+    "swin_v2_t",
+    "swin_v2_s",
+    "swin_v2_b",
+]
 
 
 @pytest.mark.slow
@@ -490,7 +570,7 @@ def test_torchvision_full_size(name):
     with torch.no_grad():  # ViT's classifier starts at zero: outputs of about unit size
         for m in model.modules():
             if isinstance(m, nn.Linear) and not m.weight.any():
-                m.weight.normal_(0, m.in_features ** -0.5)
+                m.weight.normal_(0, m.in_features**-0.5)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     pruner = prunekit.Pruner(model, x, residual=False)
     assert not pruner.warnings, pruner.warnings

@@ -29,8 +29,9 @@ def run(ws, model=None, eval_fn=None, **kw):
     train, evald = loaders()
     kw.setdefault("config", IterativeConfig(schedule=[0.3, 0.5]))
     kw.setdefault("finetune", FT)
-    return IterativePruner(model, X, eval_fn or make_eval_fn(evald), train, workspace=ws, ana=ANA,
-                           log=kw.pop("log", QUIET), **kw).run()
+    return IterativePruner(
+        model, X, eval_fn or make_eval_fn(evald), train, workspace=ws, ana=ANA, log=kw.pop("log", QUIET), **kw
+    ).run()
 
 
 def pruned_units(plan: PruningPlan) -> dict:
@@ -50,8 +51,9 @@ def test_steps_keep_earlier_channels_pruned_and_write_artifacts(reference):
     assert len(plans) == 2 and all(a["accepted"] for a in res.attempts), res.attempts
     first, second = pruned_units(plans[0]), pruned_units(plans[1])
     for key, idx in first.items():
-        assert idx <= second.get(key, set()), f"{key}: channels {sorted(idx - second.get(key, set()))} pruned in " \
-                                              "step 1 came back in step 2"
+        assert idx <= second.get(key, set()), (
+            f"{key}: channels {sorted(idx - second.get(key, set()))} pruned in step 1 came back in step 2"
+        )
     assert res.attempts[1]["macs"] < res.attempts[0]["macs"] < res.baseline["macs"], res.attempts
     # TinyNet's groups have 8 and 16 channels: the allocation cannot hit 0.5 exactly; it says so in the notes
     assert 0.35 <= res.final["macs_reduction"] <= 0.6, res.final
@@ -125,7 +127,8 @@ def test_compose_and_from_slim_are_the_bookkeeping_of_two_slim_steps(seed):
     once = prunekit.to_slim(model, composed).eval()
     assert prunekit.max_error(twice(x), once(x)) == 0.0
     assert composed.contains(first) and prunekit.slim_spec(once)["shapes"] == {
-        n: list(twice.state_dict()[n].shape) for n in composed.pruned}
+        n: list(twice.state_dict()[n].shape) for n in composed.pruned
+    }
     back = prunekit.to_slim(sparse.from_slim(TinyNet(), twice, composed)).eval()
     for k, v in twice.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
@@ -136,10 +139,14 @@ def test_compose_and_from_slim_are_the_bookkeeping_of_two_slim_steps(seed):
 def test_slim_and_sparse_finetuning_end_with_the_same_model(tmp_path):
     """The two ways to fine-tune prune the same channels and train to the same weights (float rounding)."""
     ft = FinetuneConfig(epochs=1, lr=0.02, progress=False, restore_best=False)
-    out = {mode: run(tmp_path / mode, finetune=ft, config=IterativeConfig(schedule=[0.3, 0.5], finetune_on=mode))
-           for mode in ("slim", "sparse")}
-    plans = {mode: [pruned_units(PruningPlan.load(tmp_path / mode / a["dir"] / "model" / "plan.json"))
-                    for a in res.attempts] for mode, res in out.items()}
+    out = {
+        mode: run(tmp_path / mode, finetune=ft, config=IterativeConfig(schedule=[0.3, 0.5], finetune_on=mode))
+        for mode in ("slim", "sparse")
+    }
+    plans = {
+        mode: [pruned_units(PruningPlan.load(tmp_path / mode / a["dir"] / "model" / "plan.json")) for a in res.attempts]
+        for mode, res in out.items()
+    }
     assert plans["slim"] == plans["sparse"], "slim and sparse fine-tuning pruned other channels"
     assert [a["macs"] for a in out["slim"].attempts] == [a["macs"] for a in out["sparse"].attempts]
     x = torch.randn(8, 1, 8, 8)
@@ -205,8 +212,9 @@ def nonzero_fraction(model: nn.Module) -> float:
 def test_a_step_that_loses_too_much_is_retried_with_a_smaller_increment(tmp_path):
     logs: list[str] = []
     cfg = IterativeConfig(schedule=[0.5], max_drop=0.35, max_retries=2, retry_factor=0.5)
-    res = run(tmp_path, model=TinyNet(), eval_fn=nonzero_fraction, config=cfg, log=logs.append,
-              train_fn=lambda m, epoch: None)
+    res = run(
+        tmp_path, model=TinyNet(), eval_fn=nonzero_fraction, config=cfg, log=logs.append, train_fn=lambda m, epoch: None
+    )
     got = [(a["ratio"], a["accepted"]) for a in res.attempts]
     assert got[0] == (0.5, False) and got[1][0] == 0.25, res.attempts  # the increment halves after a miss
     for a in res.attempts:  # every verdict follows max_drop
@@ -235,8 +243,17 @@ def test_retry_sequence_with_scripted_verdicts(tmp_path):
     """0.5 misses -> half the increment (0.25) passes -> the rest of the way (0.5) misses -> half the
     remaining increment (0.375) passes -> 0.5 misses a third time: 1 + max_retries failures, stop."""
     Scripted.fail = {(1, 0), (1, 2), (1, 4)}
-    res = Scripted(TinyNet(), X, nonzero_fraction, train_fn=lambda m, epoch: None, workspace=tmp_path,
-                   config=IterativeConfig(schedule=[0.5], max_retries=2), finetune=FT, ana=ANA, log=QUIET).run()
+    res = Scripted(
+        TinyNet(),
+        X,
+        nonzero_fraction,
+        train_fn=lambda m, epoch: None,
+        workspace=tmp_path,
+        config=IterativeConfig(schedule=[0.5], max_retries=2),
+        finetune=FT,
+        ana=ANA,
+        log=QUIET,
+    ).run()
     got = [(a["ratio"], a["accepted"]) for a in res.attempts]
     assert got == [(0.5, False), (0.25, True), (0.5, False), (0.375, True), (0.5, False)], res.attempts
     assert res.final["step"] == "step1-try3", res.final
@@ -246,8 +263,17 @@ def test_retry_sequence_with_scripted_verdicts(tmp_path):
 def test_an_accepted_smaller_increment_continues_to_the_planned_ratio(tmp_path):
     """A step that fails is split: after the smaller increment passes, the rest is tried from there."""
     Scripted.fail = {(1, 0)}
-    res = Scripted(TinyNet(), X, nonzero_fraction, train_fn=lambda m, epoch: None, workspace=tmp_path,
-                   config=IterativeConfig(schedule=[0.4], max_retries=1), finetune=FT, ana=ANA, log=QUIET).run()
+    res = Scripted(
+        TinyNet(),
+        X,
+        nonzero_fraction,
+        train_fn=lambda m, epoch: None,
+        workspace=tmp_path,
+        config=IterativeConfig(schedule=[0.4], max_retries=1),
+        finetune=FT,
+        ana=ANA,
+        log=QUIET,
+    ).run()
     got = [(a["ratio"], a["accepted"]) for a in res.attempts]
     assert got == [(0.4, False), (0.2, True), (0.4, True)], res.attempts
     assert res.final["step"] == "step1-try2", res.final
@@ -259,8 +285,14 @@ def test_earlier_pruned_channels_stay_pruned_with_the_random_criterion(tmp_path,
     """Sparse: the larger plan over the original model need not contain the earlier one, so it is merged.
     Slim: the next step prunes the slim model, so the composed plan contains the earlier one by construction."""
     torch.manual_seed(0)
-    res = run(tmp_path, model=TinyNet(), eval_fn=nonzero_fraction, train_fn=lambda m, epoch: None,
-              criterion="random", config=IterativeConfig(schedule=[0.3, 0.6], finetune_on=finetune_on))
+    res = run(
+        tmp_path,
+        model=TinyNet(),
+        eval_fn=nonzero_fraction,
+        train_fn=lambda m, epoch: None,
+        criterion="random",
+        config=IterativeConfig(schedule=[0.3, 0.6], finetune_on=finetune_on),
+    )
     plans = [PruningPlan.load(tmp_path / a["dir"] / "model" / "plan.json") for a in res.attempts]
     first, second = pruned_units(plans[0]), pruned_units(plans[1])
     for key, idx in first.items():

@@ -26,7 +26,7 @@ from prunekit.workflow import distributed
 from prunekit.workflow.evaluation import make_eval_fn
 from tinyjob import TinyNet, loaders, trained
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where the shared helpers live
 TIMEOUT = 240  # seconds per launch; a launch takes ~20 s on 2 busy cores
 
 
@@ -39,12 +39,28 @@ def _free_port() -> int:
 def torchrun(args: list[str], tmp_path: Path, nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node nproc ARGS`` on a free local port (a second
     try on another port if the first one was taken in between)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]), "PRUNEKIT_DIST_TIMEOUT": "180",
-        **(env or {})}
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+        "PRUNEKIT_DIST_TIMEOUT": "180",
+        **(env or {}),
+    }
     for attempt in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--nnodes",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            *args,
+        ]
         try:
             proc = subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=TIMEOUT)
         except subprocess.TimeoutExpired as exc:
@@ -59,8 +75,9 @@ def _tail(proc: subprocess.CompletedProcess) -> str:
 
 
 def write_config(tmp_path: Path, checkpoint: Path, **sections) -> Path:
-    return tinyjob.write_config(tmp_path, **{"model": {"checkpoint": str(checkpoint)}, "run": {"max_drop": 0.5},
-                                             **sections})
+    return tinyjob.write_config(
+        tmp_path, **{"model": {"checkpoint": str(checkpoint)}, "run": {"max_drop": 0.5}, **sections}
+    )
 
 
 @pytest.fixture
@@ -73,8 +90,11 @@ def checkpoint(tmp_path) -> Path:
 def pruned_slices(model) -> list[tuple[str, torch.Tensor]]:
     plan = prunekit.get_plan(model)
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return [(n, tensors[n].detach().index_select(d, torch.tensor(idx)))
-            for n, dims in plan.pruned.items() for d, idx in dims.items()]
+    return [
+        (n, tensors[n].detach().index_select(d, torch.tensor(idx)))
+        for n, dims in plan.pruned.items()
+        for d, idx in dims.items()
+    ]
 
 
 # ----- fine-tuning -----------------------------------------------------------------------------
@@ -88,8 +108,9 @@ def test_finetune_on_two_processes_resumes_a_one_process_run(tmp_path):
     prunekit.Pruner(model, torch.randn(1, 1, 8, 8)).prune(0.4)
     prunekit.save_sparse(model, tmp_path / "sparse")
     plan = prunekit.get_plan(model).to_dict()
-    ref = dist_worker.run_finetune(str(tmp_path / "sparse"), str(tmp_path / "ws1"), str(tmp_path / "out1"),
-                                   log=lambda m: None)
+    ref = dist_worker.run_finetune(
+        str(tmp_path / "sparse"), str(tmp_path / "ws1"), str(tmp_path / "out1"), log=lambda m: None
+    )
 
     class Kill(Exception):
         pass
@@ -106,10 +127,24 @@ def test_finetune_on_two_processes_resumes_a_one_process_run(tmp_path):
     from prunekit.workflow.finetune import finetune
 
     with pytest.raises(Kill):
-        finetune(prunekit.load_sparse(TinyNet(), tmp_path / "sparse"), loaders()[0], dying,
-                 dist_worker.finetune_config(), workspace=tmp_path / "ws2", log=lambda m: None)
-    proc = torchrun([str(TESTS / "dist_worker.py"), "finetune", str(tmp_path / "sparse"), str(tmp_path / "ws2"),
-                     str(tmp_path / "out2")], tmp_path)
+        finetune(
+            prunekit.load_sparse(TinyNet(), tmp_path / "sparse"),
+            loaders()[0],
+            dying,
+            dist_worker.finetune_config(),
+            workspace=tmp_path / "ws2",
+            log=lambda m: None,
+        )
+    proc = torchrun(
+        [
+            str(TESTS / "dist_worker.py"),
+            "finetune",
+            str(tmp_path / "sparse"),
+            str(tmp_path / "ws2"),
+            str(tmp_path / "out2"),
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, _tail(proc)
     r0, r1 = (torch.load(tmp_path / "out2" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
@@ -123,8 +158,9 @@ def test_finetune_on_two_processes_resumes_a_one_process_run(tmp_path):
         assert torch.all(sl == want), f"{name}: a pruned slice moved during DDP training"
     assert r0["best_metric"] == r1["best_metric"], "the ranks disagree on the metric"
     drop_time = lambda h: {k: v for k, v in h.items() if k != "seconds"}  # noqa: E731
-    assert len(r0["history"]) == 3 and drop_time(r0["history"][0]) == drop_time(ref["history"][0]), \
+    assert len(r0["history"]) == 3 and drop_time(r0["history"][0]) == drop_time(ref["history"][0]), (
         "epoch 1 should come from the 1-process checkpoint"
+    )
     assert abs(r0["best_metric"] - ref["best_metric"]) <= 0.1, (r0["history"], ref["history"])
     for a, b in zip(r0["history"][1:], ref["history"][1:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=0.15), (r0["history"], ref["history"])
@@ -144,8 +180,9 @@ def test_finetune_on_two_processes_resumes_a_one_process_run(tmp_path):
     assert a0["slim_shapes"]["conv3.weight"][0] < 16, "the model inside the new wrapper is not slim"
     for k, v in a0["slim_state"].items():
         assert torch.equal(v, a1["slim_state"][k]), f"{k} differs between the ranks after training the slim model"
-    assert not torch.equal(a0["slim_state"]["fc.weight"], _slim_of(a0["sparse_state"], plan)["fc.weight"]), \
+    assert not torch.equal(a0["slim_state"]["fc.weight"], _slim_of(a0["sparse_state"], plan)["fc.weight"]), (
         "the slim model did not train after the transform"
+    )
 
 
 def _load_state(state: dict) -> TinyNet:
@@ -183,8 +220,9 @@ def test_run_under_torchrun_matches_one_process(tmp_path, checkpoint, capsys):
         assert got["curves"][g] == pytest.approx(curve, abs=1e-6), f"group {g}: 2-process ana differs"
     assert {p.name for p in ws.glob("ana.rank*.json")} == {"ana.rank0.json", "ana.rank1.json"}
     assert len(_points(ws)) == 4, "rank 0 did not merge both ranks' points"
-    assert proc.stdout.count("step 1: prune") == 1 and proc.stdout.count("slim model in") == 1, \
+    assert proc.stdout.count("step 1: prune") == 1 and proc.stdout.count("slim model in") == 1, (
         "only rank 0 should print: " + _tail(proc)
+    )
     final = json.loads((ws / "summary.json").read_text())["final"]
     assert final["step"] == want_final["step"], (final, want_final, _tail(proc))
     assert final["macs_reduction"] == pytest.approx(want_final["macs_reduction"], abs=0.03), (final, want_final)
@@ -200,10 +238,17 @@ def test_rank_that_dies_in_ana_loses_only_its_unfinished_points(tmp_path, checkp
     import dist_worker
 
     # the full analysis: one metric call per point is what the dying metric counts (the fast one batches them)
-    cfg = write_config(tmp_path, checkpoint, metric="dist_worker:dying_accuracy",
-                       ana={"ratios": [0.2, 0.4, 0.6], "collapse": None, "fast": False})
-    proc = torchrun(["-m", "prunekit", "ana", "-c", str(cfg), "--no-progress"], tmp_path,
-                    env={"PRUNEKIT_TEST_DIE_RANK": "1", "PRUNEKIT_TEST_DIE_AFTER": "1"})
+    cfg = write_config(
+        tmp_path,
+        checkpoint,
+        metric="dist_worker:dying_accuracy",
+        ana={"ratios": [0.2, 0.4, 0.6], "collapse": None, "fast": False},
+    )
+    proc = torchrun(
+        ["-m", "prunekit", "ana", "-c", str(cfg), "--no-progress"],
+        tmp_path,
+        env={"PRUNEKIT_TEST_DIE_RANK": "1", "PRUNEKIT_TEST_DIE_AFTER": "1"},
+    )
     assert proc.returncode != 0, "rank 1 should have died: " + _tail(proc)
     ws = tmp_path / "ws"
     rank1 = json.loads((ws / "ana.rank1.json").read_text())
@@ -223,9 +268,17 @@ def test_rank_that_dies_in_ana_loses_only_its_unfinished_points(tmp_path, checkp
 
     ref = tmp_path / "ref"
     ref.mkdir()
-    assert main(["ana", "-c", str(write_config(ref, checkpoint, ana={"ratios": [0.2, 0.4, 0.6], "collapse": None,
-                                                                    "fast": False})),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "ana",
+                "-c",
+                str(write_config(ref, checkpoint, ana={"ratios": [0.2, 0.4, 0.6], "collapse": None, "fast": False})),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert _points(ws) == pytest.approx(_points(ref / "ws"), abs=1e-6)
 
 

@@ -85,8 +85,10 @@ def test_compensation_keeps_the_mean_output():
     dead_and_constant(model)
     x = batches(1, 64, seed=7)[0]
     dense = run(model, x)
-    plan = PruningPlan({"0.weight": {0: [2, 3]}, "0.bias": {0: [2, 3]}, "2.weight": {1: [2, 3]}},
-                       {"0.weight": [8, 4], "0.bias": [8], "2.weight": [3, 8]})
+    plan = PruningPlan(
+        {"0.weight": {0: [2, 3]}, "0.bias": {0: [2, 3]}, "2.weight": {1: [2, 3]}},
+        {"0.weight": [8, 4], "0.bias": [8], "2.weight": [3, 8]},
+    )
     plain = copy.deepcopy(model)
     prunekit.apply_plan(plain, plan)
     stats = collect_input_stats(model, batches())
@@ -102,8 +104,9 @@ def test_compensated_prune_is_sparse_equals_slim_and_reloads(tmp_path):
     model = mlp(16)
     x = torch.randn(4, 4)
     cal = batches()
-    res = prunekit.prune(model, x, removal_ratio=0.4, criterion="fluctuation", calibration=cal, compensate=True,
-                         log=lambda m: None)
+    res = prunekit.prune(
+        model, x, removal_ratio=0.4, criterion="fluctuation", calibration=cal, compensate=True, log=lambda m: None
+    )
     assert res.plan.meta["added_biases"] == {"2.bias": [3]}
     assert isinstance(model[2].bias, nn.Parameter)
     slim = prunekit.to_slim(model)
@@ -148,8 +151,9 @@ def test_conv_compensation_creates_pruned_biases(tmp_path):
     model = conv_net()
     x = torch.randn(2, 3, 8, 8)
     cal = [torch.randn(8, 3, 8, 8) for _ in range(2)]
-    res = prunekit.prune(model, x, removal_ratio=0.4, criterion="activation", calibration=cal, compensate=True,
-                         log=lambda m: None)
+    res = prunekit.prune(
+        model, x, removal_ratio=0.4, criterion="activation", calibration=cal, compensate=True, log=lambda m: None
+    )
     added = res.plan.meta["added_biases"]
     assert set(added) == {"conv2.bias"}  # conv1's inputs (the image) stay; fc has a bias already
     assert res.plan.meta["compensated"] == ["conv2.weight", "fc.weight"]
@@ -170,8 +174,9 @@ def test_compensation_helps_one_shot():
     errs = {}
     for comp in (False, True):
         m = copy.deepcopy(model)
-        prunekit.prune(m, x, removal_ratio=0.3, criterion="activation", calibration=cal, compensate=comp,
-                       log=lambda s: None)
+        prunekit.prune(
+            m, x, removal_ratio=0.3, criterion="activation", calibration=cal, compensate=comp, log=lambda s: None
+        )
         errs[comp] = prunekit.max_error(dense, run(m, x))
     assert errs[True] < errs[False]
 
@@ -184,8 +189,17 @@ def test_ana_takes_calibration(tmp_path):
     def score(m):
         return -float((run(m, x) - ref).abs().mean())
 
-    sens = prunekit.ana(model, x, score, workspace=tmp_path, ratios=(0.25, 0.5), criterion="activation",
-                        calibration=batches(), progress=False, log=lambda m: None)
+    sens = prunekit.ana(
+        model,
+        x,
+        score,
+        workspace=tmp_path,
+        ratios=(0.25, 0.5),
+        criterion="activation",
+        calibration=batches(),
+        progress=False,
+        log=lambda m: None,
+    )
     assert sens.curves and all(v <= 0 for c in sens.curves.values() for v in c.values())
 
 
@@ -258,14 +272,29 @@ def test_llama_compensation_reloads(tmp_path):
 
     from prunekit.integrations import hf
 
-    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32)
+    cfg = T.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(cfg).eval()
     x = {"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1)), "use_cache": False}
     cal = [{"input_ids": torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(s))} for s in (2, 3)]
-    res = prunekit.prune(model, x, removal_ratio=0.3, criterion="fluctuation", calibration=cal, compensate=True,
-                         excludes=["model.embed_tokens"], log=lambda m: None)  # the hidden size stays
+    res = prunekit.prune(
+        model,
+        x,
+        removal_ratio=0.3,
+        criterion="fluctuation",
+        calibration=cal,
+        compensate=True,
+        excludes=["model.embed_tokens"],
+        log=lambda m: None,
+    )  # the hidden size stays
     assert any(k.endswith("down_proj.bias") for k in res.plan.meta["added_biases"])
     slim = prunekit.to_slim(model)
     assert_equivalent(run(model, x), run(slim, x), "compensated llama")

@@ -12,13 +12,13 @@ import torch
 import yaml
 
 import prunekit
+from helpers import write_images
 from prunekit.cli.build import build_model
 from prunekit.cli.job import ModelConfig
 from prunekit.cli.main import main
 from prunekit.engine.equivalence import TOLERANCE
 from prunekit.engine.sparse import is_sparse
 from prunekit.models.cifar_resnet import PadShortcut, cifar_resnet, cifar_resnet20, cifar_resnet56
-from test_imagefolder import write_images
 
 
 def readme_keys(blocks: int) -> set[str]:
@@ -65,8 +65,13 @@ def test_config_loads_weights_without_batchnorm_counters(tmp_path):
     src = cifar_resnet20(width=4)
     sd = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
     save_file(sd, str(tmp_path / "w.safetensors"))
-    model = build_model(ModelConfig(factory="prunekit.models.cifar_resnet:cifar_resnet20", kwargs={"width": 4},
-                                    checkpoint=str(tmp_path / "w.safetensors")))
+    model = build_model(
+        ModelConfig(
+            factory="prunekit.models.cifar_resnet:cifar_resnet20",
+            kwargs={"width": 4},
+            checkpoint=str(tmp_path / "w.safetensors"),
+        )
+    )
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())
 
 
@@ -79,13 +84,18 @@ def run_job(tmp_path, **finetune) -> tuple[int, str]:
     write_images(tmp_path / "data" / "test", 3, fmt="jpg", seed=1)
     torch.manual_seed(0)
     torch.save(cifar_resnet(**KWARGS).state_dict(), tmp_path / "net.pt")
-    cfg = {"workspace": str(tmp_path / "ws"),
-           "model": {"factory": "prunekit.models.cifar_resnet:cifar_resnet", "kwargs": KWARGS,
-                     "checkpoint": str(tmp_path / "net.pt")},
-           "data": {"dataset": "imagefolder", "root": str(tmp_path / "data"), "batch_size": 8, "val_fraction": 0.25},
-           "ana": {"ratios": [0.3, 0.6]},
-           "finetune": {"epochs": 1, "lr": 0.02, "progress": False, **finetune},
-           "run": {"schedule": [0.3, 0.5]}}
+    cfg = {
+        "workspace": str(tmp_path / "ws"),
+        "model": {
+            "factory": "prunekit.models.cifar_resnet:cifar_resnet",
+            "kwargs": KWARGS,
+            "checkpoint": str(tmp_path / "net.pt"),
+        },
+        "data": {"dataset": "imagefolder", "root": str(tmp_path / "data"), "batch_size": 8, "val_fraction": 0.25},
+        "ana": {"ratios": [0.3, 0.6]},
+        "finetune": {"epochs": 1, "lr": 0.02, "progress": False, **finetune},
+        "run": {"schedule": [0.3, 0.5]},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -59,8 +59,11 @@ def test_wrong_example_inputs_name_the_shapes():
 def test_ratio_outside_range(ratio):
     model, x = chain()
     pruner = prunekit.Pruner(model, x)
-    for call in (lambda: pruner.plan(ratio), lambda: pruner.prune(ratio),
-                 lambda: pruner.plan({pruner.prunable_groups[0].id: ratio})):
+    for call in (
+        lambda: pruner.plan(ratio),
+        lambda: pruner.prune(ratio),
+        lambda: pruner.plan({pruner.prunable_groups[0].id: ratio}),
+    ):
         with pytest.raises(ValueError) as info:
             call()
         assert repr(ratio) in str(info.value), f"the error should name the ratio {ratio!r}: {info.value}"
@@ -84,8 +87,9 @@ def test_ignore_missing_module_suggests_names():
     with pytest.raises(ValueError) as info:
         prunekit.Pruner(model, x, ignore=["conv_2"])
     msg = str(info.value)
-    assert "'conv_2'" in msg and "conv2" in msg.split("did you mean")[-1], \
+    assert "'conv_2'" in msg and "conv2" in msg.split("did you mean")[-1], (
         f"the error should name the missing module and suggest conv2: {msg}"
+    )
     with pytest.raises(ValueError, match="not part of the model"):
         prunekit.Pruner(model, x, ignore=[nn.Conv2d(3, 8, 1)])
     with pytest.raises(TypeError, match="module names or modules"):
@@ -101,8 +105,9 @@ def test_unknown_criterion_lists_options():
     pruner = prunekit.Pruner(model, x)
     with pytest.raises(ValueError) as info:
         pruner.plan(0.5, criterion="magic")
-    assert "'magic'" in str(info.value) and all(n in str(info.value) for n in prunekit.CRITERIA), \
+    assert "'magic'" in str(info.value) and all(n in str(info.value) for n in prunekit.CRITERIA), (
         f"plan(criterion=...) should name the bad criterion and the options: {info.value}"
+    )
 
 
 def test_misuse_of_saved_artifacts(tmp_path):
@@ -143,8 +148,9 @@ def test_pruning_almost_everything_keeps_a_channel(round_to):
         model.small.weight.mul_(1e-3)
         model.small.bias.zero_()
     pruner = prunekit.Pruner(model, x)
-    assert [g.n_units for g in pruner.prunable_groups] == [16], \
+    assert [g.n_units for g in pruner.prunable_groups] == [16], (
         f"expected one group of 16 channels: {pruner.prunable_groups}"
+    )
     slim = pruner.prune(0.99, mode="slim", round_to=round_to)
     assert slim.small.out_channels >= 1, "the small branch lost every channel"
     assert slim.big.out_channels >= 1, "the big branch lost every channel"
@@ -253,8 +259,9 @@ def test_register_module_handler_for_a_custom_layer():
     model, x = WithCustomLayer().eval(), torch.randn(2, 3, 5, 5)
     before = prunekit.Pruner(model, x)
     assert not before.prunable_groups, "without a handler nothing passes the custom layer"
-    assert any("special_i0" in w and "scale" in w for w in before.warnings), \
+    assert any("special_i0" in w and "scale" in w for w in before.warnings), (
         f"expected a warning naming special_i0 in module 'scale': {before.warnings}"
+    )
     calls, handler = _handler_calls()
     prunekit.register_module_handler(ScaleI0, handler)
     try:
@@ -264,11 +271,13 @@ def test_register_module_handler_for_a_custom_layer():
         assert not pruner.warnings, f"the handler should replace the untraced ops: {pruner.warnings}"
         group = next(g for g in pruner.groups if any(m.name == "scale.w" for m in g.members))
         assert group.prunable, f"the custom layer's group should be prunable: {group}"
-        assert {m.name for m in group.members} >= {"a.weight", "a.bias", "scale.w", "b.weight"}, \
+        assert {m.name for m in group.members} >= {"a.weight", "a.bias", "scale.w", "b.weight"}, (
             f"the handler's coupling is missing: {group}"
+        )
         slim = pruner.prune(0.5, mode="slim")
-        assert slim.scale.w.shape == (4,) and slim.a.out_channels == 4 and slim.b.in_channels == 4, \
+        assert slim.scale.w.shape == (4,) and slim.a.out_channels == 4 and slim.b.in_channels == 4, (
             f"custom layer not pruned: w {tuple(slim.scale.w.shape)}, a {slim.a.out_channels}"
+        )
         assert_equivalent(run(model, x), run(slim, x), "slim vs sparse through a custom layer")
     finally:
         MODULE_HANDLERS.pop(ScaleI0, None)
@@ -295,8 +304,13 @@ def test_ignored_modules_untouched(how):
 
 def test_ignoring_a_parent_ignores_its_children():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1)), nn.ReLU(),
-                          nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1)),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.ReLU(),
+        nn.Conv2d(8, 2, 1),
+    ).eval()
     x = torch.randn(1, 3, 4, 4)
     pruner = prunekit.Pruner(model, x, ignore=["0"])
     slim = pruner.prune(0.5, mode="slim")
@@ -342,17 +356,23 @@ def _hidden(name):
     return cls().eval(), torch.randn(2, 5, 6) if cls is HiddenScale else torch.randn(2, 6)
 
 
-@pytest.mark.parametrize("name, error", [("hard_coded_reshape", "fails on the example inputs"),
-                                         ("hidden_scale", "differs from the sparse model"),
-                                         *[(n, "differs from the sparse model") for n in KNOWN_LIMITATIONS]])
+@pytest.mark.parametrize(
+    "name, error",
+    [
+        ("hard_coded_reshape", "fails on the example inputs"),
+        ("hidden_scale", "differs from the sparse model"),
+        *[(n, "differs from the sparse model") for n in KNOWN_LIMITATIONS],
+    ],
+)
 def test_validate_freezes_what_tracing_cannot_see(name, error):
     model, x = _hidden(name)
     pruner = prunekit.Pruner(model, x)
     pruner.prune(0.5)
     with pytest.raises(RuntimeError) as info:
         pruner.transform()
-    assert error in str(info.value) and "validate()" in str(info.value), \
+    assert error in str(info.value) and "validate()" in str(info.value), (
         f"transform() should refuse a wrong slim model and point to validate(): {info.value}"
+    )
     model, x = _hidden(name)
     pruner = prunekit.Pruner(model, x)
     frozen = pruner.validate(0.5)

@@ -17,8 +17,16 @@ def timm():
 
 def tiny_cait(timm) -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=48,
-                             num_heads=4, num_classes=10).eval()
+    return timm.create_model(
+        "cait_xxs24_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=48,
+        num_heads=4,
+        num_classes=10,
+    ).eval()
 
 
 class ClsToken(nn.Module):
@@ -82,8 +90,9 @@ def test_cait_slim_save_and_load(timm, tmp_path):
 @pytest.mark.parametrize("attention", ["auto", "heads"])
 def test_vit_attention_attributes_follow_the_weights(timm, attention):
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                              num_classes=10).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     pruner = prunekit.Pruner(model, x, attention=attention)
     pruner.prune(0.5)

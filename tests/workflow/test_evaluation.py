@@ -34,14 +34,24 @@ def batches(sizes=(8, 8, 8, 3), seed=0):
 def test_eval_mode_no_grad_and_mode_restored():
     model = Recorder().train()
     make_eval_fn(batches())(model)
-    assert model.seen and all(not training and not grad for training, grad, _ in model.seen), \
+    assert model.seen and all(not training and not grad for training, grad, _ in model.seen), (
         f"every forward should run in eval mode without gradients: {model.seen}"
+    )
     assert model.training, "the model's training mode must be restored"
 
 
-@pytest.mark.parametrize("kw, n", [({}, 4), ({"max_batches": 2}, 2), ({"max_batches": 10}, 4),
-                                   ({"fraction": 0.5}, 2), ({"fraction": 0.3}, 2), ({"fraction": 0.01}, 1),
-                                   ({"fraction": 1.0}, 4)])
+@pytest.mark.parametrize(
+    "kw, n",
+    [
+        ({}, 4),
+        ({"max_batches": 2}, 2),
+        ({"max_batches": 10}, 4),
+        ({"fraction": 0.5}, 2),
+        ({"fraction": 0.3}, 2),
+        ({"fraction": 0.01}, 1),
+        ({"fraction": 1.0}, 4),
+    ],
+)
 def test_max_batches_and_fraction_bound_the_cost(kw, n):
     model = Recorder()
     make_eval_fn(batches(), **kw)(model)
@@ -60,8 +70,9 @@ def test_accuracy_and_loss_are_sample_weighted():
     assert accuracy(model, data) == pytest.approx(want_acc), "accuracy over uneven batches"
     loss_fn = make_eval_fn(data, "loss")
     assert loss_fn(model) == pytest.approx(want_loss, rel=1e-5), "mean cross-entropy over uneven batches"
-    assert loss_fn.lower_is_better is True and make_eval_fn(data).lower_is_better is False, \
+    assert loss_fn.lower_is_better is True and make_eval_fn(data).lower_is_better is False, (
         "built-in metrics declare their direction"
+    )
     first = accuracy(model, data, max_batches=1)
     assert first == pytest.approx(float((out[:8].argmax(1) == y[:8]).double().mean())), "max_batches=1"
 
@@ -77,18 +88,21 @@ def test_callable_metric_and_tuple_inputs():
     assert fn.lower_is_better is None, "a callable metric's direction is unknown"
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"max_batches": 0}, "max_batches must be a positive int"),
-    ({"max_batches": -3}, "max_batches must be a positive int"),
-    ({"max_batches": 1.5}, "max_batches must be a positive int"),
-    ({"max_batches": True}, "max_batches must be a positive int"),
-    ({"fraction": 0.0}, r"fraction must be a number in \(0, 1\]"),
-    ({"fraction": 1.5}, r"fraction must be a number in \(0, 1\]"),
-    ({"fraction": float("nan")}, r"fraction must be a number in \(0, 1\]"),
-    ({"fraction": "half"}, r"fraction must be a number in \(0, 1\]"),
-    ({"fraction": 0.5, "max_batches": 2}, "not both"),
-    ({"metric": "f1"}, "unknown metric 'f1'"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"max_batches": 0}, "max_batches must be a positive int"),
+        ({"max_batches": -3}, "max_batches must be a positive int"),
+        ({"max_batches": 1.5}, "max_batches must be a positive int"),
+        ({"max_batches": True}, "max_batches must be a positive int"),
+        ({"fraction": 0.0}, r"fraction must be a number in \(0, 1\]"),
+        ({"fraction": 1.5}, r"fraction must be a number in \(0, 1\]"),
+        ({"fraction": float("nan")}, r"fraction must be a number in \(0, 1\]"),
+        ({"fraction": "half"}, r"fraction must be a number in \(0, 1\]"),
+        ({"fraction": 0.5, "max_batches": 2}, "not both"),
+        ({"metric": "f1"}, "unknown metric 'f1'"),
+    ],
+)
 def test_bad_values_are_clear_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         make_eval_fn(batches(), **kw)

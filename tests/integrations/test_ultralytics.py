@@ -26,8 +26,12 @@ from prunekit.integrations import ultralytics as pu  # noqa: E402
 IMGSZ = 64
 #: channel groups that must stay, by reason (the image input, the head's outputs, the DFL integral, and
 #: YOLO11's C2PSA whose attention cuts its width at fixed sizes); every other group prunes
-KEPT = ("model output channels are kept", "its input channels come from a tensor that cannot be pruned",
-        "'softmax' mixes values across channels", "'split' cuts the channels at fixed sizes")
+KEPT = (
+    "model output channels are kept",
+    "its input channels come from a tensor that cannot be pruned",
+    "'softmax' mixes values across channels",
+    "'split' cuts the channels at fixed sizes",
+)
 
 
 def _model(cfg: str, nc: int = 3, seed: int = 0):
@@ -116,9 +120,15 @@ def _check_attributes(slim: torch.nn.Module, x: torch.Tensor) -> None:
     assert_equivalent(run(slim, x), run(split, x), "forward_split of the slim model")
 
 
-@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml",
-                                 pytest.param("yolov8s.yaml", marks=pytest.mark.slow),
-                                 pytest.param("yolo11s.yaml", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        "yolov8n.yaml",
+        "yolo11n.yaml",
+        pytest.param("yolov8s.yaml", marks=pytest.mark.slow),
+        pytest.param("yolo11s.yaml", marks=pytest.mark.slow),
+    ],
+)
 def test_yolo_prunes_after_a_forward_pass(cfg):
     _, slim, x = _check_prunes(cfg)
     _check_attributes(slim, x)
@@ -159,8 +169,9 @@ def test_map_eval_fn_leaves_the_model_alone(shapes):
     assert a == b and 0.0 <= a <= 1.0 and eval_fn.lower_is_better is False
     assert net.model[-1].export is True and isinstance(run(net, x), torch.Tensor)
     after = net.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), \
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), (
         "validation fused or changed the model"
+    )
     assert prunekit.get_plan(net).pruned
     with pytest.raises(ValueError, match="metric must be one of"):
         pu.make_map_eval_fn(shapes, metric="mAP")
@@ -180,8 +191,18 @@ def test_train_sparse_keeps_the_masks_through_ultralytics_training(shapes, tmp_p
     eval_fn = pu.make_map_eval_fn(shapes, imgsz=IMGSZ, batch=8)
     before = eval_fn(net)
     start = {k: v.clone() for k, v in net.state_dict().items()}
-    out = pu.train_sparse(net, shapes, epochs=1, imgsz=IMGSZ, batch=8, project=tmp_path, name="ft", quiet=True,
-                          seed=0, deterministic=False)
+    out = pu.train_sparse(
+        net,
+        shapes,
+        epochs=1,
+        imgsz=IMGSZ,
+        batch=8,
+        project=tmp_path,
+        name="ft",
+        quiet=True,
+        seed=0,
+        deterministic=False,
+    )
     assert out.mask_checks and set(out.mask_checks) == {0}, "the EMA lost zeros at a checkpoint"
     assert pu.pruned_slices_off(out.trainer.model, plan) == 0 and pu.pruned_slices_off(out.model, plan) == 0
     assert any(not torch.equal(start[k], v) for k, v in net.state_dict().items()), "training changed nothing"

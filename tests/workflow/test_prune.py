@@ -69,9 +69,19 @@ def quiet(_msg: str) -> None:
 
 
 # ----- MACs target -----------------------------------------------------------------------
-@pytest.mark.parametrize("name, R", [("demonet", 0.2), ("demonet", 0.5), ("demonet", 0.8),
-                                     ("resnet18", 0.3), ("resnet18", 0.5), ("resnet18", 0.7),
-                                     ("mobilenet_v2", 0.3), ("mobilenet_v2", 0.6)])
+@pytest.mark.parametrize(
+    "name, R",
+    [
+        ("demonet", 0.2),
+        ("demonet", 0.5),
+        ("demonet", 0.8),
+        ("resnet18", 0.3),
+        ("resnet18", 0.5),
+        ("resnet18", 0.7),
+        ("mobilenet_v2", 0.3),
+        ("mobilenet_v2", 0.6),
+    ],
+)
 def test_macs_target_reached_within_one_point(name, R, tmp_path):
     model, x = MODELS[name]()
     original = copy.deepcopy(model)
@@ -80,10 +90,12 @@ def test_macs_target_reached_within_one_point(name, R, tmp_path):
     assert res.method == "sensitivity", f"curves were given, got method {res.method!r} (notes: {res.notes})"
     achieved = measured_reduction(original, res.model, x)
     assert abs(achieved - R) <= 0.01, f"{name}: asked to remove {R:.0%} of the MACs, removed {achieved:.2%}"
-    assert achieved == pytest.approx(res.macs_reduction, abs=1e-9), \
+    assert achieved == pytest.approx(res.macs_reduction, abs=1e-9), (
         f"the reported reduction {res.macs_reduction:.4f} should be the measured {achieved:.4f}"
-    assert len({round(r, 3) for r in res.ratios.values()}) > 1, \
+    )
+    assert len({round(r, 3) for r in res.ratios.values()}) > 1, (
         f"different curves should give different per-group ratios: {res.ratios}"
+    )
     run(res.model, x)
 
 
@@ -94,8 +106,9 @@ def test_without_results_falls_back_and_says_so(fallback, tmp_path):
     logs: list[str] = []
     res = prunekit.prune(model, x, removal_ratio=0.5, workspace=tmp_path, fallback=fallback, log=logs.append)
     assert res.method == fallback, f"without ana results the method should be {fallback!r}, got {res.method!r}"
-    assert any("no sensitivity results" in m and fallback in m for m in logs), \
+    assert any("no sensitivity results" in m and fallback in m for m in logs), (
         f"the fallback should be reported: {logs}"
+    )
     achieved = measured_reduction(original, res.model, x)
     assert abs(achieved - 0.5) <= 0.01, f"{fallback}: removed {achieved:.2%} of the MACs for 50% requested"
     if fallback == "uniform":
@@ -110,11 +123,13 @@ def test_sensitivity_guided_protects_the_sensitive_group():
     flat = min(sens.curves, key=lambda g: 1 - sens.curves[g][0.5])
     guided = prunekit.prune(copy.deepcopy(model), x, removal_ratio=0.4, sensitivity=sens, log=quiet)
     uniform = prunekit.prune(copy.deepcopy(model), x, removal_ratio=0.4, log=quiet)
-    assert guided.ratios.get(steep, 0.0) < guided.ratios.get(flat, 0.0), \
+    assert guided.ratios.get(steep, 0.0) < guided.ratios.get(flat, 0.0), (
         f"the steepest curve (group {steep}) should lose less than the flattest ({flat}): {guided.ratios}"
+    )
     uniform_loss = sum(sens.loss(g, r) for g, r in uniform.ratios.items())
-    assert guided.predicted_loss < uniform_loss, \
+    assert guided.predicted_loss < uniform_loss, (
         f"guided predicted loss {guided.predicted_loss:.4f} should beat uniform's {uniform_loss:.4f}"
+    )
 
 
 # ----- threshold -------------------------------------------------------------------------
@@ -127,11 +142,13 @@ def test_threshold_mode():
         assert res.method == "sensitivity", f"threshold mode uses the curves, got {res.method}"
         assert res.predicted_loss <= t + 1e-9, f"threshold {t}: predicted loss {res.predicted_loss} exceeds it"
         results[t] = res
-    assert results[0.0].macs_after == results[0.0].macs_before, \
+    assert results[0.0].macs_after == results[0.0].macs_before, (
         "no loss tolerated (every curve costs something) prunes nothing"
+    )
     reductions = [results[t].macs_reduction for t in sorted(results)]
-    assert reductions == sorted(reductions) and reductions[-1] > 0.2, \
+    assert reductions == sorted(reductions) and reductions[-1] > 0.2, (
         f"a larger threshold should allow a larger reduction: {reductions}"
+    )
     with pytest.raises(ValueError, match="run ana first"):
         prunekit.prune(copy.deepcopy(model), x, threshold=0.1, log=quiet)
 
@@ -143,13 +160,15 @@ def test_round_to_is_honoured(name, round_to, tmp_path):
     original = copy.deepcopy(model)
     pruner = prunekit.Pruner(model, x)
     sizes = {g.id: g.n_units for g in pruner.groups}
-    res = prunekit.prune(model, x, removal_ratio=0.5, sensitivity=synthetic(model, x), round_to=round_to,
-                         workspace=tmp_path, log=quiet)
+    res = prunekit.prune(
+        model, x, removal_ratio=0.5, sensitivity=synthetic(model, x), round_to=round_to, workspace=tmp_path, log=quiet
+    )
     removed = {int(g): len(u) for g, u in res.plan.meta["groups"].items()}
     assert removed, "something should be pruned"
     for g, k in removed.items():
-        assert (sizes[g] - k) % round_to == 0, \
+        assert (sizes[g] - k) % round_to == 0, (
             f"group {g} keeps {sizes[g] - k} of {sizes[g]} channels, not a multiple of {round_to}"
+        )
     achieved = measured_reduction(original, res.model, x)
     assert abs(achieved - 0.5) <= 0.02, f"round_to={round_to}: removed {achieved:.2%} of the MACs for 50%"
     saved = json.loads((tmp_path / "plan.json").read_text())
@@ -193,8 +212,9 @@ def test_round_to_counts_channels_not_heads():
     """A head is head_dim channels: round_to=16 with head_dim 8 keeps an even number of heads,
     and round_to=8 any number (every head count is a multiple of 8 channels)."""
     torch.manual_seed(0)
-    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=6,
-                                               hidden_dim=48, mlp_dim=32, num_classes=4).eval()
+    vit = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=1, num_heads=6, hidden_dim=48, mlp_dim=32, num_classes=4
+    ).eval()
     x = torch.randn(1, 3, 16, 16)
     for round_to, step in ((8, 1), (16, 2), (4, 1)):
         pruner = prunekit.Pruner(vit, x, residual=False)
@@ -236,8 +256,16 @@ def test_excluded_layers_untouched_even_with_results_from_ana(tmp_path):
     x = torch.randn(16, 1, 8, 8)
     with torch.no_grad():
         y = model(x).argmax(1)
-    prunekit.ana(model, x[:2], make_eval_fn([(x, y)], "loss"), workspace=tmp_path, ratios=(0.3, 0.6, 0.9),
-                 lower_is_better=True, progress=False, log=quiet)
+    prunekit.ana(
+        model,
+        x[:2],
+        make_eval_fn([(x, y)], "loss"),
+        workspace=tmp_path,
+        ratios=(0.3, 0.6, 0.9),
+        lower_is_better=True,
+        progress=False,
+        log=quiet,
+    )
     before = {n: t.clone() for n, t in model.state_dict().items()}
     excluded = "stage1.1.conv2"  # its input and output channels: the stage-1 residual group stays whole
     logs: list[str] = []
@@ -270,17 +298,20 @@ def test_sparse_and_slim_agree_and_plan_round_trips(tmp_path):
     sparse_model = copy.deepcopy(model)
     a = prunekit.prune(sparse_model, x, removal_ratio=0.5, sensitivity=sens, workspace=tmp_path, log=quiet)
     assert a.model is sparse_model and prunekit.engine.sparse.is_sparse(a.model), "sparse mode prunes in place"
-    assert all(t.shape == model.state_dict()[n].shape for n, t in a.model.state_dict().items() if n in
-               model.state_dict()), "sparse mode keeps shapes"
+    assert all(
+        t.shape == model.state_dict()[n].shape for n, t in a.model.state_dict().items() if n in model.state_dict()
+    ), "sparse mode keeps shapes"
     b = prunekit.prune(copy.deepcopy(model), x, removal_ratio=0.5, sensitivity=sens, mode="slim", log=quiet)
     assert_equivalent(run(a.model, x), run(b.model, x), "sparse vs slim result of prune")
     plan_path = tmp_path / "plan.json"
     meta = json.loads(plan_path.read_text())
-    assert "sensitivity" in json.dumps(meta) and str(a.macs_after) in json.dumps(meta), \
+    assert "sensitivity" in json.dumps(meta) and str(a.macs_after) in json.dumps(meta), (
         "plan.json should record the method and the measured MACs"
+    )
     c = prunekit.prune(copy.deepcopy(model), x, spec=plan_path, mode="slim", log=quiet)
-    assert c.method == "spec" and c.macs_after == a.macs_after, \
+    assert c.method == "spec" and c.macs_after == a.macs_after, (
         f"applying the saved plan should reproduce it: {c.macs_after} vs {a.macs_after} MACs"
+    )
     assert_equivalent(run(b.model, x), run(c.model, x), "slim from prune vs slim from its saved plan")
 
 
@@ -339,8 +370,17 @@ def test_search_keeps_the_best_evaluated_allocation_at_the_target():
 
     probe = torch.randn(4, 1, 8, 8)
     calls = []
-    res = prunekit.prune(model, x, removal_ratio=0.5, sensitivity=sens, search=5, eval_fn=eval_fn,
-                         eval_args=(probe,), calibrate=calls.append, log=quiet)
+    res = prunekit.prune(
+        model,
+        x,
+        removal_ratio=0.5,
+        sensitivity=sens,
+        search=5,
+        eval_fn=eval_fn,
+        eval_args=(probe,),
+        calibrate=calls.append,
+        log=quiet,
+    )
     assert abs(res.macs_reduction - 0.5) <= 0.01
     assert 2 <= len(seen) <= 6 and len(calls) == len(seen) + 1  # every candidate, and the result, calibrated
     assert any("search:" in n for n in res.notes)
@@ -361,8 +401,9 @@ def test_search_restores_the_model_between_candidates():
         return float(torch.rand(1))
 
     bn = make_bn_calibration([torch.randn(8, 1, 8, 8)])
-    prunekit.prune(model, x, removal_ratio=0.3, sensitivity=sens, search=3, eval_fn=eval_fn,
-                   calibrate=bn, mode="slim", log=quiet)
+    prunekit.prune(
+        model, x, removal_ratio=0.3, sensitivity=sens, search=3, eval_fn=eval_fn, calibrate=bn, mode="slim", log=quiet
+    )
     assert len(states) >= 2
     for k, v in model.state_dict().items():  # slim mode: the user's model is only masked, never changed
         if "running" not in k and "num_batches" not in k:

@@ -35,14 +35,25 @@ def pruned_slices(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("optimizer, schedule, amp", [("sgd", "cosine", None), ("adamw", "step", None),
-                                                     ("sgd", "constant", True)])  # amp on CPU: bfloat16 autocast
+@pytest.mark.parametrize(
+    "optimizer, schedule, amp", [("sgd", "cosine", None), ("adamw", "step", None), ("sgd", "constant", True)]
+)  # amp on CPU: bfloat16 autocast
 def test_masks_hold_through_training(optimizer, schedule, amp):
     model, _ = sparse_tiny()
     train, evald = loaders()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = FinetuneConfig(epochs=2, optimizer=optimizer, lr=0.05, schedule=schedule, step_epochs=1, amp=amp,
-                         warmup_epochs=0.5, label_smoothing=0.1, restore_best=False, **QUIET)
+    cfg = FinetuneConfig(
+        epochs=2,
+        optimizer=optimizer,
+        lr=0.05,
+        schedule=schedule,
+        step_epochs=1,
+        amp=amp,
+        warmup_epochs=0.5,
+        label_smoothing=0.1,
+        restore_best=False,
+        **QUIET,
+    )
     res = finetune(model, train, make_eval_fn(evald), cfg, log=print)
     assert len(res.history) == 2 and all(h["loss"] is not None for h in res.history), res.history
     assert not torch.equal(before["conv1.weight"], model.conv1.weight), "training did not change the weights"
@@ -108,8 +119,9 @@ def test_lr_trial_keeps_the_best_candidate(tmp_path):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = FinetuneConfig(epochs=1, lr_trial=[1e-6, 0.05], trial_batches=3, **QUIET)
     logs: list[str] = []
-    res = finetune(model, train, make_eval_fn(evald, "loss"), cfg, lower_is_better=True, log=logs.append,
-                   workspace=tmp_path)
+    res = finetune(
+        model, train, make_eval_fn(evald, "loss"), cfg, lower_is_better=True, log=logs.append, workspace=tmp_path
+    )
     assert set(res.trial) == {1e-6, 0.05}, res.trial
     assert res.lr == min(res.trial, key=res.trial.get), res
     assert any("learning-rate trial" in m for m in logs), logs
@@ -136,16 +148,19 @@ def test_custom_train_fn_and_no_eval():
         assert torch.all(sl == want), f"{name}: a custom train_fn left pruned values non-zero"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"optimizer": "adam"}, "optimizer must be one of"),
-    ({"schedule": "linear"}, "schedule must be one of"),
-    ({"lr": 0}, "lr must be a positive number"),
-    ({"epochs": -1}, "epochs must be a non-negative int"),
-    ({"label_smoothing": 1.0}, "label_smoothing"),
-    ({"lr_trial": 0.1}, "lr_trial must be a list"),
-    ({"distill_weight": 1.5}, "distill_weight must be in"),
-    ({"distill_temperature": 0}, "distill_temperature must be a positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"optimizer": "adam"}, "optimizer must be one of"),
+        ({"schedule": "linear"}, "schedule must be one of"),
+        ({"lr": 0}, "lr must be a positive number"),
+        ({"epochs": -1}, "epochs must be a non-negative int"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"lr_trial": 0.1}, "lr_trial must be a list"),
+        ({"distill_weight": 1.5}, "distill_weight must be in"),
+        ({"distill_temperature": 0}, "distill_temperature must be a positive"),
+    ],
+)
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FinetuneConfig(**kwargs)
