@@ -296,7 +296,7 @@ def cmd_groups(args: argparse.Namespace, out: TextIO) -> int:
             seen.add(m)
             print(m, file=out)
 
-    pruner = validated_pruner(job.model, job.inputs, ignore=c.excludes, criterion=c.criterion, log=say)
+    pruner = validated_pruner(job.model, job.inputs, excludes=c.excludes, criterion=c.criterion, log=say)
     rows = [
         [
             str(g.id),

@@ -72,6 +72,12 @@ class PruningPlan:
             shape[d] -= len(idx)
         return shape
 
+    def key(self) -> tuple:
+        """A hashable form of :attr:`pruned`: equal for plans that remove the same channels."""
+        return tuple(
+            sorted((n, tuple(sorted((d, tuple(i)) for d, i in dims.items()))) for n, dims in self.pruned.items())
+        )
+
     def contains(self, other: PruningPlan) -> bool:
         """Whether every index ``other`` removes is removed here too (a later step keeps earlier cuts)."""
         return all(

@@ -35,6 +35,7 @@ from prunekit.engine.plan import PruningPlan
 from prunekit.engine.prepare import prepare
 from prunekit.graph.groups import ChannelGroup, build_groups
 from prunekit.graph.trace import ATTENTION_MODES, Tracer, call_model, run_on_meta, single_thread, trace
+from prunekit.utils.deprecation import UNSET, renamed
 
 __all__ = ["Pruner"]
 
@@ -55,7 +56,8 @@ class Pruner:
     Args:
         model: Any ``nn.Module`` that runs forward on ``example_inputs``.
         example_inputs: A tensor, a tuple of positional args, or a dict of keyword args.
-        ignore: Module names (or modules) whose tensors must keep every channel.
+        excludes: Module names (or modules) whose tensors must keep every channel (the same word
+            as :func:`prunekit.prune` / :func:`prunekit.ana`; ``ignore=`` is its deprecated alias).
         criterion: Default importance criterion (see :data:`prunekit.engine.criteria.CRITERIA`).
         attention: Where a reshape splits a width into ``(heads, head_dim)``: ``"heads"``
             prunes whole heads (each head's slices of q, k, v and the output projection
@@ -78,11 +80,13 @@ class Pruner:
         model: nn.Module,
         example_inputs: Any,
         *,
-        ignore: Iterable[str | nn.Module] = (),
+        excludes: Iterable[str | nn.Module] = (),
         criterion: str = "l2",
         attention: str = "auto",
         residual: bool = True,
+        ignore: Iterable[str | nn.Module] = UNSET,
     ) -> None:
+        excludes = renamed("Pruner", "ignore", ignore, "excludes", excludes)
         _check_inputs(model, example_inputs)
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
@@ -92,7 +96,7 @@ class Pruner:
         self.grads: dict[str, torch.Tensor] = {}
         #: ``{weight name: InputStats}`` from :meth:`collect_activations` (activation criteria, compensation)
         self.activations: dict = {}
-        ignore_names = self._resolve_ignore(ignore)
+        excluded = self._resolve_excludes(excludes)
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.attention = attention
@@ -108,10 +112,10 @@ class Pruner:
                 f"{type(exc).__name__}: {exc}. Pass the inputs a forward call takes: a tensor, a "
                 "tuple of positional arguments, or a dict of keyword arguments."
             ) from exc
-        for name in ignore_names:
+        for name in excluded:
             for (tname, _), sp in self.tracer.book.spaces.items():
                 if tname == name or tname.startswith(name + "."):
-                    self.tracer.book.fix(sp.ids, f"module '{name}' is ignored by the user")
+                    self.tracer.book.fix(sp.ids, f"module '{name}' is excluded by the user")
         if not residual:
             for (tname, _), sp in self.tracer.book.spaces.items():
                 if tname in self.tracer.layer_norm_weights:
@@ -122,23 +126,23 @@ class Pruner:
         self.build_seconds = time.perf_counter() - t0
         self.warnings = list(self.tracer.warnings)
 
-    def _resolve_ignore(self, ignore) -> list[str]:
+    def _resolve_excludes(self, excludes) -> list[str]:
         names = {n for n, _ in self.model.named_modules()}
         by_id = {id(m): n for n, m in self.model.named_modules()}
         out = []
-        for item in ignore:
+        for item in excludes:
             if isinstance(item, nn.Module):
                 if id(item) not in by_id:
-                    raise ValueError(f"ignored module {type(item).__name__} is not part of the model")
+                    raise ValueError(f"excluded module {type(item).__name__} is not part of the model")
                 out.append(by_id[id(item)])
             elif isinstance(item, str):
                 if item not in names:
                     close = difflib.get_close_matches(item, names, n=3)
                     hint = f"; did you mean {close}?" if close else "; see model.named_modules()"
-                    raise ValueError(f"ignored module {item!r} does not exist in the model{hint}")
+                    raise ValueError(f"excluded module {item!r} does not exist in the model{hint}")
                 out.append(item)
             else:
-                raise TypeError(f"ignore takes module names or modules, got {type(item).__name__}")
+                raise TypeError(f"excludes takes module names or modules, got {type(item).__name__}")
         return out
 
     # ----- information -----------------------------------------------------------------
@@ -220,21 +224,24 @@ class Pruner:
     # ----- planning and pruning --------------------------------------------------------
     def plan(
         self,
-        ratio: float | dict[int, float],
+        channel_ratio: float | dict[int, float] = UNSET,
         *,
         criterion: str | None = None,
         round_to: int = 1,
         groups: Iterable[ChannelGroup] | None = None,
+        ratio: float | dict[int, float] = UNSET,
     ) -> PruningPlan:
         """Choose the channels to remove.
 
         Args:
-            ratio: Fraction of each prunable group's channels to remove, in ``[0, 1)``; or
-                ``{group_id: ratio}``.
+            channel_ratio: Fraction of each prunable group's *channels* to remove, in ``[0, 1)``;
+                or ``{group_id: fraction}``. (:func:`prunekit.prune`'s ``removal_ratio`` is a
+                fraction of the MACs instead.) ``ratio=`` is its deprecated alias.
             criterion: Importance criterion (default: the pruner's).
             round_to: Keep channel counts a multiple of this (hardware-friendly widths).
             groups: Restrict to these groups.
         """
+        ratio = _channel_ratio("Pruner.plan", ratio, channel_ratio)
         ratios = ratio if isinstance(ratio, dict) else None
         if ratios is None:
             _check_ratio(ratio)
@@ -270,13 +277,24 @@ class Pruner:
 
     def prune(
         self,
-        ratio: float | dict[int, float] | PruningPlan,
+        channel_ratio: float | dict[int, float] | PruningPlan = UNSET,
         *,
         mode: str = "sparse",
         criterion: str | None = None,
         round_to: int = 1,
+        ratio: float | dict[int, float] | PruningPlan = UNSET,
     ) -> nn.Module:
-        """Prune the model in place (``mode='sparse'``) or return a slim copy (``'slim'``)."""
+        """Prune the model in place (``mode='sparse'``) or return a slim copy (``'slim'``).
+
+        Args:
+            channel_ratio: Fraction of every prunable group's channels to remove (not of the
+                MACs: that is :func:`prunekit.prune`'s ``removal_ratio``), ``{group_id: fraction}``
+                or a :class:`PruningPlan`. ``ratio=`` is its deprecated alias.
+            mode: ``'sparse'`` (in place, same shapes) or ``'slim'`` (a smaller copy).
+            criterion: Importance criterion (default: the pruner's).
+            round_to: Keep channel counts a multiple of this.
+        """
+        ratio = _channel_ratio("Pruner.prune", ratio, channel_ratio)
         if mode not in ("sparse", "slim"):
             raise ValueError(f"mode must be 'sparse' or 'slim', got {mode!r}")
         plan = ratio if isinstance(ratio, PruningPlan) else self.plan(ratio, criterion=criterion, round_to=round_to)
@@ -376,7 +394,7 @@ class Pruner:
         msg = (
             f"validation froze all {len(frozen)} prunable channel groups, nothing can be pruned; "
             f"first reasons: {'; '.join(reasons[:3])}. If these are not real width mismatches, "
-            "report them; Pruner.freeze() / ignore= keep chosen groups instead"
+            "report them; Pruner.freeze() / excludes= keep chosen groups instead"
         )
         self.warnings.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=3)
@@ -424,3 +442,11 @@ def _check_ratio(r: float) -> None:
             f"ratio must be in [0, 1), got {r!r}: it is the fraction of channels to "
             "remove (0.5 removes half); at least one channel always stays"
         )
+
+
+def _channel_ratio(where: str, ratio: Any, channel_ratio: Any) -> Any:
+    """``channel_ratio``, or the deprecated ``ratio=`` (one of them is required)."""
+    value = renamed(where, "ratio", ratio, "channel_ratio", channel_ratio, default=UNSET)
+    if value is UNSET:
+        raise TypeError(f"{where}() needs channel_ratio: the fraction of every group's channels to remove")
+    return value

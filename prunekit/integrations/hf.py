@@ -329,6 +329,8 @@ def _update_config(model: nn.Module, old: dict) -> None:
         was = _out_in(m, old_shapes.get(f"{name}.weight"))
         if was is not None and was == (inter0, hidden0):  # an MLP's first projection
             inter.append(_out_in(m)[0])
+        elif was is not None and was == (2 * inter0, hidden0) and name.endswith("gate_up_proj"):
+            inter.append(_out_in(m)[0] // 2)  # Phi-3's fused (gate, up) projection
     residual = _residual_width(model)
     # head widths pruned: the config keeps the original sizes (a model built from the new ones
     # would take its attention scale from the pruned head_dim); prunekit's loaders rebuild it

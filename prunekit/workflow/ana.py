@@ -344,7 +344,7 @@ def ana(
         )
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     excludes = list(excludes)
-    pruner = pruner or validated_pruner(model, example_inputs, ignore=excludes, criterion=criterion, log=log)
+    pruner = pruner or validated_pruner(model, example_inputs, excludes=excludes, criterion=criterion, log=log)
     if calibration is not None and not pruner.activations:
         pruner.collect_activations(calibration)  # for the activation criteria
     prior = sparse.get_plan(model) if sparse.is_sparse(model) else None

@@ -72,6 +72,7 @@ __all__ = [
     "CurvePlanner",
     "sparse_variant",
     "EVALUATED",
+    "metric_range",
 ]
 
 #: ``how`` values of points whose metric was measured (on all batches, or until a stop rule)
@@ -1099,7 +1100,34 @@ class FastAnalysis:
             why = "precise"
         else:
             return None
-        return PointResult(self.baseline - self.sign * s.drop, "early_stop", s.n, s.batches, why, h)
+        return PointResult(self.estimate(s), "early_stop", s.n, s.batches, why, h)
+
+    def estimate(self, s: PairedStats) -> float:
+        """An early-stopped point's value: the baseline (all batches) minus the paired drop (the
+        batches used), kept inside the metric's range (:func:`metric_range`).
+
+        The paired drop is measured on a subset whose own baseline differs from the whole one, so
+        ``baseline - drop`` can leave the range (an accuracy below 0 for a collapsed group
+        evaluated on images the unpruned model gets right more often than on average).
+        """
+        lo, hi = metric_range(self.spec)
+        return min(max(self.baseline - self.sign * s.drop, lo), hi)
+
+
+def metric_range(spec: EvalSpec) -> tuple[float, float]:
+    """The values a metric can take: ``[0, 1]`` for top-1 accuracy, ``[0, inf)`` for the built-in
+    cross-entropy loss, unbounded for a callable metric.
+
+    Example:
+        >>> from prunekit.workflow.evaluation import make_eval_fn
+        >>> metric_range(make_eval_fn([], "accuracy").evaluation)
+        (0.0, 1.0)
+    """
+    if spec.binary:
+        return 0.0, 1.0
+    if spec.samplewise and spec.name == "loss":
+        return 0.0, math.inf
+    return -math.inf, math.inf
 
 
 def _slice(t: Any, v: int, n: int, size: int) -> Any:

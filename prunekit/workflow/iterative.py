@@ -352,7 +352,7 @@ class IterativePruner:
         state = pdist.broadcast_object(self._load_state(self._signature()) if pdist.is_main() else None)
         base_counts = count(self.template, self.inputs)
         self.pruner = validated_pruner(
-            self.template, self.inputs, ignore=self.excludes, criterion=self.criterion, log=self.log
+            self.template, self.inputs, excludes=self.excludes, criterion=self.criterion, log=self.log
         )
         sens = ana(
             self.template,
@@ -574,7 +574,7 @@ class IterativePruner:
         """Prune the start model to ``ratio`` of the original MACs, then make the new slim model."""
         macs = count(start.model, self.inputs).macs
         local = max(0.0, 1.0 - base_macs * (1.0 - ratio) / macs) if macs else 0.0
-        here = Pruner(start.model, self.inputs, ignore=self.excludes, criterion=self.criterion)
+        here = Pruner(start.model, self.inputs, excludes=self.excludes, criterion=self.criterion)
         pairs = self._matches(here)
         kwargs = {
             **self.prune_cfg.kwargs(),

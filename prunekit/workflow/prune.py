@@ -34,7 +34,7 @@ from prunekit.workflow.structure import plan_structure
 from prunekit.workflow.validation import group_label, validated_pruner
 from prunekit.workflow.workspace import Workspace, model_fingerprint
 
-__all__ = ["prune", "PruneResult", "FALLBACKS", "matching_sensitivity"]
+__all__ = ["prune", "PruneResult", "Request", "Allocator", "Attempt", "Choice", "FALLBACKS", "matching_sensitivity"]
 
 FALLBACKS = ("uniform", "global")
 STRATEGIES = ("equal_loss", "greedy")
@@ -238,44 +238,17 @@ def prune(
         ValueError: The workspace's sensitivity results were measured on another model.
         EquivalenceError: The slim model of the result would fail or differ (never returned).
     """
-    if isinstance(search, bool) or not isinstance(search, int) or search < 0:
-        raise ValueError(f"search must be a number of candidate allocations >= 0, got {search!r}")
-    if search and not callable(eval_fn):
-        raise ValueError(
-            "search needs eval_fn(model, *eval_args) -> metric to compare the candidate "
-            f"allocations, got eval_fn={eval_fn!r}"
-        )
-    if calibrate is not None and not callable(calibrate):
-        raise TypeError(f"calibrate must be callable (calibrate(model)), got {type(calibrate).__name__}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    given = [x is not None for x in (removal_ratio, threshold, spec)]
-    if not any(given) and (remove_blocks or remove_experts):
-        spec = {}  # blocks / experts only: no channel is pruned
-    elif sum(given) != 1:
-        raise ValueError(
-            "give exactly one of removal_ratio (fraction of MACs to remove), threshold "
-            "(tolerated relative metric loss) or spec (a pruning plan)"
-        )
-    if removal_ratio is not None:
-        _check(removal_ratio, "removal_ratio")
-    if threshold is not None and (
-        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0
-    ):
-        raise ValueError(f"threshold must be a non-negative number (relative metric loss), got {threshold!r}")
-    if mode not in ("sparse", "slim"):
-        raise ValueError(f"mode must be 'sparse' or 'slim', got {mode!r}")
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    req = Request(removal_ratio, threshold, spec, max_ratio, round_to, mode, criterion, fallback, strategy, search,
+                  eval_fn, eval_args, calibrate, seed, tolerance, keep_pruned, compensate)  # fmt: skip
+    req.check(remove_blocks or remove_experts)
     if sparse.is_sparse(model):
         raise ValueError(
             "the model is already sparse; prune the original model, or transform this one "
             "first (prunekit.to_slim) and prune the slim model"
         )
     ws = workspace if isinstance(workspace, Workspace) or workspace is None else Workspace(workspace)
-    pruner = validated_pruner(model, example_inputs, ignore=excludes, criterion=criterion, log=log)
+    pruner = validated_pruner(model, example_inputs, excludes=excludes, criterion=criterion, log=log)
     before = count(model, example_inputs)
-    notes: list[str] = []
     _collect_activations(pruner, criterion, calibration, compensate)
     structure = plan_structure(
         model,
@@ -289,115 +262,260 @@ def prune(
         eval_args=eval_args,
         lower_is_better=bool(getattr(eval_fn, "lower_is_better", False)),
     )
-    notes += structure.notes
     sensitivity = matching_sensitivity(ws, sensitivity, pruner, baseline if baseline is not None else model)
-    caps = _max_ratios(pruner, max_ratio)
-    predicted = None
-    if spec is not None:
-        loaded = _load_spec(spec, pruner)
-        plan = loaded if isinstance(loaded, PruningPlan) else pruner.plan(loaded, round_to=round_to)
-        ratios = {
-            int(k): len(v) / max(1, pruner.groups[int(k)].n_units) for k, v in plan.meta.get("groups", {}).items()
-        }
-        method = "spec"
+    if req.spec is not None:
+        chosen = _from_spec(req.spec, pruner, round_to)
     else:
-        mm = MacsModel.from_counts(before, pruner.groups)
-        cands = [g.id for g in pruner.prunable_groups if g.id not in structure.inside]
-        if threshold is not None and sensitivity is None:
-            raise ValueError("threshold mode needs sensitivity results: run ana first (same workspace)")
-        if sensitivity is not None:
-            method = "sensitivity"
-        else:
-            method = fallback
-            notes.append(f"no sensitivity results: using the '{fallback}' allocation by the {criterion} criterion")
-        scores = {g.id: pruner.scores(g) for g in pruner.prunable_groups} if method == "global" else {}
-
-        def allocate(target: float | None, how: str) -> dict[int, float]:
-            if method == "sensitivity":
-                if threshold is not None or how == "greedy":
-                    return greedy(mm, cands, sensitivity.loss, caps, target_macs=target, threshold=threshold)
-                return equal_loss(mm, cands, sensitivity.loss, caps, target)
-            if method == "uniform":
-                return uniform(mm, cands, caps, target)
-            return global_ranking(mm, cands, scores, caps, target)
-
-        goal = removal_ratio
-
-        def reach(how: str, loss: Callable[[int, float], float] | None = None) -> tuple:
-            """(gap, ratios, plan, achieved): the measured MACs closest to the goal."""
-            best = None  # the closest attempt, not merely the last one
-            # the removed blocks and experts save MACs the width allocation does not predict
-            target = before.macs * (1 - goal) + structure.macs_saved if goal is not None else None
-            for _ in range(6):
-                if loss is not None:
-                    ratios = equal_loss(mm, cands, loss, caps, target)
-                else:
-                    ratios = allocate(target, how)
-                plan = pruner.plan(ratios, round_to=round_to) if ratios else pruner.plan(0.0)
-                macs_after, _ = (
-                    _measure(model, structure.combine(plan), example_inputs)
-                    if plan.pruned or structure.macs_saved
-                    else (before.macs, 0)
-                )
-                achieved = 1 - macs_after / before.macs
-                gap = abs(achieved - goal) if goal is not None else 0.0
-                if best is None or gap < best[0]:
-                    best = (gap, ratios, plan, achieved)
-                if goal is None or gap <= tolerance:
-                    break
-                target -= (goal - achieved) * before.macs  # correct the prediction's error
-            return best
-
-        # equal_loss moves several groups at once on flat curves; on small models it may not
-        # land within the tolerance, and greedy (2% steps of one group) then finishes the job
-        hows = [strategy] + (["greedy"] if method == "sensitivity" and strategy != "greedy" else [])
-        best = None
-        for how in hows:
-            got = reach(how)
-            if best is None or got[0] < best[0]:
-                best = got
-            if best[0] <= tolerance:
-                break
-        if search:
-            if method != "sensitivity" or goal is None:
-                raise ValueError(
-                    "search compares allocations at one MACs target: it needs removal_ratio and "
-                    "sensitivity results (run ana first, same workspace)"
-                )
-            best, searched = _search(
-                model, best, reach, search, eval_fn, eval_args, calibrate, sensitivity, cands, seed, tolerance, hows
-            )
-            notes.append(searched)
-        _, ratios, plan, achieved = best
-        if goal is not None and best[0] > tolerance:
-            notes.append(f"reached a MACs reduction of {achieved:.3f} for a requested {goal:.3f}")
-        if method == "sensitivity":
-            predicted = sum(sensitivity.loss(g, r) for g, r in ratios.items())
-    if keep_pruned is not None and not plan.contains(keep_pruned):  # earlier pruned channels stay pruned
-        plan = PruningPlan(plan.merge(keep_pruned).pruned, {**keep_pruned.shapes, **plan.shapes}, plan.meta)
-        notes.append("merged the earlier plan: the new one did not contain every earlier pruned channel")
-    plan.meta.update(
-        {
-            "method": method,
-            "ratios": {str(k): v for k, v in ratios.items()},
-            "removal_ratio": removal_ratio,
-            "threshold": threshold,
-            "round_to": round_to,
-            "predicted_loss": predicted,
-            "labels": {str(g): group_label(pruner.groups[g]) for g in ratios},
-        }
-    )
-    if isinstance(example_inputs, torch.Tensor):  # for 'prunekit transform' (the shape of the example input)
-        plan.meta["input_shape"] = list(example_inputs.shape)
-    plan = structure.combine(plan)
-    if compensate:
-        plan = compensate_biases(model, plan, pruner.activations)
-        notes.append(f"bias compensation: {len(plan.meta['compensated'])} layers")
+        allocator = Allocator(model, example_inputs, pruner, structure, sensitivity, before, req)
+        chosen = _search(model, allocator, req) if search else allocator.choose()
+    chosen.notes[:0] = structure.notes
+    plan = _finish_plan(model, example_inputs, pruner, structure, chosen, req)
     sparse.apply_plan(model, plan)
     if calibrate is not None:
         calibrate(model)
     slim, _ = checked_slim(model, example_inputs)  # never a slim model that does not run or match
-    after = count(slim, example_inputs)
+    after = _record_counts(plan, before, count(slim, example_inputs), req, chosen)
+    if ws is not None:
+        plan.save(ws.path("plan.json"))
+    for n in chosen.notes:
+        log(n)
+    return PruneResult(
+        slim if mode == "slim" else model,
+        plan,
+        chosen.ratios,
+        chosen.method,
+        before.macs,
+        after.macs,
+        before.params,
+        after.params,
+        chosen.predicted,
+        chosen.notes,
+    )
+
+
+@dataclass
+class Request:
+    """What :func:`prune` was asked for (its arguments other than the model and the data)."""
+
+    removal_ratio: float | None
+    threshold: float | None
+    spec: Any
+    max_ratio: float | dict
+    round_to: int
+    mode: str
+    criterion: str
+    fallback: str
+    strategy: str
+    search: int
+    eval_fn: Callable[..., float] | None
+    eval_args: Sequence
+    calibrate: Callable[[nn.Module], Any] | None
+    seed: int
+    tolerance: float
+    keep_pruned: PruningPlan | None
+    compensate: bool
+
+    def check(self, structure_only: bool) -> None:
+        """Refuse contradictory or out-of-range arguments; blocks/experts alone get an empty spec."""
+        search = self.search
+        if isinstance(search, bool) or not isinstance(search, int) or search < 0:
+            raise ValueError(f"search must be a number of candidate allocations >= 0, got {search!r}")
+        if search and not callable(self.eval_fn):
+            raise ValueError(
+                "search needs eval_fn(model, *eval_args) -> metric to compare the candidate "
+                f"allocations, got eval_fn={self.eval_fn!r}"
+            )
+        if self.calibrate is not None and not callable(self.calibrate):
+            raise TypeError(f"calibrate must be callable (calibrate(model)), got {type(self.calibrate).__name__}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        self._check_goal(structure_only)
+        if self.mode not in ("sparse", "slim"):
+            raise ValueError(f"mode must be 'sparse' or 'slim', got {self.mode!r}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+
+    def _check_goal(self, structure_only: bool) -> None:
+        given = [x is not None for x in (self.removal_ratio, self.threshold, self.spec)]
+        if not any(given) and structure_only:
+            self.spec = {}  # blocks / experts only: no channel is pruned
+        elif sum(given) != 1:
+            raise ValueError(
+                "give exactly one of removal_ratio (fraction of MACs to remove), threshold "
+                "(tolerated relative metric loss) or spec (a pruning plan)"
+            )
+        if self.removal_ratio is not None:
+            _check(self.removal_ratio, "removal_ratio")
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
+            raise ValueError(f"threshold must be a non-negative number (relative metric loss), got {t!r}")
+
+
+@dataclass
+class Attempt:
+    """One allocation tried against the MACs goal.
+
+    Attributes:
+        gap: ``|achieved - goal|`` (0 without a MACs goal).
+        ratios: ``{group_id: fraction of its channels removed}``.
+        plan: The channels those ratios remove.
+        achieved: The measured MACs reduction.
+    """
+
+    gap: float
+    ratios: dict[int, float]
+    plan: PruningPlan
+    achieved: float
+
+
+@dataclass
+class Choice:
+    """The allocation :func:`prune` goes with, how it was chosen and what it noted."""
+
+    ratios: dict[int, float]
+    plan: PruningPlan
+    method: str
+    predicted: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _from_spec(spec: Any, pruner: Pruner, round_to: int) -> Choice:
+    """The plan a spec describes, as given."""
+    loaded = _load_spec(spec, pruner)
+    plan = loaded if isinstance(loaded, PruningPlan) else pruner.plan(loaded, round_to=round_to)
+    ratios = {int(k): len(v) / max(1, pruner.groups[int(k)].n_units) for k, v in plan.meta.get("groups", {}).items()}
+    return Choice(ratios, plan, "spec")
+
+
+class Allocator:
+    """Per-group ratios for a MACs goal or a loss threshold, checked against measured MACs.
+
+    The allocation (by the sensitivity curves, else the fallback) predicts MACs from a linear
+    model of each group's cost; every attempt is measured on the slim model and the target
+    corrected by the prediction's error, up to six times. Measurements are cached per plan.
+    """
+
+    def __init__(self, model, inputs, pruner: Pruner, structure, sensitivity, before, req: Request) -> None:
+        if req.threshold is not None and sensitivity is None:
+            raise ValueError("threshold mode needs sensitivity results: run ana first (same workspace)")
+        self.model, self.inputs, self.pruner, self.structure = model, inputs, pruner, structure
+        self.sensitivity, self.before, self.caps = sensitivity, before, _max_ratios(pruner, req.max_ratio)
+        self.goal, self.threshold, self.round_to, self.tolerance = (
+            req.removal_ratio, req.threshold, req.round_to, req.tolerance
+        )  # fmt: skip
+        self.mm = MacsModel.from_counts(before, pruner.groups)
+        self.cands = [g.id for g in pruner.prunable_groups if g.id not in structure.inside]
+        self.method = "sensitivity" if sensitivity is not None else req.fallback
+        self.notes: list[str] = []
+        if sensitivity is None:
+            self.notes.append(
+                f"no sensitivity results: using the '{req.fallback}' allocation by the {req.criterion} criterion"
+            )
+        self.scores = {g.id: pruner.scores(g) for g in pruner.prunable_groups} if self.method == "global" else {}
+        greedy_too = self.method == "sensitivity" and req.strategy != "greedy"
+        self.hows = [req.strategy] + (["greedy"] if greedy_too else [])
+        self._measured: dict[tuple, int] = {}
+
+    def ratios(self, target: float | None, how: str, loss: Callable[[int, float], float] | None = None) -> dict:
+        """The allocation for ``target`` MACs (``how``: ``'equal_loss'`` or ``'greedy'``)."""
+        mm, cands, caps = self.mm, self.cands, self.caps
+        if loss is not None:
+            return equal_loss(mm, cands, loss, caps, target)
+        if self.method == "sensitivity":
+            if self.threshold is not None or how == "greedy":
+                return greedy(mm, cands, self.sensitivity.loss, caps, target_macs=target, threshold=self.threshold)
+            return equal_loss(mm, cands, self.sensitivity.loss, caps, target)
+        if self.method == "uniform":
+            return uniform(mm, cands, caps, target)
+        return global_ranking(mm, cands, self.scores, caps, target)
+
+    def macs(self, plan: PruningPlan) -> int:
+        """The measured MACs of ``plan`` (with the removed blocks and experts); cached per plan."""
+        if not plan.pruned and not self.structure.macs_saved:
+            return self.before.macs
+        key = tuple(
+            sorted((n, tuple(sorted((d, tuple(i)) for d, i in dims.items()))) for n, dims in plan.pruned.items())
+        )
+        if key not in self._measured:
+            self._measured[key] = _measure(self.model, self.structure.combine(plan), self.inputs)[0]
+        return self._measured[key]
+
+    def reach(self, how: str, loss: Callable[[int, float], float] | None = None) -> Attempt:
+        """The attempt whose measured MACs come closest to the goal (not merely the last one)."""
+        best = None
+        goal, before = self.goal, self.before.macs
+        # the removed blocks and experts save MACs the width allocation does not predict
+        target = before * (1 - goal) + self.structure.macs_saved if goal is not None else None
+        for _ in range(6):
+            ratios = self.ratios(target, how, loss)
+            plan = self.pruner.plan(ratios, round_to=self.round_to) if ratios else self.pruner.plan(0.0)
+            achieved = 1 - self.macs(plan) / before
+            gap = abs(achieved - goal) if goal is not None else 0.0
+            if best is None or gap < best.gap:
+                best = Attempt(gap, ratios, plan, achieved)
+            if goal is None or gap <= self.tolerance:
+                break
+            target -= (goal - achieved) * before  # correct the prediction's error
+        return best
+
+    def best(self) -> Attempt:
+        """The strategy's attempt; ``greedy`` finishes the job where ``equal_loss`` misses the tolerance.
+
+        ``equal_loss`` moves several groups at once on flat curves; on small models it may not
+        land within the tolerance, and greedy (2% steps of one group) then does.
+        """
+        best = None
+        for how in self.hows:
+            got = self.reach(how)
+            if best is None or got.gap < best.gap:
+                best = got
+            if best.gap <= self.tolerance:
+                break
+        return best
+
+    def choice(self, attempt: Attempt) -> Choice:
+        """``attempt`` as the result: its predicted loss and a note when it missed the MACs goal."""
+        notes = list(self.notes)
+        if self.goal is not None and attempt.gap > self.tolerance:
+            notes.append(f"reached a MACs reduction of {attempt.achieved:.3f} for a requested {self.goal:.3f}")
+        predicted = None
+        if self.method == "sensitivity":
+            predicted = sum(self.sensitivity.loss(g, r) for g, r in attempt.ratios.items())
+        return Choice(attempt.ratios, attempt.plan, self.method, predicted, notes)
+
+    def choose(self) -> Choice:
+        """The allocation as computed."""
+        return self.choice(self.best())
+
+
+def _finish_plan(model, inputs, pruner: Pruner, structure, chosen: Choice, req: Request) -> PruningPlan:
+    """The chosen plan with the earlier pruned channels, its metadata, the structure and compensation."""
+    plan, keep_pruned = chosen.plan, req.keep_pruned
+    if keep_pruned is not None and not plan.contains(keep_pruned):  # earlier pruned channels stay pruned
+        plan = PruningPlan(plan.merge(keep_pruned).pruned, {**keep_pruned.shapes, **plan.shapes}, plan.meta)
+        chosen.notes.append("merged the earlier plan: the new one did not contain every earlier pruned channel")
+    plan.meta.update(
+        {
+            "method": chosen.method,
+            "ratios": {str(k): v for k, v in chosen.ratios.items()},
+            "removal_ratio": req.removal_ratio,
+            "threshold": req.threshold,
+            "round_to": req.round_to,
+            "predicted_loss": chosen.predicted,
+            "labels": {str(g): group_label(pruner.groups[g]) for g in chosen.ratios},
+        }
+    )
+    if isinstance(inputs, torch.Tensor):  # for 'prunekit transform' (the shape of the example input)
+        plan.meta["input_shape"] = list(inputs.shape)
+    plan = structure.combine(plan)
+    if req.compensate:
+        plan = compensate_biases(model, plan, pruner.activations)
+        chosen.notes.append(f"bias compensation: {len(plan.meta['compensated'])} layers")
+    return plan
+
+
+def _record_counts(plan: PruningPlan, before, after, req: Request, chosen: Choice):
+    """Write the measured counts into the plan; note a merged plan that overshoots the request."""
     plan.meta.update(
         {
             "macs_before": before.macs,
@@ -407,19 +525,13 @@ def prune(
         }
     )
     merged = 1 - after.macs / before.macs if before.macs else 0.0
-    if keep_pruned is not None and removal_ratio is not None and merged > removal_ratio + tolerance:
-        notes.append(
+    asked = req.removal_ratio
+    if req.keep_pruned is not None and asked is not None and merged > asked + req.tolerance:
+        chosen.notes.append(
             f"with the earlier pruned channels the MACs reduction is {merged:.3f} (requested "
-            f"{removal_ratio:.3f}): the counts are those of the merged plan"
+            f"{asked:.3f}): the counts are those of the merged plan"
         )
-    if ws is not None:
-        plan.save(ws.path("plan.json"))
-    for n in notes:
-        log(n)
-    out_model = slim if mode == "slim" else model
-    return PruneResult(
-        out_model, plan, ratios, method, before.macs, after.macs, before.params, after.params, predicted, notes
-    )
+    return after
 
 
 def _collect_activations(pruner: Pruner, criterion: str, calibration: Iterable[Any] | None, compensate: bool) -> None:
@@ -444,15 +556,26 @@ def _collect_activations(pruner: Pruner, criterion: str, calibration: Iterable[A
     pruner.collect_activations(calibration)
 
 
-def _search(model, best, reach, n, eval_fn, eval_args, calibrate, sensitivity, cands, seed, tolerance, hows):
-    """Evaluate the computed allocation and ``n`` variants at the same MACs; keep the best."""
-    gen = torch.Generator().manual_seed(seed)
+def _search(model: nn.Module, allocator: Allocator, req: Request) -> Choice:
+    """Evaluate the computed allocation and ``n`` variants at the same MACs; keep the best.
+
+    The reference optimizer's one-step search, seeded by ``ana``: the variants trust each
+    group's curve up to a random factor (plus ``greedy``); ``search + 1`` evaluations.
+    """
+    sensitivity, tolerance = allocator.sensitivity, allocator.tolerance
+    if allocator.method != "sensitivity" or allocator.goal is None:
+        raise ValueError(
+            "search compares allocations at one MACs target: it needs removal_ratio and "
+            "sensitivity results (run ana first, same workspace)"
+        )
+    gen = torch.Generator().manual_seed(req.seed)
     sign = -1.0 if sensitivity.lower_is_better else 1.0
+    best = allocator.best()
     found = [(best, "computed")]
-    if "greedy" not in hows:
-        found.append((reach("greedy"), "greedy"))
-    while len(found) < n + 1:
-        found.append((reach("equal_loss", perturbed_loss(sensitivity.loss, cands, gen)), "variant"))
+    if "greedy" not in allocator.hows:
+        found.append((allocator.reach("greedy"), "greedy"))
+    while len(found) < req.search + 1:
+        found.append((allocator.reach("equal_loss", perturbed_loss(sensitivity.loss, allocator.cands, gen)), "variant"))
     scored = []
     was = model.training
     model.eval()
@@ -461,9 +584,9 @@ def _search(model, best, reach, n, eval_fn, eval_args, calibrate, sensitivity, c
         for cand, kind in found:
             if bar is not None:
                 bar.update(1)
-            if cand[0] > tolerance and cand is not best:
+            if cand.gap > tolerance and cand is not best:
                 continue  # off the MACs target: not comparable
-            score = evaluate_point(model, cand[2], None, eval_fn, eval_args, calibrate)
+            score = evaluate_point(model, cand.plan, None, req.eval_fn, req.eval_args, req.calibrate)
             scored.append((sign * score, kind, cand))
     finally:
         model.train(was)
@@ -471,7 +594,9 @@ def _search(model, best, reach, n, eval_fn, eval_args, calibrate, sensitivity, c
             bar.close()
     top = max(scored, key=lambda t: t[0])  # first of equals: the computed allocation wins ties
     first = scored[0][0]
-    return top[2], (
+    out = allocator.choice(top[2])
+    out.notes.append(
         f"search: {len(scored)} allocations at the target evaluated; kept the {top[1]} one "
         f"(metric {sign * top[0]:.4g}, computed allocation {sign * first:.4g})"
     )
+    return out

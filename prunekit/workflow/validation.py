@@ -90,7 +90,7 @@ def validated_pruner(
     model: nn.Module,
     example_inputs: Any,
     *,
-    ignore: Iterable[str] = (),
+    excludes: Iterable[str] = (),
     criterion: str = "l2",
     log: Callable[[str], None] | None = print,
     **kwargs: Any,
@@ -98,10 +98,10 @@ def validated_pruner(
     """A :class:`Pruner` of ``model`` whose groups all give a slim model that runs and matches.
 
     Args:
-        model, example_inputs, ignore, criterion, kwargs: As for :class:`Pruner`.
+        model, example_inputs, excludes, criterion, kwargs: As for :class:`Pruner`.
         log: Gets the :meth:`Validation.lines` (``None``: silent).
     """
-    pruner = Pruner(model, example_inputs, ignore=list(ignore), criterion=criterion, **kwargs)
+    pruner = Pruner(model, example_inputs, excludes=list(excludes), criterion=criterion, **kwargs)
     validate(pruner, log)
     return pruner
 

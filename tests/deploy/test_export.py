@@ -53,7 +53,7 @@ class TinyAttention(nn.Module):
 
 def slim_of(factory, x, ratio=0.5, ignore=()):
     model = factory().eval()
-    pruner = prunekit.Pruner(model, x, ignore=ignore)
+    pruner = prunekit.Pruner(model, x, excludes=ignore)
     pruner.prune(ratio)
     return model, pruner.transform().eval()
 

@@ -85,15 +85,15 @@ def test_unknown_group_id_and_options():
 def test_ignore_missing_module_suggests_names():
     model, x = chain()
     with pytest.raises(ValueError) as info:
-        prunekit.Pruner(model, x, ignore=["conv_2"])
+        prunekit.Pruner(model, x, excludes=["conv_2"])
     msg = str(info.value)
     assert "'conv_2'" in msg and "conv2" in msg.split("did you mean")[-1], (
         f"the error should name the missing module and suggest conv2: {msg}"
     )
     with pytest.raises(ValueError, match="not part of the model"):
-        prunekit.Pruner(model, x, ignore=[nn.Conv2d(3, 8, 1)])
+        prunekit.Pruner(model, x, excludes=[nn.Conv2d(3, 8, 1)])
     with pytest.raises(TypeError, match="module names or modules"):
-        prunekit.Pruner(model, x, ignore=[3])
+        prunekit.Pruner(model, x, excludes=[3])
 
 
 def test_unknown_criterion_lists_options():
@@ -289,11 +289,11 @@ def test_register_module_handler_for_a_custom_layer():
 def test_ignored_modules_untouched(how):
     model, x = chain()
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    pruner = prunekit.Pruner(model, x, ignore=["conv2"] if how == "name" else [model.conv2])
+    pruner = prunekit.Pruner(model, x, excludes=["conv2"] if how == "name" else [model.conv2])
     for g in pruner.groups:
         if any(m.module == "conv2" for m in g.members):
             assert not g.prunable, f"a group of the ignored conv2 is prunable: {g}"
-            assert any("'conv2' is ignored" in r for r in g.reasons), f"no reason given: {g.reasons}"
+            assert any("'conv2' is excluded" in r for r in g.reasons), f"no reason given: {g.reasons}"
     slim = pruner.prune(0.5, mode="slim")
     assert torch.equal(slim.conv2.weight, original["conv2.weight"]), "the ignored conv2 weight changed"
     assert torch.equal(slim.conv2.bias, original["conv2.bias"]), "the ignored conv2 bias changed"
@@ -312,7 +312,7 @@ def test_ignoring_a_parent_ignores_its_children():
         nn.Conv2d(8, 2, 1),
     ).eval()
     x = torch.randn(1, 3, 4, 4)
-    pruner = prunekit.Pruner(model, x, ignore=["0"])
+    pruner = prunekit.Pruner(model, x, excludes=["0"])
     slim = pruner.prune(0.5, mode="slim")
     assert slim[0][0].out_channels == 8 and slim[0][2].out_channels == 8, "children of an ignored module were pruned"
     assert slim[2].out_channels == 4, "the layer outside the ignored module should be pruned"
@@ -459,3 +459,30 @@ def test_transform_enforces_the_stated_tolerance(monkeypatch):
     monkeypatch.setattr(prunekit.engine.equivalence, "equivalence_error", lambda *a: too_big)
     with pytest.raises(RuntimeError, match=re.escape(f"{too_big:.3g}")):
         pruner.transform()
+
+
+# ----- renamed arguments: the old names work for one release, with a warning ----------------
+def test_ignore_is_a_deprecated_alias_of_excludes():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(DeprecationWarning, match=r"Pruner\(ignore=\.\.\.\) is deprecated: use excludes="):
+        old = prunekit.Pruner(model, x, ignore=["2"])
+    new = prunekit.Pruner(model, x, excludes=["2"])
+    assert [g.prunable for g in old.groups] == [g.prunable for g in new.groups]
+    assert sum(g.prunable for g in new.groups) < sum(g.prunable for g in prunekit.Pruner(model, x).groups)
+    with pytest.raises(TypeError, match="both ignore= and excludes="):
+        prunekit.Pruner(model, x, ignore=["2"], excludes=["0"])
+
+
+def test_ratio_is_a_deprecated_alias_of_channel_ratio():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 6, 6)
+    pruner = prunekit.Pruner(model, x)
+    with pytest.warns(DeprecationWarning, match=r"Pruner.plan\(ratio=\.\.\.\) is deprecated: use channel_ratio="):
+        old = pruner.plan(ratio=0.5)
+    assert old.pruned == pruner.plan(channel_ratio=0.5).pruned == pruner.plan(0.5).pruned
+    with pytest.raises(TypeError, match="needs channel_ratio"):
+        pruner.plan()
+    with pytest.warns(DeprecationWarning, match="Pruner.prune"):
+        pruner.prune(ratio=0.5)
+    assert model[0].weight.shape[0] == 8 and (model[0].weight.flatten(1).abs().sum(1) == 0).sum() == 4

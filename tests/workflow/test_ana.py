@@ -67,7 +67,7 @@ def run_ana(model, x, eval_fn, ws, **kw):
 
 
 def n_points(model, x, ratios=RATIOS, excludes=()) -> int:
-    return len(prunekit.Pruner(model, x, ignore=excludes).prunable_groups) * len(ratios)
+    return len(prunekit.Pruner(model, x, excludes=excludes).prunable_groups) * len(ratios)
 
 
 def assert_same(a: Sensitivity, b: Sensitivity, what: str) -> None:
@@ -357,7 +357,7 @@ def test_wrong_metric_direction_is_reported(tmp_path):
 def test_excluded_groups_are_not_analysed(tmp_path):
     model, x, loader = demo()
     sens, _ = run_ana(model, x, Counting(loader), tmp_path, excludes=["stage2.0.conv2"])
-    pruner = prunekit.Pruner(model, x, ignore=["stage2.0.conv2"])
+    pruner = prunekit.Pruner(model, x, excludes=["stage2.0.conv2"])
     fixed = [g.id for g in pruner.groups if not g.prunable]
     assert fixed and not set(fixed) & set(sens.curves), (
         f"groups {fixed} keep their channels and must not be analysed; analysed {sorted(sens.curves)}"

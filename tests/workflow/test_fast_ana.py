@@ -470,3 +470,23 @@ def test_fast_config_errors_name_the_option(tmp_path):
     with pytest.raises(TypeError, match="fast must be True, False or a FastAnaConfig"):
         model, x, loader = demo()
         prunekit.ana(model, x, make_eval_fn(loader), workspace=tmp_path, fast="yes", progress=False)
+
+
+def test_early_stopped_values_stay_in_the_metric_range(tmp_path):
+    """The unpruned model is right on the first batches only (baseline 0.25): a point stopped there has
+    a large paired drop, and "baseline minus drop" fell below 0 (accuracies of -0.28) before the clamp."""
+    model, x, _ = demo()
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(1024, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        pred = model.eval()(xs).argmax(1)
+    y = torch.where(torch.arange(1024) < 256, pred, (pred + 1) % 10)  # right on 256, wrong on the rest
+    loader = [(xs[i : i + 64], y[i : i + 64]) for i in range(0, 1024, 64)]
+    cfg = FastAnaConfig(adaptive=False, min_images=64, tolerance=0.5)
+    sens, _ = run(model, x, make_eval_fn(loader, "accuracy"), tmp_path, fast=cfg, collapse=None)
+    assert sens.baseline == pytest.approx(0.25)
+    stopped = [(g, r) for g, pts in sens.details.items() for r, d in pts.items() if d["how"] == "early_stop"]
+    assert stopped, "the test needs early-stopped points"
+    low = {(g, r): v for g, c in sens.curves.items() for r, v in c.items() if not 0.0 <= v <= 1.0}
+    assert not low, f"accuracies outside [0, 1]: {low}"
+    assert min(v for c in sens.curves.values() for v in c.values()) == 0.0, "clamped at 0, not dropped"
