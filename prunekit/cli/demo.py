@@ -19,6 +19,7 @@ import time
 from typing import TextIO
 
 from prunekit.cli.errors import CliError, guard
+from prunekit.utils import artifacts
 
 __all__ = ["register", "measure_latency"]
 
@@ -187,7 +188,7 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     say = lambda m: print(m, file=out, flush=True)
     ws = Workspace(args.workspace)
     if args.fresh and ws.root.exists():
-        if not (ws.exists("demo.json") or ws.exists("iterative.json") or not any(ws.root.iterdir())):
+        if not (ws.exists(artifacts.DEMO) or ws.exists(artifacts.ITERATIVE) or not any(ws.root.iterdir())):
             raise CliError(f"--fresh would delete {ws.root}, which is not a demo workspace; not deleting it")
         shutil.rmtree(ws.root)
     train, val, test, channels, data_name = _data(args)
@@ -278,7 +279,7 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     ]
     wall = time.perf_counter() - t_start
     ws.write_json(
-        "demo.json",
+        artifacts.DEMO,
         {
             "dataset": args.dataset,
             "width": args.width,

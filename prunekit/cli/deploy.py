@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from prunekit.cli.errors import CliError, guard
+from prunekit.utils import artifacts
 from prunekit.utils.refs import resolve
 
 __all__ = ["register", "cmd_transform", "cmd_bench", "load_factory"]
@@ -225,9 +226,9 @@ def _transform_shape(args: argparse.Namespace, src: Path, out: TextIO) -> tuple[
         return tuple(args.input_shape)
     from prunekit.engine.plan import PruningPlan
 
-    shape = PruningPlan.load(src / "plan.json").meta.get("input_shape")
+    shape = PruningPlan.load(src / artifacts.PLAN).meta.get("input_shape")
     where = f"{src / 'plan.json'} (the example input prune saw)"
-    config = src.parent / "config.yaml"
+    config = src.parent / artifacts.CONFIG
     if not shape and config.is_file():
         import yaml
 
@@ -261,7 +262,7 @@ def cmd_transform(args: argparse.Namespace, out: TextIO) -> int:
         raise CliError(f"--batch must be >= 1, got {args.batch}")
     device = check_device(args.device, "--device") or torch.device("cpu")
     src = Path(args.sparse_dir)
-    if not (src / "plan.json").exists() or not (src / "model.safetensors").exists():
+    if not (src / artifacts.PLAN).exists() or not (src / artifacts.WEIGHTS).exists():
         raise CliError(
             f"{src} is not a sparse model directory (model.safetensors + plan.json, written by "
             "prunekit.save_sparse or 'prunekit prune')"
@@ -300,7 +301,7 @@ def cmd_transform(args: argparse.Namespace, out: TextIO) -> int:
         onnx_exporter=args.onnx_exporter,
         factory=factory,
     )
-    manifest = json.loads((Path(args.output) / "export.json").read_text())
+    manifest = json.loads((Path(args.output) / artifacts.EXPORT_MANIFEST).read_text())
     checks = (manifest.get("check") or {}).get("results", {})
     for fmt, path in paths.items():
         c = checks.get(fmt)

@@ -18,6 +18,7 @@ import io
 import json
 from pathlib import Path
 
+from prunekit.utils import artifacts
 from prunekit.utils.text import human, table
 from prunekit.workflow.workspace import Workspace
 
@@ -31,18 +32,18 @@ def load_results(workspace: str | Path) -> dict:
         raise FileNotFoundError(f"workspace {ws.root} does not exist")
     res: dict = {"root": str(ws.root)}
     for key, name in (
-        ("sensitivity", "sensitivity.json"),
-        ("summary", "summary.json"),
-        ("state", "iterative.json"),
-        ("demo", "demo.json"),
-        ("plan", "plan.json"),
-        ("prune", "prune.json"),
-        ("finetune", "finetune.json"),
+        ("sensitivity", artifacts.SENSITIVITY),
+        ("summary", artifacts.SUMMARY),
+        ("state", artifacts.ITERATIVE),
+        ("demo", artifacts.DEMO),
+        ("plan", artifacts.PLAN),
+        ("prune", artifacts.PRUNE),
+        ("finetune", artifacts.FINETUNE),
     ):
         if ws.exists(name):
             res[key] = ws.read_json(name)
-    if ws.exists("config.yaml"):
-        res["config"] = ws.path("config.yaml").read_text()
+    if ws.exists(artifacts.CONFIG):
+        res["config"] = ws.path(artifacts.CONFIG).read_text()
     if not any(k in res for k in ("sensitivity", "summary", "state", "plan", "demo", "prune", "finetune")):
         raise ValueError(
             f"{ws.root} holds no prunekit results (sensitivity.json, plan.json, iterative.json, "
@@ -453,6 +454,6 @@ def write_report(workspace: str | Path, output: str | Path | None = None) -> Pat
     from prunekit.utils.files import atomic_write
 
     res = load_results(workspace)
-    path = Path(output) if output else Path(workspace) / "report.html"
+    path = Path(output) if output else Path(workspace) / artifacts.REPORT
     atomic_write(path, render_html(res))
     return path

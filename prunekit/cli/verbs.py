@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TextIO
 
 from prunekit.cli.errors import CliError, guard, use_workspace
+from prunekit.utils import artifacts
 from prunekit.utils.files import ArtifactError, atomic_write
 
 __all__ = ["register"]
@@ -233,7 +234,7 @@ class _Job:
         from prunekit.workflow import distributed as pdist
 
         if pdist.is_main():
-            atomic_write(self.ws.path("config.yaml"), dump_config(self.cfg))
+            atomic_write(self.ws.path(artifacts.CONFIG), dump_config(self.cfg))
 
     def test_text(self, model, baseline=None) -> str:
         """``'; test accuracy 0.8123'`` (with the baseline's, if given), or ``''`` without a test split."""
@@ -277,6 +278,7 @@ def cmd_ana(args: argparse.Namespace, out: TextIO) -> int:
         else None,
     )
     print(sens.table(), file=out)
+    print(sens.summary(), file=out)
     print(f"\nsensitivity results in {job.ws.root} (sensitivity.json, sensitivity.png)", file=out)
     job.save_config()
     return 0
@@ -420,7 +422,7 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
         **extra,
     )
     metric = job.eval_fn(job.model)
-    old = job.ws.set_aside(["finetuned", "finetune.json"], "finetune")  # they belong to the previous plan
+    old = job.ws.set_aside(["finetuned", artifacts.FINETUNE], "finetune")  # they belong to the previous plan
     path = save_sparse(job.model, job.ws.path("pruned"))
     _write_prune_json(job, res, before, metric, args.start_from)
     print(
@@ -491,7 +493,7 @@ def _write_prune_json(job: _Job, res, before: float, after: float, start_from: s
     from prunekit.workflow.workspace import json_fingerprint
 
     job.ws.write_json(
-        "prune.json",
+        artifacts.PRUNE,
         {
             "format": "prunekit-prune",
             "version": 1,
@@ -511,15 +513,15 @@ def _load_weights(model, src: Path):
     from prunekit.engine.plan import PruningPlan
     from prunekit.utils.files import load_weights
 
-    if not (src / "plan.json").exists():
+    if not (src / artifacts.PLAN).exists():
         raise CliError(
             f"no sparse model in {src} (no plan.json): pass a directory written by "
             "'prunekit finetune' or prunekit.save_sparse"
         )
     fix = "write it again ('prunekit finetune', or prunekit.save_sparse)"
-    plan = PruningPlan.load(src / "plan.json", fix)
+    plan = PruningPlan.load(src / artifacts.PLAN, fix)
     try:
-        load_weights(model, src / "model.safetensors", "sparse model weights", fix)
+        load_weights(model, src / artifacts.WEIGHTS, "sparse model weights", fix)
     except RuntimeError as exc:
         raise CliError(
             f"the sparse model in {src} does not fit the configured model: {' '.join(str(exc).split())[:300]}"
@@ -534,7 +536,7 @@ def cmd_finetune(args: argparse.Namespace, out: TextIO) -> int:
 
     job = _Job(args, {"finetune.epochs": args.epochs, "finetune.lr": args.lr})
     src = Path(args.input) if args.input else job.ws.path("pruned")
-    if not (src / "plan.json").exists():
+    if not (src / artifacts.PLAN).exists():
         raise CliError(
             f"no sparse model in {src}: run 'prunekit prune' first, or pass --input DIR "
             "(a directory written by prunekit.save_sparse)"
@@ -581,7 +583,7 @@ def _write_finetune_json(job: _Job, model, src: Path, before: float, res) -> Non
     from prunekit.workflow.workspace import json_fingerprint
 
     job.ws.write_json(
-        "finetune.json",
+        artifacts.FINETUNE,
         {
             "format": "prunekit-finetune-result",
             "version": 1,

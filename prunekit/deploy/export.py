@@ -48,6 +48,7 @@ import torch.nn as nn
 
 from prunekit.engine import sparse
 from prunekit.engine.equivalence import TOLERANCE, max_error
+from prunekit.utils import artifacts
 from prunekit.utils.files import atomic_write
 
 __all__ = [
@@ -70,7 +71,7 @@ DEFAULT_OPSET = 17
 #: ``"torchscript"`` (torch.onnx's tracing exporter: no extra dependency, exports the whole
 #: torchvision classification zoo) or ``"dynamo"`` (the torch.export based one; needs ``onnxscript``).
 ONNX_EXPORTERS = ("torchscript", "dynamo")
-FILES = {"safetensors": "model.safetensors", "pt2": "model.pt2", "onnx": "model.onnx"}
+FILES = {"safetensors": artifacts.WEIGHTS, "pt2": "model.pt2", "onnx": "model.onnx"}
 
 
 class ExportError(RuntimeError):
@@ -502,7 +503,7 @@ def export(
         "torch": torch.__version__,
         "check": {"rule": "max|export - model| <= tol * (1 + max|model|)", "results": checks} if check else None,
     }
-    atomic_write(directory / "export.json", json.dumps(manifest, indent=1))
+    atomic_write(directory / artifacts.EXPORT_MANIFEST, json.dumps(manifest, indent=1))
     return paths
 
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 from prunekit.engine import depth, experts, sparse
 from prunekit.engine.calibration import add_biases
 from prunekit.engine.plan import PruningPlan
+from prunekit.utils import artifacts
 from prunekit.utils.files import atomic_write, load_weights, read_json
 from prunekit.utils.refs import lazy_attr
 
@@ -360,8 +361,8 @@ def save_slim(model: nn.Module, directory: str | Path) -> Path:
     spec = slim_spec(model)
     tmp = directory / ".model.safetensors.tmp"
     save_model(model, str(tmp))
-    tmp.replace(directory / "model.safetensors")
-    atomic_write(directory / "spec.json", json.dumps(spec, indent=1))
+    tmp.replace(directory / artifacts.WEIGHTS)
+    atomic_write(directory / artifacts.SPEC, json.dumps(spec, indent=1))
     return directory
 
 
@@ -374,9 +375,9 @@ def load_slim(model: nn.Module, directory: str | Path) -> nn.Module:
         False
     """
     directory = Path(directory)
-    if not (directory / "spec.json").exists():
+    if not (directory / artifacts.SPEC).exists():
         raise FileNotFoundError(f"{directory} has no spec.json; save it with prunekit.save_slim")
     fix = "save the slim model again (prunekit.save_slim, or the prunekit verb that wrote it)"
-    apply_spec(model, read_json(directory / "spec.json", "slim model spec", fix))
-    load_weights(model, directory / "model.safetensors", "slim model weights", fix)
+    apply_spec(model, read_json(directory / artifacts.SPEC, "slim model spec", fix))
+    load_weights(model, directory / artifacts.WEIGHTS, "slim model weights", fix)
     return model.eval()

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from prunekit.engine import depth, experts
 from prunekit.engine.calibration import add_biases
 from prunekit.engine.plan import PruningPlan
+from prunekit.utils import artifacts
 from prunekit.utils.files import atomic_write, load_weights
 
 __all__ = [
@@ -303,8 +304,8 @@ def save_sparse(model: nn.Module, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / ".model.safetensors.tmp"
     save_model(model, str(tmp))
-    tmp.replace(directory / "model.safetensors")
-    get_plan(model).save(directory / "plan.json")
+    tmp.replace(directory / artifacts.WEIGHTS)
+    get_plan(model).save(directory / artifacts.PLAN)
     atomic_write(directory / "README.txt", "prunekit sparse model: load with prunekit.load_sparse(model, dir)\n")
     return directory
 
@@ -312,12 +313,12 @@ def save_sparse(model: nn.Module, directory: str | Path) -> Path:
 def load_sparse(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load weights and masks saved by :func:`save_sparse` into a freshly built ``model``."""
     directory = Path(directory)
-    if not (directory / "plan.json").exists():
+    if not (directory / artifacts.PLAN).exists():
         raise FileNotFoundError(f"{directory} has no plan.json; save it with prunekit.save_sparse")
     fix = "save the sparse model again (prunekit.save_sparse, or the prunekit verb that wrote it)"
-    plan = PruningPlan.load(directory / "plan.json", fix)
+    plan = PruningPlan.load(directory / artifacts.PLAN, fix)
     add_biases(model, plan.meta.get("added_biases", {}))  # made by bias compensation
-    load_weights(model, directory / "model.safetensors", "sparse model weights", fix)
+    load_weights(model, directory / artifacts.WEIGHTS, "sparse model weights", fix)
     return apply_plan(model, plan)
 
 

@@ -69,6 +69,11 @@ CONFIG_FIELDS = (
     "intermediate_size",
     "ffn_hidden_size",
     "n_inner",
+    "ffn_dim",
+    "d_ff",
+    "hidden_dim",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
     "num_hidden_layers",
     "layer_types",
     "num_local_experts",
@@ -76,8 +81,18 @@ CONFIG_FIELDS = (
     "n_routed_experts",
     "moe_intermediate_size",
 )
-#: config fields that give the MLP width, first match wins
-_INTER_FIELDS = ("intermediate_size", "ffn_hidden_size", "n_inner")
+#: config fields that give an MLP width (OPT ``ffn_dim``, T5 ``d_ff``, DistilBERT ``hidden_dim``,
+#: BART/Whisper per encoder/decoder), with the part of the module names each applies to
+_INTER_FIELDS = (
+    ("intermediate_size", ""),
+    ("ffn_hidden_size", ""),
+    ("n_inner", ""),
+    ("ffn_dim", ""),
+    ("d_ff", ""),
+    ("hidden_dim", ""),
+    ("encoder_ffn_dim", "encoder."),
+    ("decoder_ffn_dim", "decoder."),
+)
 #: largest relative difference accepted when switching an RMSNorm to ``F.rms_norm``
 RMSNORM_TOL = 1e-5
 
@@ -319,18 +334,28 @@ def _update_config(model: nn.Module, old: dict) -> None:
         f: getattr(cfg, f) for f in CONFIG_FIELDS if hasattr(cfg, f) and _settable(cfg, f)
     }
     hidden0 = original.get("hidden_size", getattr(cfg, "hidden_size", None))
-    inter0 = next((original[f] for f in _INTER_FIELDS if original.get(f)), None) or (4 * hidden0 if hidden0 else None)
-    attn, inter = [], []
+    # (field, original MLP width, part of the names it applies to); GPT-2's n_inner=None means 4 * hidden
+    mlps = [
+        (f, original[f], where)
+        for f, where in _INTER_FIELDS
+        if isinstance(original.get(f), int) and hasattr(cfg, f) and not (f == "hidden_dim" and original[f] == hidden0)
+    ]
+    if not mlps and isinstance(hidden0, int):
+        mlps = [(next((f for f, _ in _INTER_FIELDS if hasattr(cfg, f)), "n_inner"), 4 * hidden0, "")]
+    attn, inter = [], {f: [] for f, _, _ in mlps}
     for name, m in model.named_modules():
         sizes = attention_sizes(m)
         if sizes is not None:
             attn.append(sizes)
             continue
         was = _out_in(m, old_shapes.get(f"{name}.weight"))
-        if was is not None and was == (inter0, hidden0):  # an MLP's first projection
-            inter.append(_out_in(m)[0])
-        elif was is not None and was == (2 * inter0, hidden0) and name.endswith("gate_up_proj"):
-            inter.append(_out_in(m)[0] // 2)  # Phi-3's fused (gate, up) projection
+        for field, inter0, where in mlps if was is not None else ():
+            if where not in name:
+                continue
+            if was == (inter0, hidden0):  # an MLP's first projection
+                inter[field].append(_out_in(m)[0])
+            elif was == (2 * inter0, hidden0) and name.endswith("gate_up_proj"):
+                inter[field].append(_out_in(m)[0] // 2)  # Phi-3's fused (gate, up) projection
     residual = _residual_width(model)
     # head widths pruned: the config keeps the original sizes (a model built from the new ones
     # would take its attention scale from the pruned head_dim); prunekit's loaders rebuild it
@@ -364,8 +389,8 @@ def _update_config(model: nn.Module, old: dict) -> None:
     dims = [a["head_dim"] for a in attn]
     if dims and (hasattr(cfg, "head_dim") or len(set(dims)) == 1):
         set_if_uniform("head_dim", dims)
-    if inter0 is not None:
-        set_if_uniform(next((f for f in _INTER_FIELDS if hasattr(cfg, f)), "n_inner"), inter)
+    for field, values in inter.items():
+        set_if_uniform(field, values)
     record["original"] = original
     record["uniform"] = layers_uniform
     record["head_dim_pruned"] = head_dim_pruned
@@ -469,14 +494,23 @@ def from_pretrained(cls: Any, directory: str | Path, **kwargs) -> nn.Module:
         return cls.from_pretrained(directory, **kwargs)
     if hasattr(cls, "_model_mapping"):  # an Auto class: find the concrete one
         cls = cls._model_mapping[type(config)]
+    if isinstance(cls, (tuple, list)):  # several classes for one config (DeiT): the saved one
+        saved = getattr(config, "architectures", None) or []
+        cls = next((c for c in cls if c.__name__ in saved), cls[0])
     spec = record["spec"]
+
+    def restore(cfg: Any) -> None:  # the original sizes, also of sub-configs (CLIP's text_config)
+        for field, value in ((getattr(cfg, "prunekit", None) or {}).get("original") or {}).items():
+            if _settable(cfg, field):  # read-only fields (Falcon's head_dim) follow the others
+                setattr(cfg, field, value)
+        for value in vars(cfg).values():
+            if isinstance(value, transformers.PretrainedConfig):
+                restore(value)
 
     class Slim(cls):  # builds the original architecture, then takes the slim shapes
         def __init__(self, cfg, *args, **kw):
             orig = copy.deepcopy(cfg)
-            for field, value in record["original"].items():
-                if _settable(orig, field):  # read-only fields (Falcon's head_dim) follow the others
-                    setattr(orig, field, value)
+            restore(orig)
             super().__init__(orig, *args, **kw)
             _slim.apply_spec(self, spec)
 

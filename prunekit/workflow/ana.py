@@ -46,6 +46,7 @@ import torch.nn as nn
 
 from prunekit.engine import sparse
 from prunekit.engine.pruner import Pruner
+from prunekit.utils import artifacts
 from prunekit.workflow import distributed as pdist
 from prunekit.workflow import fast_ana
 from prunekit.workflow.evaluation import EvalSpec
@@ -101,6 +102,38 @@ class Sensitivity:
                 if info.get("how", "full") != "full":
                     out.setdefault(g, {})[r] = info["how"]
         return out
+
+    def summary(self) -> str:
+        """What was evaluated and estimated, and at what cost (from :attr:`cost`), in a few lines.
+
+        Example:
+            >>> cost = {"method": "full", "points": 1, "evaluated": 1}
+            >>> Sensitivity(1.0, False, [0.5], {0: {0.5: 0.9}}, cost=cost).summary()
+            'full analysis: 1 of 1 points evaluated on every batch'
+        """
+        c = self.cost
+        if not c:
+            return "no cost recorded (results written before prunekit recorded it)"
+        n, ev = c.get("points", 0), c.get("evaluated", 0)
+        if c.get("method") != "fast":
+            line = f"full analysis: {ev} of {n} points evaluated on every batch"
+            return line + (f", {c['collapsed']} collapsed (not evaluated)" if c.get("collapsed") else "")
+        lines = [
+            f"fast analysis: {ev} of {n} points evaluated ({c.get('full', 0)} on every batch, {c.get('early_stop', 0)} "
+            f"stopped early: {c.get('stopped_precise', 0)} known well enough, {c.get('stopped_collapsed', 0)} past "
+            f"collapse), {c.get('interpolated', 0)} interpolated, {c.get('collapsed', 0)} collapsed (not evaluated)"
+        ]
+        if "images" in c:
+            lines.append(
+                f"  {c['images']:,} images through the model ({c.get('image_equivalents', 0):,.0f} counted by the share "
+                f"of MACs that ran): points {c.get('point_images', 0):,}, baseline {c.get('baseline_images', 0):,}, "
+                f"cache captures {c.get('capture_images', 0):,}, checks {c.get('verify_images', 0):,}; "
+                f"cached activations for {c.get('prefix_groups', 0)} groups, batched variants for "
+                f"{c.get('batched_groups', 0)}"
+            )
+        for g, why in sorted(c.get("fallbacks", {}).items(), key=lambda t: int(t[0]) if t[0].isdigit() else 0):
+            lines.append(f"  group {g}: {why}")
+        return "\n".join(lines)
 
     def loss(self, gid: int, ratio: float) -> float:
         """Relative metric loss of pruning group ``gid`` alone at ``ratio`` (interpolated).
@@ -362,7 +395,7 @@ def ana(
         example_inputs,
     )
     config = _config(pruner, excludes, ratios, criterion, lower_is_better, collapse, share.method())
-    fname = "ana.json" if world_size == 1 else f"ana.rank{rank}.json"
+    fname = artifacts.ANA if world_size == 1 else f"ana.rank{rank}.json"
     if together:  # rank 0 reads (and cleans) the workspace, measures the baseline, tells the others
         state = None
         if rank == 0:
@@ -397,11 +430,11 @@ def ana(
         merged = _merge(ws, config, state)
     sens = _sensitivity(merged, groups, ratios, lower_is_better, config["method"])
     if not together or rank == 0:
-        ws.write_json("sensitivity.json", {**sens.to_dict(), "config": config})  # which model it describes
+        ws.write_json(artifacts.SENSITIVITY, {**sens.to_dict(), "config": config})  # which model it describes
         if sens.curves:
             tmp = ws.path(".sensitivity.tmp.png")
             if sens.plot(str(tmp)):
-                tmp.replace(ws.path("sensitivity.png"))
+                tmp.replace(ws.path(artifacts.SENSITIVITY_PLOT))
     if together:
         pdist.barrier()  # the workspace is complete when any rank returns
     return sens
@@ -697,8 +730,8 @@ def _load(ws: Workspace, config: dict, forced: bool, log) -> dict:
     if forced:
         return fresh
     state: dict = {"points": {}}
-    if ws.exists("ana.json"):
-        data = ws.read_json("ana.json")
+    if ws.exists(artifacts.ANA):
+        data = ws.read_json(artifacts.ANA)
         if data.get("format") != FORMAT or data.get("config") != config:
             why = (
                 "is not a prunekit analysis"
@@ -706,7 +739,13 @@ def _load(ws: Workspace, config: dict, forced: bool, log) -> dict:
                 else f"is stale ({_explain(data.get('config', {}), config)} changed)"
             )
             old = ws.set_aside(
-                ["ana.json", "sensitivity.json", "sensitivity.png", *(p.name for p in ws.glob("ana.rank*.json"))], "ana"
+                [
+                    artifacts.ANA,
+                    artifacts.SENSITIVITY,
+                    artifacts.SENSITIVITY_PLOT,
+                    *(p.name for p in ws.glob("ana.rank*.json")),
+                ],
+                "ana",
             )
             log(f"the sensitivity analysis in {ws.root} {why}; measuring it again (the old one is kept in {old})")
             return fresh
@@ -738,7 +777,7 @@ def _save(ws: Workspace, fname: str, config: dict, state: dict) -> None:
 
 def _merge(ws: Workspace, config: dict, state: dict) -> dict:
     merged = {**state, "points": {}, "collapsed": set(state.get("collapsed", [])), "info": {}, "overhead": {}}
-    for p in sorted(ws.glob("ana*.json"), key=lambda p: p.name != "ana.json"):  # the ranks' files last: newer
+    for p in sorted(ws.glob("ana*.json"), key=lambda p: p.name != artifacts.ANA):  # the ranks' files last: newer
         other = ws.read_json(p.name)
         if other.get("format") == FORMAT and other.get("config") == config:
             merged["points"].update(other.get("points", {}))
@@ -749,5 +788,5 @@ def _merge(ws: Workspace, config: dict, state: dict) -> dict:
     merged["info"].update(state.get("info", {}))
     merged["overhead"].update(state.get("overhead", {}))
     merged["collapsed"] = sorted(k for k in merged["collapsed"] if k in merged["points"])
-    ws.write_json("ana.json", {"format": FORMAT, "version": 1, "config": config, **merged})
+    ws.write_json(artifacts.ANA, {"format": FORMAT, "version": 1, "config": config, **merged})
     return merged

@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_map
 
 from prunekit.engine import sparse
 from prunekit.graph.trace import call_model
+from prunekit.utils import artifacts
 from prunekit.utils.devices import check_device
 from prunekit.utils.files import atomic_torch_save, torch_load
 from prunekit.workflow import distributed as pdist
@@ -59,7 +60,7 @@ from prunekit.workflow.workspace import Workspace, model_fingerprint
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "distillation_loss"]
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = artifacts.CHECKPOINT
 FORMAT = "prunekit-finetune"
 
 
@@ -475,12 +476,12 @@ def _start(s: _Setup, state: dict | None, loss_fn: Callable | None, teacher: _Te
             s.trainer.load_state_dict(state["trainer"])
         run.best_state = pdist.broadcast_object(
             torch_load(
-                s.ws.path("best.pt"),
+                s.ws.path(artifacts.BEST),
                 "best fine-tuned weights",
                 f"delete {s.ws.path(CHECKPOINT)} to redo this fine-tuning",
                 map_location="cpu" if on else None,
             )
-            if main and s.ws and s.ws.exists("best.pt")
+            if main and s.ws and s.ws.exists(artifacts.BEST)
             else None
         )
         s.log(f"resuming fine-tuning after epoch {run.start} of {cfg.epochs} ({s.ws.root})")
@@ -488,7 +489,7 @@ def _start(s: _Setup, state: dict | None, loss_fn: Callable | None, teacher: _Te
         run.best_metric = _score_all(s.eval_fn, model)  # the starting point counts: never end worse than it
         run.best_state = _snapshot(model) if cfg.restore_best else None
         if s.ws is not None and run.best_state is not None and main:
-            atomic_torch_save(run.best_state, s.ws.path("best.pt"))
+            atomic_torch_save(run.best_state, s.ws.path(artifacts.BEST))
     return run
 
 
@@ -508,7 +509,7 @@ def _train_epochs(s: _Setup, run: _Run) -> None:
                 if cfg.restore_best:
                     run.best_state = _snapshot(s.model)
                     if s.ws is not None and pdist.is_main():
-                        atomic_torch_save(run.best_state, s.ws.path("best.pt"))
+                        atomic_torch_save(run.best_state, s.ws.path(artifacts.BEST))
             _save_checkpoint(s, run, epoch + 1)
             if bar is not None:
                 bar.update(1)
@@ -590,7 +591,7 @@ def _load_checkpoint(ws: Workspace | None, signature: dict, log, cpu: bool = Fal
         return None
     if state.get("format") != FORMAT or state.get("signature") != signature:
         log(f"the fine-tuning checkpoint in {ws.root} is for another model, plan or configuration; starting over")
-        for name in (CHECKPOINT, "best.pt"):
+        for name in (CHECKPOINT, artifacts.BEST):
             if ws.exists(name):
                 ws.path(name).unlink()
         return None

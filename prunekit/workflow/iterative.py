@@ -69,6 +69,7 @@ from prunekit.engine.plan import PruningPlan
 from prunekit.engine.pruner import Pruner
 from prunekit.engine.slim import load_slim, save_slim, to_slim
 from prunekit.graph.groups import ChannelGroup
+from prunekit.utils import artifacts
 from prunekit.workflow import distributed as pdist
 from prunekit.workflow.ana import Sensitivity, ana
 from prunekit.workflow.evaluation import make_bn_calibration
@@ -80,7 +81,7 @@ from prunekit.workflow.workspace import Workspace, model_fingerprint
 
 __all__ = ["IterativePruner", "IterativeResult", "iterative_prune", "IterativeConfig", "RebasedSensitivity", "STATE"]
 
-STATE = "iterative.json"
+STATE = artifacts.ITERATIVE
 FORMAT = "prunekit-iterative"
 
 
@@ -323,7 +324,7 @@ class IterativePruner:
         state = self.ws.read_json(STATE)
         if state.get("format") != FORMAT or state.get("config") != signature:
             changed = [k for k in signature if state.get("config", {}).get(k) != signature[k]]
-            old = self.ws.set_aside([STATE, "steps", "final", "summary.json"], "run")
+            old = self.ws.set_aside([STATE, "steps", "final", artifacts.SUMMARY], "run")
             self.log(
                 f"the iterative run in {self.ws.root} was made with other settings ({', '.join(changed)} "
                 f"changed); starting the steps over (the old run is kept in {old})"
@@ -462,7 +463,7 @@ class IterativePruner:
 
         model = copy.deepcopy(self.template)
         if weights_dir is not None:
-            load_model(model, str(weights_dir / "model.safetensors"))
+            load_model(model, str(weights_dir / artifacts.WEIGHTS))
         return model
 
     def _save_baseline(self) -> None:
@@ -541,8 +542,8 @@ class IterativePruner:
         original architecture with the previous step's sparse weights (masks not applied)."""
         if prev_dir is None:
             return StepStart(copy.deepcopy(self.template), PruningPlan({}, {}, {}), False)
-        plan = PruningPlan.load(prev_dir / "model" / "plan.json")
-        if (prev_dir / "model" / "spec.json").exists():
+        plan = PruningPlan.load(prev_dir / "model" / artifacts.PLAN)
+        if (prev_dir / "model" / artifacts.SPEC).exists():
             return StepStart(load_slim(copy.deepcopy(self.template), prev_dir / "model"), plan, True)
         return StepStart(self._dense(prev_dir / "model"), plan, False)
 
@@ -700,7 +701,7 @@ class IterativePruner:
                 sparse.save_sparse(step.model, directory)
             else:
                 save_slim(step.model, directory)
-                step.plan.save(directory / "plan.json")
+                step.plan.save(directory / artifacts.PLAN)
                 step.step_plan.save(directory / "step_plan.json")
         pdist.barrier()  # the next step starts from this directory on every rank
 
@@ -781,7 +782,7 @@ class IterativePruner:
             "step": last_dir.name if last_dir else None,
             "equivalence_error": err,
             "test_metric": test,
-            "file_bytes": (final_dir / "model.safetensors").stat().st_size,
+            "file_bytes": (final_dir / artifacts.WEIGHTS).stat().st_size,
             "baseline_file_bytes": self.ws.path("baseline/model.safetensors").stat().st_size,
         }
         summary = {
@@ -796,7 +797,7 @@ class IterativePruner:
             "notes": notes,
             "layers": layer_table(self.template, slim),
         }
-        self.ws.write_json("summary.json", summary)
+        self.ws.write_json(artifacts.SUMMARY, summary)
         return IterativeResult(slim, sparse_model, baseline, state["attempts"], final, notes, self.ws.root, test)
 
 

@@ -28,6 +28,7 @@ from prunekit.engine.equivalence import checked_slim
 from prunekit.engine.plan import PruningPlan
 from prunekit.engine.pruner import Pruner
 from prunekit.engine.slim import to_slim
+from prunekit.utils import artifacts
 from prunekit.workflow.ana import Sensitivity, evaluate_point
 from prunekit.workflow.progress import bar as progress_bar
 from prunekit.workflow.structure import plan_structure
@@ -126,9 +127,13 @@ def matching_sensitivity(
     """The given curves, else the workspace's ``sensitivity.json``; refused when made for another model."""
     where = "the sensitivity results"
     config = None
-    if sensitivity is None and ws is not None and ws.exists("sensitivity.json"):
-        data = ws.read_json("sensitivity.json")
-        sensitivity, config, where = Sensitivity.from_dict(data), data.get("config"), str(ws.path("sensitivity.json"))
+    if sensitivity is None and ws is not None and ws.exists(artifacts.SENSITIVITY):
+        data = ws.read_json(artifacts.SENSITIVITY)
+        sensitivity, config, where = (
+            Sensitivity.from_dict(data),
+            data.get("config"),
+            str(ws.path(artifacts.SENSITIVITY)),
+        )
     if sensitivity is None:
         return None
     fix = "run ana for this model (prunekit ana, same workspace), or use another workspace"
@@ -276,7 +281,7 @@ def prune(
     slim, _ = checked_slim(model, example_inputs)  # never a slim model that does not run or match
     after = _record_counts(plan, before, count(slim, example_inputs), req, chosen)
     if ws is not None:
-        plan.save(ws.path("plan.json"))
+        plan.save(ws.path(artifacts.PLAN))
     for n in chosen.notes:
         log(n)
     return PruneResult(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from prunekit.utils import artifacts
 from prunekit.utils.files import atomic_write, read_json
 
 __all__ = ["Workspace", "model_fingerprint", "json_fingerprint", "FIXES", "DEFAULT_FIX"]
@@ -27,15 +28,17 @@ __all__ = ["Workspace", "model_fingerprint", "json_fingerprint", "FIXES", "DEFAU
 #: what to do when an artifact is truncated or corrupt, by file name (``{root}``: the workspace); a file not
 #: listed gets :data:`DEFAULT_FIX`
 FIXES = {
-    "ana.json": "delete it and run ana (or run) again: the analysis is measured again",
-    "sensitivity.json": "run 'prunekit ana' again: it rewrites sensitivity.json from ana.json",
-    "iterative.json": "delete it and run again: the steps are redone, reusing their fine-tuning checkpoints",
-    "summary.json": "run 'prunekit run' again: it rewrites summary.json from the finished steps",
-    "plan.json": "run 'prunekit prune' again: it rewrites plan.json",
-    "prune.json": "run 'prunekit prune' again: it rewrites prune.json",
-    "finetune.json": "run 'prunekit finetune' again: it rewrites finetune.json",
-    "demo.json": "run 'prunekit demo' again: it rewrites demo.json",
-    "steps": "delete {root}/iterative.json and run again: the steps are redone, reusing their fine-tuning checkpoints",
+    artifacts.ANA: "delete it and run ana (or run) again: the analysis is measured again",
+    artifacts.SENSITIVITY: "run 'prunekit ana' again: it rewrites sensitivity.json from ana.json",
+    artifacts.ITERATIVE: "delete it and run again: the steps are redone, reusing their fine-tuning checkpoints",
+    artifacts.SUMMARY: "run 'prunekit run' again: it rewrites summary.json from the finished steps",
+    artifacts.PLAN: "run 'prunekit prune' again: it rewrites plan.json",
+    artifacts.PRUNE: "run 'prunekit prune' again: it rewrites prune.json",
+    artifacts.FINETUNE: "run 'prunekit finetune' again: it rewrites finetune.json",
+    artifacts.DEMO: "run 'prunekit demo' again: it rewrites demo.json",
+    artifacts.STEPS: (
+        "delete {root}/iterative.json and run again: the steps are redone, reusing their fine-tuning checkpoints"
+    ),
 }
 DEFAULT_FIX = "delete it and run the command that wrote it again"
 
@@ -55,11 +58,11 @@ class Workspace:
     def fix(self, name: str) -> str:
         """What to do when the artifact ``name`` (a path relative to the root) is damaged."""
         parts = Path(name).parts
-        if len(parts) > 3 and parts[0] == "steps" and parts[2] == "finetune":  # one step's fine-tuning
+        if len(parts) > 3 and parts[0] == artifacts.STEPS and parts[2] == "finetune":  # one step's fine-tuning
             return (
                 f"delete {self.root.joinpath(*parts[:3], 'checkpoint.pt')} and run again: that fine-tuning starts over"
             )
-        key = parts[0] if parts and parts[0] == "steps" else Path(name).name
+        key = parts[0] if parts and parts[0] == artifacts.STEPS else Path(name).name
         return FIXES.get(key, DEFAULT_FIX).format(root=self.root)
 
     def read_json(self, name: str) -> Any:

@@ -142,7 +142,7 @@ def deit(T):
 
 
 def convnext(T):
-    cfg = T.ConvNextConfig(hidden_sizes=[16, 32], depths=[2, 2], num_labels=3, image_size=32)
+    cfg = T.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[2, 2], num_labels=3, image_size=32)
     return T.ConvNextForImageClassification(cfg), _img(32)
 
 
@@ -196,21 +196,67 @@ FAMILIES = {
     "gemma2": (gemma2, "AutoModelForCausalLM", "self_attn.k_proj.weight", "mlp.up_proj.weight", "intermediate_size"),
     "falcon": (_reuse(hf_falcon), "AutoModelForCausalLM", "query_key_value.weight", "dense_h_to_4h.weight", None),
     "opt": (opt, "AutoModelForCausalLM", "self_attn.k_proj.weight", "fc1.weight", "ffn_dim"),
-    "gpt_neox": (gpt_neox, "AutoModelForCausalLM", "query_key_value.weight", "dense_h_to_4h.weight", "intermediate_size"),
+    "gpt_neox": (
+        gpt_neox,
+        "AutoModelForCausalLM",
+        "query_key_value.weight",
+        "dense_h_to_4h.weight",
+        "intermediate_size",
+    ),
     "bloom": (_reuse(hf_bloom), "AutoModelForCausalLM", "query_key_value.weight", "dense_h_to_4h.weight", None),
-    "distilbert": (distilbert, "AutoModelForSequenceClassification", "attention.k_lin.weight", "ffn.lin1.weight", "hidden_dim"),
-    "roberta": (roberta, "AutoModelForSequenceClassification", "attention.self.key.weight", "intermediate.dense.weight", "intermediate_size"),
-    "deberta_v2": (deberta_v2, "AutoModelForSequenceClassification", "attention.self.key_proj.weight", "intermediate.dense.weight", "intermediate_size"),
+    "distilbert": (
+        distilbert,
+        "AutoModelForSequenceClassification",
+        "attention.k_lin.weight",
+        "ffn.lin1.weight",
+        "hidden_dim",
+    ),
+    "roberta": (
+        roberta,
+        "AutoModelForSequenceClassification",
+        "attention.self.key.weight",
+        "intermediate.dense.weight",
+        "intermediate_size",
+    ),
+    "deberta_v2": (
+        deberta_v2,
+        "AutoModelForSequenceClassification",
+        "attention.self.key_proj.weight",
+        "intermediate.dense.weight",
+        "intermediate_size",
+    ),
     "t5_encoder": (t5_encoder, "T5EncoderModel", "SelfAttention.k.weight", "DenseReluDense.wi.weight", "d_ff"),
     "bart": (bart, "AutoModelForSeq2SeqLM", "self_attn.k_proj.weight", "fc1.weight", "encoder_ffn_dim"),
-    "whisper_encoder": (whisper_encoder, "AutoModelForAudioClassification", "self_attn.k_proj.weight", "fc1.weight", "encoder_ffn_dim"),
-    "deit": (deit, "AutoModelForImageClassification", "attention.key.weight", "intermediate.dense.weight", "intermediate_size"),
-    "hf_swin": (_reuse(hf_swin), "AutoModelForImageClassification", "attention.self.key.weight", "intermediate.dense.weight", None),
+    "whisper_encoder": (
+        whisper_encoder,
+        "AutoModelForAudioClassification",
+        "self_attn.k_proj.weight",
+        "fc1.weight",
+        "encoder_ffn_dim",
+    ),
+    "deit": (deit, "AutoModelForImageClassification", "attention.k_proj.weight", "mlp.fc1.weight", "intermediate_size"),
+    "hf_swin": (_reuse(hf_swin), "AutoModelForImageClassification", "attention.k_proj.weight", "mlp.fc1.weight", None),
     "convnext": (convnext, "AutoModelForImageClassification", None, "pwconv1.weight", None),
-    "segformer": (segformer, "AutoModelForSemanticSegmentation", "attention.self.key.weight", "mlp.dense1.weight", None),
-    "mobilevit": (mobilevit, "AutoModelForImageClassification", "attention.key.weight", "intermediate.dense.weight", None),
+    "segformer": (
+        segformer,
+        "AutoModelForSemanticSegmentation",
+        "attention.self.key.weight",
+        "mlp.dense1.weight",
+        None,
+    ),
+    "mobilevit": (
+        mobilevit,
+        "AutoModelForImageClassification",
+        "attention.key.weight",
+        "intermediate.dense.weight",
+        None,
+    ),
     "clip": (clip, "CLIPModel", "self_attn.k_proj.weight", "mlp.fc1.weight", "intermediate_size"),
 }
+#: attention mode per family (default "heads": whole heads go, so the config can state them). A
+#: fused per-group ``query_key_value`` (Falcon, Bloom) has no prunable whole heads yet: there every
+#: head loses part of its width (``auto``) and the config keeps the original sizes
+ATTENTION = {"falcon": "auto", "bloom": "auto"}
 #: families that do not work yet: the reason (the test is xfail strict, so a fix must remove it)
 BROKEN: dict[str, str] = {}
 
@@ -248,7 +294,8 @@ def test_family_prunes_and_reloads(name, tmp_path):
     _, auto, attn, mlp, field = FAMILIES[name]
     model, inputs = _build(name)
     dense = run(model, inputs)
-    pruner = prunekit.Pruner(model, inputs)
+    attention = ATTENTION.get(name, "heads")
+    pruner = prunekit.Pruner(model, inputs, attention=attention)
     assert not pruner.warnings, f"{name}: unexpected warnings {pruner.warnings}"
     pruner.prune(0.5)
     sparse_out = run(model, inputs)
@@ -266,6 +313,23 @@ def test_family_prunes_and_reloads(name, tmp_path):
         cfg = _config_of(slim, field)
         width = mod.out_features // (2 if mlp.endswith("gate_up_proj.weight") else 1)
         assert getattr(cfg, field) == width, f"{name}: config.{field} {getattr(cfg, field)}, slim MLP width {width}"
+    sizes = [s for s in map(hf.attention_sizes, slim.modules()) if s is not None]
+    cfg = _config_of(slim, "num_attention_heads")
+    if attention == "heads" and sizes and isinstance(getattr(cfg, "num_attention_heads", None), int):
+        assert {s["heads"] for s in sizes} == {cfg.num_attention_heads}, f"{name}: heads {sizes} vs the config"
+        assert cfg.num_attention_heads < 4, f"{name}: no head was pruned"
     out = hf.save_pretrained(slim, tmp_path / f"slim_{name}")
     loaded = hf.from_pretrained(getattr(T, auto), out)
     assert_identical(want, run(loaded, inputs), f"{name}: reloaded slim model")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DeBERTa-v2 scales its scores by sqrt(query.size(-1) * scale_factor), read from the shape: pruning "
+    "part of every head (attention='auto') changes the slim model's scale; validate() freezes it, whole heads work",
+)
+def test_deberta_v2_head_dim_without_validate():
+    model, inputs = _build("deberta_v2")
+    pruner = prunekit.Pruner(model, inputs, attention="auto")
+    pruner.prune(0.5)
+    assert_equivalent(run(model, inputs), run(prunekit.to_slim(model), inputs), "DeBERTa-v2, head_dim pruned")
