@@ -196,6 +196,13 @@ def finetune(model: nn.Module, train, steps_epochs: int, seed: int, lr: float = 
     model.eval()
 
 
+@torch.no_grad()
+def right(model: nn.Module, test) -> torch.Tensor:
+    """Per test image: whether ``model`` classifies it correctly."""
+    model.eval()
+    return torch.cat([model(x).argmax(1) == y for x, y in test])
+
+
 def prune_and_tune(model, example, sens, test, train, args, seed: int) -> dict:
     test_acc = make_eval_fn(test, "accuracy")
     calibrate = make_bn_calibration(train, max_batches=args.bn_batches)
@@ -215,12 +222,14 @@ def prune_and_tune(model, example, sens, test, train, args, seed: int) -> dict:
         "ratios": {str(g): round(r, 3) for g, r in sorted(res.ratios.items())},
     }
     t0 = time.perf_counter()
-    accs = []
+    accs, correct = [], []
     for k in range(args.ft_seeds):  # the same slim model fine-tuned with each seed (batch order, nothing else)
         slim = copy.deepcopy(res.model)
         torch.manual_seed(seed + k)
         finetune(slim, train, args.ft_epochs, seed + k)
         accs.append(test_acc(slim))
+        correct.append(right(slim, test))
+    out["_correct"] = torch.stack(correct).double().mean(0)  # per test image, over the seeds (not saved)
     out["finetune_s"] = round((time.perf_counter() - t0) / args.ft_seeds, 1)
     out["acc_finetuned_seeds"] = accs
     out["acc_finetuned"] = statistics.mean(accs)
@@ -284,6 +293,14 @@ def run_model(name: str, root: Path, args) -> dict:
     row["images_x"] = round(f["images"] / q["images"], 2)
     row["wall_x"] = round(f["wall_s"] / q["wall_s"], 2)
     row["ft_gap_points"] = round(100 * (q["acc_finetuned"] - f["acc_finetuned"]), 2)
+    # the gap's sampling error from the test images alone (paired: the same images for both)
+    if "_correct" in q and "_correct" in f:
+        d = q["_correct"] - f["_correct"]
+        row["ft_gap_se_test"] = round(100 * float(d.std() / math.sqrt(len(d))), 2)
+    else:
+        row["ft_gap_se_test"] = 0.0  # the same allocation: the same models
+    for a in (f, q, row.get("fast_workers", {})):
+        a.pop("_correct", None)
     row["max_ratio_diff"] = round(
         max(abs(f["ratios"].get(g, 0.0) - q["ratios"].get(g, 0.0)) for g in set(f["ratios"]) | set(q["ratios"])), 3
     )
@@ -318,9 +335,14 @@ def table(rows: list[dict]) -> str:
             )
         lines.append(
             f"{'':<9} fast vs full: {r['images_x']}x fewer images, {r['wall_x']}x less wall time, "
-            f"fine-tuned accuracy {r['ft_gap_points']:+.2f} points, largest per-group ratio difference "
+            f"fine-tuned accuracy {r['ft_gap_points']:+.2f} points (test-set standard error "
+            f"{r.get('ft_gap_se_test', 0.0):.2f}), largest per-group ratio difference "
             f"{r['max_ratio_diff']}{' (same allocation)' if r['fast']['same_allocation'] else ''}"
-            + (f"; the workers take {r['wall_x_workers']}x less wall time than one process" if "wall_x_workers" in r else "")
+            + (
+                f"; the workers take {r['wall_x_workers']}x less wall time than one process"
+                if "wall_x_workers" in r
+                else ""
+            )
         )
     return "\n".join(lines)
 

@@ -18,7 +18,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -159,6 +160,45 @@ def bench(
         the cores; with several, it counts idle spinning too), ``repeats``, ``torch_threads``,
         ``ort_intra_op_threads``, ``device``, ``gpu``.
     """
+    backends, batch_sizes = _check_bench(models, backends, batch_sizes, repeats, warmup)
+    threads = threads or torch.get_num_threads()
+    devices = list(devices) if devices is not None else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    timing = Timing(list(models), warmup, repeats, min_repeats, time_budget, log or (lambda s: None))
+    for m in models.values():
+        m.eval()
+    rows: list[dict] = []
+    with (
+        _torch_threads(threads),
+        _onnx_sessions(models, backends, example_input_fn, threads, onnx_dir, timing.log) as (
+            sessions,
+            providers,
+        ),
+    ):
+        for backend in backends:
+            for device in devices:
+                if backend == "onnxruntime" and device != "cpu" and "CUDAExecutionProvider" not in providers:
+                    timing.log(f"skipping onnxruntime on {device}: no CUDAExecutionProvider")
+                    continue
+                rows += _bench_device(models, sessions, example_input_fn, batch_sizes, backend, device, threads, timing)
+    if out is not None:
+        print(format_table(rows), file=out)
+    return rows
+
+
+@dataclass
+class Timing:
+    """How every configuration is timed (see :func:`bench`); ``names[0]`` is the reference."""
+
+    names: list[str]
+    warmup: int
+    repeats: int
+    min_repeats: int
+    time_budget: float | None
+    log: Callable[[str], None]
+
+
+def _check_bench(models, backends, batch_sizes, repeats: int, warmup: int) -> tuple[list[str], list[int]]:
+    """The backends and batch sizes as lists; a clear error for anything :func:`bench` cannot time."""
     if not models:
         raise ValueError("bench needs at least one model")
     backends = list(backends)
@@ -170,77 +210,70 @@ def bench(
         raise ValueError(f"batch sizes must be positive integers, got {batch_sizes}")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    threads = threads or torch.get_num_threads()
-    if devices is None:
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    devices = list(devices)
-    log = log or (lambda s: None)
-    names = list(models)
-    ref = names[0]
-    for m in models.values():
-        m.eval()
+    return backends, batch_sizes
+
+
+@contextlib.contextmanager
+def _onnx_sessions(models, backends, example_input_fn, threads: int, onnx_dir, log) -> Iterator[tuple[dict, list]]:
+    """``({name: ONNX Runtime session}, providers)``: each model exported and checked first (none without ONNX)."""
+    if "onnxruntime" not in backends:
+        yield {}, []
+        return
+    import onnxruntime as ort
+
+    from prunekit.deploy.export import check_export, export_onnx, onnx_session
 
     sessions: dict[str, Any] = {}
-    ort_providers: list[str] = []
-    rows: list[dict] = []
-    tmp = None
-    with _torch_threads(threads):
-        if "onnxruntime" in backends:
-            from prunekit.deploy.export import check_export, export_onnx, onnx_session
-
-            if onnx_dir is None:
-                tmp = tempfile.TemporaryDirectory(prefix="prunekit-bench-")
-                onnx_dir = tmp.name
-            import onnxruntime as ort
-
-            ort_providers = ort.get_available_providers()
-            for name, model in models.items():
-                path = Path(onnx_dir) / f"{_safe(name)}.onnx"
-                log(f"exporting {name} to ONNX ({path})")
-                export_onnx(model, example_input_fn(1), path)
-                check_export("onnx", path, model, example_input_fn(1))
-                sessions[name] = onnx_session(path, threads)
+    with contextlib.ExitStack() as stack:
+        if onnx_dir is None:
+            onnx_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="prunekit-bench-"))
+        for name, model in models.items():
+            path = Path(onnx_dir) / f"{_safe(name)}.onnx"
+            log(f"exporting {name} to ONNX ({path})")
+            export_onnx(model, example_input_fn(1), path)
+            check_export("onnx", path, model, example_input_fn(1))
+            sessions[name] = onnx_session(path, threads)
         try:
-            for backend in backends:
-                for device in devices:
-                    if backend == "onnxruntime" and device != "cpu":
-                        if "CUDAExecutionProvider" not in ort_providers:
-                            log(f"skipping onnxruntime on {device}: no CUDAExecutionProvider")
-                            continue
-                    dev_models = {n: (m.to(device) if device != "cpu" else m) for n, m in models.items()}
-                    for batch in batch_sizes:
-                        x = example_input_fn(batch)
-                        if backend == "eager":
-                            runners = {n: _eager_runner(m, x, device) for n, m in dev_models.items()}
-                        else:
-                            runners = {n: _ort_runner(sessions[n], x) for n in names}
-                        rows += _measure(
-                            runners,
-                            names,
-                            ref,
-                            warmup,
-                            repeats,
-                            min_repeats,
-                            time_budget,
-                            {
-                                "backend": backend,
-                                "device": device,
-                                "batch": batch,
-                                "torch_threads": torch.get_num_threads(),
-                                "ort_intra_op_threads": threads if backend == "onnxruntime" else None,
-                                "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-                            },
-                            log,
-                        )
-                    if device != "cpu":
-                        for m in models.values():
-                            m.to("cpu")
+            yield sessions, ort.get_available_providers()
         finally:
             sessions.clear()
-            if tmp is not None:
-                tmp.cleanup()
-    if out is not None:
-        print(format_table(rows), file=out)
+
+
+def _bench_device(models, sessions, example_input_fn, batch_sizes, backend: str, device: str, threads: int,
+                  timing: Timing) -> list[dict]:  # fmt: skip
+    """Every batch size of one backend on one device (the models moved there and back)."""
+    rows = []
+    dev_models = {n: (m.to(device) if device != "cpu" else m) for n, m in models.items()}
+    try:
+        for batch in batch_sizes:
+            x = example_input_fn(batch)
+            if backend == "eager":
+                runners = {n: _eager_runner(m, x, device) for n, m in dev_models.items()}
+            else:
+                runners = {n: _ort_runner(sessions[n], x) for n in timing.names}
+            where = {
+                "backend": backend,
+                "device": device,
+                "batch": batch,
+                "torch_threads": torch.get_num_threads(),
+                "ort_intra_op_threads": threads if backend == "onnxruntime" else None,
+                "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+            }
+            rows += _measure(
+                runners,
+                timing.names,
+                timing.names[0],
+                timing.warmup,
+                timing.repeats,
+                timing.min_repeats,
+                timing.time_budget,
+                where,
+                timing.log,
+            )
+    finally:
+        if device != "cpu":
+            for m in models.values():
+                m.to("cpu")
     return rows
 
 

@@ -476,10 +476,11 @@ def _arg_or(args, kwargs, pos: int, key: str):
 
 
 def _layout(tr: Tracer, name: str, func, args, kwargs, out) -> None:
+    """Layout ops (reshape, permute, pad, cat, index, ...): run the op on channel-id tensors to see
+    where each input channel lands; whatever merges, selects or drops channels is fixed."""
     data = args[0] if args else next(iter(kwargs.values()), None)
     many = isinstance(data, (list, tuple))
-    inputs = list(data) if many else [data]
-    inputs = [t for t in inputs if isinstance(t, torch.Tensor)]
+    inputs = [t for t in (list(data) if many else [data]) if isinstance(t, torch.Tensor)]
     labs = [tr.get(t) for t in inputs]
     outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
     if not any(labs):
@@ -488,69 +489,91 @@ def _layout(tr: Tracer, name: str, func, args, kwargs, out) -> None:
         return
     results: list[Labels] = [{} for _ in outs]
     given = _given_shape(name, args, kwargs, out) if name in RESHAPE_OPS else None
-    dims = sorted({d for lab in labs for d in lab})
-    for d in dims:
-        subs = []
-        for t, lab in zip(inputs, labs):
-            ent = lab.get(d) if d < t.ndim else None
-            if ent is None:
-                subs.append(torch.tensor(-1.0, dtype=torch.float64).expand(t.shape))
-            else:
-                shape = [1] * t.ndim
-                shape[d] = -1
-                subs.append(ent[0].to(torch.float64).view(shape).expand(t.shape))
+    for d in sorted({d for lab in labs for d in lab}):
         zero = all(lab[d][1] for lab in labs if d in lab)
         in_ids = torch.cat([lab[d][0] for lab in labs if d in lab])
-        new_args = ((subs if many else subs[0]),) + tuple(_realise(a) for a in args[1:])
-        kw = dict(kwargs)
-        if name == "pad":
-            if len(new_args) > 3:
-                new_args = new_args[:3] + (-1.0,) + new_args[4:]
-            else:
-                kw["value"] = -1.0
-        if name in ("expand_as", "view_as", "reshape_as") and len(new_args) > 1:
-            pass  # the second argument only donates its shape
-        with tr.paused():
-            try:
-                res = func(*new_args, **kw)
-            except RuntimeError:  # the broadcast id tensor is not viewable where the input was
-                if name not in ("view", "view_as"):
-                    raise
-                res = func(subs[0].contiguous(), *new_args[1:], **kw)
-        res_t = [t for t in tree_flatten(res)[0] if isinstance(t, torch.Tensor)]
-        found = []
-        for i, r in enumerate(res_t):
-            got = _canon(tr, name, r, given)
-            if got is None:
-                continue
-            od, ids, present = got
-            found.append(present)
-            if od < 0:
-                tr.fix(in_ids, f"'{name}' selects a single channel")
-                continue
-            prev = results[i].get(od)
-            if prev is not None:
-                tr.fix(torch.cat([prev[0], ids]), f"'{name}' merges two channel dims")
-                results[i].pop(od)
-                continue
-            results[i][od] = (ids, zero)
+        res = _on_ids(tr, name, func, args, kwargs, _id_tensors(inputs, labs, d), many)
+        found = _place(tr, name, res, given, results, in_ids, zero)
         want = in_ids[in_ids >= 0].unique()
-        kept = torch.cat(found).unique() if found else want[:0]
-        kept = kept[kept >= 0]
-        if kept.shape != want.shape or not torch.equal(kept, want):
-            tr.fix(want, f"'{name}' keeps only part of the channels (fixed indices)")
-            for r in results:
-                for k in [k for k, v in r.items() if torch.isin(v[0], want).any()]:
-                    r.pop(k)
+        _fix_partial(tr, name, found, want, results)
         if name in INDEX_OPS:
-            for r in results:
-                for k, (ids, _) in list(r.items()):
-                    src = labs[0].get(d)
-                    if src is None or ids.shape != src[0].shape or not torch.equal(ids, src[0]):
-                        tr.fix(torch.cat([ids, want]), f"'{name}' reorders or indexes channels")
-                        r.pop(k)
+            _fix_reordered(tr, name, labs[0].get(d), want, results)
     for o, r in zip(outs, results):
         tr.set(o, r)
+
+
+def _id_tensors(inputs: list[torch.Tensor], labs: list[Labels], d: int) -> list[torch.Tensor]:
+    """Each input as a tensor of its channel ids along ``d`` (``-1`` where it has none)."""
+    subs = []
+    for t, lab in zip(inputs, labs):
+        ent = lab.get(d) if d < t.ndim else None
+        if ent is None:
+            subs.append(torch.tensor(-1.0, dtype=torch.float64).expand(t.shape))
+        else:
+            shape = [1] * t.ndim
+            shape[d] = -1
+            subs.append(ent[0].to(torch.float64).view(shape).expand(t.shape))
+    return subs
+
+
+def _on_ids(tr: Tracer, name: str, func, args, kwargs, subs: list[torch.Tensor], many: bool):
+    """The op applied to the id tensors (a pad adds ``-1``: channels of no group)."""
+    new_args = ((subs if many else subs[0]),) + tuple(_realise(a) for a in args[1:])
+    kw = dict(kwargs)
+    if name == "pad":
+        if len(new_args) > 3:
+            new_args = new_args[:3] + (-1.0,) + new_args[4:]
+        else:
+            kw["value"] = -1.0
+    # expand_as / view_as / reshape_as: the second argument only donates its shape
+    with tr.paused():
+        try:
+            return func(*new_args, **kw)
+        except RuntimeError:  # the broadcast id tensor is not viewable where the input was
+            if name not in ("view", "view_as"):
+                raise
+            return func(subs[0].contiguous(), *new_args[1:], **kw)
+
+
+def _place(tr: Tracer, name: str, res, given, results: list[Labels], in_ids, zero: bool) -> list[torch.Tensor]:
+    """Record where the ids landed in each output; returns the ids present in the outputs."""
+    found = []
+    for i, r in enumerate(t for t in tree_flatten(res)[0] if isinstance(t, torch.Tensor)):
+        got = _canon(tr, name, r, given)
+        if got is None:
+            continue
+        od, ids, present = got
+        found.append(present)
+        if od < 0:
+            tr.fix(in_ids, f"'{name}' selects a single channel")
+            continue
+        prev = results[i].get(od)
+        if prev is not None:
+            tr.fix(torch.cat([prev[0], ids]), f"'{name}' merges two channel dims")
+            results[i].pop(od)
+            continue
+        results[i][od] = (ids, zero)
+    return found
+
+
+def _fix_partial(tr: Tracer, name: str, found: list[torch.Tensor], want: torch.Tensor, results: list[Labels]) -> None:
+    """Channels that do not all reach the outputs are fixed (and dropped from the outputs' labels)."""
+    kept = torch.cat(found).unique() if found else want[:0]
+    kept = kept[kept >= 0]
+    if kept.shape != want.shape or not torch.equal(kept, want):
+        tr.fix(want, f"'{name}' keeps only part of the channels (fixed indices)")
+        for r in results:
+            for k in [k for k, v in r.items() if torch.isin(v[0], want).any()]:
+                r.pop(k)
+
+
+def _fix_reordered(tr: Tracer, name: str, src, want: torch.Tensor, results: list[Labels]) -> None:
+    """An index op that reorders or repeats channels fixes them."""
+    for r in results:
+        for k, (ids, _) in list(r.items()):
+            if src is None or ids.shape != src[0].shape or not torch.equal(ids, src[0]):
+                tr.fix(torch.cat([ids, want]), f"'{name}' reorders or indexes channels")
+                r.pop(k)
 
 
 def _split_like(tr: Tracer, name: str, func, args, kwargs, out) -> None:

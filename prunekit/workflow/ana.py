@@ -125,8 +125,9 @@ class Sensitivity:
         ]
         if "images" in c:
             lines.append(
-                f"  {c['images']:,} images through the model ({c.get('image_equivalents', 0):,.0f} counted by the share "
-                f"of MACs that ran): points {c.get('point_images', 0):,}, baseline {c.get('baseline_images', 0):,}, "
+                f"  {c['images']:,} images through the model ({c.get('image_equivalents', 0):,.0f} counted by "
+                f"the share of MACs that ran): points {c.get('point_images', 0):,}, "
+                f"baseline {c.get('baseline_images', 0):,}, "
                 f"cache captures {c.get('capture_images', 0):,}, checks {c.get('verify_images', 0):,}; "
                 f"cached activations for {c.get('prefix_groups', 0)} groups, batched variants for "
                 f"{c.get('batched_groups', 0)}"

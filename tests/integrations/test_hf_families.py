@@ -18,10 +18,10 @@ import importlib.util
 
 import pytest
 import torch
+from test_transformers import hf_bloom, hf_falcon, hf_swin, liven
 
 import prunekit
 from helpers import assert_equivalent, assert_identical, run, shrunk
-from test_transformers import _ids, _img, hf_bloom, hf_falcon, hf_swin, liven
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None,
@@ -31,6 +31,14 @@ pytestmark = pytest.mark.skipif(
 SMALL = {"vocab_size": 100, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 DECODER = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2}
 ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _img(size: int) -> torch.Tensor:
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
 
 
 def _lm():
