@@ -132,6 +132,18 @@ class Sensitivity:
                 f"cached activations for {c.get('prefix_groups', 0)} groups, batched variants for "
                 f"{c.get('batched_groups', 0)}"
             )
+        st = c.get("settings", {})
+        if st.get("early_stop"):
+            lines.append(
+                f"  early stop: the baseline minus the drop paired on the images used, once the "
+                f"{st.get('confidence', 0):.0%} bound's half-width is at most {st.get('tolerance')} relative loss or "
+                f"{st.get('rel_tolerance')} of the loss (after at least {st.get('min_images')} images)"
+            )
+        if st.get("adaptive"):
+            lines.append(
+                f"  interpolated: every {st.get('stride')}. ratio evaluated first, then bisection where "
+                f"interpolating could be off by more than {st.get('interp_tolerance')} relative loss"
+            )
         for g, why in sorted(c.get("fallbacks", {}).items(), key=lambda t: int(t[0]) if t[0].isdigit() else 0):
             lines.append(f"  group {g}: {why}")
         return "\n".join(lines)
@@ -357,25 +369,11 @@ def ana(
         The :class:`Sensitivity` over all groups evaluated so far (all ranks), with what was
         estimated and how (:attr:`Sensitivity.details`, :attr:`Sensitivity.cost`).
     """
-    ratios = sorted({float(r) for r in ratios})  # ascending: a collapsed curve stays collapsed
-    if not ratios or any(not 0 < r < 1 for r in ratios):
-        raise ValueError(f"ratios must be fractions in (0, 1), got {ratios}")
-    if not callable(eval_fn):
-        raise TypeError(f"eval_fn must be callable, got {type(eval_fn).__name__}")
-    pdist.init_if_needed()
-    together = pdist.collective() and world_size in (None, pdist.world_size()) and rank in (None, pdist.rank())
-    world_size = (pdist.world_size() if together else 1) if world_size is None else world_size
-    rank = (pdist.rank() if together else 0) if rank is None else rank
+    ratios = _checked_ratios(ratios, eval_fn)
+    together, rank, world_size = _ranks(rank, world_size)
     if together and rank != 0:
         log, progress = (lambda m: None), False  # rank 0 reports
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    declared = getattr(eval_fn, "lower_is_better", None)
-    if declared is not None and bool(declared) != bool(lower_is_better):
-        log(
-            f"warning: eval_fn says lower_is_better={declared} but ana got lower_is_better={lower_is_better}; "
-            "a metric in the wrong direction makes every loss look like zero"
-        )
+    _warn_direction(eval_fn, lower_is_better, log)
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     excludes = list(excludes)
     pruner = pruner or validated_pruner(model, example_inputs, excludes=excludes, criterion=criterion, log=log)
@@ -397,22 +395,7 @@ def ana(
     )
     config = _config(pruner, excludes, ratios, criterion, lower_is_better, collapse, share.method())
     fname = artifacts.ANA if world_size == 1 else f"ana.rank{rank}.json"
-    if together:  # rank 0 reads (and cleans) the workspace, measures the baseline, tells the others
-        state = None
-        if rank == 0:
-            if forced:
-                for p in ws.glob("ana.rank*.json"):
-                    p.unlink()
-            state = _load(ws, config, forced, log)
-            if "baseline" not in state:
-                state["baseline"] = share.baseline()
-                _save(ws, fname, config, state)
-        state = pdist.broadcast_object(state)
-    else:
-        state = _load(ws, config, forced, log)
-    if "baseline" not in state:
-        state["baseline"] = share.baseline()
-        _save(ws, fname, config, state)
+    state = _initial_state(ws, config, share, fname, forced, together, rank, log)
     groups = pruner.prunable_groups
     mine = [g for i, g in enumerate(groups) if i % world_size == rank]
     todo = [(g, r) for g in mine for r in ratios if f"{g.id}/{r}" not in state["points"]]
@@ -431,14 +414,70 @@ def ana(
         merged = _merge(ws, config, state)
     sens = _sensitivity(merged, groups, ratios, lower_is_better, config["method"])
     if not together or rank == 0:
-        ws.write_json(artifacts.SENSITIVITY, {**sens.to_dict(), "config": config})  # which model it describes
-        if sens.curves:
-            tmp = ws.path(".sensitivity.tmp.png")
-            if sens.plot(str(tmp)):
-                tmp.replace(ws.path(artifacts.SENSITIVITY_PLOT))
+        _write_sensitivity(ws, sens, config)
     if together:
         pdist.barrier()  # the workspace is complete when any rank returns
     return sens
+
+
+def _checked_ratios(ratios: Sequence[float], eval_fn) -> list[float]:
+    """The ratios ascending (a collapsed curve stays collapsed); refuses bad ratios and evaluators."""
+    ratios = sorted({float(r) for r in ratios})
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise ValueError(f"ratios must be fractions in (0, 1), got {ratios}")
+    if not callable(eval_fn):
+        raise TypeError(f"eval_fn must be callable, got {type(eval_fn).__name__}")
+    return ratios
+
+
+def _ranks(rank: int | None, world_size: int | None) -> tuple[bool, int, int]:
+    """``(together, rank, world_size)``: together when this is a torchrun process group's collective ana."""
+    pdist.init_if_needed()
+    together = pdist.collective() and world_size in (None, pdist.world_size()) and rank in (None, pdist.rank())
+    world_size = (pdist.world_size() if together else 1) if world_size is None else world_size
+    rank = (pdist.rank() if together else 0) if rank is None else rank
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return together, rank, world_size
+
+
+def _warn_direction(eval_fn, lower_is_better: bool, log: Callable[[str], None]) -> None:
+    declared = getattr(eval_fn, "lower_is_better", None)
+    if declared is not None and bool(declared) != bool(lower_is_better):
+        log(
+            f"warning: eval_fn says lower_is_better={declared} but ana got lower_is_better={lower_is_better}; "
+            "a metric in the wrong direction makes every loss look like zero"
+        )
+
+
+def _initial_state(ws: Workspace, config: dict, share, fname: str, forced: bool, together: bool, rank: int, log):
+    """The cached points that still hold, with the baseline; under torchrun rank 0 reads and tells the others."""
+    if together:  # rank 0 reads (and cleans) the workspace, measures the baseline, tells the others
+        state = None
+        if rank == 0:
+            if forced:
+                for p in ws.glob("ana.rank*.json"):
+                    p.unlink()
+            state = _load(ws, config, forced, log)
+            if "baseline" not in state:
+                state["baseline"] = share.baseline()
+                _save(ws, fname, config, state)
+        state = pdist.broadcast_object(state)
+    else:
+        state = _load(ws, config, forced, log)
+    if "baseline" not in state:
+        state["baseline"] = share.baseline()
+        _save(ws, fname, config, state)
+    return state
+
+
+def _write_sensitivity(ws: Workspace, sens: Sensitivity, config: dict) -> None:
+    """``sensitivity.json`` (with the config: which model it describes) and its plot."""
+    ws.write_json(artifacts.SENSITIVITY, {**sens.to_dict(), "config": config})  # which model it describes
+    if sens.curves:
+        tmp = ws.path(".sensitivity.tmp.png")
+        if sens.plot(str(tmp)):
+            tmp.replace(ws.path(artifacts.SENSITIVITY_PLOT))
 
 
 def _sensitivity(merged: dict, groups: list, ratios: list[float], lower_is_better: bool, method: Any) -> Sensitivity:
@@ -682,6 +721,8 @@ def _cost(merged: dict, method: Any, keys: list[str]) -> dict:
         "stopped_collapsed": sum(info.get(k, {}).get("stop") == "collapsed" for k in keys),
         "seconds": round(merged.get("seconds", 0.0), 3),
     }
+    if isinstance(method, dict) and "fast" in method:
+        out["settings"] = dict(method["fast"])  # the fast settings the points were estimated with
     over = merged.get("overhead", {})
     if over:
         for name in (

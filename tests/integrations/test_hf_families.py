@@ -248,8 +248,8 @@ FAMILIES = {
     "segformer": (
         segformer,
         "AutoModelForSemanticSegmentation",
-        "attention.self.key.weight",
-        "mlp.dense1.weight",
+        "attention.k_proj.weight",
+        "mlp.fc1.weight",
         None,
     ),
     "mobilevit": (

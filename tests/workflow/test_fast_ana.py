@@ -155,6 +155,11 @@ def test_fast_uses_far_fewer_images_and_says_so(pair):
     assert est and all(h != "full" for pts in est.values() for h in pts.values())
     table = fast.table()
     assert "~" in table and "interpolated" in table.splitlines()[0], "the table marks estimated cells"
+    summary = fast.summary()  # what `prunekit ana` prints under the table
+    assert summary.startswith(f"fast analysis: {c['evaluated']} of {c['points']} points evaluated"), summary
+    assert f"{c['images']:,} images through the model" in summary and "early stop: the baseline minus" in summary
+    assert c["settings"]["tolerance"] == FastAnaConfig().tolerance, "the result says which settings estimated it"
+    assert full.summary().startswith(f"full analysis: {full.cost['evaluated']} of"), full.summary()
 
 
 def test_results_on_disk_say_how_points_were_obtained(pair):
