@@ -69,6 +69,10 @@ def make_alive(model, x, family: str) -> None:
         for p in model.parameters():
             if p.numel() > 1 and float(p.detach().abs().max()) == 0.0:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif family == "timm" and p.ndim == 1 and 0.0 < float(p.detach().abs().max()) < 1e-3:
+                # layer scale (ConvNeXt, CaiT, EdgeNeXt: 1e-6 at init) would make every residual
+                # branch vanish, and with it what the check compares
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
     if family == "detection":
         return
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -245,7 +249,12 @@ def timm_choice(mod: str, refresh: bool = False) -> dict:
         return {"skip": TIMM_SKIP[mod]}
     cache = load(TIMM_CHOICE)
     if mod in cache and not refresh:
-        return cache[mod]
+        got = cache[mod]
+        if got.get("params", 0) > TIMM_MAX_PARAMS:
+            got["skip"] = (
+                f"smallest variant {got['model']} has {got['params'] / 1e6:.0f} M parameters (too slow on a CPU)"
+            )
+        return got
     import warnings
 
     import timm
@@ -266,7 +275,7 @@ def timm_choice(mod: str, refresh: bool = False) -> dict:
         best = min(sizes, key=lambda n: (sizes[n], n))
         got = {"model": best, "params": sizes[best]}
         if sizes[best] > TIMM_MAX_PARAMS:
-            got["skip"] = f"smallest variant {best} has {sizes[best] / 1e6:.0f} M parameters (a CPU run is too slow)"
+            got["skip"] = f"smallest variant {best} has {sizes[best] / 1e6:.0f} M parameters (too slow on a CPU)"
     else:
         got = {"skip": "no variant builds with pretrained=False"}
     cache = load(TIMM_CHOICE)
@@ -436,10 +445,13 @@ def run_one_torch_pruning(name: str) -> dict:
     return row
 
 
-def _timm_subprocess(name: str, timeout: int, torch_pruning: bool) -> tuple[dict, dict]:
+def _timm_subprocess(name: str, timeout: int, torch_pruning: bool, prunekit: bool = True) -> tuple[dict, dict]:
     """(prunekit row, Torch-Pruning row) from one subprocess (one interpreter start per model):
     a crash or time-out becomes the ``error`` of the side that was running."""
-    args = [sys.executable, __file__, "--one", name, "timm"] + ([] if torch_pruning else ["--no-torch-pruning"])
+    if not prunekit:  # Torch-Pruning only
+        args = [sys.executable, __file__, "--one-tp", name]
+    else:
+        args = [sys.executable, __file__, "--one", name, "timm"] + ([] if torch_pruning else ["--no-torch-pruning"])
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -452,7 +464,9 @@ def _timm_subprocess(name: str, timeout: int, torch_pruning: bool) -> tuple[dict
     for ln in out.splitlines():
         for tag in ("ROW ", "TPROW "):
             if ln.startswith(tag):
-                rows[tag] = json.loads(ln[len(tag) :])
+                rows[tag if prunekit else "TPROW "] = json.loads(ln[len(tag) :])
+    if not prunekit:
+        return {}, rows.get("TPROW ", {"model": name, "error": why or (err.strip().splitlines() or ["?"])[-1][:300]})
     tail = [ln for ln in err.strip().splitlines() if ln.strip()]
     why = why or (tail or [f"exit code {proc.returncode}"])[-1][:300]
     ours = rows.get("ROW ", {"model": name, "error": why})
@@ -526,10 +540,16 @@ def main_timm(args) -> int:
             save(results, out)
             continue
         done = results.get(mod, {})
-        if done.get("prunekit") and "error" not in done["prunekit"] and not args.force:
+        need_ours = args.force or not done.get("prunekit") or "error" in done["prunekit"]
+        need_theirs = not args.no_torch_pruning and (args.force or not done.get("torch_pruning"))
+        if not (need_ours or need_theirs):
             continue
         t = time.perf_counter()
-        ours, theirs = _timm_subprocess(c["model"], args.timeout, not args.no_torch_pruning)
+        if need_ours:
+            ours, theirs = _timm_subprocess(c["model"], args.timeout, need_theirs)
+        else:
+            ours, theirs = done["prunekit"], _timm_subprocess(c["model"], args.timeout, True, prunekit=False)[1]
+        theirs = theirs or done.get("torch_pruning", {})
         results[mod] = {"model": c["model"], "params": c["params"], "prunekit": ours, "torch_pruning": theirs}
         save(results, out)
         status = (

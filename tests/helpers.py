@@ -102,3 +102,22 @@ def write_images(folder: Path, per_class: int, size: int = 8, fmt: str = "png", 
             img = (torch.rand(size, size, 3, generator=g) * 60).to(torch.uint8)
             img[:, :, c] += 150
             Image.fromarray(img.numpy()).save(folder / name / f"{i}.{fmt}")
+
+
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every BatchNorm non-trivial affine parameters and running statistics.
+
+    A freshly initialised BatchNorm (weight 1, bias 0, mean 0, var 1) hides mistakes in how
+    pruned channels are handled; random values make an equivalence check meaningful.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            if m.affine:
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+            if m.track_running_stats:
+                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    return model

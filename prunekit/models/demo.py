@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["BasicBlock", "DemoNet", "randomize_batchnorm"]
+__all__ = ["BasicBlock", "DemoNet"]
 
 
 class BasicBlock(nn.Module):
@@ -69,22 +69,3 @@ class DemoNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage2(self.stage1(self.stem(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
-
-
-@torch.no_grad()
-def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """Give every BatchNorm non-trivial affine parameters and running statistics.
-
-    A freshly initialised BatchNorm (weight 1, bias 0, mean 0, var 1) hides mistakes in how
-    pruned channels are handled; random values make an equivalence check meaningful.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            if m.affine:
-                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-            if m.track_running_stats:
-                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return model

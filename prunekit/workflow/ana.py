@@ -50,7 +50,7 @@ from prunekit.utils import artifacts
 from prunekit.workflow import distributed as pdist
 from prunekit.workflow import fast_ana
 from prunekit.workflow.evaluation import EvalSpec
-from prunekit.workflow.options import FastAnaConfig
+from prunekit.workflow.options import AnaConfig, FastAnaConfig, with_config
 from prunekit.workflow.progress import bar as progress_bar
 from prunekit.workflow.validation import group_label, validated_pruner
 from prunekit.workflow.workspace import Workspace, model_fingerprint
@@ -141,7 +141,7 @@ class Sensitivity:
             )
         if st.get("adaptive"):
             lines.append(
-                f"  interpolated: every {st.get('stride')}. ratio evaluated first, then bisection where "
+                f"  interpolated: one ratio in {st.get('stride')} evaluated first, then bisection where "
                 f"interpolating could be off by more than {st.get('interp_tolerance')} relative loss"
             )
         for g, why in sorted(c.get("fallbacks", {}).items(), key=lambda t: int(t[0]) if t[0].isdigit() else 0):
@@ -331,6 +331,7 @@ def ana(
     fast: bool | FastAnaConfig = True,
     workers: int = 1,
     calibration: Iterable[Any] | None = None,
+    config: AnaConfig | None = None,
 ) -> Sensitivity:
     """Measure each prunable group's sensitivity; resumable, cached in ``workspace``.
 
@@ -364,11 +365,19 @@ def ana(
             writes ``ana.rank<i>.json`` and this process merges them.
         calibration: Calibration batches (model inputs) for the ``activation`` / ``fluctuation``
             criteria (:meth:`prunekit.Pruner.collect_activations`).
+        config: An :class:`~prunekit.workflow.options.AnaConfig` giving ``ratios``,
+            ``collapse``, ``forced``, ``fast`` and ``workers`` instead of the keywords; a keyword
+            given as well with another value is refused.
 
     Returns:
         The :class:`Sensitivity` over all groups evaluated so far (all ranks), with what was
         estimated and how (:attr:`Sensitivity.details`, :attr:`Sensitivity.cost`).
     """
+    if config is not None:
+        passed = {
+            k: v for k, v in locals().items() if k not in ("model", "example_inputs", "eval_fn", "args", "config")
+        }
+        return ana(model, example_inputs, eval_fn, args, **with_config(ana, config, passed))
     ratios = _checked_ratios(ratios, eval_fn)
     together, rank, world_size = _ranks(rank, world_size)
     if together and rank != 0:

@@ -61,6 +61,32 @@ def check_keys(data: Any, cls: type, where: str) -> None:
             raise ConfigError(f"unknown key '{name}' in the config{hint}; valid keys: {', '.join(valid)}")
 
 
+def with_config(func: Any, config: Any, passed: dict) -> dict:
+    """``passed`` (a verb's keyword arguments) with ``config``'s fields that the verb takes.
+
+    A keyword given explicitly as well, with another value, is refused: one value per option.
+
+    Example:
+        >>> def verb(*, round_to=1, tolerance=0.01, config=None): ...
+        >>> with_config(verb, PruneConfig(round_to=8), {"round_to": 1, "tolerance": 0.01})
+        {'round_to': 8, 'tolerance': 0.01}
+    """
+    import inspect
+
+    params = inspect.signature(func).parameters
+    out = dict(passed)
+    for f in dataclasses.fields(config):
+        if f.name not in params or f.name not in passed:
+            continue
+        mine, theirs, default = passed[f.name], getattr(config, f.name), params[f.name].default
+        if mine is not default and mine != default and mine != theirs:
+            raise TypeError(
+                f"{func.__name__}() got {f.name}={mine!r} and config.{f.name}={theirs!r}; give the option once"
+            )
+        out[f.name] = theirs
+    return out
+
+
 def check_fraction(name: str, v: Any, allow_none: bool = True) -> None:
     if v is None and allow_none:
         return

@@ -30,6 +30,7 @@ from prunekit.engine.pruner import Pruner
 from prunekit.engine.slim import to_slim
 from prunekit.utils import artifacts
 from prunekit.workflow.ana import Sensitivity, evaluate_point
+from prunekit.workflow.options import PruneConfig, with_config
 from prunekit.workflow.progress import bar as progress_bar
 from prunekit.workflow.structure import plan_structure
 from prunekit.workflow.validation import group_label, validated_pruner
@@ -185,6 +186,7 @@ def prune(
     block_criterion: str = "influence",
     remove_experts: int = 0,
     log: Callable[[str], None] = print,
+    config: PruneConfig | None = None,
 ) -> PruneResult:
     """Prune ``model`` to a MACs reduction (``removal_ratio``) or a tolerated loss (``threshold``).
 
@@ -238,11 +240,17 @@ def prune(
             output)`` on ``calibration``) or ``'metric'`` (``eval_fn`` with each block removed).
         remove_experts: Remove this many experts of every mixture-of-experts layer (least
             routing weight on ``calibration``, else on the example inputs).
+        config: A :class:`~prunekit.workflow.options.PruneConfig` giving the options it has
+            (``removal_ratio``, ``threshold``, ``max_ratio``, ``round_to``, ...) instead of
+            the keywords; a keyword given as well with another value is refused.
 
     Raises:
         ValueError: The workspace's sensitivity results were measured on another model.
         EquivalenceError: The slim model of the result would fail or differ (never returned).
     """
+    if config is not None:
+        passed = {k: v for k, v in locals().items() if k not in ("model", "example_inputs", "config")}
+        return prune(model, example_inputs, **with_config(prune, config, passed))
     req = Request(removal_ratio, threshold, spec, max_ratio, round_to, mode, criterion, fallback, strategy, search,
                   eval_fn, eval_args, calibrate, seed, tolerance, keep_pruned, compensate)  # fmt: skip
     req.check(remove_blocks or remove_experts)

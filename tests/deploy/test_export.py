@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 
 import prunekit
+from helpers import randomize_batchnorm
 from prunekit.cli.main import main
 from prunekit.deploy.bench import bench, format_table
 from prunekit.deploy.export import FORMATS, ExportCheckError, ExportError, check_export, export, export_onnx, export_pt2
 from prunekit.engine.equivalence import TOLERANCE as TOL
-from prunekit.models.demo import DemoNet, randomize_batchnorm
+from prunekit.models.demo import DemoNet
 
 needs_ort = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,

@@ -279,11 +279,11 @@ def _build(name: str):
     import transformers as T
 
     build = FAMILIES[name][0]
+    torch.manual_seed(0)
     try:
         model, inputs = build(T)
     except AttributeError as exc:  # this transformers has no such class
         pytest.skip(f"{name}: not in transformers {T.__version__} ({exc})")
-    torch.manual_seed(0)
     return liven(model), inputs
 
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import prunekit
+from helpers import randomize_batchnorm
 from prunekit.graph.trace import single_thread
-from prunekit.models.demo import DemoNet, randomize_batchnorm
+from prunekit.models.demo import DemoNet
 from prunekit.workflow.ana import Sensitivity
 from prunekit.workflow.evaluation import make_eval_fn
 
@@ -388,3 +389,15 @@ def test_verbs_are_exported():
     mod = importlib.import_module("prunekit.workflow.prune")
     assert mod.PruneResult is prunekit.PruneResult, "the module stays importable for everything else"
     assert prunekit.make_eval_fn is make_eval_fn
+
+
+def test_ana_accepts_its_config(tmp_path):
+    """``ana(..., config=AnaConfig(...))`` takes its ratios (and the rest) from the config."""
+    from prunekit.workflow.options import AnaConfig
+
+    model, x, loader = demo()
+    cfg = AnaConfig(ratios=[0.25, 0.5], collapse=None, fast=False)
+    sens, _ = run_ana(model, x, Counting(loader), tmp_path, ratios=[0.25, 0.5], config=cfg)
+    assert sens.ratios == [0.25, 0.5] and all(set(c) == {0.25, 0.5} for c in sens.curves.values())
+    with pytest.raises(TypeError, match="config.ratios"):
+        run_ana(model, x, Counting(loader), tmp_path / "b", ratios=[0.3], config=AnaConfig(ratios=[0.25]))

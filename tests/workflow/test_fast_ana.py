@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 
 import prunekit
+from helpers import randomize_batchnorm
 from prunekit.graph.trace import single_thread
 from prunekit.models.cifar_resnet import cifar_resnet
-from prunekit.models.demo import DemoNet, randomize_batchnorm
+from prunekit.models.demo import DemoNet
 from prunekit.workflow import fast_ana
 from prunekit.workflow.ana import Sensitivity
 from prunekit.workflow.evaluation import make_eval_fn

@@ -16,9 +16,9 @@ import torch.nn as nn
 import torchvision
 
 import prunekit
-from helpers import assert_equivalent, run
+from helpers import assert_equivalent, randomize_batchnorm, run
 from prunekit.graph.trace import single_thread
-from prunekit.models.demo import DemoNet, randomize_batchnorm
+from prunekit.models.demo import DemoNet
 from prunekit.workflow.ana import Sensitivity, group_label
 from prunekit.workflow.evaluation import make_bn_calibration, make_eval_fn
 
@@ -444,3 +444,16 @@ def test_bn_calibration_reestimates_statistics_only():
     assert all(torch.equal(v, w[k]) for k, v in model.state_dict().items() if k in w)
     with pytest.raises(TypeError, match="iterable of batches"):
         make_bn_calibration(torch.randn(3))
+
+
+def test_prune_accepts_its_config():
+    """``prune(..., config=PruneConfig(...))`` equals the keywords; an option given twice differently is refused."""
+    from prunekit.workflow.options import PruneConfig
+
+    (a, x), (b, _) = demo(), demo()
+    by_config = prunekit.prune(a, x, config=PruneConfig(removal_ratio=0.4, round_to=2), log=quiet)
+    by_keywords = prunekit.prune(b, x, removal_ratio=0.4, round_to=2, log=quiet)
+    assert by_config.plan.pruned == by_keywords.plan.pruned and by_config.plan.meta["round_to"] == 2
+    assert by_config.plan.meta["removal_ratio"] == 0.4 and by_config.macs_reduction > 0.3
+    with pytest.raises(TypeError, match=r"round_to=4 and config.round_to=2; give the option once"):
+        prunekit.prune(demo()[0], x, round_to=4, config=PruneConfig(removal_ratio=0.4, round_to=2), log=quiet)
