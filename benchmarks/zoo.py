@@ -540,7 +540,9 @@ def main_timm(args) -> int:
             save(results, out)
             continue
         done = results.get(mod, {})
-        need_ours = args.force or not done.get("prunekit") or "error" in done["prunekit"]
+        need_ours = not args.only_torch_pruning and (
+            args.force or not done.get("prunekit") or "error" in done["prunekit"]
+        )
         need_theirs = not args.no_torch_pruning and (args.force or not done.get("torch_pruning"))
         if not (need_ours or need_theirs):
             continue
@@ -548,12 +550,14 @@ def main_timm(args) -> int:
         if need_ours:
             ours, theirs = _timm_subprocess(c["model"], args.timeout, need_theirs)
         else:
-            ours, theirs = done["prunekit"], _timm_subprocess(c["model"], args.timeout, True, prunekit=False)[1]
+            ours, theirs = done.get("prunekit", {}), _timm_subprocess(c["model"], args.timeout, True, prunekit=False)[1]
         theirs = theirs or done.get("torch_pruning", {})
         results[mod] = {"model": c["model"], "params": c["params"], "prunekit": ours, "torch_pruning": theirs}
         save(results, out)
         status = (
-            "ERROR " + ours["error"]
+            "(prunekit not run)"
+            if not ours
+            else "ERROR " + ours["error"]
             if "error" in ours
             else f"ok={ours['ok']} err={ours['equiv_err']:.1e} frozen={len(ours['frozen_by_validation'])}"
             f" backward={ours['backward'][:40]}"
@@ -638,6 +642,7 @@ def main(argv=None) -> int:
         "--timeout", type=int, default=None, help="seconds per model (default 900; timm: 400 for both tools)"
     )
     ap.add_argument("--no-torch-pruning", action="store_true", help="timm: skip the Torch-Pruning side")
+    ap.add_argument("--only-torch-pruning", action="store_true", help="timm: only the Torch-Pruning side")
     ap.add_argument("--refresh-choice", action="store_true", help="timm: pick the smallest variants again")
     ap.add_argument("--table", action="store_true", help="print the table of saved results and exit")
     ap.add_argument("--earlier", type=Path, help="results of an earlier run, used (marked) for models not in this one")

@@ -21,7 +21,8 @@ opaque ``eval_fn`` is evaluated in full, as before. Four things make a point che
    is paired with the baseline on the same images, and the evaluation stops once a
    confidence bound (normal, with a Wilson floor for accuracy) puts the relative loss past
    ``collapse`` or pins it down to ``tolerance`` (or ``rel_tolerance`` of itself). The value
-   is then the baseline minus the estimated drop.
+   is then the baseline minus the estimated drop, kept inside the metric's range
+   (:func:`metric_range`: an accuracy stays in [0, 1]).
 4. **Adaptive ratios** (``adaptive``): every ``stride``-th ratio first, then bisection where
    the relative loss changes by more than ``2 * interp_tolerance`` between evaluated ratios;
    the rest is interpolated (within ``interp_tolerance`` on a monotone curve).

@@ -74,7 +74,7 @@ from prunekit.workflow import distributed as pdist
 from prunekit.workflow.ana import Sensitivity, ana
 from prunekit.workflow.evaluation import make_bn_calibration
 from prunekit.workflow.finetune import FinetuneConfig, FinetuneResult, finetune
-from prunekit.workflow.options import AnaConfig, IterativeConfig, PruneConfig
+from prunekit.workflow.options import AnaConfig, ConfigError, IterativeConfig, PruneConfig
 from prunekit.workflow.prune import prune
 from prunekit.workflow.validation import group_label, validated_pruner
 from prunekit.workflow.workspace import Workspace, model_fingerprint
@@ -290,6 +290,7 @@ class IterativePruner:
         self.ft = finetune or FinetuneConfig()
         self.ana_cfg = ana or AnaConfig()
         self.prune_cfg = prune or PruneConfig()
+        _refuse_one_prune_options(self.prune_cfg)
         self.excludes = list(excludes)
         self.criterion = criterion
         self.lower = lower_is_better
@@ -834,3 +835,14 @@ def iterative_prune(
 ) -> IterativeResult:
     """``IterativePruner(model, example_inputs, eval_fn, train_loader, **kwargs).run()``."""
     return IterativePruner(model, example_inputs, eval_fn, train_loader, **kwargs).run()
+
+
+def _refuse_one_prune_options(cfg: PruneConfig) -> None:
+    """The options of one ``prunekit prune`` that the steps do not apply: refused, never silently ignored."""
+    names = ("search", "compensate", "remove_blocks", "remove_experts")
+    unused = [f"prune.{k}={getattr(cfg, k)!r}" for k in names if getattr(cfg, k)]
+    if unused:
+        raise ConfigError(
+            f"{', '.join(unused)}: applied by a single 'prunekit prune' only, not by the iterative run's steps; "
+            "unset it for 'prunekit run', or prune once with 'prunekit prune' and fine-tune"
+        )

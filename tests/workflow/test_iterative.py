@@ -15,7 +15,7 @@ from prunekit.engine.plan import PruningPlan
 from prunekit.workflow.evaluation import make_eval_fn
 from prunekit.workflow.finetune import FinetuneConfig
 from prunekit.workflow.iterative import IterativePruner
-from prunekit.workflow.options import AnaConfig, IterativeConfig
+from prunekit.workflow.options import AnaConfig, IterativeConfig, PruneConfig
 from tinyjob import TinyNet, loaders, trained
 
 X = torch.zeros(1, 1, 8, 8)
@@ -330,3 +330,7 @@ def test_schedule_from_target_and_errors():
     prunekit.Pruner(model, X).prune(0.5)
     with pytest.raises(ValueError, match="already sparse"):
         IterativePruner(model, X, nonzero_fraction, [], workspace="unused")
+    for option in ({"compensate": True}, {"remove_blocks": 1}, {"search": 4}, {"remove_experts": 1}):
+        ((name, value),) = option.items()
+        with pytest.raises(ValueError, match=rf"prune.{name}={value}: applied by a single 'prunekit prune' only"):
+            IterativePruner(TinyNet(), X, nonzero_fraction, [], workspace="unused", prune=PruneConfig(**option))
