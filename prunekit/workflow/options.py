@@ -64,7 +64,8 @@ def check_keys(data: Any, cls: type, where: str) -> None:
 def with_config(func: Any, config: Any, passed: dict) -> dict:
     """``passed`` (a verb's keyword arguments) with ``config``'s fields that the verb takes.
 
-    A keyword given explicitly as well, with another value, is refused: one value per option.
+    A field left at its default leaves the keyword as passed; a keyword given explicitly as well,
+    with another value than the config's, is refused: one value per option.
 
     Example:
         >>> def verb(*, round_to=1, tolerance=0.01, config=None): ...
@@ -79,6 +80,9 @@ def with_config(func: Any, config: Any, passed: dict) -> dict:
         if f.name not in params or f.name not in passed:
             continue
         mine, theirs, default = passed[f.name], getattr(config, f.name), params[f.name].default
+        unset = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if theirs is unset or theirs == unset:  # the config leaves it: the keyword (or its default) holds
+            continue
         if mine is not default and mine != default and mine != theirs:
             raise TypeError(
                 f"{func.__name__}() got {f.name}={mine!r} and config.{f.name}={theirs!r}; give the option once"

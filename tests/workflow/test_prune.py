@@ -455,5 +455,8 @@ def test_prune_accepts_its_config():
     by_keywords = prunekit.prune(b, x, removal_ratio=0.4, round_to=2, log=quiet)
     assert by_config.plan.pruned == by_keywords.plan.pruned and by_config.plan.meta["round_to"] == 2
     assert by_config.plan.meta["removal_ratio"] == 0.4 and by_config.macs_reduction > 0.3
+    # a field the config leaves at its default leaves the keyword alone
+    both = prunekit.prune(demo()[0], x, removal_ratio=0.4, config=PruneConfig(round_to=2), log=quiet)
+    assert both.plan.pruned == by_keywords.plan.pruned
     with pytest.raises(TypeError, match=r"round_to=4 and config.round_to=2; give the option once"):
         prunekit.prune(demo()[0], x, round_to=4, config=PruneConfig(removal_ratio=0.4, round_to=2), log=quiet)
