@@ -458,6 +458,28 @@ def table(data: dict, settings: dict | None = None) -> str:
     return "\n".join(out)
 
 
+def budget(settings: dict) -> str:
+    """One line naming a budget: every row of a table shares it."""
+    train = settings.get("train_subset") or 45000
+    return (
+        f"budget: {settings['epochs']} fine-tuning epochs on {train:,} training images, batch "
+        f"{settings['batch_size']}, lr {settings['lr']}, {settings['steps']} iterative steps, "
+        f"{settings['val_batches']} validation batches per evaluation"
+    )
+
+
+def all_tables(data: dict) -> str:
+    """One table per budget (rows measured under other settings are never compared), with its targets."""
+    seen: list[dict] = []
+    for r in data["rows"].values():
+        if r["settings"] not in seen:
+            seen.append(r["settings"])
+    parts = []
+    for settings in seen:
+        parts.append("\n".join([budget(settings), table(data, settings), *targets(data, settings)]))
+    return "\n\n".join(parts)
+
+
 def targets(data: dict, settings: dict) -> list[str]:
     """The issue's targets, checked on the rows present (means over seeds)."""
     acc: dict[tuple, list[float]] = {}
@@ -554,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = load_results(args.out)
     if args.table:
-        print(table(data))
+        print(all_tables(data))
         return 0
     root = data_root(args.scratch)
     if root is None or not WEIGHTS.is_dir():
@@ -572,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     run_row(b, data, depth, base, row, ratio, seed)
     print()
+    print(budget(b.settings))
     print(table(data, b.settings))
     for line in targets(data, b.settings):
         print(line)
