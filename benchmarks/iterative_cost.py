@@ -148,6 +148,25 @@ def shared_ana(args, base, x, val_fn) -> tuple[Path, float]:
     return ws, time.perf_counter() - t0
 
 
+def run_settings(args) -> dict:
+    """What makes two runs comparable (not the targets, seeds or output paths)."""
+    skip = ("targets", "seeds", "out", "work", "scratch", "time_batches", "repeats")
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skip}
+
+
+def partial_path(args) -> Path:
+    return args.out.with_suffix(".partial.json")
+
+
+def finished_runs(args) -> dict:
+    """``{mode/target/seed: run}`` finished by an earlier, killed invocation with the same settings."""
+    path = partial_path(args)
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return data["runs"] if data.get("settings") == run_settings(args) else {}
+
+
 def one_run(args, mode: str, target: float, seed: int, base, x, train, val_fn, test_fn, ana_ws: Path) -> dict:
     ws = args.work / f"t{target}-s{seed}-{mode}"
     shutil.rmtree(ws, ignore_errors=True)
@@ -367,11 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     ana_ws, ana_s = shared_ana(args, base, x, val_fn)
     say(f"ana (shared by every run, in no run's time): {ana_s:.0f} s")
     runs: dict[tuple, dict] = {}
+    done = finished_runs(args)  # a killed benchmark resumes: finished runs of the same settings are kept
     for target in args.targets:
         for seed in args.seeds:
             for mode in MODES:
+                key = f"{mode}/{target}/{seed}"
+                if key in done:
+                    say(f"run: -{target:.0%} MACs, {mode} fine-tuning, seed {seed}: finished earlier, kept")
+                    runs[(mode, target, seed)] = done[key]
+                    continue
                 say(f"run: -{target:.0%} MACs in {args.steps} steps, {mode} fine-tuning, seed {seed}")
                 runs[(mode, target, seed)] = one_run(args, mode, target, seed, base, x, train, val_fn, test_fn, ana_ws)
+                done[key] = runs[(mode, target, seed)]
+                atomic_write(partial_path(args), json.dumps({"settings": run_settings(args), "runs": done}, indent=1))
     timing = time_steps(args, runs, train) if args.time_batches else []
     result = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
