@@ -512,14 +512,15 @@ def timm_table(results: dict) -> str:
         )
     rows = [r for r in results.values() if "skip" not in r]
     ok = sum(bool(r.get("prunekit", {}).get("ok")) for r in rows)
-    tp_ok = sum(bool(r.get("torch_pruning", {}).get("ok")) for r in rows)
-    tp_crash = sum("error" in r.get("torch_pruning", {"error": 1}) for r in rows)
+    tp_rows = [r["torch_pruning"] for r in rows if r.get("torch_pruning")]
+    tp_ok = sum(bool(t.get("ok")) for t in tp_rows)
+    tp_crash = sum("error" in t for t in tp_rows)
     skipped = len(results) - len(rows)
     lines += [
         "",
         f"prunekit: {ok} of {len(rows)} modules pruned with equivalence, counting and backward"
         f" ({100 * ok / max(len(rows), 1):.1f}%; {skipped} modules skipped). Torch-Pruning 1.6: {tp_ok} of"
-        f" {len(rows)} pruned, ran with the output shape kept, fewer MACs and backward;"
+        f" {len(tp_rows)} run pruned, ran with the output shape kept, fewer MACs and backward;"
         f" {tp_crash} crashed or timed out.",
     ]
     return "\n".join(lines)

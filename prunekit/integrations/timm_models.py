@@ -114,8 +114,12 @@ def _int_attr(mod: nn.Module, name: str) -> int | None:
 
 
 def update_module(mod: nn.Module, old: dict) -> None:
-    """Slim updater for every timm module: attention widths follow the weights."""
+    """Slim updater for every timm module: attention widths follow the weights, and so does the
+    stored ``shape`` that MetaFormer's ``Scale`` views its 1-D ``scale`` to (``(dim, 1, 1)``)."""
     prepare_module(mod)  # a freshly built model being resized by load_slim
+    scale, shape = getattr(mod, "scale", None), getattr(mod, "shape", None)
+    if isinstance(scale, nn.Parameter) and scale.ndim == 1 and isinstance(shape, tuple) and shape:
+        mod.shape = (scale.numel(), *shape[1:])
     heads0 = _int_attr(mod, "num_heads")
     widths = _query_key_widths(mod, old) if heads0 else None
     if widths is None:

@@ -102,3 +102,27 @@ def test_vit_attention_attributes_follow_the_weights(timm, attention):
     assert attn.num_heads * attn.head_dim == attn.attn_dim == attn.qkv.out_features // 3
     if attention == "heads":
         assert attn.num_heads < 3
+
+
+def test_metaformer_scale_shape_follows(timm):
+    # PoolFormer-v2's layer/residual Scale multiplies by scale.view(self.shape), a stored (dim, 1, 1):
+    # the slim model failed with "shape '[320, 1, 1]' is invalid for input of size 160"
+    from timm.models.metaformer import GroupNorm1, MetaFormer, Pooling
+
+    torch.manual_seed(0)
+    model = MetaFormer(  # poolformerv2_s12 with one block per stage and narrow stages
+        depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), token_mixers=Pooling, norm_layers=GroupNorm1, num_classes=5
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("res_scale1.scale"):
+                p.uniform_(0.5, 1.5)  # every channel different, so slicing the wrong ones shows
+    x = torch.randn(2, 3, 64, 64)
+    pruner = prunekit.Pruner(model, x)
+    assert not pruner.warnings, pruner.warnings
+    pruner.prune(0.5)
+    slim = prunekit.to_slim(model)  # no validate()
+    assert "stages.2.blocks.0.res_scale1.scale" in shrunk(model, slim)
+    assert_equivalent(run(model, x), run(slim, x), "tiny PoolFormer-v2")
+    scale = slim.stages[2].blocks[0].res_scale1
+    assert scale.shape[0] == scale.scale.numel() < 24
