@@ -19,6 +19,7 @@ restore anywhere), with MACs and parameters measured on the final model:
   ``--kd-temperature``);
 - ``oneshot``: prunekit's ana-guided prune (with ``--search`` variants evaluated after BatchNorm
   re-estimation), then the whole budget of fine-tuning;
+- ``oneshot-kd``: the same with knowledge distillation from the unpruned model during the fine-tuning;
 - ``l1-uniform``: one ratio for every channel group, L1 criterion (Li et al., 2017), then fine-tuning;
 - ``l2-global``: one L2 threshold across groups, then fine-tuning;
 - ``tp-group`` / ``tp-global``: Torch-Pruning 1.6.1's ``MetaPruner`` with ``GroupMagnitudeImportance(p=2)``
@@ -71,9 +72,9 @@ RESULTS = HERE / "results" / "cifar10.json"
 SHARED = HERE.parent.parent / "shared" / "data"
 TARBALL = SHARED / "cifar10" / "cifar10-jpg.tar.gz"
 WEIGHTS = SHARED / "cifar-resnet"
-ROWS = ("dense", "prunekit", "prunekit-kd", "oneshot", "l1-uniform", "l2-global", "tp-group", "tp-global")
+ROWS = ("dense", "prunekit", "prunekit-kd", "oneshot", "oneshot-kd", "l1-uniform", "l2-global", "tp-group", "tp-global")
 PEERS = ("l1-uniform", "l2-global", "tp-group", "tp-global")
-OURS = ("prunekit", "prunekit-kd", "oneshot")
+OURS = ("prunekit", "prunekit-kd", "oneshot", "oneshot-kd")
 FORMAT = "prunekit-cifar10-benchmark"
 
 
@@ -217,8 +218,10 @@ def finish(b: Bench, model: nn.Module, base: nn.Module, t0: float, history: list
     return row
 
 
-def tune(b: Bench, model: nn.Module, ws: Path, seed: int) -> list[dict]:
-    res = finetune(model.to(b.args.device), b.train, b.val_fn, b.ft_config(seed), workspace=ws, log=quiet)
+def tune(b: Bench, model: nn.Module, ws: Path, seed: int, teacher: nn.Module | None = None) -> list[dict]:
+    """Fine-tune for the whole budget (with ``teacher``: distillation from it, weight ``--kd-weight``)."""
+    cfg = b.ft_config(seed, distill=teacher is not None)
+    res = finetune(model.to(b.args.device), b.train, b.val_fn, cfg, workspace=ws, teacher=teacher, log=quiet)
     return res.history
 
 
@@ -284,7 +287,7 @@ def row_kd(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict
     return row_iterative(b, base, ratio, seed, ws, distill=True)
 
 
-def _prune_then_tune(b: Bench, base: nn.Module, seed: int, ws: Path, **prune_kwargs) -> dict:
+def _prune_then_tune(b: Bench, base: nn.Module, seed: int, ws: Path, teacher=None, **prune_kwargs) -> dict:
     t0 = time.perf_counter()
     model = copy.deepcopy(base)
     res = prunekit.prune(model, b.x, seed=seed, log=quiet, **prune_kwargs)
@@ -295,14 +298,14 @@ def _prune_then_tune(b: Bench, base: nn.Module, seed: int, ws: Path, **prune_kwa
         slim,
         base,
         t0,
-        tune(b, slim, ws / "finetune", seed),
+        tune(b, slim, ws / "finetune", seed, teacher=teacher),
         method=res.method,
         equivalence_error=err,
         macs_after_prune=res.macs_after,
     )
 
 
-def row_oneshot(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
+def row_oneshot(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, distill: bool = False) -> dict:
     calibrate = make_bn_calibration(b.train, max_batches=b.args.calibrate_batches)
     sens, _ = shared_ana(b, base)
     torch.manual_seed(seed)
@@ -316,7 +319,12 @@ def row_oneshot(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) ->
         search=b.args.search,
         eval_fn=b.val_fn,
         calibrate=calibrate,
+        teacher=copy.deepcopy(base).eval() if distill else None,
     )
+
+
+def row_oneshot_kd(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
+    return row_oneshot(b, base, ratio, seed, ws, distill=True)
 
 
 def row_l1_uniform(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
@@ -393,6 +401,7 @@ RUNNERS = {
     "prunekit": row_iterative,
     "prunekit-kd": row_kd,
     "oneshot": row_oneshot,
+    "oneshot-kd": row_oneshot_kd,
     "l1-uniform": row_l1_uniform,
     "l2-global": row_l2_global,
     "tp-group": row_tp_group,
@@ -622,6 +631,9 @@ def run_row(b: Bench, data: dict, depth: int, base: nn.Module, row: str, ratio: 
         }
     )
     data["rows"][key] = result
+    current = load_results(b.args.out)  # rows another invocation finished meanwhile are kept
+    current["rows"].update(data["rows"])
+    data["rows"] = current["rows"]
     save(b.args.out, data)
     print(
         f"{key}: test {result['test_acc']:.4f}, MACs -{result['macs_reduction']:.1%}, {time.perf_counter() - t0:.0f} s",
