@@ -353,9 +353,11 @@ def verdicts(runs: list[dict], timing: list[dict], targets: list[float]) -> list
         cpu = statistics.mean(a["cpu_seconds"] / b["cpu_seconds"] for a, b in pairs)
         gap = statistics.mean(b["test_acc"] - a["test_acc"] for a, b in pairs)
         goal = TIME_TARGETS.get(t)
-        met = "" if goal is None else f" (target <= {goal:.2f}x: {'met' if ratio <= goal else 'MISSED'})"
+        # judged on both: the wall time of runs made one after the other depends on the load at the time
+        ok = goal is not None and ratio <= goal and cpu <= goal
+        met = "" if goal is None else f" (target <= {goal:.2f}x in wall and CPU time: {'met' if ok else 'MISSED'})"
         out.append(
-            f"-{t:.0%} MACs: slim / sparse whole-run time {ratio:.2f}x{met}, CPU time {cpu:.2f}x; test "
+            f"-{t:.0%} MACs: slim / sparse whole-run time {ratio:.2f}x, CPU time {cpu:.2f}x{met}; test "
             "accuracy sparse - slim "
             f"{100 * gap:+.2f} points over {len(pairs)} seed(s) (target within {100 * ACC_GAP:.1f}: "
             f"{'met' if abs(gap) <= ACC_GAP + 1e-9 else 'MISSED'})"
