@@ -172,42 +172,63 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _demo(args: argparse.Namespace, out: TextIO) -> int:
-    import torch
-
+    """Train, then ana -> prune/fine-tune steps -> slim, then the before/after table (each step resumable)."""
     import prunekit
-    from prunekit.cli.job import AnaConfig, IterativeConfig, PruneConfig
-    from prunekit.cli.report import text_table, write_report
-    from prunekit.models.demo import DemoNet
-    from prunekit.utils.text import human
-    from prunekit.workflow.evaluation import make_eval_fn
-    from prunekit.workflow.finetune import FinetuneConfig, finetune
-    from prunekit.workflow.iterative import IterativePruner
-    from prunekit.workflow.workspace import Workspace
+    from prunekit.cli.report import write_report
 
     t_start = time.perf_counter()
     say = lambda m: print(m, file=out, flush=True)
-    ws = Workspace(args.workspace)
-    if args.fresh and ws.root.exists():
-        if not (ws.exists(artifacts.DEMO) or ws.exists(artifacts.ITERATIVE) or not any(ws.root.iterdir())):
-            raise CliError(f"--fresh would delete {ws.root}, which is not a demo workspace; not deleting it")
-        shutil.rmtree(ws.root)
+    ws = _workspace(args)
     train, val, test, channels, data_name = _data(args)
-    torch.manual_seed(args.seed)
-    model = DemoNet(in_channels=channels, num_classes=10, width=args.width, blocks=args.blocks)
-    val_acc = make_eval_fn(val, "accuracy", max_batches=None if args.dataset == "digits" else 20)
-    test_acc = make_eval_fn(test, "accuracy")
-    progress = not args.no_progress
-    epochs = args.epochs if args.epochs is not None else _DEFAULT_EPOCHS[args.dataset]
     say(f"prunekit {prunekit.__version__} demo: DemoNet(width={args.width}, blocks={args.blocks}) on {data_name}")
     say(
         f"workspace {ws.root}; goal: remove {args.target:.0%} of the MACs in {args.steps} steps, each step "
         f"fine-tuned {args.finetune_epochs} epochs and losing at most {args.max_drop:g} validation accuracy"
     )
+    model, val_acc, epochs = _train_baseline(args, ws, train, val, channels, say)  # 1.
+    x1 = next(iter(test))[0][:1].to(args.device or "cpu")  # MACs and latency per image
+    res = _prune_in_steps(args, ws, model, x1, val_acc, train, say)  # 2.-4. ana, prune -> fine-tune steps, slim
+    slim = res.model.eval()
+    table, lat, lat_b, batch, acc = _before_after(ws, model, slim, test, x1, res)  # 5.
+    wall = time.perf_counter() - t_start
+    ws.write_json(artifacts.DEMO, _demo_record(args, epochs, table, acc, lat, lat_b, batch, wall))
+    report = write_report(ws.root)
+    _print_result(args, ws, res, table, channels, say)
+    if args.output:
+        prunekit.save_slim(slim, args.output)
+        say(f"slim model also saved to {args.output}")
+    say(f"report: {report} (prunekit report {ws.root})")
+    say(f"demo finished in {wall:.1f} s")
+    return 0
 
-    # 1. the baseline (resumable like any fine-tuning)
+
+def _workspace(args: argparse.Namespace):
+    """The demo's workspace; ``--fresh`` empties it, but only when it is a demo workspace."""
+    from prunekit.workflow.workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    if args.fresh and ws.root.exists():
+        if not (ws.exists(artifacts.DEMO) or ws.exists(artifacts.ITERATIVE) or not any(ws.root.iterdir())):
+            raise CliError(f"--fresh would delete {ws.root}, which is not a demo workspace; not deleting it")
+        shutil.rmtree(ws.root)
+    return ws
+
+
+def _train_baseline(args: argparse.Namespace, ws, train, val, channels: int, say):
+    """The DemoNet trained from scratch (resumable like any fine-tuning): ``(model, val_acc, epochs)``."""
+    import torch
+
+    from prunekit.models.demo import DemoNet
+    from prunekit.workflow.evaluation import make_eval_fn
+    from prunekit.workflow.finetune import FinetuneConfig, finetune
+
+    torch.manual_seed(args.seed)
+    model = DemoNet(in_channels=channels, num_classes=10, width=args.width, blocks=args.blocks)
+    val_acc = make_eval_fn(val, "accuracy", max_batches=None if args.dataset == "digits" else 20)
+    epochs = args.epochs if args.epochs is not None else _DEFAULT_EPOCHS[args.dataset]
     t0 = time.perf_counter()
     model.to(args.device or "cpu")
-    base_cfg = FinetuneConfig(
+    cfg = FinetuneConfig(
         epochs=epochs,
         optimizer="adamw",
         lr=3e-3,
@@ -215,13 +236,19 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
         warmup_epochs=1,
         seed=args.seed,
         device=args.device,
-        progress=progress,
+        progress=not args.no_progress,
     )
-    finetune(model, train, val_acc, base_cfg, workspace=ws.path("baseline-training"), log=say)
+    finetune(model, train, val_acc, cfg, workspace=ws.path("baseline-training"), log=say)
     say(f"baseline trained ({epochs} epochs) in {time.perf_counter() - t0:.1f} s")
+    return model, val_acc, epochs
 
-    # 2.-4. ana, iterative prune -> fine-tune, slim
-    x1 = next(iter(test))[0][:1].to(args.device or "cpu")  # MACs and latency per image
+
+def _prune_in_steps(args: argparse.Namespace, ws, model, x1, val_acc, train, say):
+    """ana, then the iterative prune -> fine-tune steps to ``--target``, then the slim model."""
+    from prunekit.cli.job import AnaConfig, IterativeConfig, PruneConfig
+    from prunekit.workflow.finetune import FinetuneConfig
+    from prunekit.workflow.iterative import IterativePruner
+
     ft_cfg = FinetuneConfig(
         epochs=args.finetune_epochs,
         optimizer="adamw",
@@ -229,9 +256,9 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
         weight_decay=1e-4,
         seed=args.seed,
         device=args.device,
-        progress=progress,
+        progress=not args.no_progress,
     )
-    res = IterativePruner(
+    return IterativePruner(
         model,
         x1,
         val_acc,
@@ -244,21 +271,28 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
         criterion=args.criterion,
         log=say,
     ).run()
-    slim = res.model.eval()
 
-    # 5. before / after
-    acc_b, acc_a = test_acc(model), test_acc(slim)
+
+def _before_after(ws, model, slim, test, x1, res):
+    """The before/after rows (test accuracy, MACs, parameters, CPU latency, file size) and what they measured."""
+    import torch
+
+    from prunekit.utils.text import human as h
+    from prunekit.workflow.evaluation import make_eval_fn
+
+    test_acc = make_eval_fn(test, "accuracy")
+    acc = {"baseline": test_acc(model), "slim": test_acc(slim)}
     model, slim, x1 = model.cpu(), slim.cpu(), x1.cpu()  # the table's latency is CPU latency
     lat = measure_latency({"baseline": model, "slim": slim}, x1)
     xb = torch.cat([b[0] for b in test])[:256]
     lat_b = measure_latency({"baseline": model, "slim": slim}, xb, repeats=60)
     n_thr = torch.get_num_threads()
     thr = f"{n_thr} thread{'s' if n_thr > 1 else ''}"
-    size_b = ws.path("baseline/model.safetensors").stat().st_size
-    size_a = ws.path("final/model.safetensors").stat().st_size
+    size_b = (ws.path("baseline") / artifacts.WEIGHTS).stat().st_size
+    size_a = (ws.path("final") / artifacts.WEIGHTS).stat().st_size
     b, f = res.baseline, res.final
     pct = lambda x, y: f"{100 * (y - x) / x:+.1f}%"
-    h = human
+    acc_b, acc_a = acc["baseline"], acc["slim"]
     table = [
         ["test accuracy", f"{acc_b:.2%}", f"{acc_a:.2%}", f"{100 * (acc_a - acc_b):+.2f} pt"],
         ["MACs / image", h(b["macs"]), h(f["macs"]), pct(b["macs"], f["macs"])],
@@ -277,28 +311,36 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
         ],
         ["file size (safetensors)", _size(size_b), _size(size_a), pct(size_b, size_a)],
     ]
-    wall = time.perf_counter() - t_start
-    ws.write_json(
-        artifacts.DEMO,
-        {
-            "dataset": args.dataset,
-            "width": args.width,
-            "blocks": args.blocks,
-            "target": args.target,
-            "steps": args.steps,
-            "max_drop": args.max_drop,
-            "epochs": epochs,
-            "finetune_epochs": args.finetune_epochs,
-            "seed": args.seed,
-            "criterion": args.criterion,
-            "threads": torch.get_num_threads(),
-            "wall_seconds_this_session": round(wall, 1),
-            "table": table,
-            "test_accuracy": {"baseline": acc_b, "slim": acc_a},
-            "latency_ms": {"batch_1": lat, f"batch_{len(xb)}": lat_b},
-        },
-    )
-    report = write_report(ws.root)
+    return table, lat, lat_b, len(xb), acc
+
+
+def _demo_record(args: argparse.Namespace, epochs: int, table, acc, lat, lat_b, batch: int, wall: float) -> dict:
+    """``demo.json``: the settings and the before/after numbers."""
+    import torch
+
+    return {
+        "dataset": args.dataset,
+        "width": args.width,
+        "blocks": args.blocks,
+        "target": args.target,
+        "steps": args.steps,
+        "max_drop": args.max_drop,
+        "epochs": epochs,
+        "finetune_epochs": args.finetune_epochs,
+        "seed": args.seed,
+        "criterion": args.criterion,
+        "threads": torch.get_num_threads(),
+        "wall_seconds_this_session": round(wall, 1),
+        "table": table,
+        "test_accuracy": acc,
+        "latency_ms": {"batch_1": lat, f"batch_{batch}": lat_b},
+    }
+
+
+def _print_result(args: argparse.Namespace, ws, res, table, channels: int, say) -> None:
+    """The steps, the before/after table, the equivalence and where the slim model is."""
+    from prunekit.cli.report import text_table
+
     say("")
     say(res.table())
     for n in res.notes:
@@ -306,17 +348,11 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     say("")
     say(text_table(table, ["", "baseline", "pruned (slim)", "change"]))
     say("")
-    say(f"slim == sparse on the example input: relative error {f['equivalence_error']:.1e}")
+    say(f"slim == sparse on the example input: relative error {res.final['equivalence_error']:.1e}")
     say(
         f"slim model: {ws.path('final')} (model.safetensors + spec.json); load it with prunekit.load_slim("
         f"DemoNet(in_channels={channels}, width={args.width}, blocks={args.blocks}), {str(ws.path('final'))!r})"
     )
-    if args.output:
-        prunekit.save_slim(slim, args.output)
-        say(f"slim model also saved to {args.output}")
-    say(f"report: {report} (prunekit report {ws.root})")
-    say(f"demo finished in {wall:.1f} s")
-    return 0
 
 
 def _size(n: int) -> str:
