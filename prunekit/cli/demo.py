@@ -277,6 +277,7 @@ def _before_after(ws, model, slim, test, x1, res):
     """The before/after rows (test accuracy, MACs, parameters, CPU latency, file size) and what they measured."""
     import torch
 
+    from prunekit.utils.text import file_size
     from prunekit.utils.text import human as h
     from prunekit.workflow.evaluation import make_eval_fn
 
@@ -309,7 +310,7 @@ def _before_after(ws, model, slim, test, x1, res):
             f"{lat_b['slim']:.2f} ms",
             pct(lat_b["baseline"], lat_b["slim"]),
         ],
-        ["file size (safetensors)", _size(size_b), _size(size_a), pct(size_b, size_a)],
+        ["file size (safetensors)", file_size(size_b), file_size(size_a), pct(size_b, size_a)],
     ]
     return table, lat, lat_b, len(xb), acc
 
@@ -353,7 +354,3 @@ def _print_result(args: argparse.Namespace, ws, res, table, channels: int, say) 
         f"slim model: {ws.path('final')} (model.safetensors + spec.json); load it with prunekit.load_slim("
         f"DemoNet(in_channels={channels}, width={args.width}, blocks={args.blocks}), {str(ws.path('final'))!r})"
     )
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.2f} MB"

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 __all__ = ["human", "table", "pct_change", "file_size"]
 
 
-def human(n: float) -> str:
-    """``1234567 -> '1.23 M'`` (G, M, k; plain below 1000)."""
+def human(n: float, sep: str = " ") -> str:
+    """``1234567 -> '1.23 M'`` (G, M, k; plain below 1000); ``sep=""`` gives ``'1.23M'``."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
+            return f"{n / scale:.2f}{sep}{unit}"
     return f"{n:g}"
 
 

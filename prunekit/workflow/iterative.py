@@ -70,6 +70,7 @@ from prunekit.engine.pruner import Pruner
 from prunekit.engine.slim import load_slim, save_slim, to_slim
 from prunekit.graph.groups import ChannelGroup
 from prunekit.utils import artifacts
+from prunekit.utils.text import human, table
 from prunekit.workflow import distributed as pdist
 from prunekit.workflow.ana import Sensitivity, ana
 from prunekit.workflow.evaluation import make_bn_calibration
@@ -124,51 +125,21 @@ def steps_table(baseline: dict, attempts: list[dict], final: dict | None = None)
         final and final.get("test_metric") is not None
     )
     t = lambda d: [f"{d['test_metric']:.4f}" if d.get("test_metric") is not None else ""] if test else []
+    h = lambda n: human(n, sep="")
+
+    def row(tag: str, ratio: str, d: dict, verdict: str) -> list[str]:
+        counts = [h(d["macs"]), f"{d['macs_reduction']:.1%}", h(d["params"]), f"{d['metric']:.4f}"]
+        return [tag, ratio, *counts, f"{d['drop']:+.4f}", *t(d), verdict]
+
     head = ["step", "ratio", "MACs", "MACs -", "params", "metric", "drop"] + (["test"] if test else []) + [""]
-    rows = [
-        ["base", "", _h(baseline["macs"]), "", _h(baseline["params"]), f"{baseline['metric']:.4f}", ""]
-        + t(baseline)
-        + [""]
-    ]
+    rows = [["base", "", h(baseline["macs"]), "", h(baseline["params"]), f"{baseline['metric']:.4f}", ""]]
+    rows[0] += t(baseline) + [""]
     for a in attempts:
         tag = f"{a['step']}" + (f".{a['try']}" if a["try"] else "")
-        rows.append(
-            [
-                tag,
-                f"{a['ratio']:.3f}",
-                _h(a["macs"]),
-                f"{a['macs_reduction']:.1%}",
-                _h(a["params"]),
-                f"{a['metric']:.4f}",
-                f"{a['drop']:+.4f}",
-            ]
-            + t(a)
-            + ["accepted" if a["accepted"] else "retried"]
-        )
+        rows.append(row(tag, f"{a['ratio']:.3f}", a, "accepted" if a["accepted"] else "retried"))
     if final:
-        rows.append(
-            [
-                "slim",
-                "",
-                _h(final["macs"]),
-                f"{final['macs_reduction']:.1%}",
-                _h(final["params"]),
-                f"{final['metric']:.4f}",
-                f"{final['drop']:+.4f}",
-            ]
-            + t(final)
-            + [""]
-        )
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
-
-
-def _h(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:g}"
+        rows.append(row("slim", "", final, ""))
+    return table(rows, head)
 
 
 @dataclass
