@@ -17,6 +17,9 @@ restore anywhere), with MACs and parameters measured on the final model:
   split over them, BatchNorm re-estimated after every prune step, slim fine-tuning);
 - ``prunekit-kd``: the same with knowledge distillation from the unpruned model (``--kd-weight``,
   ``--kd-temperature``);
+- ``prunekit-search``: the same workflow with every step's allocation searched (``prune.search``: ``--search``
+  variants evaluated after BatchNorm re-estimation) and the budget split 1 : 2 : 7 over three steps
+  (``run.epoch_split``: most of it to the final architecture);
 - ``oneshot``: prunekit's ana-guided prune (with ``--search`` variants evaluated after BatchNorm
   re-estimation), then the whole budget of fine-tuning;
 - ``oneshot-kd``: the same with knowledge distillation from the unpruned model during the fine-tuning;
@@ -72,9 +75,21 @@ RESULTS = HERE / "results" / "cifar10.json"
 SHARED = HERE.parent.parent / "shared" / "data"
 TARBALL = SHARED / "cifar10" / "cifar10-jpg.tar.gz"
 WEIGHTS = SHARED / "cifar-resnet"
-ROWS = ("dense", "prunekit", "prunekit-kd", "oneshot", "oneshot-kd", "l1-uniform", "l2-global", "tp-group", "tp-global")
+ROWS = (
+    "dense",
+    "prunekit",
+    "prunekit-kd",
+    "prunekit-search",
+    "oneshot",
+    "oneshot-kd",
+    "l1-uniform",
+    "l2-global",
+    "tp-group",
+    "tp-global",
+)
 PEERS = ("l1-uniform", "l2-global", "tp-group", "tp-global")
-OURS = ("prunekit", "prunekit-kd", "oneshot", "oneshot-kd")
+OURS = ("prunekit", "prunekit-kd", "prunekit-search", "oneshot", "oneshot-kd")
+FINAL_HEAVY = (1, 2, 7)  # prunekit-search's run.epoch_split (three steps)
 FORMAT = "prunekit-cifar10-benchmark"
 
 
@@ -238,7 +253,9 @@ def shared_ana(b: Bench, base: nn.Module) -> tuple[prunekit.Sensitivity, Path]:
     return prunekit.ana(base, b.x, b.val_fn, workspace=ws, progress=b.args.progress, log=quiet, **ratios), ws
 
 
-def row_iterative(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, distill: bool = False) -> dict:
+def row_iterative(
+    b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, distill: bool = False, search: bool = False
+) -> dict:
     t0 = time.perf_counter()
     _, ana_ws = shared_ana(b, base)
     ws.mkdir(parents=True, exist_ok=True)
@@ -249,6 +266,7 @@ def row_iterative(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, 
         target=ratio,
         steps=b.args.steps,
         total_epochs=b.args.epochs,
+        epoch_split=list(FINAL_HEAVY) if search and b.args.steps == len(FINAL_HEAVY) else None,
         calibrate_batches=b.args.calibrate_batches,
         max_drop=None,
     )
@@ -261,6 +279,7 @@ def row_iterative(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, 
         workspace=ws,
         config=cfg,
         ana=ana_cfg,
+        prune=prunekit.PruneConfig(search=b.args.search) if search else None,
         finetune=b.ft_config(seed, distill=distill),
         test_fn=b.test_fn,
         log=quiet,
@@ -285,6 +304,10 @@ def row_iterative(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, 
 
 def row_kd(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
     return row_iterative(b, base, ratio, seed, ws, distill=True)
+
+
+def row_search(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
+    return row_iterative(b, base, ratio, seed, ws, search=True)
 
 
 def _prune_then_tune(b: Bench, base: nn.Module, seed: int, ws: Path, teacher=None, **prune_kwargs) -> dict:
@@ -400,6 +423,7 @@ RUNNERS = {
     "dense": row_dense,
     "prunekit": row_iterative,
     "prunekit-kd": row_kd,
+    "prunekit-search": row_search,
     "oneshot": row_oneshot,
     "oneshot-kd": row_oneshot_kd,
     "l1-uniform": row_l1_uniform,

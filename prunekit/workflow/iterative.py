@@ -278,16 +278,20 @@ class IterativePruner:
         ft = {k: v for k, v in self.ft.to_dict().items() if k not in ("progress", "device")}
         return {
             "model": model_fingerprint(self.template),
-            "run": dataclasses.asdict(self.config),
+            "run": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "epoch_split" or v is not None},
             "finetune": ft,
             "ana": dataclasses.asdict(self.ana_cfg),
-            "prune": self.prune_cfg.kwargs(),
+            "prune": {**self.prune_cfg.kwargs(), **self._search_signature()},
             "excludes": sorted(self.excludes),
             "criterion": self.criterion,
             "lower_is_better": self.lower,
             "custom_train_fn": self.train_fn is not None,
             "calibrate": self.calibrate is not None,
         }
+
+    def _search_signature(self) -> dict:
+        """``prune.search`` when set (a run without it keeps the signature it had before the option)."""
+        return {"search": self.prune_cfg.search} if self.prune_cfg.search else {}
 
     def _load_state(self, signature: dict) -> dict:
         fresh = {"format": FORMAT, "version": 2, "config": signature, "attempts": [], "notes": []}
@@ -464,9 +468,9 @@ class IterativePruner:
         torch.manual_seed(seed)  # the random criterion
         start = self._start(prev_dir)
         if slim_mode:
-            step = self._prune_slim(start, ratio, sens, prev_dir, baseline["macs"])
+            step = self._prune_slim(start, ratio, sens, prev_dir, baseline["macs"], seed)
         else:
-            step = self._prune_sparse(start, ratio, sens, prev_dir)
+            step = self._prune_sparse(start, ratio, sens, prev_dir, seed)
         step = self._agree(step, prev_dir, k, seed)
         if self.calibrate is not None:  # on what fine-tunes: the slim model costs less
             torch.manual_seed(seed)  # the calibration batches
@@ -519,7 +523,9 @@ class IterativePruner:
             return StepStart(load_slim(copy.deepcopy(self.template), prev_dir / "model"), plan, True)
         return StepStart(self._dense(prev_dir / "model"), plan, False)
 
-    def _prune_sparse(self, start: StepStart, ratio: float, sens: Sensitivity, prev_dir: Path | None) -> PrunedStep:
+    def _prune_sparse(
+        self, start: StepStart, ratio: float, sens: Sensitivity, prev_dir: Path | None, seed: int
+    ) -> PrunedStep:
         """Prune the original architecture again (its earlier pruned channels are zeros); merge if needed."""
         if start.slim:
             raise ValueError(
@@ -534,6 +540,7 @@ class IterativePruner:
             criterion=self.criterion,
             log=self.log,
             **self.prune_cfg.kwargs(),
+            **self._search_kwargs(seed),
         )
         notes = list(res.notes)
         if start.plan.pruned and not res.plan.contains(start.plan):
@@ -541,8 +548,14 @@ class IterativePruner:
             notes.append("the new plan did not contain every earlier pruned channel; merged the previous plan")
         return PrunedStep(start.model, sparse.get_plan(start.model), None, notes)
 
+    def _search_kwargs(self, seed: int) -> dict:
+        """``prune.search``: each step tries that many allocations, each evaluated after BatchNorm re-estimation."""
+        if not self.prune_cfg.search:
+            return {}
+        return {"search": self.prune_cfg.search, "eval_fn": self.eval_fn, "calibrate": self.calibrate, "seed": seed}
+
     def _prune_slim(
-        self, start: StepStart, ratio: float, sens: Sensitivity, prev_dir: Path | None, base_macs: int
+        self, start: StepStart, ratio: float, sens: Sensitivity, prev_dir: Path | None, base_macs: int, seed: int
     ) -> PrunedStep:
         """Prune the start model to ``ratio`` of the original MACs, then make the new slim model."""
         macs = count(start.model, self.inputs).macs
@@ -565,6 +578,7 @@ class IterativePruner:
             criterion=self.criterion,
             log=self.log,
             **kwargs,
+            **self._search_kwargs(seed),
         )
         notes = [n for n in res.notes if not n.startswith("reached a MACs reduction")]
         return self._slim_step(start, res.plan, notes)
@@ -810,7 +824,7 @@ def iterative_prune(
 
 def _refuse_one_prune_options(cfg: PruneConfig) -> None:
     """The options of one ``prunekit prune`` that the steps do not apply: refused, never silently ignored."""
-    names = ("search", "compensate", "remove_blocks", "remove_experts")
+    names = ("compensate", "remove_blocks", "remove_experts")
     unused = [f"prune.{k}={getattr(cfg, k)!r}" for k in names if getattr(cfg, k)]
     if unused:
         raise ConfigError(

@@ -318,6 +318,8 @@ class IterativeConfig:
         total_epochs: The whole run's fine-tuning budget, split over the steps (the later
             steps get the remainder), so runs compare at an equal budget; ``None``: every step
             fine-tunes ``finetune.epochs``. A retry fine-tunes its step's share again.
+        epoch_split: With ``total_epochs``, the steps' shares as weights, one per step (``[1, 2, 7]``
+            of 10 epochs: 1, 2 and 7, most of the budget to the final architecture); ``None``: even.
         calibrate_batches: Re-estimate the BatchNorm statistics on this many training batches
             after every prune step, before fine-tuning (needs a train loader); 0: never.
         reanalyse: Run ana again before every step after the first, on the slim model the step
@@ -333,6 +335,7 @@ class IterativeConfig:
     retry_factor: float = 0.5
     finetune_on: str = "slim"
     total_epochs: int | None = None
+    epoch_split: list[float] | None = None
     calibrate_batches: int = 20
     reanalyse: bool = False
 
@@ -363,6 +366,7 @@ class IterativeConfig:
         if self.finetune_on not in FINETUNE_ON:
             raise ConfigError(f"run.finetune_on must be one of {', '.join(FINETUNE_ON)}, got {self.finetune_on!r}")
         check_int("run.total_epochs", self.total_epochs, 0, allow_none=True)
+        self._check_split()
         check_int("run.calibrate_batches", self.calibrate_batches, 0)
         if not isinstance(self.reanalyse, bool):
             raise ConfigError(f"run.reanalyse must be true or false, got {self.reanalyse!r}")
@@ -372,6 +376,22 @@ class IterativeConfig:
                 f"got {self.finetune_on!r}"
             )
 
+    def _check_split(self) -> None:
+        if self.epoch_split is None:
+            return
+        n = len(self.schedule_ratios())
+        split = self.epoch_split
+        if not isinstance(split, (list, tuple)) or len(split) != n:
+            raise ConfigError(f"run.epoch_split must be a list of {n} weights, one per step, got {split!r}")
+        if any(isinstance(w, bool) or not isinstance(w, numbers.Real) or not w >= 0 for w in split) or not sum(split):
+            raise ConfigError(f"run.epoch_split must hold non-negative numbers, not all 0, got {split!r}")
+        if self.total_epochs is None:
+            raise ConfigError(
+                f"run.epoch_split={split!r} splits run.total_epochs, which is not set: set it (e.g. 10) "
+                "or drop the split"
+            )
+        self.epoch_split = [float(w) for w in split]
+
     def schedule_ratios(self) -> list[float]:
         """The removal ratio of each step."""
         if self.schedule is not None:
@@ -380,17 +400,25 @@ class IterativeConfig:
 
     def epochs_per_step(self, epochs: int) -> list[int]:
         """Fine-tuning epochs of each step: ``total_epochs`` split evenly (the remainder to the
-        last steps), or ``epochs`` for every step when ``total_epochs`` is not set.
+        last steps) or by ``epoch_split`` (largest remainders, ties to the later steps), or
+        ``epochs`` for every step when ``total_epochs`` is not set.
 
         Example:
             >>> IterativeConfig(steps=3, total_epochs=10).epochs_per_step(5)
             [3, 3, 4]
+            >>> IterativeConfig(steps=3, total_epochs=10, epoch_split=[1, 1, 3]).epochs_per_step(5)
+            [2, 2, 6]
         """
         n = len(self.schedule_ratios())
         if self.total_epochs is None:
             return [epochs] * n
-        base, extra = divmod(self.total_epochs, n)
-        return [base + (1 if k >= n - extra else 0) for k in range(n)]
+        weights = self.epoch_split or [1.0] * n
+        shares = [self.total_epochs * w / sum(weights) for w in weights]
+        out = [math.floor(s + 1e-9) for s in shares]
+        by_remainder = sorted(range(n), key=lambda k: (shares[k] - out[k], k), reverse=True)
+        for k in by_remainder[: self.total_epochs - sum(out)]:
+            out[k] += 1
+        return out
 
 
 def _positive(name: str, v: Any, integer: bool = False, zero: bool = False) -> None:

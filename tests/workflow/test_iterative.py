@@ -175,6 +175,47 @@ def test_total_epochs_are_split_over_the_steps_and_the_test_metric_is_reported(t
     assert IterativeConfig(steps=2).epochs_per_step(5) == [5, 5]
 
 
+def test_epoch_split_weights_the_steps_shares_of_the_budget(tmp_path):
+    assert IterativeConfig(steps=3, total_epochs=10, epoch_split=[1, 2, 7]).epochs_per_step(5) == [1, 2, 7]
+    assert IterativeConfig(steps=3, total_epochs=4, epoch_split=[1, 1, 2]).epochs_per_step(5) == [1, 1, 2]
+    assert IterativeConfig(steps=2, total_epochs=3, epoch_split=[0, 1]).epochs_per_step(5) == [0, 3]
+    for split in ([1, 2], [1, -1, 2], [0, 0, 0], "final"):
+        with pytest.raises(ValueError, match="run.epoch_split"):
+            IterativeConfig(steps=3, total_epochs=10, epoch_split=split)
+    with pytest.raises(ValueError, match="run.total_epochs, which is not set"):
+        IterativeConfig(steps=3, epoch_split=[1, 2, 7])
+    epochs: list[int] = []
+    cfg = IterativeConfig(schedule=[0.3, 0.5], total_epochs=4, epoch_split=[1, 3], max_drop=0.5)
+    res = run(tmp_path, config=cfg, train_fn=lambda model, epoch: epochs.append(epoch))
+    assert [a["epochs"] for a in res.attempts] == [1, 3] and len(epochs) == 4
+    assert any("split over 2 steps as 1 + 3 epochs" in n for n in res.notes), res.notes
+
+
+@pytest.mark.parametrize("finetune_on", ["slim", "sparse"])
+def test_search_evaluates_allocations_in_every_step(tmp_path, finetune_on):
+    """``prune.search`` in the run: every step evaluates ``search + 1`` allocations (after BatchNorm
+    re-estimation) and keeps one at the step's MACs target."""
+    train, evald = loaders()
+    eval_fn = make_eval_fn(evald)
+    calls = {"n": 0}
+
+    def counted(model):
+        calls["n"] += 1
+        return eval_fn(model)
+
+    cfg = IterativeConfig(schedule=[0.3, 0.5], finetune_on=finetune_on)
+    run(tmp_path / "plain", eval_fn=counted, config=cfg)
+    n_plain, calls["n"] = calls["n"], 0
+    res = run(tmp_path / "search", eval_fn=counted, config=cfg, prune=PruneConfig(search=3, tolerance=0.2))
+    searched = [int(n.split()[1]) for a in res.attempts for n in a["notes"] if n.startswith("search: ")]
+    assert len(searched) == 2 and all(k >= 2 for k in searched), [a["notes"] for a in res.attempts]
+    assert calls["n"] == n_plain + sum(searched), (calls["n"], n_plain, searched)  # one evaluation per allocation
+    for a, goal in zip(res.attempts, cfg.schedule_ratios()):
+        assert abs(a["macs_reduction"] - goal) <= 0.2 + 1e-6, (a["macs_reduction"], goal)  # within the tolerance
+    x = torch.randn(4, 1, 8, 8)
+    assert res.model(x).shape == trained()(x).shape
+
+
 @pytest.mark.parametrize("batches", [0, 2])
 def test_batchnorm_statistics_are_reestimated_after_every_prune_step(tmp_path, batches):
     template = trained()
@@ -330,7 +371,7 @@ def test_schedule_from_target_and_errors():
     prunekit.Pruner(model, X).prune(0.5)
     with pytest.raises(ValueError, match="already sparse"):
         IterativePruner(model, X, nonzero_fraction, [], workspace="unused")
-    for option in ({"compensate": True}, {"remove_blocks": 1}, {"search": 4}, {"remove_experts": 1}):
+    for option in ({"compensate": True}, {"remove_blocks": 1}, {"remove_experts": 1}):
         ((name, value),) = option.items()
         with pytest.raises(ValueError, match=rf"prune.{name}={value}: applied by a single 'prunekit prune' only"):
             IterativePruner(TinyNet(), X, nonzero_fraction, [], workspace="unused", prune=PruneConfig(**option))
