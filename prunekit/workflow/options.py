@@ -377,6 +377,7 @@ class IterativeConfig:
             )
 
     def _check_split(self) -> None:
+        """``epoch_split``: one non-negative weight per step, not all 0, and a ``total_epochs`` to split."""
         if self.epoch_split is None:
             return
         n = len(self.schedule_ratios())
