@@ -266,7 +266,7 @@ def row_iterative(
         target=ratio,
         steps=b.args.steps,
         total_epochs=b.args.epochs,
-        epoch_split=list(FINAL_HEAVY) if search and b.args.steps == len(FINAL_HEAVY) else None,
+        epoch_split=list(FINAL_HEAVY) if search else None,
         calibrate_batches=b.args.calibrate_batches,
         max_drop=None,
     )
@@ -307,6 +307,8 @@ def row_kd(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict
 
 
 def row_search(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
+    if b.args.steps != len(FINAL_HEAVY):  # never an even split under this row's name
+        raise SystemExit(f"prunekit-search splits its budget {FINAL_HEAVY} over 3 steps: run it with --steps 3")
     return row_iterative(b, base, ratio, seed, ws, search=True)
 
 
