@@ -22,6 +22,9 @@ restore anywhere), with MACs and parameters measured on the final model:
   (``run.epoch_split``: most of it to the final architecture);
 - ``oneshot``: prunekit's ana-guided prune (with ``--search`` variants evaluated after BatchNorm
   re-estimation), then the whole budget of fine-tuning;
+- ``oneshot-rec`` / ``prunekit-search-rec``: ``oneshot`` / ``prunekit-search`` with ``reconstruct=True``: after
+  each prune, the layers after the pruned channels are refit by least squares to the unpruned model's outputs on
+  ``--calibrate-batches`` training batches (:mod:`prunekit.engine.reconstruct`);
 - ``oneshot-kd``: the same with knowledge distillation from the unpruned model during the fine-tuning;
 - ``l1-uniform``: one ratio for every channel group, L1 criterion (Li et al., 2017), then fine-tuning;
 - ``l2-global``: one L2 threshold across groups, then fine-tuning;
@@ -46,6 +49,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -80,7 +84,9 @@ ROWS = (
     "prunekit",
     "prunekit-kd",
     "prunekit-search",
+    "prunekit-search-rec",
     "oneshot",
+    "oneshot-rec",
     "oneshot-kd",
     "l1-uniform",
     "l2-global",
@@ -88,7 +94,7 @@ ROWS = (
     "tp-global",
 )
 PEERS = ("l1-uniform", "l2-global", "tp-group", "tp-global")
-OURS = ("prunekit", "prunekit-kd", "prunekit-search", "oneshot", "oneshot-kd")
+OURS = ("prunekit", "prunekit-kd", "prunekit-search", "prunekit-search-rec", "oneshot", "oneshot-rec", "oneshot-kd")
 FINAL_HEAVY = (1, 2, 7)  # prunekit-search's run.epoch_split (three steps)
 FORMAT = "prunekit-cifar10-benchmark"
 
@@ -254,7 +260,14 @@ def shared_ana(b: Bench, base: nn.Module) -> tuple[prunekit.Sensitivity, Path]:
 
 
 def row_iterative(
-    b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, distill: bool = False, search: bool = False
+    b: Bench,
+    base: nn.Module,
+    ratio: float,
+    seed: int,
+    ws: Path,
+    distill: bool = False,
+    search: bool = False,
+    reconstruct: bool = False,
 ) -> dict:
     t0 = time.perf_counter()
     _, ana_ws = shared_ana(b, base)
@@ -279,7 +292,7 @@ def row_iterative(
         workspace=ws,
         config=cfg,
         ana=ana_cfg,
-        prune=prunekit.PruneConfig(search=b.args.search) if search else None,
+        prune=prunekit.PruneConfig(search=b.args.search, reconstruct=reconstruct) if search else None,
         finetune=b.ft_config(seed, distill=distill),
         test_fn=b.test_fn,
         log=quiet,
@@ -306,10 +319,14 @@ def row_kd(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict
     return row_iterative(b, base, ratio, seed, ws, distill=True)
 
 
-def row_search(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
+def row_search(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, reconstruct: bool = False) -> dict:
     if b.args.steps != len(FINAL_HEAVY):  # never an even split under this row's name
         raise SystemExit(f"prunekit-search splits its budget {FINAL_HEAVY} over 3 steps: run it with --steps 3")
-    return row_iterative(b, base, ratio, seed, ws, search=True)
+    return row_iterative(b, base, ratio, seed, ws, search=True, reconstruct=reconstruct)
+
+
+def row_search_rec(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
+    return row_search(b, base, ratio, seed, ws, reconstruct=True)
 
 
 def _prune_then_tune(b: Bench, base: nn.Module, seed: int, ws: Path, teacher=None, **prune_kwargs) -> dict:
@@ -330,9 +347,14 @@ def _prune_then_tune(b: Bench, base: nn.Module, seed: int, ws: Path, teacher=Non
     )
 
 
-def row_oneshot(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, distill: bool = False) -> dict:
+def row_oneshot(
+    b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, distill: bool = False, reconstruct: bool = False
+) -> dict:
     calibrate = make_bn_calibration(b.train, max_batches=b.args.calibrate_batches)
     sens, _ = shared_ana(b, base)
+    extra = {}
+    if reconstruct:  # the least-squares refit's batches; then the same seed as `oneshot`: only the refit differs
+        extra = {"reconstruct": True, "calibration": list(itertools.islice(b.train, b.args.calibrate_batches))}
     torch.manual_seed(seed)
     return _prune_then_tune(
         b,
@@ -345,7 +367,12 @@ def row_oneshot(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, di
         eval_fn=b.val_fn,
         calibrate=calibrate,
         teacher=copy.deepcopy(base).eval() if distill else None,
+        **extra,
     )
+
+
+def row_oneshot_rec(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
+    return row_oneshot(b, base, ratio, seed, ws, reconstruct=True)
 
 
 def row_oneshot_kd(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
@@ -426,7 +453,9 @@ RUNNERS = {
     "prunekit": row_iterative,
     "prunekit-kd": row_kd,
     "prunekit-search": row_search,
+    "prunekit-search-rec": row_search_rec,
     "oneshot": row_oneshot,
+    "oneshot-rec": row_oneshot_rec,
     "oneshot-kd": row_oneshot_kd,
     "l1-uniform": row_l1_uniform,
     "l2-global": row_l2_global,

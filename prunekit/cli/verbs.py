@@ -450,7 +450,8 @@ def _oneshot(job: _Job) -> dict:
     c = job.cfg
     kwargs = c.prune.oneshot_kwargs()
     if c.prune.needs_calibration(c.criterion):
-        what = [f"prune.{k}" for k in ("compensate", "remove_blocks", "remove_experts") if getattr(c.prune, k)]
+        names = ("compensate", "reconstruct", "remove_blocks", "remove_experts")
+        what = [f"prune.{k}" for k in names if getattr(c.prune, k)]
         if PruneConfig().needs_calibration(c.criterion):
             what.insert(0, f"criterion {c.criterion!r}")
         kwargs["calibration"] = _calibration(job, what)

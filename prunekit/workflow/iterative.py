@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import time
 import warnings
@@ -271,6 +272,11 @@ class IterativePruner:
         self.epochs = self.config.epochs_per_step(self.ft.epochs)
         n_cal = self.config.calibrate_batches
         self.calibrate = make_bn_calibration(train_loader, max_batches=n_cal) if n_cal and train_loader else None
+        if self.prune_cfg.reconstruct and self.calibrate is None:
+            raise ConfigError(
+                "prune.reconstruct refits every step on run.calibrate_batches training batches: set "
+                f"run.calibrate_batches (e.g. 20; now {n_cal}) and give a train_loader"
+            )
         self.pruner: Pruner | None = None  # the original model's groups (set by run)
 
     # ----- state ------------------------------------------------------------------------
@@ -290,8 +296,12 @@ class IterativePruner:
         }
 
     def _search_signature(self) -> dict:
-        """``prune.search`` when set (a run without it keeps the signature it had before the option)."""
-        return {"search": self.prune_cfg.search} if self.prune_cfg.search else {}
+        """``prune.search`` / ``prune.reconstruct`` when set (a run without them keeps the signature it
+        had before the options)."""
+        out: dict = {"search": self.prune_cfg.search} if self.prune_cfg.search else {}
+        if self.prune_cfg.reconstruct:
+            out["reconstruct"] = True
+        return out
 
     def _load_state(self, signature: dict) -> dict:
         fresh = {"format": FORMAT, "version": 2, "config": signature, "attempts": [], "notes": []}
@@ -541,6 +551,7 @@ class IterativePruner:
             log=self.log,
             **self.prune_cfg.kwargs(),
             **self._search_kwargs(seed),
+            **self._reconstruct_kwargs(seed),
         )
         notes = list(res.notes)
         if start.plan.pruned and not res.plan.contains(start.plan):
@@ -553,6 +564,14 @@ class IterativePruner:
         if not self.prune_cfg.search:
             return {}
         return {"search": self.prune_cfg.search, "eval_fn": self.eval_fn, "calibrate": self.calibrate, "seed": seed}
+
+    def _reconstruct_kwargs(self, seed: int) -> dict:
+        """``prune.reconstruct``: each step refits on ``run.calibrate_batches`` training batches (seeded)."""
+        if not self.prune_cfg.reconstruct:
+            return {}
+        torch.manual_seed(seed)  # the same batches when a killed run resumes
+        batches = list(itertools.islice(self.train_loader, self.config.calibrate_batches))
+        return {"reconstruct": True, "calibration": batches}
 
     def _prune_slim(
         self, start: StepStart, ratio: float, sens: Sensitivity, prev_dir: Path | None, base_macs: int, seed: int
@@ -579,6 +598,7 @@ class IterativePruner:
             log=self.log,
             **kwargs,
             **self._search_kwargs(seed),
+            **self._reconstruct_kwargs(seed),
         )
         notes = [n for n in res.notes if not n.startswith("reached a MACs reduction")]
         return self._slim_step(start, res.plan, notes)

@@ -233,10 +233,14 @@ class PruneConfig:
     #: ``prunekit prune`` only: re-estimate BatchNorm statistics on this many training batches
     #: (each search candidate before it is evaluated, and the result); 0: never. The same
     #: batches are the calibration data of one-shot pruning (the ``activation`` /
-    #: ``fluctuation`` criteria, ``compensate``, ``remove_blocks``, ``remove_experts``)
+    #: ``fluctuation`` criteria, ``compensate``, ``reconstruct``, ``remove_blocks``, ``remove_experts``)
     calibrate_batches: int = 0
     #: ``prunekit prune`` only: fold removed channels' mean contributions into the next layers' biases
     compensate: bool = False
+    #: refit the layers after the pruned channels to the unpruned outputs by least squares
+    #: (``prunekit prune`` on ``calibrate_batches`` batches; ``prunekit run``: every step, on
+    #: ``run.calibrate_batches`` batches)
+    reconstruct: bool = False
     #: ``prunekit prune`` only: remove this many whole residual blocks / transformer layers
     remove_blocks: int = 0
     #: ``prunekit prune`` only: which blocks go, ``'influence'`` (calibration) or ``'metric'`` (evaluated)
@@ -249,8 +253,14 @@ class PruneConfig:
         check_int("prune.calibrate_batches", self.calibrate_batches, 0)
         check_int("prune.remove_blocks", self.remove_blocks, 0)
         check_int("prune.remove_experts", self.remove_experts, 0)
-        if not isinstance(self.compensate, bool):
-            raise ConfigError(f"prune.compensate must be true or false, got {self.compensate!r}")
+        for name in ("compensate", "reconstruct"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"prune.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.compensate and self.reconstruct:
+            raise ConfigError(
+                "prune.compensate and prune.reconstruct are both true: the least-squares refit already sets "
+                "the biases; set one of them"
+            )
         if self.block_criterion not in ("influence", "metric"):
             raise ConfigError(f"prune.block_criterion must be 'influence' or 'metric', got {self.block_criterion!r}")
         check_fraction("prune.removal_ratio", self.removal_ratio)
@@ -279,6 +289,7 @@ class PruneConfig:
         """The one-shot and structure options of :func:`prunekit.workflow.prune.prune` (``prunekit prune``)."""
         return {
             "compensate": self.compensate,
+            "reconstruct": self.reconstruct,
             "remove_blocks": self.remove_blocks,
             "block_criterion": self.block_criterion,
             "remove_experts": self.remove_experts,
@@ -291,6 +302,7 @@ class PruneConfig:
         crit = CRITERIA.get(criterion)
         return bool(
             self.compensate
+            or self.reconstruct
             or self.remove_experts
             or (crit is not None and crit.needs_activations)
             or (self.remove_blocks and self.block_criterion == "influence")

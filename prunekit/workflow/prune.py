@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from prunekit.engine.criteria import CRITERIA
 from prunekit.engine.equivalence import checked_slim
 from prunekit.engine.plan import PruningPlan
 from prunekit.engine.pruner import Pruner
+from prunekit.engine.reconstruct import reconstruct as reconstruct_layers
 from prunekit.engine.slim import to_slim
 from prunekit.utils import artifacts
 from prunekit.workflow.ana import Sensitivity, evaluate_point
@@ -182,6 +184,7 @@ def prune(
     baseline: nn.Module | None = None,
     calibration: Iterable[Any] | None = None,
     compensate: bool = False,
+    reconstruct: bool = False,
     remove_blocks: int = 0,
     block_criterion: str = "influence",
     remove_experts: int = 0,
@@ -233,6 +236,12 @@ def prune(
         compensate: Fold each removed input channel's mean contribution into its consumer's
             bias (FLAP's bias compensation, see :mod:`prunekit.engine.calibration`), in the
             sparse model as in the slim one; needs ``calibration``.
+        reconstruct: Refit the kept weights of every layer whose inputs lose channels, by
+            least squares, to the unpruned model's outputs of that layer on ``calibration``
+            (sequential, layer after layer in execution order; see
+            :mod:`prunekit.engine.reconstruct`). Runs on the chosen plan before ``calibrate``;
+            ``search`` ranks its candidates without it. Needs ``calibration``; replaces
+            ``compensate`` (the refit includes the biases), so not both.
         remove_blocks: Remove this many whole residual blocks / transformer layers (see
             :mod:`prunekit.engine.depth`); with ``removal_ratio`` the width pruning makes up the
             rest of the MACs target, alone it is depth pruning only.
@@ -252,7 +261,7 @@ def prune(
         passed = {k: v for k, v in locals().items() if k not in ("model", "example_inputs", "config")}
         return prune(model, example_inputs, **with_config(prune, config, passed))
     req = Request(removal_ratio, threshold, spec, max_ratio, round_to, mode, criterion, fallback, strategy, search,
-                  eval_fn, eval_args, calibrate, seed, tolerance, keep_pruned, compensate)  # fmt: skip
+                  eval_fn, eval_args, calibrate, seed, tolerance, keep_pruned, compensate, reconstruct)  # fmt: skip
     req.check(remove_blocks or remove_experts)
     if sparse.is_sparse(model):
         raise ValueError(
@@ -262,7 +271,7 @@ def prune(
     ws = workspace if isinstance(workspace, Workspace) or workspace is None else Workspace(workspace)
     pruner = validated_pruner(model, example_inputs, excludes=excludes, criterion=criterion, log=log)
     before = count(model, example_inputs)
-    _collect_activations(pruner, criterion, calibration, compensate)
+    _collect_activations(pruner, criterion, calibration, compensate, reconstruct)
     structure = plan_structure(
         model,
         example_inputs,
@@ -283,7 +292,11 @@ def prune(
         chosen = _search(model, allocator, req) if search else allocator.choose()
     chosen.notes[:0] = structure.notes
     plan = _finish_plan(model, example_inputs, pruner, structure, chosen, req)
+    dense = copy.deepcopy(model) if reconstruct else None
     sparse.apply_plan(model, plan)
+    if dense is not None:
+        _reconstruct(dense, model, plan, calibration, chosen.notes)
+        del dense
     if calibrate is not None:
         calibrate(model)
     slim, _ = checked_slim(model, example_inputs)  # never a slim model that does not run or match
@@ -327,6 +340,7 @@ class Request:
     tolerance: float
     keep_pruned: PruningPlan | None
     compensate: bool
+    reconstruct: bool = False
 
     def check(self, structure_only: bool) -> None:
         """Refuse contradictory or out-of-range arguments; blocks/experts alone get an empty spec."""
@@ -547,10 +561,23 @@ def _record_counts(plan: PruningPlan, before, after, req: Request, chosen: Choic
     return after
 
 
-def _collect_activations(pruner: Pruner, criterion: str, calibration: Iterable[Any] | None, compensate: bool) -> None:
-    """Input statistics on ``calibration`` where the criterion or the compensation needs them."""
-    if not isinstance(compensate, bool):
-        raise ValueError(f"compensate must be true or false, got {compensate!r}")
+def _collect_activations(
+    pruner: Pruner, criterion: str, calibration: Iterable[Any] | None, compensate: bool, reconstruct: bool = False
+) -> None:
+    """Input statistics on ``calibration`` where the criterion or the compensation needs them;
+    refuses ``reconstruct`` without ``calibration`` or with ``compensate``."""
+    for name, value in (("compensate", compensate), ("reconstruct", reconstruct)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    if compensate and reconstruct:
+        raise ValueError(
+            "compensate=True and reconstruct=True: the least-squares refit already sets the biases; choose one"
+        )
+    if reconstruct and calibration is None:
+        raise ValueError(
+            "reconstruct=True needs calibration batches: pass calibration=<a loader or list of model inputs> "
+            "(a few hundred samples; e.g. calibration=[example_inputs] for a try)"
+        )
     needs = [
         w
         for w, on in (
@@ -567,6 +594,13 @@ def _collect_activations(pruner: Pruner, criterion: str, calibration: Iterable[A
             "model inputs> (a few hundred samples; e.g. calibration=[example_inputs] for a try)"
         )
     pruner.collect_activations(calibration)
+
+
+def _reconstruct(dense: nn.Module, model: nn.Module, plan: PruningPlan, calibration, notes: list[str]) -> None:
+    """Refit the layers after the pruned channels (least squares); the plan records which."""
+    report = reconstruct_layers(dense, model, plan, calibration)
+    plan.meta["reconstructed"] = list(report.layers)
+    notes.append(report.summary())
 
 
 def _search(model: nn.Module, allocator: Allocator, req: Request) -> Choice:
