@@ -9,6 +9,7 @@ lowers the error to the dense model, that slim == sparse still holds (``assert_e
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -229,3 +230,26 @@ def test_cli_prune_reconstructs_on_the_calibration_batches(tmp_path, capsys):
     model = prunekit.load_sparse(TinyNet(), tmp_path / "ws" / "pruned")
     x = torch.randn(3, 1, 8, 8)
     assert_equivalent(run(model, x), run(prunekit.to_slim(model), x), "CLI reconstructed TinyNet")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_gpt2_conv1d_projections_are_refit_and_slim_equals_sparse():
+    """Hugging Face GPT-2: heads and MLP channels pruned, both ``c_proj`` (``Conv1D``) of every layer refit."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0)
+    dense = T.GPT2LMHeadModel(cfg).eval()
+    x = torch.randint(0, 64, (2, 8))
+    calib = [torch.randint(0, 64, (8, 8)) for _ in range(4)]
+    held_out = torch.randint(0, 64, (6, 8))
+    kw = {"removal_ratio": 0.3, "excludes": ["transformer.wte", "transformer.wpe"], "log": QUIET}
+    plain = copy.deepcopy(dense)
+    prunekit.prune(plain, x, **kw)
+    model = copy.deepcopy(dense)
+    res = prunekit.prune(model, x, reconstruct=True, calibration=calib, **kw)
+    refit = [f"transformer.h.{i}.{m}.c_proj.weight" for i in (0, 1) for m in ("attn", "mlp")]
+    assert res.plan.meta["reconstructed"] == refit
+    want = run(dense, held_out).logits
+    assert relative_gap(run(model, held_out).logits, want) < relative_gap(run(plain, held_out).logits, want)
+    assert_equivalent(run(model, held_out).logits, run(prunekit.to_slim(model), held_out).logits, "reconstructed gpt2")
