@@ -150,15 +150,18 @@ def _execution_order(model: nn.Module, consumers: dict[str, Consumer], inputs: A
 def _capture(mod: nn.Module, where: str, box: dict) -> Iterator[None]:
     """Record ``mod``'s input (``'input'``) or output (``'output'``) into ``box`` and stop the forward."""
 
-    def pre(m, args):
-        box["x"] = args[0]
+    def pre(m, args, kwargs):
+        box["x"] = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         raise _Stop
 
     def post(m, args, out):
         box["y"] = out
         raise _Stop
 
-    h = mod.register_forward_pre_hook(pre) if where == "input" else mod.register_forward_hook(post)
+    if where == "input":
+        h = mod.register_forward_pre_hook(pre, with_kwargs=True)  # a layer called with keywords too
+    else:
+        h = mod.register_forward_hook(post)
     try:
         yield
     finally:

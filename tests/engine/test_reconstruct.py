@@ -253,3 +253,25 @@ def test_gpt2_conv1d_projections_are_refit_and_slim_equals_sparse():
     want = run(dense, held_out).logits
     assert relative_gap(run(model, held_out).logits, want) < relative_gap(run(plain, held_out).logits, want)
     assert_equivalent(run(model, held_out).logits, run(prunekit.to_slim(model), held_out).logits, "reconstructed gpt2")
+
+
+def test_a_layer_called_with_a_keyword_input_is_refit():
+    """The refit reads the layer's input whether the parent passes it by position or by keyword."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(input=torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    dense = Net().eval()
+    plan = PruningPlan(
+        {"a.weight": {0: [2]}, "a.bias": {0: [2]}, "b.weight": {1: [2]}},
+        {"a.weight": [6, 4], "a.bias": [6], "b.weight": [2, 6]},
+    )
+    model = apply_plan(copy.deepcopy(dense), plan)
+    report = reconstruct(dense, model, plan, [torch.randn(32, 4)])
+    assert report.layers == ["b.weight"] and report.error_after["b.weight"] < report.error_before["b.weight"]
