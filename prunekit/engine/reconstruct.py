@@ -76,7 +76,7 @@ class ReconstructReport:
         before = sum(self.error_before.values()) / len(self.layers)
         after = sum(self.error_after.values()) / len(self.layers)
         return (
-            f"reconstruction: {len(self.layers)} layers refit by least squares to the dense outputs "
+            f"reconstruction: {len(self.layers)} layers refit by least squares to the outputs before pruning "
             f"(mean relative output error {before:.3f} -> {after:.3f}){'; ' + skipped if skipped else ''}"
         )
 
