@@ -121,14 +121,6 @@ def _outputs(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.reshape(-1, y.shape[-1])
 
 
-def _matrix(mod: nn.Module, c: Consumer) -> torch.Tensor:
-    """The weight as ``(out, in x taps)``."""
-    w = mod.weight.detach()
-    if c.in_dim == 0:  # Conv1D: (in, out)
-        return w.t()
-    return w.reshape(w.shape[0], -1)
-
-
 def _execution_order(model: nn.Module, consumers: dict[str, Consumer], inputs: Any) -> tuple[list[str], set[str]]:
     """Consumers in the order of their first call on ``inputs``, and those called more than once."""
     calls: list[str] = []
@@ -240,6 +232,32 @@ def _write_kept(mod: nn.Module, c: Consumer, kept: torch.Tensor, rows_out: torch
     w.data[rows_out] = full
 
 
+def _to_refit(model: nn.Module, consumers: dict[str, Consumer], plan: PruningPlan, inputs, report) -> list[str]:
+    """The consumers with pruned inputs to refit, in execution order; the others with a reason in ``report``."""
+    gone_blocks = tuple(b + "." for b in plan.meta.get("blocks", []))  # removed blocks: nothing to refit
+
+    def pruned_inputs(name: str) -> bool:
+        inside_gone = bool(gone_blocks) and name.startswith(gone_blocks)
+        return consumers[name].in_dim in plan.pruned.get(name, {}) and not inside_gone
+
+    order, repeated = _execution_order(model, consumers, inputs)
+    for name in sorted(consumers.keys() - set(order)):
+        if pruned_inputs(name):
+            report.skipped[name] = "not called in the forward of the calibration batches"
+    out = []
+    for name in filter(pruned_inputs, order):
+        c = consumers[name]
+        mod = model.get_submodule(c.module) if c.module else model
+        if len(plan.pruned[name].get(c.out_dim, [])) == mod.weight.shape[c.out_dim]:
+            continue  # every output channel goes: nothing to refit
+        why = _why_not(mod, c) or ("called more than once per forward" if name in repeated else None)
+        if why:
+            report.skipped[name] = why
+        else:
+            out.append(name)
+    return out
+
+
 def reconstruct(
     dense: nn.Module,
     model: nn.Module,
@@ -279,26 +297,13 @@ def reconstruct(
             "a few hundred samples (e.g. calibration=[example_inputs] for a try)"
         )
     consumers = find_consumers(model)
-    gone_blocks = tuple(b + "." for b in plan.meta.get("blocks", []))
     report = ReconstructReport()
     was_d, was_p = dense.training, model.training
     dense.eval()
     model.eval()
     try:
-        order, repeated = _execution_order(model, consumers, chosen[0])
-        for name in order:
-            c = consumers[name]
-            dims = plan.pruned.get(name, {})
-            if c.in_dim not in dims or (gone_blocks and name.startswith(gone_blocks)):
-                continue
-            mod = model.get_submodule(c.module) if c.module else model
-            why = _why_not(mod, c) or ("called more than once per forward" if name in repeated else None)
-            if len(dims.get(c.out_dim, [])) == mod.weight.shape[c.out_dim]:
-                continue  # every output channel goes: nothing to refit
-            if why:
-                report.skipped[name] = why
-                continue
-            _refit(dense, model, name, c, plan, chosen, ridge, report)
+        for name in _to_refit(model, consumers, plan, chosen[0], report):
+            _refit(dense, model, name, consumers[name], plan, chosen, ridge, report)
     finally:
         dense.train(was_d)
         model.train(was_p)

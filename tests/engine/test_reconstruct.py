@@ -275,3 +275,24 @@ def test_a_layer_called_with_a_keyword_input_is_refit():
     model = apply_plan(copy.deepcopy(dense), plan)
     report = reconstruct(dense, model, plan, [torch.randn(32, 4)])
     assert report.layers == ["b.weight"] and report.error_after["b.weight"] < report.error_before["b.weight"]
+
+
+def test_a_layer_the_forward_does_not_call_is_named_not_silently_left():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.unused = nn.Linear(4, 6), nn.Linear(6, 2), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    dense = Net().eval()
+    plan = PruningPlan(
+        {"a.weight": {0: [2]}, "a.bias": {0: [2]}, "b.weight": {1: [2]}, "unused.weight": {1: [2]}},
+        {"a.weight": [6, 4], "a.bias": [6], "b.weight": [2, 6], "unused.weight": [2, 6]},
+    )
+    model = apply_plan(copy.deepcopy(dense), plan)
+    report = reconstruct(dense, model, plan, [torch.randn(32, 4)])
+    assert report.layers == ["b.weight"]
+    assert report.skipped == {"unused.weight": "not called in the forward of the calibration batches"}
