@@ -172,14 +172,8 @@ def _refit(dense, model, name: str, c: Consumer, plan: PruningPlan, batches: lis
     """Solve one layer's least-squares system over ``batches`` and write its kept weights."""
     mod_d = dense.get_submodule(c.module) if c.module else dense
     mod_p = model.get_submodule(c.module) if c.module else model
-    dims = plan.pruned[name]
-    n_in = mod_p.weight.shape[c.in_dim]
-    gone_in = set(dims[c.in_dim])
-    kept = torch.tensor([i for i in range(n_in) if i not in gone_in], dtype=torch.long)
-    gone_out = set(dims.get(c.out_dim, []))
-    rows_out = torch.tensor([i for i in range(mod_p.weight.shape[c.out_dim]) if i not in gone_out], dtype=torch.long)
     dev = model_device(model)
-    kept, rows_out = kept.to(dev), rows_out.to(dev)
+    kept, rows_out = plan.keep_index(name, c.in_dim).to(dev), plan.keep_index(name, c.out_dim).to(dev)
     gram = cross = None
     err_before = y_sq = 0.0
     samples = 0
@@ -248,7 +242,7 @@ def _to_refit(model: nn.Module, consumers: dict[str, Consumer], plan: PruningPla
     for name in filter(pruned_inputs, order):
         c = consumers[name]
         mod = model.get_submodule(c.module) if c.module else model
-        if len(plan.pruned[name].get(c.out_dim, [])) == mod.weight.shape[c.out_dim]:
+        if not plan.kept(name, c.out_dim):
             continue  # every output channel goes: nothing to refit
         why = _why_not(mod, c) or ("called more than once per forward" if name in repeated else None)
         if why:

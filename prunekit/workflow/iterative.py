@@ -287,7 +287,7 @@ class IterativePruner:
             "run": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "epoch_split" or v is not None},
             "finetune": ft,
             "ana": dataclasses.asdict(self.ana_cfg),
-            "prune": {**self.prune_cfg.kwargs(), **self._search_signature()},
+            "prune": {**self.prune_cfg.kwargs(), **self._prune_signature()},
             "excludes": sorted(self.excludes),
             "criterion": self.criterion,
             "lower_is_better": self.lower,
@@ -295,7 +295,7 @@ class IterativePruner:
             "calibrate": self.calibrate is not None,
         }
 
-    def _search_signature(self) -> dict:
+    def _prune_signature(self) -> dict:
         """``prune.search`` / ``prune.reconstruct`` when set (a run without them keeps the signature it
         had before the options)."""
         out: dict = {"search": self.prune_cfg.search} if self.prune_cfg.search else {}
