@@ -460,9 +460,7 @@ class Allocator:
         """The measured MACs of ``plan`` (with the removed blocks and experts); cached per plan."""
         if not plan.pruned and not self.structure.macs_saved:
             return self.before.macs
-        key = tuple(
-            sorted((n, tuple(sorted((d, tuple(i)) for d, i in dims.items()))) for n, dims in plan.pruned.items())
-        )
+        key = plan.key()
         if key not in self._measured:
             self._measured[key] = _measure(self.model, self.structure.combine(plan), self.inputs)[0]
         return self._measured[key]
