@@ -10,7 +10,9 @@ as possible to the dense model's output of the same layer:
 ``X_pruned`` is the layer's input in the *pruned* model (with the layers before it already
 refit), ``Y_dense`` the dense layer's output on the same batch, so every layer also corrects the
 error that the layers before it left. Layers are refit one after another in execution order,
-each from its own pass over the calibration batches (the forwards stop at the layer).
+each from its own pass of the pruned model over the calibration batches (the forwards stop at
+the layer). The dense model's outputs do not depend on the refits, so they are captured for
+several layers in one dense pass per batch (as many layers at a time as ``cache_bytes`` holds).
 Convolutions are unfolded into patches (``torch.nn.functional.unfold``), so a layer's system has
 ``kept input channels x kernel taps`` unknowns per output channel (plus the bias, when it has one).
 
@@ -168,20 +170,99 @@ def _run_to(model: nn.Module, mod: nn.Module, where: str, inputs: Any) -> torch.
 
 
 @torch.no_grad()
-def _refit(dense, model, name: str, c: Consumer, plan: PruningPlan, batches: list, ridge: float, report) -> None:
-    """Solve one layer's least-squares system over ``batches`` and write its kept weights."""
-    mod_d = dense.get_submodule(c.module) if c.module else dense
-    mod_p = model.get_submodule(c.module) if c.module else model
+def _module(model: nn.Module, c: Consumer) -> nn.Module:
+    return model.get_submodule(c.module) if c.module else model
+
+
+def _dtype(mod: nn.Module) -> torch.dtype:
+    """The precision of a layer's least-squares sums (half precision: float32)."""
+    return torch.float64 if mod.weight.dtype == torch.float64 else torch.float32
+
+
+def _target(dense: nn.Module, name: str, c: Consumer, plan: PruningPlan, out: torch.Tensor) -> torch.Tensor:
+    """The dense layer's output ``out`` as least-squares targets: ``(samples, kept out channels)``."""
+    mod = _module(dense, c)
+    rows_out = plan.keep_index(name, c.out_dim).to(out.device)
+    return _outputs(mod, out.detach().to(_dtype(mod))).index_select(1, rows_out)
+
+
+def _chunks(dense, names: list[str], consumers, plan, batches: list, budget: int) -> list[tuple[list[str], bool]]:
+    """``names`` (in execution order) cut into runs whose dense targets on ``batches`` fit in ``budget`` bytes.
+
+    Returns:
+        ``(run, cached)`` pairs. A layer whose targets alone exceed the budget is a run of its
+        own with ``cached`` False: its targets are recomputed batch by batch.
+    """
+    sizes: dict[str, int] = {}
+
+    def size(n: str, out: torch.Tensor) -> None:  # a forward hook must return None
+        sizes.setdefault(n, _target(dense, n, consumers[n], plan, out).nbytes)
+
+    hooks = [_module(dense, consumers[n]).register_forward_hook(lambda m, a, out, n=n: size(n, out)) for n in names]
+    try:
+        with torch.no_grad():
+            call_model(dense, batches[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    runs: list[tuple[list[str], bool]] = []
+    used = 0
+    for n in names:
+        need = sizes.get(n, 0) * len(batches)
+        if runs and runs[-1][1] and used + need <= budget:
+            runs[-1][0].append(n)
+            used += need
+        else:
+            runs.append(([n], need <= budget))
+            used = need
+    return runs
+
+
+def _dense_targets(dense, names: list[str], consumers, plan: PruningPlan, batches: list) -> dict[str, list]:
+    """The dense targets of every layer of ``names`` on every batch, one dense pass per batch."""
+    targets: dict[str, list] = {n: [] for n in names}
+    last = names[-1]
+
+    def hook(m, a, out, n):
+        targets[n].append(_target(dense, n, consumers[n], plan, out))
+        if n == last:
+            raise _Stop
+
+    hooks = [
+        _module(dense, consumers[n]).register_forward_hook(lambda m, a, out, n=n: hook(m, a, out, n)) for n in names
+    ]
+    try:
+        for inputs in batches:
+            with torch.no_grad(), contextlib.suppress(_Stop):
+                call_model(dense, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return targets
+
+
+def _refit(
+    dense, model, name: str, c: Consumer, plan: PruningPlan, batches: list, ridge: float, report, targets=None
+) -> None:
+    """Solve one layer's least-squares system over ``batches`` and write its kept weights.
+
+    ``targets``: the dense layer's targets per batch (:func:`_dense_targets`); None: computed here.
+    """
+    mod_d, mod_p = _module(dense, c), _module(model, c)
     dev = model_device(model)
     kept, rows_out = plan.keep_index(name, c.in_dim).to(dev), plan.keep_index(name, c.out_dim).to(dev)
     gram = cross = None
     err_before = y_sq = 0.0
     samples = 0
-    dt = torch.float64 if mod_p.weight.dtype == torch.float64 else torch.float32  # half precision: sums in float32
+    dt = _dtype(mod_p)
     w_kept = _kept_matrix(mod_p, c, kept).index_select(0, rows_out).to(dt)
-    for inputs in batches:
+    for i, inputs in enumerate(batches):
         x = _rows(mod_p, _run_to(model, mod_p, "input", inputs).to(dt), kept)
-        y = _outputs(mod_d, _run_to(dense, mod_d, "output", inputs).to(dt)).index_select(1, rows_out)
+        y = (
+            targets[i]
+            if targets is not None
+            else _target(dense, name, c, plan, _run_to(dense, mod_d, "output", inputs))
+        )
         g, cr = (x.t() @ x).double(), (x.t() @ y).double()
         gram, cross = (g, cr) if gram is None else (gram + g, cross + cr)
         err_before += float((x @ w_kept.t() - y).pow(2).sum())
@@ -259,6 +340,7 @@ def reconstruct(
     batches: Iterable[Any],
     max_batches: int | None = None,
     ridge: float = 1e-2,
+    cache_bytes: int = 512 * 2**20,
 ) -> ReconstructReport:
     """Refit, in place, the layers of the sparse ``model`` whose inputs ``plan`` prunes.
 
@@ -270,15 +352,19 @@ def reconstruct(
             hundred samples; every layer's system needs more rows than unknowns).
         max_batches: Use at most this many batches.
         ridge: Tikhonov regularisation, relative to the mean diagonal of each system's Gram matrix.
+        cache_bytes: Memory for the dense model's layer outputs: the more layers' targets fit,
+            the fewer dense passes (0: one dense pass per layer and batch).
 
     Returns:
         A :class:`ReconstructReport` (refit layers, skipped ones and why, output errors).
 
     Raises:
-        ValueError: No calibration batch, or a negative ``ridge``.
+        ValueError: No calibration batch, or a negative ``ridge`` or ``cache_bytes``.
     """
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
         raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+        raise ValueError(f"cache_bytes must be an int >= 0 (bytes), got {cache_bytes!r}")
     dev = model_device(model)
     chosen = []
     for i, batch in enumerate(batches):
@@ -296,8 +382,12 @@ def reconstruct(
     dense.eval()
     model.eval()
     try:
-        for name in _to_refit(model, consumers, plan, chosen[0], report):
-            _refit(dense, model, name, consumers[name], plan, chosen, ridge, report)
+        names = _to_refit(model, consumers, plan, chosen[0], report)
+        for run, cached in _chunks(dense, names, consumers, plan, chosen, cache_bytes) if names else []:
+            targets = _dense_targets(dense, run, consumers, plan, chosen) if cached else {}
+            for name in run:
+                _refit(dense, model, name, consumers[name], plan, chosen, ridge, report, targets.get(name))
+                targets.pop(name, None)  # free each layer's targets once refit
     finally:
         dense.train(was_d)
         model.train(was_p)

@@ -151,6 +151,42 @@ def test_prune_reconstructs_every_layer_after_pruned_channels_and_slim_equals_sp
     assert_equivalent(run(model, held_out), run(res.model, held_out), "prune's result is the refit model")
 
 
+@pytest.mark.parametrize("budget", ["all", "one_layer"])
+def test_cached_dense_targets_give_the_same_refit_with_fewer_dense_passes(budget):
+    """The dense outputs are captured for several layers per dense pass: the refit weights are
+    the ones of one dense pass per layer and batch (``cache_bytes=0``, 1e-6 relative), with fewer
+    passes; a budget that holds one layer's targets at a time cuts the layers into runs."""
+    dense = convnet()
+    x = torch.randn(2, 3, 12, 12)
+    calib = [torch.randn(16, 3, 12, 12) for _ in range(3)]
+    plan = prunekit.prune(copy.deepcopy(dense), x, removal_ratio=0.4, log=QUIET).plan
+    passes = []
+    dense.register_forward_pre_hook(lambda m, a: passes.append(1) if m is dense else None)  # not its copies
+
+    def refit(cache_bytes):
+        passes.clear()
+        model = apply_plan(copy.deepcopy(dense), plan)
+        report = reconstruct(dense, model, plan, calib, cache_bytes=cache_bytes)
+        return model, report, len(passes)
+
+    ref, ref_report, ref_passes = refit(0)
+    layers = ref_report.layers
+    # one pass to size the targets, then one per batch and layer
+    assert layers == ["3.weight", "6.weight", "10.weight"] and ref_passes == 1 + len(layers) * len(calib)
+    first = 16 * 12 * 12 * len(plan.keep_index("3.weight", 0)) * 4 * len(calib)  # conv 3's targets in bytes
+    model, report, n = refit(512 * 2**20 if budget == "all" else first)
+    assert report.layers == layers
+    if budget == "all":
+        assert n == 1 + len(calib)  # one run of all three layers
+    else:
+        assert 1 + len(calib) < n < ref_passes  # conv 3 alone, then the rest
+    for name in layers:
+        mod = name.rsplit(".", 1)[0]
+        w, w_ref = model.get_submodule(mod).weight, ref.get_submodule(mod).weight
+        assert relative_gap(w, w_ref) < 1e-6, name
+        assert report.error_after[name] == pytest.approx(ref_report.error_after[name], rel=1e-6)
+
+
 def test_layers_it_cannot_refit_are_named_with_the_reason():
     """A ``Conv3d`` consumer is left as it was, and the report names it with the reason."""
     torch.manual_seed(0)
@@ -182,6 +218,8 @@ def test_reconstruct_refuses_bad_input_in_one_line():
         reconstruct(model, copy.deepcopy(model), PruningPlan({}, {}), [])
     with pytest.raises(ValueError, match=r"ridge must be a number >= 0, got -1"):
         reconstruct(model, copy.deepcopy(model), PruningPlan({}, {}), [x], ridge=-1)
+    with pytest.raises(ValueError, match=r"cache_bytes must be an int >= 0 \(bytes\), got 1.5"):
+        reconstruct(model, copy.deepcopy(model), PruningPlan({}, {}), [x], cache_bytes=1.5)
 
 
 @pytest.mark.parametrize("finetune_on", ["slim", "sparse"])
