@@ -169,7 +169,6 @@ def _run_to(model: nn.Module, mod: nn.Module, where: str, inputs: Any) -> torch.
     return box["x" if where == "input" else "y"].detach()
 
 
-@torch.no_grad()
 def _module(model: nn.Module, c: Consumer) -> nn.Module:
     return model.get_submodule(c.module) if c.module else model
 
@@ -241,6 +240,7 @@ def _dense_targets(dense, names: list[str], consumers, plan: PruningPlan, batche
     return targets
 
 
+@torch.no_grad()
 def _refit(
     dense, model, name: str, c: Consumer, plan: PruningPlan, batches: list, ridge: float, report, targets=None
 ) -> None:
