@@ -187,6 +187,20 @@ def test_cached_dense_targets_give_the_same_refit_with_fewer_dense_passes(budget
         assert report.error_after[name] == pytest.approx(ref_report.error_after[name], rel=1e-6)
 
 
+def test_reconstruction_runs_every_forward_without_autograd():
+    """No forward of the dense or the pruned model records a graph (a regression: ``_refit``
+    once lost its ``no_grad`` and every pass built one, slower and larger for nothing)."""
+    dense = convnet()
+    x = torch.randn(2, 3, 12, 12)
+    plan = prunekit.prune(copy.deepcopy(dense), x, removal_ratio=0.4, log=QUIET).plan
+    model = apply_plan(copy.deepcopy(dense), plan)
+    grad_modes = []
+    for m in (dense, model):
+        m.register_forward_pre_hook(lambda mod, a: grad_modes.append(torch.is_grad_enabled()))
+    report = reconstruct(dense, model, plan, [torch.randn(8, 3, 12, 12)] * 2, cache_bytes=0)
+    assert report.layers and grad_modes and not any(grad_modes)
+
+
 def test_layers_it_cannot_refit_are_named_with_the_reason():
     """A ``Conv3d`` consumer is left as it was, and the report names it with the reason."""
     torch.manual_seed(0)
