@@ -123,12 +123,17 @@ def _outputs(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.reshape(-1, y.shape[-1])
 
 
+def _module(model: nn.Module, c: Consumer) -> nn.Module:
+    """The module of consumer ``c`` in ``model``."""
+    return model.get_submodule(c.module) if c.module else model
+
+
 def _execution_order(model: nn.Module, consumers: dict[str, Consumer], inputs: Any) -> tuple[list[str], set[str]]:
     """Consumers in the order of their first call on ``inputs``, and those called more than once."""
     calls: list[str] = []
     handles = []
     for name, c in consumers.items():
-        mod = model.get_submodule(c.module) if c.module else model
+        mod = _module(model, c)
         handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: calls.append(name)))
     try:
         with torch.no_grad():
@@ -167,10 +172,6 @@ def _run_to(model: nn.Module, mod: nn.Module, where: str, inputs: Any) -> torch.
     with _capture(mod, where, box), contextlib.suppress(_Stop):
         call_model(model, inputs)
     return box["x" if where == "input" else "y"].detach()
-
-
-def _module(model: nn.Module, c: Consumer) -> nn.Module:
-    return model.get_submodule(c.module) if c.module else model
 
 
 def _dtype(mod: nn.Module) -> torch.dtype:
@@ -322,7 +323,7 @@ def _to_refit(model: nn.Module, consumers: dict[str, Consumer], plan: PruningPla
     out = []
     for name in filter(pruned_inputs, order):
         c = consumers[name]
-        mod = model.get_submodule(c.module) if c.module else model
+        mod = _module(model, c)
         if not plan.kept(name, c.out_dim):
             continue  # every output channel goes: nothing to refit
         why = _why_not(mod, c) or ("called more than once per forward" if name in repeated else None)
