@@ -128,13 +128,18 @@ def _module(model: nn.Module, c: Consumer) -> nn.Module:
     return model.get_submodule(c.module) if c.module else model
 
 
-def _execution_order(model: nn.Module, consumers: dict[str, Consumer], inputs: Any) -> tuple[list[str], set[str]]:
-    """Consumers in the order of their first call on ``inputs``, and those called more than once."""
+def _execution_order(
+    model: nn.Module, consumers: dict[str, Consumer], inputs: Any
+) -> tuple[list[str], set[str], dict[str, int]]:
+    """Consumers in the order of their first call on ``inputs``, those called more than once, and
+    the rows (samples) of each one's first output as :func:`_outputs` lays it out."""
     calls: list[str] = []
+    rows: dict[str, int] = {}
     handles = []
     for name, c in consumers.items():
         mod = _module(model, c)
         handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: calls.append(name)))
+        handles.append(mod.register_forward_hook(lambda m, a, out, name=name: _count_rows(rows, name, m, out)))
     try:
         with torch.no_grad():
             call_model(model, inputs)
@@ -142,7 +147,14 @@ def _execution_order(model: nn.Module, consumers: dict[str, Consumer], inputs: A
         for h in handles:
             h.remove()
     order = list(dict.fromkeys(calls))
-    return order, {n for n in order if calls.count(n) > 1}
+    return order, {n for n in order if calls.count(n) > 1}, rows
+
+
+def _count_rows(rows: dict[str, int], name: str, mod: nn.Module, out: Any) -> None:
+    """Record the rows of ``mod``'s first output, as :func:`_outputs` lays it out (a forward hook: returns None)."""
+    if isinstance(out, torch.Tensor) and out.dim() > 0 and name not in rows:
+        channels = out.shape[1] if isinstance(mod, (nn.Conv1d, nn.Conv2d)) else out.shape[-1]
+        rows[name] = out.numel() // max(channels, 1)
 
 
 @contextlib.contextmanager
@@ -186,29 +198,24 @@ def _target(dense: nn.Module, name: str, c: Consumer, plan: PruningPlan, out: to
     return _outputs(mod, out.detach().to(_dtype(mod))).index_select(1, rows_out)
 
 
-def _chunks(dense, names: list[str], consumers, plan, batches: list, budget: int) -> list[tuple[list[str], bool]]:
+def _chunks(
+    model, names: list[str], consumers, plan, rows: dict[str, int], batches: list, budget: int
+) -> list[tuple[list[str], bool]]:
     """``names`` (in execution order) cut into runs whose dense targets on ``batches`` fit in ``budget`` bytes.
+
+    ``rows``: each layer's output rows per batch (:func:`_execution_order`; the sparse model's
+    outputs have the dense model's shapes), so sizing the targets needs no dense pass.
 
     Returns:
         ``(run, cached)`` pairs. A layer whose targets alone exceed the budget is a run of its
         own with ``cached`` False: its targets are recomputed batch by batch.
     """
-    sizes: dict[str, int] = {}
-
-    def size(n: str, out: torch.Tensor) -> None:  # a forward hook must return None
-        sizes.setdefault(n, _target(dense, n, consumers[n], plan, out).nbytes)
-
-    hooks = [_module(dense, consumers[n]).register_forward_hook(lambda m, a, out, n=n: size(n, out)) for n in names]
-    try:
-        with torch.no_grad():
-            call_model(dense, batches[0])
-    finally:
-        for h in hooks:
-            h.remove()
     runs: list[tuple[list[str], bool]] = []
     used = 0
     for n in names:
-        need = sizes.get(n, 0) * len(batches)
+        c = consumers[n]
+        item = torch.finfo(_dtype(_module(model, c))).bits // 8
+        need = rows.get(n, 0) * len(plan.keep_index(n, c.out_dim)) * item * len(batches)
         if runs and runs[-1][1] and used + need <= budget:
             runs[-1][0].append(n)
             used += need
@@ -308,15 +315,18 @@ def _write_kept(mod: nn.Module, c: Consumer, kept: torch.Tensor, rows_out: torch
     w.data[rows_out] = full
 
 
-def _to_refit(model: nn.Module, consumers: dict[str, Consumer], plan: PruningPlan, inputs, report) -> list[str]:
-    """The consumers with pruned inputs to refit, in execution order; the others with a reason in ``report``."""
+def _to_refit(
+    model: nn.Module, consumers: dict[str, Consumer], plan: PruningPlan, inputs, report
+) -> tuple[list[str], dict[str, int]]:
+    """The consumers with pruned inputs to refit, in execution order (the others with a reason in
+    ``report``), and every consumer's output rows on ``inputs`` (:func:`_execution_order`)."""
     gone_blocks = tuple(b + "." for b in plan.meta.get("blocks", []))  # removed blocks: nothing to refit
 
     def pruned_inputs(name: str) -> bool:
         inside_gone = bool(gone_blocks) and name.startswith(gone_blocks)
         return consumers[name].in_dim in plan.pruned.get(name, {}) and not inside_gone
 
-    order, repeated = _execution_order(model, consumers, inputs)
+    order, repeated, rows = _execution_order(model, consumers, inputs)
     for name in sorted(consumers.keys() - set(order)):
         if pruned_inputs(name):
             report.skipped[name] = "not called in the forward of the calibration batches"
@@ -331,7 +341,7 @@ def _to_refit(model: nn.Module, consumers: dict[str, Consumer], plan: PruningPla
             report.skipped[name] = why
         else:
             out.append(name)
-    return out
+    return out, rows
 
 
 def reconstruct(
@@ -383,8 +393,8 @@ def reconstruct(
     dense.eval()
     model.eval()
     try:
-        names = _to_refit(model, consumers, plan, chosen[0], report)
-        for run, cached in _chunks(dense, names, consumers, plan, chosen, cache_bytes) if names else []:
+        names, rows = _to_refit(model, consumers, plan, chosen[0], report)
+        for run, cached in _chunks(model, names, consumers, plan, rows, chosen, cache_bytes):
             targets = _dense_targets(dense, run, consumers, plan, chosen) if cached else {}
             for name in run:
                 _refit(dense, model, name, consumers[name], plan, chosen, ridge, report, targets.get(name))
