@@ -25,6 +25,9 @@ restore anywhere), with MACs and parameters measured on the final model:
 - ``oneshot-rec`` / ``prunekit-search-rec``: ``oneshot`` / ``prunekit-search`` with ``reconstruct=True``: after
   each prune, the layers after the pruned channels are refit by least squares to the unpruned model's outputs on
   ``--calibrate-batches`` training batches (:mod:`prunekit.engine.reconstruct`);
+- ``prunekit-search-kdprev``: ``prunekit-search`` with knowledge distillation (``--kd-weight``, ``--kd-temperature``)
+  from the previous step's fine-tuned model (``run.teacher: previous``; the first step from the unpruned model),
+  a teacher fitted to the JPEG data, where the unpruned model scores below every fine-tuned row;
 - ``oneshot-kd``: the same with knowledge distillation from the unpruned model during the fine-tuning;
 - ``l1-uniform``: one ratio for every channel group, L1 criterion (Li et al., 2017), then fine-tuning;
 - ``l2-global``: one L2 threshold across groups, then fine-tuning;
@@ -85,6 +88,7 @@ ROWS = (
     "prunekit-kd",
     "prunekit-search",
     "prunekit-search-rec",
+    "prunekit-search-kdprev",
     "oneshot",
     "oneshot-rec",
     "oneshot-kd",
@@ -94,7 +98,16 @@ ROWS = (
     "tp-global",
 )
 PEERS = ("l1-uniform", "l2-global", "tp-group", "tp-global")
-OURS = ("prunekit", "prunekit-kd", "prunekit-search", "prunekit-search-rec", "oneshot", "oneshot-rec", "oneshot-kd")
+OURS = (
+    "prunekit",
+    "prunekit-kd",
+    "prunekit-search",
+    "prunekit-search-rec",
+    "prunekit-search-kdprev",
+    "oneshot",
+    "oneshot-rec",
+    "oneshot-kd",
+)
 FINAL_HEAVY = (1, 2, 7)  # prunekit-search's run.epoch_split (three steps)
 FORMAT = "prunekit-cifar10-benchmark"
 
@@ -268,6 +281,7 @@ def row_iterative(
     distill: bool = False,
     search: bool = False,
     reconstruct: bool = False,
+    teacher: str = "original",
 ) -> dict:
     t0 = time.perf_counter()
     _, ana_ws = shared_ana(b, base)
@@ -282,6 +296,7 @@ def row_iterative(
         epoch_split=list(FINAL_HEAVY) if search else None,
         calibrate_batches=b.args.calibrate_batches,
         max_drop=None,
+        teacher=teacher,
     )
     ana_cfg = prunekit.AnaConfig(ratios=b.args.ana_ratios) if b.args.ana_ratios else None
     res = IterativePruner(
@@ -319,10 +334,14 @@ def row_kd(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict
     return row_iterative(b, base, ratio, seed, ws, distill=True)
 
 
-def row_search(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, reconstruct: bool = False) -> dict:
+def row_search(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path, reconstruct: bool = False, **kw) -> dict:
     if b.args.steps != len(FINAL_HEAVY):  # never an even split under this row's name
         raise SystemExit(f"prunekit-search splits its budget {FINAL_HEAVY} over 3 steps: run it with --steps 3")
-    return row_iterative(b, base, ratio, seed, ws, search=True, reconstruct=reconstruct)
+    return row_iterative(b, base, ratio, seed, ws, search=True, reconstruct=reconstruct, **kw)
+
+
+def row_search_kdprev(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
+    return row_search(b, base, ratio, seed, ws, distill=True, teacher="previous")
 
 
 def row_search_rec(b: Bench, base: nn.Module, ratio: float, seed: int, ws: Path) -> dict:
@@ -454,6 +473,7 @@ RUNNERS = {
     "prunekit-kd": row_kd,
     "prunekit-search": row_search,
     "prunekit-search-rec": row_search_rec,
+    "prunekit-search-kdprev": row_search_kdprev,
     "oneshot": row_oneshot,
     "oneshot-rec": row_oneshot_rec,
     "oneshot-kd": row_oneshot_kd,

@@ -487,7 +487,7 @@ class IterativePruner:
             self.calibrate(step.model)
         t_pruned = time.perf_counter()
         ft_cfg = dataclasses.replace(self.ft, seed=seed, epochs=self.epochs[k - 1])
-        teacher = self.template if ft_cfg.distill_weight > 0 else None  # distil from the unpruned model
+        teacher = self._teacher(prev_dir) if ft_cfg.distill_weight > 0 else None
         ft = finetune(
             step.model,
             self.train_loader,
@@ -522,6 +522,13 @@ class IterativePruner:
             + ("accepted" if att["accepted"] else "rejected")
         )
         return att
+
+    def _teacher(self, prev_dir: Path | None) -> nn.Module:
+        """Whom the step distils from (``run.teacher``): the unpruned model, or the last accepted
+        step's fine-tuned model as it was saved (slim, or sparse with its zeros)."""
+        if self.config.teacher == "previous" and prev_dir is not None:
+            return self._start(prev_dir).model.eval()
+        return self.template
 
     def _start(self, prev_dir: Path | None) -> StepStart:
         """The model the step prunes: the original, the previous slim model, or (sparse mode) the

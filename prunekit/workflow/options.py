@@ -36,12 +36,15 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "FINETUNE_ON",
+    "TEACHERS",
 ]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 #: what the iterative loop fine-tunes after each prune step (see :class:`IterativeConfig`)
 FINETUNE_ON = ("slim", "sparse")
+#: ``run.teacher``: whom each step distils from (with ``finetune.distill_weight`` above 0)
+TEACHERS = ("original", "previous")
 
 
 class ConfigError(ValueError):
@@ -337,6 +340,13 @@ class IterativeConfig:
         reanalyse: Run ana again before every step after the first, on the slim model the step
             starts from (``finetune_on: slim`` only); ``False``: the first analysis, its curves
             read from the channels each group has left.
+        teacher: With ``finetune.distill_weight`` above 0, whom every step distils from:
+            ``'original'`` (default), the unpruned model; ``'previous'``, the fine-tuned model of
+            the last accepted step (the unpruned model for the first step), a teacher one step
+            wider than the student and already fitted to the training data. Use it when the
+            training data differ from what the unpruned model was trained on, so that it
+            scores below what the fine-tuned steps reach (its soft targets would pull the
+            student down).
     """
 
     target: float | None = 0.5
@@ -350,6 +360,7 @@ class IterativeConfig:
     epoch_split: list[float] | None = None
     calibrate_batches: int = 20
     reanalyse: bool = False
+    teacher: str = "original"
 
     def __post_init__(self) -> None:
         check_fraction("run.target", self.target)
@@ -382,6 +393,10 @@ class IterativeConfig:
         check_int("run.calibrate_batches", self.calibrate_batches, 0)
         if not isinstance(self.reanalyse, bool):
             raise ConfigError(f"run.reanalyse must be true or false, got {self.reanalyse!r}")
+        if self.teacher not in TEACHERS:
+            raise ConfigError(
+                f"run.teacher must be one of {', '.join(TEACHERS)} (whom each step distils from), got {self.teacher!r}"
+            )
         if self.reanalyse and self.finetune_on != "slim":
             raise ConfigError(
                 "run.reanalyse analyses each step's slim model: it needs run.finetune_on: slim, "

@@ -375,3 +375,36 @@ def test_schedule_from_target_and_errors():
         ((name, value),) = option.items()
         with pytest.raises(ValueError, match=rf"prune.{name}={value}: applied by a single 'prunekit prune' only"):
             IterativePruner(TinyNet(), X, nonzero_fraction, [], workspace="unused", prune=PruneConfig(**option))
+
+
+@pytest.mark.parametrize("who", ["original", "previous"])
+def test_run_teacher_chooses_whom_each_step_distils_from(tmp_path, monkeypatch, who):
+    """``run.teacher: previous`` distils each step from the last accepted step's fine-tuned model
+    (the unpruned one for the first step); ``original`` always from the unpruned model."""
+    import prunekit.workflow.iterative as it
+
+    seen = []
+    real = it.finetune
+
+    def spy(model, *args, teacher=None, **kw):
+        seen.append(None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()})
+        return real(model, *args, teacher=teacher, **kw)
+
+    monkeypatch.setattr(it, "finetune", spy)
+    model = trained()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ft = FinetuneConfig(epochs=1, lr=0.02, progress=False, distill_weight=0.5)
+    res = run(tmp_path, model=model, finetune=ft, config=IterativeConfig(schedule=[0.3, 0.5], teacher=who))
+    assert len(seen) == 2 and all(a["accepted"] for a in res.attempts)
+    assert seen[0].keys() == original.keys() and all(torch.equal(seen[0][k], original[k]) for k in original)
+    if who == "original":
+        assert all(torch.equal(seen[1][k], original[k]) for k in original)
+    else:  # step 1's fine-tuned slim model, as saved: narrower than the original, the same weights
+        step1 = prunekit.load_slim(trained(), tmp_path / res.attempts[0]["dir"] / "model").state_dict()
+        assert seen[1].keys() == step1.keys() and any(seen[1][k].shape != original[k].shape for k in original)
+        assert all(torch.equal(seen[1][k], step1[k]) for k in step1)
+
+
+def test_run_teacher_must_be_a_known_choice():
+    with pytest.raises(ValueError, match=r"run.teacher must be one of original, previous .* got 'best'"):
+        IterativeConfig(teacher="best")
