@@ -284,7 +284,7 @@ class IterativePruner:
         ft = {k: v for k, v in self.ft.to_dict().items() if k not in ("progress", "device")}
         return {
             "model": model_fingerprint(self.template),
-            "run": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "epoch_split" or v is not None},
+            "run": self._run_signature(),
             "finetune": ft,
             "ana": dataclasses.asdict(self.ana_cfg),
             "prune": {**self.prune_cfg.kwargs(), **self._prune_signature()},
@@ -294,6 +294,13 @@ class IterativePruner:
             "custom_train_fn": self.train_fn is not None,
             "calibrate": self.calibrate is not None,
         }
+
+    def _run_signature(self) -> dict:
+        """The ``run`` options; options added later are left out at their defaults, so a workspace
+        made before them keeps resuming."""
+        defaults = {"epoch_split": None, "teacher": "original"}
+        items = dataclasses.asdict(self.config).items()
+        return {k: v for k, v in items if k not in defaults or v != defaults[k]}
 
     def _prune_signature(self) -> dict:
         """``prune.search`` / ``prune.reconstruct`` when set (a run without them keeps the signature it

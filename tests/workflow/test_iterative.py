@@ -408,3 +408,18 @@ def test_run_teacher_chooses_whom_each_step_distils_from(tmp_path, monkeypatch, 
 def test_run_teacher_must_be_a_known_choice():
     with pytest.raises(ValueError, match=r"run.teacher must be one of original, previous .* got 'best'"):
         IterativeConfig(teacher="best")
+
+
+def test_a_workspace_made_before_run_teacher_keeps_its_signature(tmp_path):
+    """``run.teacher`` at its default is left out of the state's signature, so a workspace made
+    before the option resumes instead of refusing a changed configuration; ``previous`` is in it."""
+    train, evald = loaders()
+
+    def signature(**cfg):
+        pruner = IterativePruner(
+            trained(), X, make_eval_fn(evald), train, workspace=tmp_path, config=IterativeConfig(**cfg), log=QUIET
+        )
+        return pruner._signature()["run"]
+
+    assert "teacher" not in signature() and "epoch_split" not in signature()
+    assert signature(teacher="previous")["teacher"] == "previous"
