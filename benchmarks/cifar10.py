@@ -26,7 +26,7 @@ restore anywhere), with MACs and parameters measured on the final model:
   each prune, the layers after the pruned channels are refit by least squares to the unpruned model's outputs on
   ``--calibrate-batches`` training batches (:mod:`prunekit.engine.reconstruct`);
 - ``prunekit-search-kdprev``: ``prunekit-search`` with knowledge distillation (``--kd-weight``, ``--kd-temperature``)
-  from the previous step's fine-tuned model (``run.teacher: previous``; the first step from the unpruned model),
+  from the previous step's fine-tuned model (``run.teacher: previous``; the first step without distillation),
   a teacher fitted to the JPEG data, where the unpruned model scores below every fine-tuned row;
 - ``oneshot-kd``: the same with knowledge distillation from the unpruned model during the fine-tuning;
 - ``l1-uniform``: one ratio for every channel group, L1 criterion (Li et al., 2017), then fine-tuning;

@@ -495,6 +495,9 @@ class IterativePruner:
         t_pruned = time.perf_counter()
         ft_cfg = dataclasses.replace(self.ft, seed=seed, epochs=self.epochs[k - 1])
         teacher = self._teacher(prev_dir) if ft_cfg.distill_weight > 0 else None
+        if teacher is None and ft_cfg.distill_weight > 0:  # run.teacher: previous, first step
+            ft_cfg = dataclasses.replace(ft_cfg, distill_weight=0.0)
+            self.log(f"step {k}: no fine-tuned model yet to distil from (run.teacher: previous): plain fine-tuning")
         ft = finetune(
             step.model,
             self.train_loader,
@@ -530,12 +533,13 @@ class IterativePruner:
         )
         return att
 
-    def _teacher(self, prev_dir: Path | None) -> nn.Module:
+    def _teacher(self, prev_dir: Path | None) -> nn.Module | None:
         """Whom the step distils from (``run.teacher``): the unpruned model, or the last accepted
-        step's fine-tuned model as it was saved (slim, or sparse with its zeros)."""
-        if self.config.teacher == "previous" and prev_dir is not None:
-            return self._start(prev_dir).model.eval()
-        return self.template
+        step's fine-tuned model as it was saved (slim, or sparse with its zeros; None before
+        the first step has one)."""
+        if self.config.teacher == "original":
+            return self.template
+        return self._start(prev_dir).model.eval() if prev_dir is not None else None
 
     def _start(self, prev_dir: Path | None) -> StepStart:
         """The model the step prunes: the original, the previous slim model, or (sparse mode) the

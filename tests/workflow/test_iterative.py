@@ -380,7 +380,7 @@ def test_schedule_from_target_and_errors():
 @pytest.mark.parametrize("who", ["original", "previous"])
 def test_run_teacher_chooses_whom_each_step_distils_from(tmp_path, monkeypatch, who):
     """``run.teacher: previous`` distils each step from the last accepted step's fine-tuned model
-    (the unpruned one for the first step); ``original`` always from the unpruned model."""
+    (the first step, with none, without distillation); ``original`` always from the unpruned model."""
     import prunekit.workflow.iterative as it
 
     seen = []
@@ -396,10 +396,11 @@ def test_run_teacher_chooses_whom_each_step_distils_from(tmp_path, monkeypatch, 
     ft = FinetuneConfig(epochs=1, lr=0.02, progress=False, distill_weight=0.5)
     res = run(tmp_path, model=model, finetune=ft, config=IterativeConfig(schedule=[0.3, 0.5], teacher=who))
     assert len(seen) == 2 and all(a["accepted"] for a in res.attempts)
-    assert seen[0].keys() == original.keys() and all(torch.equal(seen[0][k], original[k]) for k in original)
     if who == "original":
+        assert seen[0].keys() == original.keys() and all(torch.equal(seen[0][k], original[k]) for k in original)
         assert all(torch.equal(seen[1][k], original[k]) for k in original)
-    else:  # step 1's fine-tuned slim model, as saved: narrower than the original, the same weights
+    else:  # step 1: no teacher; step 2: step 1's fine-tuned slim model, as saved (narrower)
+        assert seen[0] is None
         step1 = prunekit.load_slim(trained(), tmp_path / res.attempts[0]["dir"] / "model").state_dict()
         assert seen[1].keys() == step1.keys() and any(seen[1][k].shape != original[k].shape for k in original)
         assert all(torch.equal(seen[1][k], step1[k]) for k in step1)
