@@ -344,10 +344,9 @@ class IterativeConfig:
             ``'original'`` (default), the unpruned model; ``'previous'``, the fine-tuned model of
             the last accepted step (the first step, with none yet, fine-tunes without
             distillation), a teacher one step wider than the student and already fitted to the
-            training data. Use it when the
-            training data differ from what the unpruned model was trained on, so that it
-            scores below what the fine-tuned steps reach (its soft targets would pull the
-            student down).
+            training data. Use it when the training data differ from what the unpruned model
+            was trained on, so that it scores below what the fine-tuned steps reach (its soft
+            targets would pull the student down).
     """
 
     target: float | None = 0.5
