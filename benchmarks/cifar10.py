@@ -98,16 +98,7 @@ ROWS = (
     "tp-global",
 )
 PEERS = ("l1-uniform", "l2-global", "tp-group", "tp-global")
-OURS = (
-    "prunekit",
-    "prunekit-kd",
-    "prunekit-search",
-    "prunekit-search-rec",
-    "prunekit-search-kdprev",
-    "oneshot",
-    "oneshot-rec",
-    "oneshot-kd",
-)
+OURS = tuple(r for r in ROWS if r != "dense" and r not in PEERS)
 FINAL_HEAVY = (1, 2, 7)  # prunekit-search's run.epoch_split (three steps)
 FORMAT = "prunekit-cifar10-benchmark"
 

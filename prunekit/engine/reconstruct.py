@@ -116,9 +116,14 @@ def _rows(mod: nn.Module, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def _channels_first(mod: nn.Module) -> bool:
+    """Whether ``mod``'s output holds its channels in dimension 1 (convolutions), not the last."""
+    return isinstance(mod, (nn.Conv1d, nn.Conv2d))
+
+
 def _outputs(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """The layer output as ``(samples, out channels)``, rows in the order of :func:`_rows`."""
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+    if _channels_first(mod):
         return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
     return y.reshape(-1, y.shape[-1])
 
@@ -153,7 +158,7 @@ def _execution_order(
 def _count_rows(rows: dict[str, int], name: str, mod: nn.Module, out: Any) -> None:
     """Record the rows of ``mod``'s first output, as :func:`_outputs` lays it out (a forward hook: returns None)."""
     if isinstance(out, torch.Tensor) and out.dim() > 0 and name not in rows:
-        channels = out.shape[1] if isinstance(mod, (nn.Conv1d, nn.Conv2d)) else out.shape[-1]
+        channels = out.shape[1] if _channels_first(mod) else out.shape[-1]
         rows[name] = out.numel() // max(channels, 1)
 
 
