@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=3, help="total fine-tuning epochs of a run (split over the steps)")
+    p.add_argument(
+        "--epoch-split",
+        type=float,
+        nargs="+",
+        default=None,
+        help="run.epoch_split: the steps' shares of --epochs (e.g. 1 2 7: most to the final architecture)",
+    )
     p.add_argument("--train-subset", type=int, default=5000, help="training images (class-balanced; 0: all 45,000)")
     p.add_argument("--test-subset", type=int, default=2000, help="test images reported (0: all 10,000)")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation (ana, each epoch)")
@@ -177,6 +184,7 @@ def one_run(args, mode: str, target: float, seed: int, base, x, train, val_fn, t
         target=target,
         steps=args.steps,
         total_epochs=args.epochs,
+        epoch_split=args.epoch_split,
         max_drop=None,
         finetune_on=mode,
         calibrate_batches=args.calibrate_batches,

@@ -498,6 +498,9 @@ class IterativePruner:
         if teacher is None and ft_cfg.distill_weight > 0:  # run.teacher: previous, first step
             ft_cfg = dataclasses.replace(ft_cfg, distill_weight=0.0)
             self.log(f"step {k}: no fine-tuned model yet to distil from (run.teacher: previous): plain fine-tuning")
+        elif teacher is not None:
+            whom = "the unpruned model" if self.config.teacher == "original" else f"{prev_dir.name}'s fine-tuned model"
+            self.log(f"step {k}: distilling from {whom} (weight {ft_cfg.distill_weight:g})")
         ft = finetune(
             step.model,
             self.train_loader,

@@ -394,8 +394,18 @@ def test_run_teacher_chooses_whom_each_step_distils_from(tmp_path, monkeypatch, 
     model = trained()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     ft = FinetuneConfig(epochs=1, lr=0.02, progress=False, distill_weight=0.5)
-    res = run(tmp_path, model=model, finetune=ft, config=IterativeConfig(schedule=[0.3, 0.5], teacher=who))
+    logged = []
+    cfg = IterativeConfig(schedule=[0.3, 0.5], teacher=who)
+    res = run(tmp_path, model=model, finetune=ft, config=cfg, log=logged.append)
     assert len(seen) == 2 and all(a["accepted"] for a in res.attempts)
+    said = [m for m in logged if "distil" in m]
+    if who == "original":
+        assert said == [f"step {k}: distilling from the unpruned model (weight 0.5)" for k in (1, 2)], said
+    else:
+        assert said == [
+            "step 1: no fine-tuned model yet to distil from (run.teacher: previous): plain fine-tuning",
+            "step 2: distilling from step1-try0's fine-tuned model (weight 0.5)",
+        ], said
     if who == "original":
         assert seen[0].keys() == original.keys() and all(torch.equal(seen[0][k], original[k]) for k in original)
         assert all(torch.equal(seen[1][k], original[k]) for k in original)
