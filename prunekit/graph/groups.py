@@ -86,6 +86,10 @@ class ChannelGroup:
         per_unit = max((m.size // self.n_units for m in self.members if m.size % self.n_units == 0), default=1)
         return round_to // math.gcd(round_to, per_unit)
 
+    def keep_step(self, round_to: int) -> int:
+        """Units kept come in multiples of this: ``round_to`` (:meth:`round_step`) and ``align`` together."""
+        return math.lcm(self.round_step(round_to), self._align_step())
+
     def _align_step(self) -> int:
         """Units to keep in steps of, so that every member's channel count is a multiple of ``align``."""
         if self.align <= 1:
@@ -101,7 +105,7 @@ class ChannelGroup:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}; 0.5 removes half the channels")
         k = min(int(math.floor(ratio * self.n_units + 1e-9)), self.n_prunable, self.n_units - 1)
-        step = math.lcm(self.round_step(round_to), self._align_step())
+        step = self.keep_step(round_to)
         if step > 1:  # keep a multiple of step units (never below step)
             keep = max(step, int(math.ceil((self.n_units - k) / step)) * step)
             k = max(0, min(k, self.n_units - keep))

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -204,7 +205,9 @@ def prune(
         sensitivity: Sensitivity curves (instead of reading them from the workspace).
         excludes: Module names whose channels stay.
         max_ratio: Largest fraction of any group's channels to remove (or ``{group: ratio}``).
-        round_to: Keep channel counts multiples of this.
+        round_to: Keep channel counts multiples of this. Where the rounded plan falls short of
+            ``removal_ratio``, one more step of the cheapest group is taken at a time (see
+            :meth:`Allocator.round_up`).
         mode: ``'sparse'`` (for fine-tuning) or ``'slim'``.
         criterion: Which channels go first within a group.
         fallback: Without sensitivity results: ``'uniform'`` (one ratio for all groups) or
@@ -481,7 +484,65 @@ class Allocator:
             if goal is None or gap <= self.tolerance:
                 break
             target -= (goal - achieved) * before  # correct the prediction's error
+        if goal is not None and best.gap > self.tolerance and best.achieved < goal and self.round_to > 1:
+            best = self.round_up(best, loss)
         return best
+
+    def round_up(self, start: Attempt, loss: Callable[[int, float], float] | None = None) -> Attempt:
+        """Where ``round_to`` left the plan short of the MACs goal: one rounding step more at a time.
+
+        Each group keeps a multiple of ``round_to`` channels, its count rounded up, so an allocation
+        computed in continuous ratios falls far short of the goal when the steps are coarse (16 of a
+        64-channel group). From the rounded plan, this removes one more step of units from the group
+        whose step costs the least predicted loss per MAC saved (the sensitivity curves; without
+        them, the group pruned least so far), until the measured MACs reach the goal or no group
+        can give more; a step that goes past the goal is set aside for the other groups' steps, and
+        the attempt closest to the goal is kept.
+        """
+        loss = loss or (self.sensitivity.loss if self.method == "sensitivity" else (lambda g, r: r))
+        best = current = start
+        before, goal = self.before.macs, self.goal
+        overshot: set[int] = set()  # groups whose next step went past the goal: try the others first
+        while current.achieved < goal - self.tolerance:
+            removed = {int(g): len(u) for g, u in current.plan.meta.get("groups", {}).items()}
+            moves = [m for m in self._round_moves(removed, loss) if m[1] not in overshot]
+            if not moves:
+                break
+            _, g, ratio = min(moves)
+            ratios = {k: n / self.pruner.groups[k].n_units for k, n in removed.items()} | {g: ratio}
+            plan = self.pruner.plan(ratios, round_to=self.round_to)
+            achieved = 1 - self.macs(plan) / before
+            attempt = Attempt(abs(achieved - goal), ratios, plan, achieved)
+            if attempt.gap < best.gap:
+                best = attempt
+            if achieved > goal + self.tolerance:
+                overshot.add(g)
+            else:
+                current = attempt
+        return best
+
+    def _round_moves(self, removed: dict[int, int], loss: Callable[[int, float], float]) -> list:
+        """``(predicted loss per MAC saved, group, ratio)`` of every group's next rounding step."""
+        groups = self.pruner.groups
+        now = torch.zeros(self.mm.n, dtype=torch.float64)
+        for g, n in removed.items():
+            now[g] = n / groups[g].n_units
+        macs_now = self.mm.predict(now)
+        moves = []
+        for g in self.cands:
+            group = groups[g]
+            step, units = group.keep_step(self.round_to), group.n_units
+            more = removed.get(g, 0) + step
+            ratio = more / units
+            if more > group.n_prunable or units - more < step or ratio > self.caps.get(g, 0.9) + 1e-9:
+                continue
+            after = now.clone()
+            after[g] = ratio
+            saved = macs_now - self.mm.predict(after)
+            dl = loss(g, ratio) - loss(g, float(now[g]))
+            if saved > 0 and math.isfinite(dl):
+                moves.append((max(dl, 0.0) / saved, g, ratio))
+        return moves
 
     def best(self) -> Attempt:
         """The strategy's attempt; ``greedy`` finishes the job where ``equal_loss`` misses the tolerance.
@@ -502,7 +563,10 @@ class Allocator:
         """``attempt`` as the result: its predicted loss and a note when it missed the MACs goal."""
         notes = list(self.notes)
         if self.goal is not None and attempt.gap > self.tolerance:
-            notes.append(f"reached a MACs reduction of {attempt.achieved:.3f} for a requested {self.goal:.3f}")
+            note = f"reached a MACs reduction of {attempt.achieved:.3f} for a requested {self.goal:.3f}"
+            if self.round_to > 1:
+                note += f" (round_to={self.round_to}: channel counts in multiples of it; a smaller one gets closer)"
+            notes.append(note)
         predicted = None
         if self.method == "sensitivity":
             predicted = sum(self.sensitivity.loss(g, r) for g, r in attempt.ratios.items())
