@@ -24,6 +24,7 @@ with ``data.dataset: imagefolder``'s code; a validation split of 10% of the trai
 
 Usage:
     python benchmarks/iterative_cost.py                                   # -50% and -70% MACs, 3 steps, seeds 0 1
+    python benchmarks/iterative_cost.py --epochs 10 --epoch-split 1 2 7   # most of the budget to the last step
     python benchmarks/iterative_cost.py --smoke                           # tiny subsets: does it run (a few minutes)
 Writes ``benchmarks/results/iterative_cost.json`` (``--smoke``: ``iterative_cost_smoke.json``) and prints the tables.
 """
