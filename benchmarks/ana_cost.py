@@ -59,9 +59,11 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "ana_cost.json"
 SHARED = HERE.parent.parent / "shared" / "data"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SIZES = {  # validation (ana), test, fine-tuning images; ana batch size
-    "resnet20": dict(val=2000, test=2000, train=4000, batch=250),
-    "resnet56": dict(val=500, test=2000, train=2000, batch=250),
+# validation (ana), test, fine-tuning images; ana batch size. All 10,000 test images and 6 fine-tunes per allocation:
+# with 2,000 test images and 3 seeds the test-set standard error of the gap (0.6 points) was twice the 0.3 target
+SIZES = {
+    "resnet20": dict(val=2000, test=10000, train=4000, batch=250),
+    "resnet56": dict(val=1000, test=10000, train=2000, batch=250),
     "resnet18": dict(val=1000, test=2000, train=2000, batch=250, pretrain=10000, pretrain_epochs=2),
 }
 
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test", type=int, help="test images (default per model)")
     ap.add_argument("--train", type=int, help="fine-tuning images (default per model)")
     ap.add_argument("--ft-epochs", type=int, default=1, help="passes over the fine-tuning images")
-    ap.add_argument("--ft-seeds", type=int, default=3, help="fine-tunes per allocation (seeds); the mean is reported")
+    ap.add_argument("--ft-seeds", type=int, default=6, help="fine-tunes per allocation (seeds); the mean is reported")
     ap.add_argument("--bn-batches", type=int, default=8, help="training batches (128) for BatchNorm re-estimation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the full and the fast analysis")
