@@ -9,7 +9,10 @@ analysis; the fast analysis counts every forward, partial ones included, and its
 MACs-weighted "image equivalents"), wall time, and the allocation each gives at -50% MACs
 (``prune(..., removal_ratio=0.5, sensitivity=...)``) with the test accuracy right after
 pruning (BatchNorm statistics re-estimated on training images) and after the same short
-fine-tune of the slim model (same seed, same batches).
+fine-tune of the slim model (same seed, same batches). For each analysis it also reads the same curves
+with the running maximum that ``Sensitivity.loss`` used before its isotonic fit (``fit="running_max"``)
+and, where that gives another allocation, fine-tunes it with the same seeds: the fit's gain, paired on
+the same test images.
 
 Models and data (nothing is downloaded; a model whose data is missing is skipped with a message):
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -282,6 +286,7 @@ def run_model(name: str, root: Path, args) -> dict:
                             "acc_finetuned_seeds",
                             "acc_finetuned_std",
                             "finetune_s",
+                            "_correct",
                         )
                     }
                 )
@@ -289,6 +294,8 @@ def run_model(name: str, root: Path, args) -> dict:
             else:
                 row[kind].update(prune_and_tune(model, example, sens, test_b, train_b, args, args.seed))
                 row[kind]["same_allocation"] = False
+            if kind != "fast_workers":
+                row[kind]["running_max"] = fit_compared(model, example, sens, row[kind], test_b, train_b, args)
     if "fast_workers" in row:  # against the one-process fast analysis: what the processes add
         row["wall_x_workers"] = round(row["fast"]["wall_s"] / row["fast_workers"]["wall_s"], 2)
     f, q = row["full"], row["fast"]
@@ -301,13 +308,32 @@ def run_model(name: str, root: Path, args) -> dict:
         row["ft_gap_se_test"] = round(100 * float(d.std() / math.sqrt(len(d))), 2)
     else:
         row["ft_gap_se_test"] = 0.0  # the same allocation: the same models
-    for a in (f, q, row.get("fast_workers", {})):
+    for a in (f, q, row.get("fast_workers", {}), f["running_max"], q["running_max"]):
         a.pop("_correct", None)
     row["max_ratio_diff"] = round(
         max(abs(f["ratios"].get(g, 0.0) - q["ratios"].get(g, 0.0)) for g in set(f["ratios"]) | set(q["ratios"])), 3
     )
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def fit_compared(model, example, sens, done: dict, test, train, args) -> dict:
+    """The allocation of the same curves read with the running maximum (the fit before the isotonic one).
+
+    Fine-tuned with the same seeds when it differs from ``done``'s; ``gain_points`` is the isotonic fit's
+    fine-tuned accuracy minus this one's, with its paired test-set standard error.
+    """
+    old = dataclasses.replace(sens, fit="running_max")
+    if _ratios(model, example, old) == done["ratios"]:
+        return {"same_allocation": True, "gain_points": 0.0, "gain_se_test": 0.0}
+    out = prune_and_tune(model, example, old, test, train, args, args.seed)
+    d = done["_correct"] - out["_correct"]
+    out.update(
+        same_allocation=False,
+        gain_points=round(100 * (done["acc_finetuned"] - out["acc_finetuned"]), 2),
+        gain_se_test=round(100 * float(d.std() / math.sqrt(len(d))), 2),
+    )
+    return out
 
 
 def _ratios(model, example, sens) -> dict:
@@ -335,6 +361,18 @@ def table(rows: list[dict]) -> str:
                 f"{c['early_stop']:>6} {a['macs_reduction']:>7.1%} {a['acc_pruned_bn']:>14.2%} "
                 f"{a['acc_finetuned']:>13.2%} ({100 * a['acc_finetuned_std']:.2f})"
             )
+        for kind in ("full", "fast"):
+            m = r[kind].get("running_max")
+            if m:
+                lines.append(
+                    f"{'':<9} {kind}: isotonic curve fit vs running max: "
+                    + (
+                        "the same allocation"
+                        if m["same_allocation"]
+                        else f"fine-tuned accuracy {m['gain_points']:+.2f} points (test-set standard error "
+                        f"{m['gain_se_test']:.2f}; running max {m['acc_finetuned']:.2%})"
+                    )
+                )
         lines.append(
             f"{'':<9} fast vs full: {r['images_x']}x fewer images, {r['wall_x']}x less wall time, "
             f"fine-tuned accuracy {r['ft_gap_points']:+.2f} points (test-set standard error "

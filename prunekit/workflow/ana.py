@@ -55,10 +55,33 @@ from prunekit.workflow.progress import bar as progress_bar
 from prunekit.workflow.validation import group_label, validated_pruner
 from prunekit.workflow.workspace import Workspace, model_fingerprint
 
-__all__ = ["ana", "Sensitivity", "DEFAULT_RATIOS"]
+__all__ = ["ana", "Sensitivity", "DEFAULT_RATIOS", "FITS", "isotonic"]
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FORMAT = "prunekit-ana"
+FITS = ("isotonic", "running_max")
+
+
+def isotonic(ys: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``ys`` in least squares (pool adjacent violators).
+
+    A measured curve is noisy: one point that happens to score low makes the next look like a
+    gain. Pooling each violating run into its mean treats every point as an equally noisy
+    measurement; a running maximum would instead carry one unlucky high point forward over
+    every ratio after it. Hand-written rather than a SciPy dependency: ana's curves have ten
+    points.
+
+    Example:
+        >>> isotonic([0.0, 0.3, 0.1, 0.4])
+        [0.0, 0.2, 0.2, 0.4]
+    """
+    blocks: list[list[float]] = []  # [mean, count]
+    for y in ys:
+        blocks.append([float(y), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [round(m, 12) for m, n in blocks for _ in range(int(n))]
 
 
 @dataclass
@@ -78,6 +101,9 @@ class Sensitivity:
             the paired drop), ``interpolated`` (between measured ratios) or ``collapsed`` (the
             curve's collapsed value); ``images`` and ``batches`` count what the point used.
             Empty for results written before these were recorded.
+        fit: How :meth:`loss` reads a curve: ``"isotonic"`` (default; the least-squares
+            non-decreasing fit of the measured losses, see :func:`isotonic`) or
+            ``"running_max"`` (each point raised to the largest loss before it).
         cost: What the analysis did: ``method`` (``fast``/``full``), ``points``,
             ``evaluated``, ``early_stop``, ``interpolated``, ``collapsed``, and for the fast
             analysis ``images`` (every image put through the model: baseline, cache captures,
@@ -93,6 +119,11 @@ class Sensitivity:
     sizes: dict[int, int] = field(default_factory=dict)
     details: dict[int, dict[float, dict]] = field(default_factory=dict)
     cost: dict = field(default_factory=dict)
+    fit: str = "isotonic"
+
+    def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise ValueError(f"Sensitivity fit={self.fit!r} is not one of {', '.join(FITS)}: use one of them")
 
     def estimated(self) -> dict[int, dict[float, str]]:
         """``{group_id: {ratio: how}}`` of the points that were not measured on every batch."""
@@ -149,10 +180,16 @@ class Sensitivity:
         return "\n".join(lines)
 
     def loss(self, gid: int, ratio: float) -> float:
-        """Relative metric loss of pruning group ``gid`` alone at ``ratio`` (interpolated).
+        """Relative metric loss of pruning group ``gid`` alone at ``ratio``.
 
-        0 at ratio 0; beyond the last analysed ratio the last value holds; a group that was
-        not analysed (excluded, unprunable) costs ``inf``.
+        The measured losses are fitted non-decreasing (:attr:`fit`) and interpolated linearly
+        between ratios; 0 at ratio 0; at the last analysed ratio its value; past it ``inf``,
+        as for a group that was not analysed (excluded, unprunable).
+
+        Example:
+            >>> s = Sensitivity(1.0, False, [0.2, 0.4, 0.6], {0: {0.2: 0.7, 0.4: 0.9, 0.6: 0.6}})
+            >>> round(s.loss(0, 0.4), 6), round(s.loss(0, 0.3), 6)  # 0.1 and 0.3 pooled to their mean
+            (0.2, 0.2)
         """
         if ratio <= 0:
             return 0.0
@@ -160,13 +197,18 @@ class Sensitivity:
         if not curve:
             return math.inf
         xs = [0.0] + sorted(curve)
-        ys = [0.0] + [self._rel(curve[r]) for r in sorted(curve)]
+        ys = [0.0] + self._fitted([self._rel(curve[r]) for r in sorted(curve)])
         if ratio >= xs[-1]:
             return ys[-1] if ratio <= xs[-1] + 1e-9 else math.inf
         for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
             if x0 <= ratio <= x1:
                 return y0 + (y1 - y0) * (ratio - x0) / (x1 - x0)
         return ys[-1]
+
+    def _fitted(self, losses: list[float]) -> list[float]:
+        if self.fit == "running_max":
+            return [max(losses[: i + 1]) for i in range(len(losses))]
+        return isotonic(losses)
 
     def _rel(self, score: float) -> float:
         scale = abs(self.baseline) if self.baseline != 0 else 1.0
@@ -245,6 +287,7 @@ class Sensitivity:
             "sizes": {str(g): v for g, v in self.sizes.items()},
             "details": {str(g): {str(r): v for r, v in c.items()} for g, c in self.details.items()},
             "cost": self.cost,
+            "fit": self.fit,
         }
 
     @classmethod
@@ -258,6 +301,7 @@ class Sensitivity:
             {int(g): v for g, v in d.get("sizes", {}).items()},
             {int(g): {float(r): v for r, v in c.items()} for g, c in d.get("details", {}).items()},
             dict(d.get("cost", {})),
+            d.get("fit", "isotonic"),
         )
 
 

@@ -309,6 +309,45 @@ def test_loss_interpolates_and_is_infinite_past_the_curve():
     assert math.isinf(sens.loss(7, 0.1)), "a group that was not analysed cannot be pruned"
 
 
+def test_loss_fits_a_noisy_curve_non_decreasing():
+    # losses 0.3, 0.1, 0.4: the point at 0.4 happened to score well (noise)
+    curve = {0.2: 0.7, 0.4: 0.9, 0.6: 0.6}
+    iso = Sensitivity(1.0, False, [0.2, 0.4, 0.6], {0: dict(curve)})
+    assert iso.loss(0, 0.2) == pytest.approx(0.2) and iso.loss(0, 0.4) == pytest.approx(0.2), (
+        "the violating pair should be pooled to its mean"
+    )
+    assert iso.loss(0, 0.6) == pytest.approx(0.4), "a point that violates nothing keeps its value"
+    losses = [iso.loss(0, r / 100) for r in range(61)]
+    assert all(b >= a - 1e-12 for a, b in zip(losses, losses[1:])), "more pruning never predicts less loss"
+    mx = Sensitivity(1.0, False, [0.2, 0.4, 0.6], {0: dict(curve)}, fit="running_max")
+    assert mx.loss(0, 0.4) == pytest.approx(0.3), "running_max carries the high point forward"
+    assert Sensitivity.from_dict(mx.to_dict()).fit == "running_max", "the fit should round-trip"
+    assert Sensitivity.from_dict({k: v for k, v in iso.to_dict().items() if k != "fit"}).fit == "isotonic"
+    with pytest.raises(ValueError, match="fit='smooth' is not one of isotonic, running_max"):
+        Sensitivity(1.0, False, [0.2], {0: {0.2: 0.9}}, fit="smooth")
+
+
+def test_isotonic_fit_lets_one_unlucky_point_cost_less_allocation():
+    """Two groups with the same true curve; one measured point of group 0 came out far too low.
+
+    The running maximum holds that point's loss over every larger ratio, so group 0 is spared
+    far more than group 1; the isotonic fit pools it with its neighbours and the two end closer.
+    """
+    from prunekit.engine.allocate import MacsModel, equal_loss
+
+    ratios = [0.1 * i for i in range(1, 10)]
+    true = {r: 1.0 - 0.5 * r * r for r in ratios}
+    noisy = dict(true)
+    noisy[ratios[1]] = true[ratios[1]] - 0.15  # one unlucky evaluation at 0.2
+    mm = MacsModel([100.0, 100.0], [[0], [1]], total=200.0, n_groups=2)
+    got = {}
+    for fit in ("running_max", "isotonic"):
+        sens = Sensitivity(1.0, False, ratios, {0: noisy, 1: dict(true)}, fit=fit)
+        r = equal_loss(mm, [0, 1], sens.loss, {0: 0.9, 1: 0.9}, target_macs=100.0)
+        got[fit] = abs(r.get(0, 0.0) - r.get(1, 0.0))
+    assert got["isotonic"] < got["running_max"] - 0.05, got
+
+
 # ----- errors ----------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", ["high", None, [0.5], torch.ones(3)])
 def test_eval_fn_must_return_a_number(tmp_path, bad):
