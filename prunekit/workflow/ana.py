@@ -65,10 +65,10 @@ FITS = ("isotonic", "running_max")
 def isotonic(ys: Sequence[float]) -> list[float]:
     """The non-decreasing sequence closest to ``ys`` in least squares (pool adjacent violators).
 
-    A measured curve is noisy: one point that happens to score low makes the next look like a
-    gain. Pooling each violating run into its mean treats every point as an equally noisy
-    measurement; a running maximum would instead carry one unlucky high point forward over
-    every ratio after it. Hand-written rather than a SciPy dependency: ana's curves have ten
+    A measured curve is noisy: one point whose loss came out too high makes the next look like
+    a gain. Pooling each violating run into its mean treats every point as an equally noisy
+    measurement; a running maximum would instead carry that one loss forward over every ratio
+    after it. Hand-written rather than a SciPy dependency: ana's curves have ten
     points.
 
     Example:
