@@ -27,8 +27,10 @@ Example:
     >>> import tempfile, torch, torch.nn as nn
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
     >>> x = torch.randn(2, 3, 8, 8)
-    >>> score = lambda m: -float((m(x) - model(x).detach()).abs().mean())
-    >>> sens = ana(model, x, score, workspace=tempfile.mkdtemp(), ratios=(0.5,), progress=False)
+    >>> score = lambda m: -float((m(x) - model(x)).abs().mean().detach())
+    >>> sens = ana(model, x, score, workspace=tempfile.mkdtemp(), ratios=(0.5,), progress=False, log=print)
+    validation: 3 channel groups, 1 prunable; the slim model runs and matches
+    ana: group 0 (0, 8 ch) 1/1: 50% -> -0
     >>> list(sens.curves) == [g.id for g in sens.groups_info]  # doctest: +SKIP
 """
 
