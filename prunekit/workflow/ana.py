@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import time
@@ -209,7 +210,7 @@ class Sensitivity:
 
     def _fitted(self, losses: list[float]) -> list[float]:
         if self.fit == "running_max":
-            return [max(losses[: i + 1]) for i in range(len(losses))]
+            return list(itertools.accumulate(losses, max))
         return isotonic(losses)
 
     def _rel(self, score: float) -> float:
