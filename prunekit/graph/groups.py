@@ -100,7 +100,9 @@ class ChannelGroup:
     def select(self, ratio: float, scores: torch.Tensor, round_to: int = 1) -> torch.Tensor:
         """Units to remove: the ``floor(ratio * n_units)`` lowest-scored prunable ones.
 
-        At least one index of every member always stays.
+        At least one index of every member always stays; with ``round_to``, where that would leave a
+        member a width off the multiple (its last unit kept, nothing else to remove instead), a whole
+        step fewer units go.
         """
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}; 0.5 removes half the channels")
@@ -109,14 +111,23 @@ class ChannelGroup:
         if step > 1:  # keep a multiple of step units (never below step)
             keep = max(step, int(math.ceil((self.n_units - k) / step)) * step)
             k = max(0, min(k, self.n_units - keep))
-        if k <= 0:
-            return torch.empty(0, dtype=torch.long)
+        while k > 0:
+            chosen, whole = self._lowest(k, scores, step)
+            if whole or step == 1:
+                return chosen
+            k -= step
+        return torch.empty(0, dtype=torch.long)
+
+    def _lowest(self, k: int, scores: torch.Tensor, step: int) -> tuple[torch.Tensor, bool]:
+        """The ``k`` lowest-scored prunable units (segments rounded to ``step``), every member keeping one;
+        and whether the count held (False: a member's last unit stayed and no other unit could go instead)."""
         s = scores.clone().double()
         s[self.fixed] = math.inf
         order = torch.argsort(s, stable=True)
         chosen = order[:k]
         if step > 1:
             chosen = self._round_segments(chosen, s, step)
+        count = chosen.numel()
         spare = order[k:][torch.isfinite(s[order[k:]])].tolist()
         for m in self.members:  # at least one channel of every member survives
             gone = torch.isin(m.unit, chosen)
@@ -131,7 +142,7 @@ class ChannelGroup:
                     if all(not bool(torch.isin(o.unit, trial).all()) for o in hit):
                         chosen = trial
                         break
-        return chosen.sort().values
+        return chosen.sort().values, chosen.numel() == count
 
     def segments(self) -> list[torch.Tensor]:
         """The units grouped by which members hold them (one segment unless members hold different units).

@@ -503,14 +503,18 @@ class Allocator:
         best = current = start
         before, goal = self.before.macs, self.goal
         overshot: set[int] = set()  # groups whose next step went past the goal: try the others first
+        stuck: set[int] = set()  # groups whose next step removes nothing more (a member must keep a channel)
         while current.achieved < goal - self.tolerance:
             removed = {int(g): len(u) for g, u in current.plan.meta.get("groups", {}).items()}
-            moves = [m for m in self._round_moves(removed, loss) if m[1] not in overshot]
+            moves = [m for m in self._round_moves(removed, loss) if m[1] not in overshot | stuck]
             if not moves:
                 break
             _, g, ratio = min(moves)
             ratios = {k: n / self.pruner.groups[k].n_units for k, n in removed.items()} | {g: ratio}
             plan = self.pruner.plan(ratios, round_to=self.round_to)
+            if plan.key() == current.plan.key():  # the same plan again: this group can give no more
+                stuck.add(g)
+                continue
             achieved = 1 - self.macs(plan) / before
             attempt = Attempt(abs(achieved - goal), ratios, plan, achieved)
             if attempt.gap < best.gap:

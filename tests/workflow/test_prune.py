@@ -233,6 +233,41 @@ def test_round_to_steps_reach_the_macs_goal():
     assert abs(measured_reduction(model, res.model, x) - res.macs_reduction) < 1e-9
 
 
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_round_to_steps_stop_at_a_group_that_can_give_no_more(round_to, monkeypatch):
+    """Regressions on an option-A CIFAR ResNet, whose residual stream spans 16 prunable channels of the
+    first stage and the zero-padded ones after it. With round_to=8 the rounding steps looped forever: the
+    stream's next step asked for more channels than its members can lose (every member keeps one), the
+    plan came out the same and the same step was chosen again (the pretrained ResNet-20 at -50% hung
+    inside prune); a step that changes nothing now sets its group aside. With round_to=16 the stream lost
+    15 of its 16 channels (widths 1, 17, 49 and -64% MACs for -50%): every member keeping one channel broke
+    the multiple; now a whole step fewer goes, and the shortfall is a note."""
+    from prunekit.engine.pruner import Pruner
+    from prunekit.models.cifar_resnet import cifar_resnet
+
+    plans = {"n": 0}
+    plan = Pruner.plan
+
+    def counted(self, *args, **kwargs):
+        plans["n"] += 1
+        if plans["n"] > 300:
+            raise RuntimeError("prune made over 300 plans: the rounding steps do not end")
+        return plan(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pruner, "plan", counted)
+    torch.manual_seed(0)
+    model, x = cifar_resnet(depth=14).eval(), torch.randn(1, 3, 32, 32)
+    res = prunekit.prune(model, x, removal_ratio=0.5, round_to=round_to, fallback="uniform", mode="slim", log=quiet)
+    widths = [m.out_channels for m in res.model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % round_to == 0 for w in widths), widths
+    assert res.macs_reduction <= 0.51, f"removed {res.macs_reduction:.3f} of the MACs for 0.5 ({widths})"
+    if round_to == 8:
+        assert res.macs_reduction >= 0.49, f"removed {res.macs_reduction:.3f} of the MACs for 0.5 ({widths})"
+    else:  # 16 of 16, 32, 64 channels: -50% is out of reach, and the result says so
+        assert any("reached a MACs reduction of" in n for n in res.notes), res.notes
+    assert abs(measured_reduction(model, res.model, x) - res.macs_reduction) < 1e-9
+
+
 def test_round_to_counts_channels_not_heads():
     """A head is head_dim channels: round_to=16 with head_dim 8 keeps an even number of heads,
     and round_to=8 any number (every head count is a multiple of 8 channels)."""
