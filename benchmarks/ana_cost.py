@@ -12,7 +12,10 @@ pruning (BatchNorm statistics re-estimated on training images) and after the sam
 fine-tune of the slim model (same seed, same batches). For each analysis it also reads the same curves
 with the running maximum that ``Sensitivity.loss`` used before its isotonic fit (``fit="running_max"``)
 and, where that gives another allocation, fine-tunes it with the same seeds: the fit's gain, paired on
-the same test images.
+the same test images (``--no-fit-compare`` skips it). Two allocations are the same when they remove the
+same channels (``PruningPlan.key``). The fast-vs-full gap's standard error combines the test images
+(per-image correctness averaged over the seeds, paired) and the fine-tuning seeds (Welch, from each
+allocation's ``--ft-seeds`` accuracies).
 
 Models and data (nothing is downloaded; a model whose data is missing is skipped with a message):
 
@@ -226,6 +229,7 @@ def prune_and_tune(model, example, sens, test, train, args, seed: int) -> dict:
         "macs_reduction": round(res.macs_reduction, 4),
         "acc_pruned_bn": test_acc(res.model),
         "ratios": {str(g): round(r, 3) for g, r in sorted(res.ratios.items())},
+        "_plan": res.plan.key(),  # the channels removed (not saved): equal keys, the same slim model
     }
     t0 = time.perf_counter()
     accs, correct = [], []
@@ -273,7 +277,7 @@ def run_model(name: str, root: Path, args) -> dict:
             row[kind]["curves"] = {str(g): {str(r): round(v, 5) for r, v in c.items()} for g, c in sens.curves.items()}
             print(f"{name}: {kind} ana {stats['wall_s']} s, {stats['images']} images", file=sys.stderr)
             ref = "fast" if kind == "fast_workers" else "full"
-            same = kind != "full" and row[ref]["ratios"] == _ratios(model, example, sens)
+            same = kind != "full" and row[ref]["_plan"] == _plan(model, example, sens)
             if same:  # the same allocation: the same slim model, the same fine-tune (deterministic)
                 row[kind].update(
                     {
@@ -287,6 +291,7 @@ def run_model(name: str, root: Path, args) -> dict:
                             "acc_finetuned_std",
                             "finetune_s",
                             "_correct",
+                            "_plan",
                         )
                     }
                 )
@@ -294,7 +299,7 @@ def run_model(name: str, root: Path, args) -> dict:
             else:
                 row[kind].update(prune_and_tune(model, example, sens, test_b, train_b, args, args.seed))
                 row[kind]["same_allocation"] = False
-            if kind != "fast_workers":
+            if kind != "fast_workers" and args.fit_compare:
                 row[kind]["running_max"] = fit_compared(model, example, sens, row[kind], test_b, train_b, args)
     if "fast_workers" in row:  # against the one-process fast analysis: what the processes add
         row["wall_x_workers"] = round(row["fast"]["wall_s"] / row["fast_workers"]["wall_s"], 2)
@@ -308,8 +313,12 @@ def run_model(name: str, root: Path, args) -> dict:
         row["ft_gap_se_test"] = round(100 * float(d.std() / math.sqrt(len(d))), 2)
     else:
         row["ft_gap_se_test"] = 0.0  # the same allocation: the same models
-    for a in (f, q, row.get("fast_workers", {}), f["running_max"], q["running_max"]):
+    # ... and from the fine-tuning seeds (each allocation's seeds are its own sample), then both together
+    row["ft_gap_se_seeds"] = 0.0 if q["same_allocation"] else round(100 * _se_of_difference(f, q), 2)
+    row["ft_gap_se"] = round(math.hypot(row["ft_gap_se_test"], row["ft_gap_se_seeds"]), 2)
+    for a in (f, q, row.get("fast_workers", {}), f.get("running_max", {}), q.get("running_max", {})):
         a.pop("_correct", None)
+        a.pop("_plan", None)
     row["max_ratio_diff"] = round(
         max(abs(f["ratios"].get(g, 0.0) - q["ratios"].get(g, 0.0)) for g in set(f["ratios"]) | set(q["ratios"])), 3
     )
@@ -324,7 +333,7 @@ def fit_compared(model, example, sens, done: dict, test, train, args) -> dict:
     fine-tuned accuracy minus this one's, with its paired test-set standard error.
     """
     old = dataclasses.replace(sens, fit="running_max")
-    if _ratios(model, example, old) == done["ratios"]:
+    if _plan(model, example, old) == done["_plan"]:
         return {"same_allocation": True, "gain_points": 0.0, "gain_se_test": 0.0}
     out = prune_and_tune(model, example, old, test, train, args, args.seed)
     d = done["_correct"] - out["_correct"]
@@ -336,11 +345,20 @@ def fit_compared(model, example, sens, done: dict, test, train, args) -> dict:
     return out
 
 
-def _ratios(model, example, sens) -> dict:
+def _plan(model, example, sens) -> tuple:
+    """The channels the allocation of ``sens`` at -50% MACs removes (:meth:`PruningPlan.key`)."""
     res = prunekit.prune(
         copy.deepcopy(model), example, removal_ratio=0.5, sensitivity=sens, criterion="l2", log=lambda m: None
     )
-    return {str(g): round(r, 3) for g, r in sorted(res.ratios.items())}
+    return res.plan.key()
+
+
+def _se_of_difference(a: dict, b: dict) -> float:
+    """Standard error of the difference of two mean fine-tuned accuracies, from their seeds (Welch)."""
+    n, m = len(a["acc_finetuned_seeds"]), len(b["acc_finetuned_seeds"])
+    if n < 2 or m < 2:
+        return 0.0
+    return math.sqrt(a["acc_finetuned_std"] ** 2 / n + b["acc_finetuned_std"] ** 2 / m)
 
 
 # ----- report ------------------------------------------------------------------------------
@@ -375,8 +393,9 @@ def table(rows: list[dict]) -> str:
                 )
         lines.append(
             f"{'':<9} fast vs full: {r['images_x']}x fewer images, {r['wall_x']}x less wall time, "
-            f"fine-tuned accuracy {r['ft_gap_points']:+.2f} points (test-set standard error "
-            f"{r.get('ft_gap_se_test', 0.0):.2f}), largest per-group ratio difference "
+            f"fine-tuned accuracy {r['ft_gap_points']:+.2f} points (standard error {r.get('ft_gap_se', 0.0):.2f}: "
+            f"test images {r.get('ft_gap_se_test', 0.0):.2f}, fine-tuning seeds {r.get('ft_gap_se_seeds', 0.0):.2f}), "
+            "largest per-group ratio difference "
             f"{r['max_ratio_diff']}{' (same allocation)' if r['fast']['same_allocation'] else ''}"
             + (
                 f"; the workers take {r['wall_x_workers']}x less wall time than one process"
@@ -397,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ft-seeds", type=int, default=6, help="fine-tunes per allocation (seeds); the mean is reported")
     ap.add_argument("--bn-batches", type=int, default=8, help="training batches (128) for BatchNorm re-estimation")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--no-fit-compare",
+        dest="fit_compare",
+        action="store_false",
+        help="skip the allocation of the curves read with the running maximum (and its fine-tunes)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the full and the fast analysis")
     ap.add_argument(
         "--workers",

@@ -486,7 +486,40 @@ class Allocator:
             target -= (goal - achieved) * before  # correct the prediction's error
         if goal is not None and best.gap > self.tolerance and best.achieved < goal and self.round_to > 1:
             best = self.round_up(best, loss)
+        if self.threshold is not None and self.round_to > 1:
+            best = self.round_within(best)
         return best
+
+    def round_within(self, start: Attempt) -> Attempt:
+        """Threshold mode with ``round_to``: from the rounded plan, one rounding step more at a time.
+
+        The curves' allocation is computed in continuous ratios, and rounding each group's count up
+        to a multiple of ``round_to`` can leave little or nothing of it (2 of 16 channels keep 16).
+        From the rounded plan, this removes one more step of units from the group whose step costs
+        the least predicted loss per MAC saved, as long as the summed predicted loss stays within the
+        threshold. The ratios returned are those the plan removes.
+        """
+        loss, groups = self.sensitivity.loss, self.pruner.groups
+        current, stuck = start.plan, set()
+        while True:
+            removed = {int(g): len(u) for g, u in current.meta.get("groups", {}).items()}
+            now = {g: n / groups[g].n_units for g, n in removed.items()}
+            spent = sum(loss(g, r) for g, r in now.items())
+            fits = [
+                m
+                for m in self._round_moves(removed, loss)
+                if m[1] not in stuck and spent - loss(m[1], now.get(m[1], 0.0)) + loss(m[1], m[2]) <= self.threshold
+            ]
+            if not fits:
+                break
+            _, g, ratio = min(fits)
+            plan = self.pruner.plan(now | {g: ratio}, round_to=self.round_to)
+            if plan.key() == current.key():  # the same plan again: this group can give no more
+                stuck.add(g)
+            else:
+                current = plan
+        ratios = {int(g): len(u) / groups[int(g)].n_units for g, u in current.meta.get("groups", {}).items()}
+        return Attempt(0.0, ratios, current, 1 - self.macs(current) / self.before.macs)
 
     def round_up(self, start: Attempt, loss: Callable[[int, float], float] | None = None) -> Attempt:
         """Where ``round_to`` left the plan short of the MACs goal: one rounding step more at a time.
@@ -572,8 +605,13 @@ class Allocator:
                 note += f" (round_to={self.round_to}: channel counts in multiples of it; a smaller one gets closer)"
             notes.append(note)
         predicted = None
-        if self.method == "sensitivity":
-            predicted = sum(self.sensitivity.loss(g, r) for g, r in attempt.ratios.items())
+        if self.method == "sensitivity":  # of the channels the plan removes (rounding may remove fewer)
+            removed = attempt.plan.meta.get("groups", {})
+            predicted = sum(
+                self.sensitivity.loss(int(g), len(u) / self.pruner.groups[int(g)].n_units)
+                for g, u in removed.items()
+                if int(g) in self.sensitivity.curves
+            )
         return Choice(attempt.ratios, attempt.plan, self.method, predicted, notes)
 
     def choose(self) -> Choice:

@@ -153,6 +153,41 @@ def test_threshold_mode():
         prunekit.prune(copy.deepcopy(model), x, threshold=0.1, log=quiet)
 
 
+def test_threshold_with_round_to_steps_on_the_grid_and_reports_the_plan():
+    """Regression: the threshold's allocation was computed in continuous ratios and then rounded, each
+    group's count up to a multiple of round_to, so 6 of 16 channels kept 16: with round_to=8 nothing was
+    pruned (the pretrained ResNet-20 at threshold 0.05: -13% MACs, and -0% with round_to=8), while
+    predicted_loss still reported the unrounded allocation's 0.049. Now the rounded plan takes whole
+    steps while the summed predicted loss stays within the threshold, and predicted_loss and ratios are
+    those of the channels the plan removes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+    x = torch.randn(1, 3, 16, 16)
+    ids = [g.id for g in prunekit.Pruner(model, x).prunable_groups]
+    steep = dict(zip(ids, (0.18, 2.0, 2.0)))  # one flat group: half its channels cost 0.045
+    sens = Sensitivity(1.0, False, list(RATIOS), {g: {r: 1.0 - a * r * r for r in RATIOS} for g, a in steep.items()})
+    for round_to in (1, 8):
+        res = prunekit.prune(copy.deepcopy(model), x, threshold=0.05, sensitivity=sens, round_to=round_to, log=quiet)
+        removed = {int(g): len(u) for g, u in res.plan.meta["groups"].items()}
+        actual = sum(sens.loss(g, n / 16) for g, n in removed.items())
+        assert res.predicted_loss == pytest.approx(actual), f"round_to={round_to}: {res.predicted_loss} for {removed}"
+        assert res.predicted_loss <= 0.05 + 1e-9
+        assert res.macs_reduction > 0.2, f"round_to={round_to}: removed {res.macs_reduction:.3f} of the MACs"
+        if round_to == 8:
+            assert removed == {ids[0]: 8}, removed
+            assert res.ratios == {ids[0]: 0.5}, res.ratios
+
+
 # ----- constraints -----------------------------------------------------------------------
 @pytest.mark.parametrize("name, round_to", [("resnet18", 8), ("demonet", 4)])
 def test_round_to_is_honoured(name, round_to, tmp_path):
