@@ -486,16 +486,17 @@ class Allocator:
             target -= (goal - achieved) * before  # correct the prediction's error
         if goal is not None and best.gap > self.tolerance and best.achieved < goal and self.round_to > 1:
             best = self.round_up(best, loss)
-        if self.threshold is not None and self.round_to > 1:
+        if self.threshold is not None:
             best = self.round_within(best)
         return best
 
     def round_within(self, start: Attempt) -> Attempt:
-        """Threshold mode with ``round_to``: from the rounded plan, one rounding step more at a time.
+        """Threshold mode: from the rounded plan, one rounding step more at a time.
 
-        The curves' allocation is computed in continuous ratios, and rounding each group's count up
-        to a multiple of ``round_to`` can leave little or nothing of it (2 of 16 channels keep 16).
-        From the rounded plan, this removes one more step of units from the group whose step costs
+        The curves' allocation is computed in continuous ratios, and the plan rounds each group's count
+        of removed channels down (1.6 of 16 removes 1), with ``round_to`` to a multiple of it (2 of 16
+        channels keep 16), so part of the threshold, or all of it, was left unused. From the rounded
+        plan, this removes one more step of units (one unit, or ``round_to``'s) from the group whose step costs
         the least predicted loss per MAC saved, as long as the summed predicted loss stays within the
         threshold. The ratios returned are those the plan removes.
         """

@@ -159,7 +159,8 @@ def test_threshold_with_round_to_steps_on_the_grid_and_reports_the_plan():
     pruned (the pretrained ResNet-20 at threshold 0.05: -13% MACs, and -0% with round_to=8), while
     predicted_loss still reported the unrounded allocation's 0.049. Now the rounded plan takes whole
     steps while the summed predicted loss stays within the threshold, and predicted_loss and ratios are
-    those of the channels the plan removes."""
+    those of the channels the plan removes. Without round_to the floor rounding left part of the
+    threshold unused (0.038 of 0.05 here); single-unit steps now fill it."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
@@ -186,6 +187,9 @@ def test_threshold_with_round_to_steps_on_the_grid_and_reports_the_plan():
         if round_to == 8:
             assert removed == {ids[0]: 8}, removed
             assert res.ratios == {ids[0]: 0.5}, res.ratios
+        else:  # no single unit more fits within the threshold
+            assert res.predicted_loss > 0.045, f"{res.predicted_loss} of the 0.05 used ({removed})"
+            assert res.ratios == {g: n / 16 for g, n in removed.items()}, (res.ratios, removed)
 
 
 # ----- constraints -----------------------------------------------------------------------
