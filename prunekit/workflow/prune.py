@@ -409,12 +409,16 @@ class Choice:
     notes: list[str] = field(default_factory=list)
 
 
+def _plan_ratios(plan: PruningPlan, pruner: Pruner) -> dict[int, float]:
+    """``{group_id: fraction of its channels the plan removes}`` (from the plan's ``groups``)."""
+    return {int(k): len(v) / max(1, pruner.groups[int(k)].n_units) for k, v in plan.meta.get("groups", {}).items()}
+
+
 def _from_spec(spec: Any, pruner: Pruner, round_to: int) -> Choice:
     """The plan a spec describes, as given."""
     loaded = _load_spec(spec, pruner)
     plan = loaded if isinstance(loaded, PruningPlan) else pruner.plan(loaded, round_to=round_to)
-    ratios = {int(k): len(v) / max(1, pruner.groups[int(k)].n_units) for k, v in plan.meta.get("groups", {}).items()}
-    return Choice(ratios, plan, "spec")
+    return Choice(_plan_ratios(plan, pruner), plan, "spec")
 
 
 class Allocator:
@@ -500,11 +504,11 @@ class Allocator:
         the least predicted loss per MAC saved, as long as the summed predicted loss stays within the
         threshold. The ratios returned are those the plan removes.
         """
-        loss, groups = self.sensitivity.loss, self.pruner.groups
+        loss = self.sensitivity.loss
         current, stuck = start.plan, set()
         while True:
             removed = {int(g): len(u) for g, u in current.meta.get("groups", {}).items()}
-            now = {g: n / groups[g].n_units for g, n in removed.items()}
+            now = _plan_ratios(current, self.pruner)
             spent = sum(loss(g, r) for g, r in now.items())
             fits = [
                 m
@@ -519,8 +523,7 @@ class Allocator:
                 stuck.add(g)
             else:
                 current = plan
-        ratios = {int(g): len(u) / groups[int(g)].n_units for g, u in current.meta.get("groups", {}).items()}
-        return Attempt(0.0, ratios, current, 1 - self.macs(current) / self.before.macs)
+        return Attempt(0.0, _plan_ratios(current, self.pruner), current, 1 - self.macs(current) / self.before.macs)
 
     def round_up(self, start: Attempt, loss: Callable[[int, float], float] | None = None) -> Attempt:
         """Where ``round_to`` left the plan short of the MACs goal: one rounding step more at a time.
@@ -607,12 +610,8 @@ class Allocator:
             notes.append(note)
         predicted = None
         if self.method == "sensitivity":  # of the channels the plan removes (rounding may remove fewer)
-            removed = attempt.plan.meta.get("groups", {})
-            predicted = sum(
-                self.sensitivity.loss(int(g), len(u) / self.pruner.groups[int(g)].n_units)
-                for g, u in removed.items()
-                if int(g) in self.sensitivity.curves
-            )
+            removed = _plan_ratios(attempt.plan, self.pruner)
+            predicted = sum(self.sensitivity.loss(g, r) for g, r in removed.items() if g in self.sensitivity.curves)
         return Choice(attempt.ratios, attempt.plan, self.method, predicted, notes)
 
     def choose(self) -> Choice:

@@ -64,6 +64,17 @@ def measured_reduction(original: nn.Module, pruned: nn.Module, x) -> float:
     return 1.0 - prunekit.count(slim, x).macs / prunekit.count(original, x).macs
 
 
+def three_convs(*widths: int) -> tuple[nn.Module, torch.Tensor]:
+    """Three 3x3 convolutions of these widths (ReLU between), pooling and a 10-class head (seed 0), and an input."""
+    torch.manual_seed(0)
+    layers, c = [], 3
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU()]
+        c = w
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)).eval()
+    return model, torch.randn(1, 3, 16, 16)
+
+
 def quiet(_msg: str) -> None:
     pass
 
@@ -161,19 +172,7 @@ def test_threshold_with_round_to_steps_on_the_grid_and_reports_the_plan():
     steps while the summed predicted loss stays within the threshold, and predicted_loss and ratios are
     those of the channels the plan removes. Without round_to the floor rounding left part of the
     threshold unused (0.038 of 0.05 here); single-unit steps now fill it."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    ).eval()
-    x = torch.randn(1, 3, 16, 16)
+    model, x = three_convs(16, 16, 16)
     ids = [g.id for g in prunekit.Pruner(model, x).prunable_groups]
     steep = dict(zip(ids, (0.18, 2.0, 2.0)))  # one flat group: half its channels cost 0.045
     sens = Sensitivity(1.0, False, list(RATIOS), {g: {r: 1.0 - a * r * r for r in RATIOS} for g, a in steep.items()})
@@ -252,19 +251,7 @@ def test_round_to_steps_reach_the_macs_goal():
     -21% MACs for a requested -30% (48/64/32 channels in steps of 8), and the ana-guided one of the
     pretrained CIFAR ResNet-20 at -20% for -50% with round_to=16: the rounded plan now takes one more
     step of the cheapest group at a time until the goal is reached."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 48, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(48, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(64, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(32, 10),
-    ).eval()
-    x = torch.randn(1, 3, 16, 16)
+    model, x = three_convs(48, 64, 32)
     res = prunekit.prune(model, x, removal_ratio=0.3, round_to=8, fallback="uniform", mode="slim", log=quiet)
     widths = [m.out_channels for m in res.model if isinstance(m, nn.Conv2d)]
     assert all(w % 8 == 0 for w in widths), widths
