@@ -52,7 +52,9 @@ class PruneResult:
     Attributes:
         model: The sparse model (pruned in place) or, with ``mode='slim'``, the slim copy.
         plan: The pruning plan (also saved as ``plan.json`` in the workspace).
-        ratios: ``{group_id: fraction of its channels removed}``.
+        ratios: ``{group_id: fraction of its channels the plan removes}`` (after rounding to whole
+            channels and ``round_to``; the allocation's continuous ratios are in
+            ``plan.meta["requested_ratios"]``).
         method: ``"sensitivity"``, ``"uniform"``, ``"global"`` or ``"spec"``.
         macs_before, macs_after, params_before, params_after: Measured counts.
         predicted_loss: Sum of the groups' predicted relative metric losses (sensitivity only).
@@ -400,13 +402,18 @@ class Attempt:
 
 @dataclass
 class Choice:
-    """The allocation :func:`prune` goes with, how it was chosen and what it noted."""
+    """The allocation :func:`prune` goes with, how it was chosen and what it noted.
+
+    ``ratios`` are the fractions the plan removes; ``requested`` the allocation's continuous ratios
+    it was rounded from (``None``: the same).
+    """
 
     ratios: dict[int, float]
     plan: PruningPlan
     method: str
     predicted: float | None = None
     notes: list[str] = field(default_factory=list)
+    requested: dict[int, float] | None = None
 
 
 def _plan_ratios(plan: PruningPlan, pruner: Pruner) -> dict[int, float]:
@@ -609,10 +616,11 @@ class Allocator:
                 note += f" (round_to={self.round_to}: channel counts in multiples of it; a smaller one gets closer)"
             notes.append(note)
         predicted = None
+        removed = _plan_ratios(attempt.plan, self.pruner)
         if self.method == "sensitivity":  # of the channels the plan removes (rounding may remove fewer)
-            removed = _plan_ratios(attempt.plan, self.pruner)
             predicted = sum(self.sensitivity.loss(g, r) for g, r in removed.items() if g in self.sensitivity.curves)
-        return Choice(attempt.ratios, attempt.plan, self.method, predicted, notes)
+        ratios = {g: removed.get(g, 0.0) for g in attempt.ratios} | removed
+        return Choice(ratios, attempt.plan, self.method, predicted, notes, dict(attempt.ratios))
 
     def choose(self) -> Choice:
         """The allocation as computed."""
@@ -629,6 +637,7 @@ def _finish_plan(model, inputs, pruner: Pruner, structure, chosen: Choice, req: 
         {
             "method": chosen.method,
             "ratios": {str(k): v for k, v in chosen.ratios.items()},
+            "requested_ratios": {str(k): v for k, v in (chosen.requested or chosen.ratios).items()},
             "removal_ratio": req.removal_ratio,
             "threshold": req.threshold,
             "round_to": req.round_to,

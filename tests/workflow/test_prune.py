@@ -191,6 +191,31 @@ def test_threshold_with_round_to_steps_on_the_grid_and_reports_the_plan():
             assert res.ratios == {g: n / 16 for g, n in removed.items()}, (res.ratios, removed)
 
 
+@pytest.mark.parametrize("curves", [False, True])
+def test_ratios_are_what_the_plan_removes(curves):
+    """With removal_ratio, ``ratios`` (and ``plan.meta["ratios"]``) reported the allocation's continuous
+    ratios (0.30 of a 16-channel group, of which the plan removes 4 = 0.25), not what was pruned. They
+    are now the plan's fractions; the allocation's are kept as ``plan.meta["requested_ratios"]``."""
+    model, x = three_convs(16, 24, 16)
+    ids = [g.id for g in prunekit.Pruner(model, x).prunable_groups]
+    sens = None
+    if curves:
+        steep = dict(zip(ids, (0.3, 1.0, 2.0)))
+        curve = {g: {r: 1.0 - a * r * r for r in RATIOS} for g, a in steep.items()}
+        sens = Sensitivity(1.0, False, list(RATIOS), curve)
+    res = prunekit.prune(model, x, removal_ratio=0.3, sensitivity=sens, fallback="uniform", log=quiet)
+    units = {g.id: g.n_units for g in prunekit.Pruner(three_convs(16, 24, 16)[0], x).groups}
+    removed = {int(g): len(u) / units[int(g)] for g, u in res.plan.meta["groups"].items()}
+    assert removed, "nothing was pruned"
+    assert {g: r for g, r in res.ratios.items() if r > 0} == removed, (res.ratios, removed)
+    assert {int(g): r for g, r in res.plan.meta["ratios"].items() if r > 0} == removed
+    requested = {int(g): r for g, r in res.plan.meta["requested_ratios"].items()}
+    assert requested and set(requested) <= set(res.ratios), (requested, res.ratios)
+    assert any(abs(requested[g] - res.ratios[g]) > 1e-6 for g in requested), (
+        f"the test needs an allocation that rounding changes: {requested}"
+    )
+
+
 # ----- constraints -----------------------------------------------------------------------
 @pytest.mark.parametrize("name, round_to", [("resnet18", 8), ("demonet", 4)])
 def test_round_to_is_honoured(name, round_to, tmp_path):
