@@ -11,7 +11,7 @@ on the original model, are read for each group from the channels it has left (or
 ``run.reanalyse``, ana runs again on each step's starting slim model). ``run.finetune_on:
 sparse`` keeps the original shapes instead: each step prunes the original architecture again,
 starting from the previous step's fine-tuned sparse weights, whose zeros the criterion picks
-first (the previous plan is merged in should it not).
+first (the previous plan is merged in should it not, and the step's MACs goal is met with it).
 
 After pruning, the BatchNorm statistics are re-estimated on ``run.calibrate_batches`` training
 batches, then the step fine-tunes (``run.total_epochs`` splits one budget over the steps). A
@@ -570,15 +570,12 @@ class IterativePruner:
             excludes=self.excludes,
             criterion=self.criterion,
             log=self.log,
+            keep_pruned=start.plan if start.plan.pruned else None,  # the goal is met with the earlier cuts
             **self.prune_cfg.kwargs(),
             **self._search_kwargs(seed),
             **self._reconstruct_kwargs(seed),
         )
-        notes = list(res.notes)
-        if start.plan.pruned and not res.plan.contains(start.plan):
-            sparse.apply_plan(start.model, start.plan)  # merges: earlier pruned channels stay pruned
-            notes.append("the new plan did not contain every earlier pruned channel; merged the previous plan")
-        return PrunedStep(start.model, sparse.get_plan(start.model), None, notes)
+        return PrunedStep(start.model, sparse.get_plan(start.model), None, list(res.notes))
 
     def _search_kwargs(self, seed: int) -> dict:
         """``prune.search``: each step tries that many allocations, each evaluated after BatchNorm re-estimation."""

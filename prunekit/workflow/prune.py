@@ -231,7 +231,8 @@ def prune(
             BatchNorm statistics.
         seed: Seeds the search's variants.
         keep_pruned: An earlier plan of this model (a fine-tuned step): its pruned channels stay pruned;
-            it is merged into the result, and the counts are those of the merged plan.
+            every candidate allocation is measured with them, so ``removal_ratio`` is met by the merged
+            plan, and the counts and ``ratios`` are those of the merged plan.
         baseline: The model ana analysed when ``model`` carries other weights (a fine-tuned step);
             the workspace's ``sensitivity.json`` must describe it (default: ``model``).
         calibration: Calibration batches (``(inputs, target)`` pairs or bare model inputs, a few
@@ -421,6 +422,22 @@ def _plan_ratios(plan: PruningPlan, pruner: Pruner) -> dict[int, float]:
     return {int(k): len(v) / max(1, pruner.groups[int(k)].n_units) for k, v in plan.meta.get("groups", {}).items()}
 
 
+def _with_kept(plan: PruningPlan, keep: PruningPlan | None) -> PruningPlan:
+    """``plan`` with an earlier step's pruned channels (``keep``) removed too; its ``groups`` the union.
+
+    >>> a = PruningPlan({"w": {0: [0]}}, {"w": [4]}, {"groups": {0: [0]}})
+    >>> _with_kept(a, PruningPlan({"w": {0: [2]}}, {"w": [4]}, {"groups": {"0": [2]}})).meta["groups"]
+    {0: [0, 2]}
+    """
+    if keep is None or plan.contains(keep):
+        return plan
+    groups = {int(g): set(u) for g, u in plan.meta.get("groups", {}).items()}
+    for g, u in keep.meta.get("groups", {}).items():
+        groups.setdefault(int(g), set()).update(u)
+    meta = {**plan.meta, "groups": {g: sorted(u) for g, u in sorted(groups.items())}}
+    return PruningPlan(plan.merge(keep).pruned, {**keep.shapes, **plan.shapes}, meta)
+
+
 def _from_spec(spec: Any, pruner: Pruner, round_to: int) -> Choice:
     """The plan a spec describes, as given."""
     loaded = _load_spec(spec, pruner)
@@ -444,6 +461,7 @@ class Allocator:
         self.goal, self.threshold, self.round_to, self.tolerance = (
             req.removal_ratio, req.threshold, req.round_to, req.tolerance
         )  # fmt: skip
+        self.keep = req.keep_pruned  # an earlier step's channels: every plan is measured with them
         self.mm = MacsModel.from_counts(before, pruner.groups)
         self.cands = [g.id for g in pruner.prunable_groups if g.id not in structure.inside]
         self.method = "sensitivity" if sensitivity is not None else req.fallback
@@ -471,7 +489,9 @@ class Allocator:
         return global_ranking(mm, cands, self.scores, caps, target)
 
     def macs(self, plan: PruningPlan) -> int:
-        """The measured MACs of ``plan`` (with the removed blocks and experts); cached per plan."""
+        """The measured MACs of ``plan`` (with the removed blocks and experts, and ``keep_pruned``'s
+        channels); cached per plan."""
+        plan = _with_kept(plan, self.keep)
         if not plan.pruned and not self.structure.macs_saved:
             return self.before.macs
         key = plan.key()
@@ -514,8 +534,9 @@ class Allocator:
         loss = self.sensitivity.loss
         current, stuck = start.plan, set()
         while True:
-            removed = {int(g): len(u) for g, u in current.meta.get("groups", {}).items()}
-            now = _plan_ratios(current, self.pruner)
+            counted = _with_kept(current, self.keep)
+            removed = {int(g): len(u) for g, u in counted.meta.get("groups", {}).items()}
+            now = _plan_ratios(counted, self.pruner)
             spent = sum(loss(g, r) for g, r in now.items())
             fits = [
                 m
@@ -530,7 +551,8 @@ class Allocator:
                 stuck.add(g)
             else:
                 current = plan
-        return Attempt(0.0, _plan_ratios(current, self.pruner), current, 1 - self.macs(current) / self.before.macs)
+        now = _plan_ratios(_with_kept(current, self.keep), self.pruner)
+        return Attempt(0.0, now, current, 1 - self.macs(current) / self.before.macs)
 
     def round_up(self, start: Attempt, loss: Callable[[int, float], float] | None = None) -> Attempt:
         """Where ``round_to`` left the plan short of the MACs goal: one rounding step more at a time.
@@ -549,7 +571,8 @@ class Allocator:
         overshot: set[int] = set()  # groups whose next step went past the goal: try the others first
         stuck: set[int] = set()  # groups whose next step removes nothing more (a member must keep a channel)
         while current.achieved < goal - self.tolerance:
-            removed = {int(g): len(u) for g, u in current.plan.meta.get("groups", {}).items()}
+            counted = _with_kept(current.plan, self.keep)
+            removed = {int(g): len(u) for g, u in counted.meta.get("groups", {}).items()}
             moves = [m for m in self._round_moves(removed, loss) if m[1] not in overshot | stuck]
             if not moves:
                 break
@@ -616,7 +639,7 @@ class Allocator:
                 note += f" (round_to={self.round_to}: channel counts in multiples of it; a smaller one gets closer)"
             notes.append(note)
         predicted = None
-        removed = _plan_ratios(attempt.plan, self.pruner)
+        removed = _plan_ratios(_with_kept(attempt.plan, self.keep), self.pruner)
         if self.method == "sensitivity":  # of the channels the plan removes (rounding may remove fewer)
             predicted = sum(self.sensitivity.loss(g, r) for g, r in removed.items() if g in self.sensitivity.curves)
         ratios = {g: removed.get(g, 0.0) for g in attempt.ratios} | removed
@@ -631,8 +654,11 @@ def _finish_plan(model, inputs, pruner: Pruner, structure, chosen: Choice, req: 
     """The chosen plan with the earlier pruned channels, its metadata, the structure and compensation."""
     plan, keep_pruned = chosen.plan, req.keep_pruned
     if keep_pruned is not None and not plan.contains(keep_pruned):  # earlier pruned channels stay pruned
-        plan = PruningPlan(plan.merge(keep_pruned).pruned, {**keep_pruned.shapes, **plan.shapes}, plan.meta)
-        chosen.notes.append("merged the earlier plan: the new one did not contain every earlier pruned channel")
+        plan = _with_kept(plan, keep_pruned)
+        chosen.notes.append(
+            "merged the earlier plan: the new one did not contain every earlier pruned channel "
+            "(the MACs goal was met with them)"
+        )
     plan.meta.update(
         {
             "method": chosen.method,
@@ -746,7 +772,9 @@ def _search(model: nn.Module, allocator: Allocator, req: Request) -> Choice:
                 bar.update(1)
             if cand.gap > tolerance and cand is not best:
                 continue  # off the MACs target: not comparable
-            score = evaluate_point(model, cand.plan, None, req.eval_fn, req.eval_args, req.calibrate)
+            score = evaluate_point(
+                model, _with_kept(cand.plan, allocator.keep), None, req.eval_fn, req.eval_args, req.calibrate
+            )
             scored.append((sign * score, kind, cand))
     finally:
         model.train(was)
