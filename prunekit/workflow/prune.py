@@ -655,10 +655,7 @@ def _finish_plan(model, inputs, pruner: Pruner, structure, chosen: Choice, req: 
     plan, keep_pruned = chosen.plan, req.keep_pruned
     if keep_pruned is not None and not plan.contains(keep_pruned):  # earlier pruned channels stay pruned
         plan = _with_kept(plan, keep_pruned)
-        chosen.notes.append(
-            "merged the earlier plan: the new one did not contain every earlier pruned channel "
-            "(the MACs goal was met with them)"
-        )
+        chosen.notes.append("merged the earlier plan: the new one did not contain every earlier pruned channel")
     plan.meta.update(
         {
             "method": chosen.method,
