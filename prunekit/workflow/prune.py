@@ -481,12 +481,32 @@ class Allocator:
         if loss is not None:
             return equal_loss(mm, cands, loss, caps, target)
         if self.method == "sensitivity":
-            if self.threshold is not None or how == "greedy":
-                return greedy(mm, cands, self.sensitivity.loss, caps, target_macs=target, threshold=self.threshold)
+            if self.threshold is not None:
+                curve, budget = self._threshold_budget()
+                return greedy(mm, cands, curve, caps, threshold=budget)
+            if how == "greedy":
+                return greedy(mm, cands, self.sensitivity.loss, caps, target_macs=target)
             return equal_loss(mm, cands, self.sensitivity.loss, caps, target)
         if self.method == "uniform":
             return uniform(mm, cands, caps, target)
         return global_ranking(mm, cands, self.scores, caps, target)
+
+    def _threshold_budget(self) -> tuple[Callable[[int, float], float], float]:
+        """The loss curves and threshold left after ``keep_pruned``'s channels (their loss is spent:
+        a group's steps up to its earlier ratio cost nothing more)."""
+        loss = self.sensitivity.loss
+        kept = _plan_ratios(self.keep, self.pruner) if self.keep is not None else {}
+        kept = {g: r for g, r in kept.items() if g in self.sensitivity.curves}
+        if not kept:
+            return loss, self.threshold
+        spent = sum(loss(g, r) for g, r in kept.items())
+        note = (
+            f"the earlier pruned channels alone have a predicted loss of {spent:.4g}, more than the "
+            f"threshold {self.threshold:g}: nothing more is pruned"
+        )
+        if spent > self.threshold and note not in self.notes:
+            self.notes.append(note)
+        return (lambda g, r: loss(g, max(r, kept.get(g, 0.0)))), max(0.0, self.threshold - spent)
 
     def macs(self, plan: PruningPlan) -> int:
         """The measured MACs of ``plan`` (with the removed blocks and experts, and ``keep_pruned``'s

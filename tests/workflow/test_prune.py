@@ -245,6 +245,36 @@ def test_keep_pruned_meets_the_goal_with_the_earlier_channels():
     }
 
 
+@pytest.mark.parametrize("threshold", [0.05, 1.2])
+def test_threshold_with_keep_pruned_counts_the_earlier_channels(threshold):
+    """Threshold mode spent the whole threshold on new channels and merged the earlier ones on top: a
+    predicted loss of 1.34 for a threshold of 1.2 (the earlier channels alone cost 0.956 here), and
+    more pruning at 0.05. The earlier channels' loss is now spent first."""
+    model, x = three_convs(16, 24, 16)
+    ids = [g.id for g in prunekit.Pruner(model, x).prunable_groups]
+
+    def curves(*steep):
+        return Sensitivity(
+            1.0, False, list(RATIOS), {g: {r: 1.0 - a * r * r for r in RATIOS} for g, a in zip(ids, steep)}
+        )
+
+    first = prunekit.prune(model, x, removal_ratio=0.3, sensitivity=curves(0.2, 3.0, 3.0), log=quiet)
+    prunekit.engine.sparse.remove_masks(model)
+    later = curves(3.0, 0.2, 0.3)
+    spent = sum(later.loss(g, r) for g, r in first.ratios.items())
+    res = prunekit.prune(model, x, threshold=threshold, sensitivity=later, keep_pruned=first.plan, log=quiet)
+    assert res.plan.contains(first.plan)
+    removed = {int(g): len(u) for g, u in res.plan.meta["groups"].items()}
+    units = {g.id: g.n_units for g in prunekit.Pruner(three_convs(16, 24, 16)[0], x).groups}
+    actual = sum(later.loss(g, n / units[g]) for g, n in removed.items())
+    assert res.predicted_loss == pytest.approx(actual)
+    if threshold < spent:
+        assert res.plan.key() == first.plan.key(), f"pruned more beyond a spent threshold: {removed}"
+        assert any("alone have a predicted loss" in n for n in res.notes), res.notes
+    else:
+        assert spent < actual <= threshold + 1e-9, f"predicted {actual} for threshold {threshold} ({removed})"
+
+
 # ----- constraints -----------------------------------------------------------------------
 @pytest.mark.parametrize("name, round_to", [("resnet18", 8), ("demonet", 4)])
 def test_round_to_is_honoured(name, round_to, tmp_path):
