@@ -474,6 +474,8 @@ class Allocator:
         greedy_too = self.method == "sensitivity" and req.strategy != "greedy"
         self.hows = [req.strategy] + (["greedy"] if greedy_too else [])
         self._measured: dict[tuple, int] = {}
+        if self.threshold is not None:  # what the threshold leaves after keep_pruned's channels (once)
+            self.left_curve, self.left_threshold = self._threshold_budget()
 
     def ratios(self, target: float | None, how: str, loss: Callable[[int, float], float] | None = None) -> dict:
         """The allocation for ``target`` MACs (``how``: ``'equal_loss'`` or ``'greedy'``)."""
@@ -482,8 +484,7 @@ class Allocator:
             return equal_loss(mm, cands, loss, caps, target)
         if self.method == "sensitivity":
             if self.threshold is not None:
-                curve, budget = self._threshold_budget()
-                return greedy(mm, cands, curve, caps, threshold=budget)
+                return greedy(mm, cands, self.left_curve, caps, threshold=self.left_threshold)
             if how == "greedy":
                 return greedy(mm, cands, self.sensitivity.loss, caps, target_macs=target)
             return equal_loss(mm, cands, self.sensitivity.loss, caps, target)
@@ -500,12 +501,11 @@ class Allocator:
         if not kept:
             return loss, self.threshold
         spent = sum(loss(g, r) for g, r in kept.items())
-        note = (
-            f"the earlier pruned channels alone have a predicted loss of {spent:.4g}, more than the "
-            f"threshold {self.threshold:g}: nothing more is pruned"
-        )
-        if spent > self.threshold and note not in self.notes:
-            self.notes.append(note)
+        if spent > self.threshold:
+            self.notes.append(
+                f"the earlier pruned channels alone have a predicted loss of {spent:.4g}, more than the "
+                f"threshold {self.threshold:g}: nothing more is pruned"
+            )
         return (lambda g, r: loss(g, max(r, kept.get(g, 0.0)))), max(0.0, self.threshold - spent)
 
     def macs(self, plan: PruningPlan) -> int:
