@@ -133,6 +133,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="steps of the iterative rows")
     p.add_argument("--calibrate-batches", type=int, default=20, help="BatchNorm re-estimation batches")
     p.add_argument("--search", type=int, default=8, help="allocation variants the one-shot row evaluates")
+    p.add_argument(
+        "--criterion",
+        default="l2",
+        choices=["l2", "l1", "fpgm", "taylor", "activation"],
+        help="which channels prunekit's rows (ana, the iterative loop, one-shot) remove first; taylor and "
+        "activation read --calibrate-batches training batches (the peer rows keep their own criteria)",
+    )
     p.add_argument("--kd-weight", type=float, default=0.5)
     p.add_argument("--kd-temperature", type=float, default=4.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -259,8 +266,17 @@ def row_dense(b: Bench, base: nn.Module, ratio: float | None, seed: int, ws: Pat
 def shared_ana(b: Bench, base: nn.Module) -> tuple[prunekit.Sensitivity, Path]:
     """ana once per depth on the validation batches (every row that uses it reuses its cached points)."""
     ws = b.work / f"ana-d{b.depth}-{row_key(b.depth, 'ana', None, 0, b.settings).rsplit('/', 1)[1]}"
-    ratios = {"ratios": b.args.ana_ratios} if b.args.ana_ratios else {}
-    return prunekit.ana(base, b.x, b.val_fn, workspace=ws, progress=b.args.progress, log=quiet, **ratios), ws
+    kw = {"ratios": b.args.ana_ratios} if b.args.ana_ratios else {}
+    kw.update(criterion=b.args.criterion, **criterion_data(b))
+    return prunekit.ana(base, b.x, b.val_fn, workspace=ws, progress=b.args.progress, log=quiet, **kw), ws
+
+
+def criterion_data(b: Bench) -> dict:
+    """The calibration batches of a criterion that reads data (the first --calibrate-batches, seed 0)."""
+    if b.args.criterion not in ("taylor", "activation"):
+        return {}
+    torch.manual_seed(0)
+    return {"calibration": list(itertools.islice(b.train, b.args.calibrate_batches))}
 
 
 def row_iterative(
@@ -301,6 +317,7 @@ def row_iterative(
         prune=prunekit.PruneConfig(search=b.args.search, reconstruct=reconstruct) if search else None,
         finetune=b.ft_config(seed, distill=distill),
         test_fn=b.test_fn,
+        criterion=b.args.criterion,
         log=quiet,
     ).run()
     history = [h for a in res.attempts for h in a.get("history", [])]
@@ -362,9 +379,9 @@ def row_oneshot(
 ) -> dict:
     calibrate = make_bn_calibration(b.train, max_batches=b.args.calibrate_batches)
     sens, _ = shared_ana(b, base)
-    extra = {}
+    extra = {"criterion": b.args.criterion, **criterion_data(b)}
     if reconstruct:  # the least-squares refit's batches; then the same seed as `oneshot`: only the refit differs
-        extra = {"reconstruct": True, "calibration": list(itertools.islice(b.train, b.args.calibrate_batches))}
+        extra.update(reconstruct=True, calibration=list(itertools.islice(b.train, b.args.calibrate_batches)))
     torch.manual_seed(seed)
     return _prune_then_tune(
         b,
@@ -641,6 +658,8 @@ def build_bench(args: argparse.Namespace, root: Path) -> Bench:
             "ana_ratios",
         )
     }
+    if args.criterion != "l2":  # the rows measured before the option keep their keys
+        settings["criterion"] = args.criterion
     val_fn = make_eval_fn(val, "accuracy", max_batches=args.val_batches)
     return Bench(
         args, train, val, val_fn, make_eval_fn(test, "accuracy"), torch.zeros(1, 3, 32, 32), args.work, settings

@@ -150,7 +150,8 @@ def group_scores(
     crit = CRITERIA[criterion]
     if crit.needs_grads and not grads:
         raise ValueError(
-            f"criterion {criterion!r} needs gradients: call Pruner.accumulate_gradients(batches, loss_fn) first"
+            f"criterion {criterion!r} needs gradients: pass calibration=<(inputs, target) batches> to "
+            "prune/ana, or call Pruner.read_calibration(batches) first"
         )
     if crit.needs_activations and not activations:
         raise ValueError(

@@ -36,6 +36,7 @@ from prunekit.engine.prepare import prepare
 from prunekit.graph.groups import ChannelGroup, build_groups
 from prunekit.graph.trace import ATTENTION_MODES, Tracer, call_model, run_on_meta, single_thread, trace
 from prunekit.utils.deprecation import UNSET, renamed
+from prunekit.utils.devices import model_device, to_device
 
 __all__ = ["Pruner"]
 
@@ -207,12 +208,13 @@ class Pruner:
         """
         named = dict(self.model.named_parameters())
         self.grads = {n: torch.zeros_like(p) for n, p in named.items()}
+        dev = model_device(self.model)
         was = self.model.training
         self.model.eval()
         try:
             for inputs, target in batches:
                 self.model.zero_grad(set_to_none=True)
-                loss = loss_fn(call_model(self.model, inputs), target)
+                loss = loss_fn(call_model(self.model, to_device(inputs, dev)), to_device(target, dev))
                 loss.backward()
                 for n, p in named.items():
                     if p.grad is not None:
@@ -220,6 +222,45 @@ class Pruner:
         finally:
             self.model.train(was)
             self.model.zero_grad(set_to_none=True)
+
+    def read_calibration(
+        self,
+        batches: Iterable[Any],
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        criterion: str | None = None,
+    ) -> bool:
+        """Measure on calibration ``batches`` what ``criterion`` (default: the pruner's) scores from.
+
+        The ``activation`` / ``fluctuation`` criteria read input statistics
+        (:meth:`collect_activations`), ``taylor`` the gradients of ``loss_fn`` (default
+        cross-entropy) summed over the batches (:meth:`accumulate_gradients`); the others read
+        nothing.
+
+        Args:
+            batches: ``(inputs, target)`` pairs (``taylor`` needs the targets) or bare model inputs.
+            loss_fn: ``loss_fn(model_output, target) -> scalar`` for ``taylor``.
+            criterion: The criterion to prepare.
+
+        Returns:
+            Whether the criterion read anything.
+
+        Raises:
+            ValueError: ``taylor`` got batches without targets, or no batches.
+
+        Example:
+            >>> import torch, torch.nn as nn
+            >>> p = Pruner(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(2, 4))
+            >>> p.read_calibration([(torch.randn(16, 4), torch.randint(0, 3, (16,)))], criterion="taylor")
+            True
+            >>> plan = p.plan(0.5, criterion="taylor")
+        """
+        name = criterion or self.criterion
+        crit = CRITERIA[name]
+        if crit.needs_activations:
+            self.collect_activations(batches)
+        if crit.needs_grads:
+            self.accumulate_gradients(_labelled(batches, name), loss_fn or nn.functional.cross_entropy)
+        return crit.needs_activations or crit.needs_grads
 
     # ----- planning and pruning --------------------------------------------------------
     def plan(
@@ -450,3 +491,19 @@ def _channel_ratio(where: str, ratio: Any, channel_ratio: Any) -> Any:
     if value is UNSET:
         raise TypeError(f"{where}() needs channel_ratio: the fraction of every group's channels to remove")
     return value
+
+
+def _labelled(batches: Iterable[Any], criterion: str) -> list[tuple[Any, Any]]:
+    """``batches`` as ``(inputs, target)`` pairs; a clear error for any other batch or none at all."""
+    pairs = []
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(
+                f"criterion {criterion!r} sums the gradients of a loss: its calibration batches must be "
+                f"(inputs, target) pairs, but batch {i} is a {type(batch).__name__}; pass labelled batches "
+                "(e.g. a training DataLoader) or choose a criterion that needs no targets ('activation', 'l2')"
+            )
+        pairs.append(tuple(batch))
+    if not pairs:
+        raise ValueError(f"criterion {criterion!r} got no calibration batches: pass a few labelled training batches")
+    return pairs

@@ -378,6 +378,7 @@ def ana(
     fast: bool | FastAnaConfig = True,
     workers: int = 1,
     calibration: Iterable[Any] | None = None,
+    loss_fn: Callable | None = None,
     config: AnaConfig | None = None,
 ) -> Sensitivity:
     """Measure each prunable group's sensitivity; resumable, cached in ``workspace``.
@@ -410,8 +411,11 @@ def ana(
             ``False`` to evaluate every point in full. Changing it recomputes the cached points.
         workers: Processes (forked, on this machine's cores) that share the groups; each
             writes ``ana.rank<i>.json`` and this process merges them.
-        calibration: Calibration batches (model inputs) for the ``activation`` / ``fluctuation``
-            criteria (:meth:`prunekit.Pruner.collect_activations`).
+        calibration: Calibration batches for the criteria that read data
+            (:meth:`prunekit.Pruner.read_calibration`): model inputs or ``(inputs, target)``
+            pairs for ``activation`` / ``fluctuation``, pairs for ``taylor``.
+        loss_fn: ``loss_fn(model_output, target) -> scalar`` of the ``taylor`` criterion's
+            gradients (default cross-entropy).
         config: An :class:`~prunekit.workflow.options.AnaConfig` giving ``ratios``,
             ``collapse``, ``forced``, ``fast`` and ``workers`` instead of the keywords; a keyword
             given as well with another value is refused.
@@ -433,8 +437,8 @@ def ana(
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     excludes = list(excludes)
     pruner = pruner or validated_pruner(model, example_inputs, excludes=excludes, criterion=criterion, log=log)
-    if calibration is not None and not pruner.activations:
-        pruner.collect_activations(calibration)  # for the activation criteria
+    if calibration is not None and not (pruner.activations or pruner.grads):
+        pruner.read_calibration(calibration, loss_fn, criterion)  # input statistics or taylor's gradients
     prior = sparse.get_plan(model) if sparse.is_sparse(model) else None
     share = _Share(
         model,

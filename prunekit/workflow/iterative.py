@@ -65,6 +65,7 @@ import torch.nn as nn
 
 from prunekit.engine import sparse
 from prunekit.engine.counting import count
+from prunekit.engine.criteria import CRITERIA
 from prunekit.engine.equivalence import checked_slim
 from prunekit.engine.plan import PruningPlan
 from prunekit.engine.pruner import Pruner
@@ -272,11 +273,17 @@ class IterativePruner:
         self.epochs = self.config.epochs_per_step(self.ft.epochs)
         n_cal = self.config.calibrate_batches
         self.calibrate = make_bn_calibration(train_loader, max_batches=n_cal) if n_cal and train_loader else None
-        if self.prune_cfg.reconstruct and self.calibrate is None:
-            raise ConfigError(
-                "prune.reconstruct refits every step on run.calibrate_batches training batches: set "
-                f"run.calibrate_batches (e.g. 20; now {n_cal}) and give a train_loader"
-            )
+        crit = CRITERIA.get(criterion)
+        self.reads_data = crit is not None and (crit.needs_activations or crit.needs_grads)
+        for what, on in (
+            ("prune.reconstruct refits", self.prune_cfg.reconstruct),
+            (f"criterion {criterion!r} scores", self.reads_data),
+        ):
+            if on and self.calibrate is None:
+                raise ConfigError(
+                    f"{what} every step on run.calibrate_batches training batches: set "
+                    f"run.calibrate_batches (e.g. 20; now {n_cal}) and give a train_loader"
+                )
         self.pruner: Pruner | None = None  # the original model's groups (set by run)
 
     # ----- state ------------------------------------------------------------------------
@@ -362,6 +369,7 @@ class IterativePruner:
             progress=self.ft.progress,
             pruner=self.pruner,
             log=self.log,
+            **self._criterion_data(self.ft.seed),
         )
         baseline = {"metric": sens.baseline, "macs": base_counts.macs, "params": base_counts.params}
         if self.test_fn is not None:
@@ -573,7 +581,7 @@ class IterativePruner:
             keep_pruned=start.plan if start.plan.pruned else None,  # the goal is met with the earlier cuts
             **self.prune_cfg.kwargs(),
             **self._search_kwargs(seed),
-            **self._reconstruct_kwargs(seed),
+            **self._data_kwargs(seed),
         )
         return PrunedStep(start.model, sparse.get_plan(start.model), None, list(res.notes))
 
@@ -583,13 +591,27 @@ class IterativePruner:
             return {}
         return {"search": self.prune_cfg.search, "eval_fn": self.eval_fn, "calibrate": self.calibrate, "seed": seed}
 
-    def _reconstruct_kwargs(self, seed: int) -> dict:
-        """``prune.reconstruct``: each step refits on ``run.calibrate_batches`` training batches (seeded)."""
-        if not self.prune_cfg.reconstruct:
-            return {}
-        torch.manual_seed(seed)  # the same batches when a killed run resumes
-        batches = list(itertools.islice(self.train_loader, self.config.calibrate_batches))
-        return {"reconstruct": True, "calibration": batches}
+    def _data_kwargs(self, seed: int) -> dict:
+        """What each step reads from ``run.calibrate_batches`` training batches (seeded, so a killed run
+        resumes with the same ones): ``prune.reconstruct``'s refit, and a criterion's statistics
+        (``activation``, ``fluctuation``) or gradients (``taylor``, of the loop's ``loss_fn``)."""
+        kwargs = self._criterion_data(seed)
+        if self.prune_cfg.reconstruct:
+            kwargs = {
+                "calibration": kwargs.get("calibration") or self._calibration(seed),
+                **kwargs,
+                "reconstruct": True,
+            }
+        return kwargs
+
+    def _criterion_data(self, seed: int) -> dict:
+        """``calibration`` and ``loss_fn`` for a criterion that reads data (ana's and prune's)."""
+        return {"calibration": self._calibration(seed), "loss_fn": self.loss_fn} if self.reads_data else {}
+
+    def _calibration(self, seed: int) -> list:
+        """The first ``run.calibrate_batches`` training batches, seeded."""
+        torch.manual_seed(seed)
+        return list(itertools.islice(self.train_loader, self.config.calibrate_batches))
 
     def _prune_slim(
         self, start: StepStart, ratio: float, sens: Sensitivity, prev_dir: Path | None, base_macs: int, seed: int
@@ -605,7 +627,7 @@ class IterativePruner:
             "max_ratio": self._caps(here, pairs),
         }
         if start.plan.pruned:
-            sens = self._step_sensitivity(start, sens, prev_dir, here, pairs)
+            sens = self._step_sensitivity(start, sens, prev_dir, here, pairs, seed)
         res = prune(
             start.model,
             self.inputs,
@@ -616,7 +638,7 @@ class IterativePruner:
             log=self.log,
             **kwargs,
             **self._search_kwargs(seed),
-            **self._reconstruct_kwargs(seed),
+            **self._data_kwargs(seed),
         )
         notes = [n for n in res.notes if not n.startswith("reached a MACs reduction")]
         return self._slim_step(start, res.plan, notes)
@@ -637,6 +659,7 @@ class IterativePruner:
         prev_dir: Path,
         here: Pruner,
         pairs: list[tuple[ChannelGroup, ChannelGroup]],
+        seed: int,
     ) -> Sensitivity:
         """Curves for the groups of a slim start model: ana's, re-read (:class:`RebasedSensitivity`), or
         with ``run.reanalyse`` measured on it (cached in the previous step's ``ana/``)."""
@@ -653,6 +676,7 @@ class IterativePruner:
                 collapse=self.ana_cfg.collapse,
                 progress=self.ft.progress,
                 log=self.log,
+                **self._criterion_data(seed),
             )
         origin = {g.id: (h.id, 1 - g.n_units / h.n_units) for g, h in pairs if h.id in sens.curves}
         return RebasedSensitivity(

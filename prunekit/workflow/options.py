@@ -236,7 +236,8 @@ class PruneConfig:
     #: ``prunekit prune`` only: re-estimate BatchNorm statistics on this many training batches
     #: (each search candidate before it is evaluated, and the result); 0: never. The same
     #: batches are the calibration data of one-shot pruning (the ``activation`` /
-    #: ``fluctuation`` criteria, ``compensate``, ``reconstruct``, ``remove_blocks``, ``remove_experts``)
+    #: ``fluctuation`` criteria, ``taylor``'s gradients, ``compensate``, ``reconstruct``,
+    #: ``remove_blocks``, ``remove_experts``)
     calibrate_batches: int = 0
     #: ``prunekit prune`` only: fold removed channels' mean contributions into the next layers' biases
     compensate: bool = False
@@ -307,7 +308,7 @@ class PruneConfig:
             self.compensate
             or self.reconstruct
             or self.remove_experts
-            or (crit is not None and crit.needs_activations)
+            or (crit is not None and (crit.needs_activations or crit.needs_grads))
             or (self.remove_blocks and self.block_criterion == "influence")
         )
 
@@ -336,7 +337,10 @@ class IterativeConfig:
         epoch_split: With ``total_epochs``, the steps' shares as weights, one per step (``[1, 2, 7]``
             of 10 epochs: 1, 2 and 7, most of the budget to the final architecture); ``None``: even.
         calibrate_batches: Re-estimate the BatchNorm statistics on this many training batches
-            after every prune step, before fine-tuning (needs a train loader); 0: never.
+            after every prune step, before fine-tuning (needs a train loader); 0: never. The same
+            number of (seeded) training batches is what ``prune.reconstruct`` refits on and what a
+            criterion that reads data scores from (``activation`` / ``fluctuation`` statistics,
+            ``taylor``'s gradients), in ana and every step.
         reanalyse: Run ana again before every step after the first, on the slim model the step
             starts from (``finetune_on: slim`` only); ``False``: the first analysis, its curves
             read from the channels each group has left.

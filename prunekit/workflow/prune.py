@@ -186,6 +186,7 @@ def prune(
     keep_pruned: PruningPlan | None = None,
     baseline: nn.Module | None = None,
     calibration: Iterable[Any] | None = None,
+    loss_fn: Callable | None = None,
     compensate: bool = False,
     reconstruct: bool = False,
     remove_blocks: int = 0,
@@ -238,7 +239,10 @@ def prune(
         calibration: Calibration batches (``(inputs, target)`` pairs or bare model inputs, a few
             hundred samples) for one-shot pruning: the ``activation`` / ``fluctuation``
             criteria, ``compensate``, the ``influence`` of blocks and the routing weight of
-            experts are measured on them.
+            experts are measured on them; the ``taylor`` criterion sums the gradients of
+            ``loss_fn`` over them (``(inputs, target)`` pairs).
+        loss_fn: ``loss_fn(model_output, target) -> scalar``, the loss of the ``taylor``
+            criterion's gradients (default cross-entropy).
         compensate: Fold each removed input channel's mean contribution into its consumer's
             bias (FLAP's bias compensation, see :mod:`prunekit.engine.calibration`), in the
             sparse model as in the slim one; needs ``calibration``.
@@ -277,7 +281,7 @@ def prune(
     ws = workspace if isinstance(workspace, Workspace) or workspace is None else Workspace(workspace)
     pruner = validated_pruner(model, example_inputs, excludes=excludes, criterion=criterion, log=log)
     before = count(model, example_inputs)
-    _collect_activations(pruner, criterion, calibration, compensate, reconstruct)
+    _read_calibration(pruner, criterion, calibration, compensate, reconstruct, loss_fn)
     structure = plan_structure(
         model,
         example_inputs,
@@ -717,11 +721,17 @@ def _record_counts(plan: PruningPlan, before, after, req: Request, chosen: Choic
     return after
 
 
-def _collect_activations(
-    pruner: Pruner, criterion: str, calibration: Iterable[Any] | None, compensate: bool, reconstruct: bool = False
+def _read_calibration(
+    pruner: Pruner,
+    criterion: str,
+    calibration: Iterable[Any] | None,
+    compensate: bool,
+    reconstruct: bool = False,
+    loss_fn: Callable | None = None,
 ) -> None:
-    """Input statistics on ``calibration`` where the criterion or the compensation needs them;
-    refuses ``reconstruct`` without ``calibration`` or with ``compensate``."""
+    """What the criterion (input statistics, or ``taylor``'s gradients of ``loss_fn``) or the
+    compensation reads from ``calibration``; refuses ``reconstruct`` without ``calibration`` or
+    with ``compensate``."""
     for name, value in (("compensate", compensate), ("reconstruct", reconstruct)):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -734,10 +744,11 @@ def _collect_activations(
             "reconstruct=True needs calibration batches: pass calibration=<a loader or list of model inputs> "
             "(a few hundred samples; e.g. calibration=[example_inputs] for a try)"
         )
+    crit = CRITERIA[criterion]
     needs = [
         w
         for w, on in (
-            (f"criterion {criterion!r}", CRITERIA[criterion].needs_activations),
+            (f"criterion {criterion!r}", crit.needs_activations or crit.needs_grads),
             ("compensate=True", compensate),
         )
         if on
@@ -745,11 +756,17 @@ def _collect_activations(
     if not needs:
         return
     if calibration is None:
-        raise ValueError(
-            f"{' and '.join(needs)} need calibration batches: pass calibration=<a loader or list of "
-            "model inputs> (a few hundred samples; e.g. calibration=[example_inputs] for a try)"
+        what = (
+            "(inputs, target) batches, e.g. a training loader"
+            if crit.needs_grads
+            else "a loader or list of model inputs"
         )
-    pruner.collect_activations(calibration)
+        raise ValueError(
+            f"{' and '.join(needs)} need calibration batches: pass calibration=<{what}> (a few hundred samples)"
+        )
+    pruner.read_calibration(calibration, loss_fn)
+    if compensate and not crit.needs_activations:
+        pruner.collect_activations(calibration)
 
 
 def _reconstruct(dense: nn.Module, model: nn.Module, plan: PruningPlan, calibration, notes: list[str]) -> None:

@@ -93,7 +93,7 @@ def test_taylor_needs_gradients_first():
     pruner = prunekit.Pruner(model, x, criterion="taylor")
     with pytest.raises(ValueError) as info:
         pruner.prune(0.5)
-    assert "accumulate_gradients" in str(info.value), f"the error should say what to call: {info.value}"
+    assert "read_calibration" in str(info.value), f"the error should say what to call: {info.value}"
     assert not prunekit.engine.sparse.is_sparse(model), "a failed prune must leave the model dense"
     model.train()
     pruner.accumulate_gradients(batches(x), mse)
@@ -104,6 +104,52 @@ def test_taylor_needs_gradients_first():
     model.eval()
     slim = pruner.prune(0.5, mode="slim")
     assert slim.conv1.out_channels == 4, "taylor at 50% should keep 4 of 8 channels"
+
+
+def weak_net():
+    """``net()`` whose channels ``WEAK`` of conv1 are zero (weights and bias): no Taylor importance."""
+    model, x = net()
+    with torch.no_grad():
+        model.conv1.weight[WEAK] = 0.0
+        model.conv1.bias[WEAK] = 0.0
+    return model, x
+
+
+def test_prune_scores_taylor_on_its_calibration_batches():
+    """prune(criterion="taylor") sums the gradients itself; it used to ask for Pruner.accumulate_gradients."""
+    model, x = weak_net()
+    res = prunekit.prune(
+        model, x, removal_ratio=0.25, criterion="taylor", calibration=batches(x), loss_fn=mse, log=lambda m: None
+    )
+    assert res.plan.meta["criterion"] == "taylor", res.plan.meta
+    assert res.plan.pruned["conv1.weight"][0] == WEAK, f"taylor should prune the zero channels {WEAK}"
+    slim = prunekit.to_slim(res.model)
+    assert_equivalent(run(res.model, x), run(slim, x), "taylor-pruned net")
+
+
+def test_taylor_default_loss_is_cross_entropy_on_labelled_batches():
+    model, x = weak_net()
+    per_pixel = torch.randint(0, 4, (4, 6, 6), generator=torch.Generator().manual_seed(2))  # conv2's 4 channels
+    res = prunekit.prune(
+        model, x, removal_ratio=0.25, criterion="taylor", calibration=[(x, per_pixel)], log=lambda m: None
+    )
+    assert res.plan.pruned["conv1.weight"][0] == WEAK, "cross-entropy gradients should leave the zero channels last"
+
+
+@pytest.mark.parametrize(
+    ("calibration", "message"),
+    [
+        (None, "need calibration batches: pass calibration=<(inputs, target) batches"),
+        ("bare", "must be (inputs, target) pairs, but batch 0 is a Tensor"),
+        ([], "got no calibration batches"),
+    ],
+)
+def test_taylor_without_labelled_batches_says_what_to_pass(calibration, message):
+    model, x = weak_net()
+    cal = [x] if calibration == "bare" else calibration
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        prunekit.prune(model, x, removal_ratio=0.25, criterion="taylor", calibration=cal, log=lambda m: None)
+    assert not prunekit.engine.sparse.is_sparse(model), "a refused prune must leave the model dense"
 
 
 def test_taylor_accumulates_over_batches():

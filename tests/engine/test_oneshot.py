@@ -327,3 +327,29 @@ def test_cli_one_shot_prune_with_compensation(tmp_path, capsys):
     x = torch.randn(2, 1, 8, 8)
     assert_equivalent(run(model, x), run(prunekit.to_slim(model), x), "CLI compensated TinyNet")
     assert yaml.safe_load((ws / "config.yaml").read_text())["prune"]["compensate"] is True
+
+
+def test_cli_taylor_criterion_in_ana_prune_and_run(tmp_path, capsys):
+    """criterion: taylor sums its gradients on the calibration batches in every verb; prune used to fail
+    with "call Pruner.accumulate_gradients first"."""
+    from prunekit.cli.main import main
+    from tinyjob import trained, write_config
+
+    ckpt = tmp_path / "trained.pt"
+    torch.save(trained().state_dict(), ckpt)
+    model = {"checkpoint": str(ckpt)}
+    cfg = write_config(tmp_path, criterion="taylor", model=model)
+    assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.4"]) == 2
+    err = capsys.readouterr().err
+    assert "criterion 'taylor' read calibration batches" in err and "--calibrate-batches" in err, err
+    cfg = write_config(tmp_path, criterion="taylor", model=model, prune={"calibrate_batches": 2})
+    assert main(["ana", "-c", str(cfg), "--no-progress"]) == 0
+    assert main(["prune", "-c", str(cfg), "--removal-ratio", "0.4"]) == 0, capsys.readouterr().err
+    ws = tmp_path / "ws"
+    assert prunekit.PruningPlan.load(ws / "pruned" / "plan.json").meta["criterion"] == "taylor"
+    run_cfg = write_config(
+        tmp_path, criterion="taylor", model=model, workspace=str(tmp_path / "run"), run={"calibrate_batches": 2}
+    )
+    assert main(["run", "-c", str(run_cfg)]) == 0, capsys.readouterr().err
+    plans = [prunekit.PruningPlan.load(p) for p in sorted((tmp_path / "run" / "steps").glob("*/model/plan.json"))]
+    assert plans and all(p.pruned and p.meta["criterion"] == "taylor" for p in plans), [p.meta for p in plans]

@@ -437,3 +437,15 @@ def test_a_workspace_made_before_run_teacher_keeps_its_signature(tmp_path):
 
     assert "teacher" not in signature() and "epoch_split" not in signature()
     assert signature(teacher="previous")["teacher"] == "previous"
+
+
+@pytest.mark.parametrize("criterion", ["activation", "taylor"])
+def test_criteria_that_read_data_score_on_the_runs_calibration_batches(tmp_path, criterion):
+    """ana and every step read the criterion's statistics / gradients from run.calibrate_batches training
+    batches; both used to fail ("call Pruner.collect_activations" / "accumulate_gradients first")."""
+    res = run(tmp_path, criterion=criterion, config=IterativeConfig(schedule=[0.3, 0.5], calibrate_batches=2))
+    plans = [PruningPlan.load(tmp_path / a["dir"] / "model" / "plan.json") for a in res.attempts]
+    assert plans and all(p.meta["criterion"] == criterion for p in plans), [p.meta.get("criterion") for p in plans]
+    assert res.final["macs_reduction"] > 0.2, res.final
+    with pytest.raises(prunekit.workflow.options.ConfigError, match="run.calibrate_batches"):
+        run(tmp_path / "none", criterion=criterion, config=IterativeConfig(schedule=[0.3], calibrate_batches=0))
