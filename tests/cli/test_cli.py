@@ -114,7 +114,8 @@ def _fake_mnist(root, n_train: int = 64, n_test: int = 32) -> None:
 
 
 def test_demo_on_a_torchvision_dataset(tmp_path, capsys):
-    """The --dataset path (torchvision loaders, validation split, 28x28 inputs) on a tiny fake MNIST."""
+    """The --dataset path (torchvision loaders, validation split, 28x28 inputs) on a tiny fake MNIST, with the
+    taylor criterion (its gradients on the training batches; the demo used to refuse it)."""
     pytest.importorskip("torchvision")
     _fake_mnist(tmp_path / "data")
     rc = main(
@@ -140,6 +141,8 @@ def test_demo_on_a_torchvision_dataset(tmp_path, capsys):
             "1",
             "--threads",
             "1",
+            "--criterion",
+            "taylor",
             "--workspace",
             str(tmp_path / "ws"),
             "--no-progress",
@@ -147,6 +150,8 @@ def test_demo_on_a_torchvision_dataset(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert rc == 0, out
+    plan = prunekit.PruningPlan.load(next((tmp_path / "ws" / "steps").glob("*/model/plan.json")))
+    assert plan.meta["criterion"] == "taylor", plan.meta
     assert "mnist (58 train, 6 validation, 32 test)" in out and "test accuracy" in out, out
     assert (tmp_path / "ws" / "final" / "spec.json").exists()
 
