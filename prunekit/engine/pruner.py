@@ -3,7 +3,7 @@
 Example:
     >>> import torch, torch.nn as nn
     >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
-    ...                       nn.Conv2d(16, 8, 3))
+    ...                       nn.Conv2d(16, 8, 3)).eval()
     >>> x = torch.randn(1, 3, 16, 16)
     >>> pruner = Pruner(model, x)
     >>> _ = pruner.prune(0.5)            # sparse: shapes kept, half the channels at zero
