@@ -273,7 +273,7 @@ def shared_ana(b: Bench, base: nn.Module) -> tuple[prunekit.Sensitivity, Path]:
 
 def criterion_data(b: Bench) -> dict:
     """The calibration batches of a criterion that reads data (the first --calibrate-batches, seed 0)."""
-    if b.args.criterion not in ("taylor", "activation"):
+    if not prunekit.CRITERIA[b.args.criterion].reads_data:
         return {}
     torch.manual_seed(0)
     return {"calibration": list(itertools.islice(b.train, b.args.calibrate_batches))}

@@ -48,6 +48,11 @@ class Criterion:
     needs_grads: bool = False
     needs_activations: bool = False
 
+    @property
+    def reads_data(self) -> bool:
+        """Whether it scores from calibration batches (:meth:`prunekit.Pruner.read_calibration`)."""
+        return self.needs_activations or self.needs_grads
+
 
 CRITERIA: dict[str, Criterion] = {}
 

@@ -228,7 +228,7 @@ class Pruner:
         batches: Iterable[Any],
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         criterion: str | None = None,
-    ) -> bool:
+    ) -> None:
         """Measure on calibration ``batches`` what ``criterion`` (default: the pruner's) scores from.
 
         The ``activation`` / ``fluctuation`` criteria read input statistics
@@ -241,9 +241,6 @@ class Pruner:
             loss_fn: ``loss_fn(model_output, target) -> scalar`` for ``taylor``.
             criterion: The criterion to prepare.
 
-        Returns:
-            Whether the criterion read anything.
-
         Raises:
             ValueError: ``taylor`` got batches without targets, or no batches.
 
@@ -251,7 +248,6 @@ class Pruner:
             >>> import torch, torch.nn as nn
             >>> p = Pruner(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(2, 4))
             >>> p.read_calibration([(torch.randn(16, 4), torch.randint(0, 3, (16,)))], criterion="taylor")
-            True
             >>> plan = p.plan(0.5, criterion="taylor")
         """
         name = criterion or self.criterion
@@ -260,7 +256,6 @@ class Pruner:
             self.collect_activations(batches)
         if crit.needs_grads:
             self.accumulate_gradients(_labelled(batches, name), loss_fn or nn.functional.cross_entropy)
-        return crit.needs_activations or crit.needs_grads
 
     # ----- planning and pruning --------------------------------------------------------
     def plan(

@@ -273,8 +273,7 @@ class IterativePruner:
         self.epochs = self.config.epochs_per_step(self.ft.epochs)
         n_cal = self.config.calibrate_batches
         self.calibrate = make_bn_calibration(train_loader, max_batches=n_cal) if n_cal and train_loader else None
-        crit = CRITERIA.get(criterion)
-        self.reads_data = crit is not None and (crit.needs_activations or crit.needs_grads)
+        self.reads_data = criterion in CRITERIA and CRITERIA[criterion].reads_data
         for what, on in (
             ("prune.reconstruct refits", self.prune_cfg.reconstruct),
             (f"criterion {criterion!r} scores", self.reads_data),
@@ -597,11 +596,8 @@ class IterativePruner:
         (``activation``, ``fluctuation``) or gradients (``taylor``, of the loop's ``loss_fn``)."""
         kwargs = self._criterion_data(seed)
         if self.prune_cfg.reconstruct:
-            kwargs = {
-                "calibration": kwargs.get("calibration") or self._calibration(seed),
-                **kwargs,
-                "reconstruct": True,
-            }
+            kwargs.setdefault("calibration", self._calibration(seed))
+            kwargs["reconstruct"] = True
         return kwargs
 
     def _criterion_data(self, seed: int) -> dict:

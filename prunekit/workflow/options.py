@@ -308,7 +308,7 @@ class PruneConfig:
             self.compensate
             or self.reconstruct
             or self.remove_experts
-            or (crit is not None and (crit.needs_activations or crit.needs_grads))
+            or (crit is not None and crit.reads_data)
             or (self.remove_blocks and self.block_criterion == "influence")
         )
 

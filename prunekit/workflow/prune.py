@@ -748,7 +748,7 @@ def _read_calibration(
     needs = [
         w
         for w, on in (
-            (f"criterion {criterion!r}", crit.needs_activations or crit.needs_grads),
+            (f"criterion {criterion!r}", crit.reads_data),
             ("compensate=True", compensate),
         )
         if on
